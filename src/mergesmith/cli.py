@@ -1,0 +1,59 @@
+"""Command-line entry point. Thin: parses arguments, calls the library, turns MergeError into exit code 2.
+
+Each sub-command lives beside the code it drives and exposes ``register(subparsers)``, which adds its
+parser and sets ``func`` (a callable taking the parsed namespace and returning an exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from mergesmith.errors import MergeError
+
+# Modules that expose ``register(subparsers)``; order is the order shown in --help.
+COMMAND_MODULES = [
+    "mergesmith.commands.merge",
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse prints usage plus the error; we keep the usage but make sure the exit code is 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mergesmith import __version__
+
+    parser = _Parser(
+        prog="mergesmith",
+        description="Merge fine-tuned language models tensor by tensor on a CPU.",
+    )
+    parser.add_argument("--version", action="version", version=f"mergesmith {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if not getattr(args, "verbose", 0) else logging.INFO,
+        format="mergesmith: %(levelname)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except MergeError as exc:
+        print(f"mergesmith: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mergesmith: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
