@@ -1,0 +1,170 @@
+"""The Python API: ``merge(config, out_dir, **options)`` and ``make_plan(config)``."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm import tqdm
+
+from mergesmith.card import model_card
+from mergesmith.chat_templates import resolve_chat_template
+from mergesmith.config import MergeConfig, load_config, load_yaml_documents
+from mergesmith.errors import MergeError
+from mergesmith.execute import (
+    BASELINE_RSS,
+    DEFAULT_BUDGET,
+    ExecOptions,
+    Executor,
+    check_budget,
+    default_workers,
+)
+from mergesmith.plan import MergePlan, build_plan
+from mergesmith.write import OutputFolder, ShardedWriter, TensorSpec, copy_files, parse_size, write_json
+
+DEFAULT_SHARD_SIZE = "5G"
+
+
+def config_text(config: str | Path | dict | MergeConfig) -> str:
+    """The config as YAML text, for the model card and mergesmith_config.yml."""
+    if isinstance(config, MergeConfig):
+        return yaml.safe_dump(config.model_dump(exclude_none=True), sort_keys=False)
+    if isinstance(config, dict):
+        return yaml.safe_dump(config, sort_keys=False)
+    p = Path(config)
+    if "\n" not in str(config) and p.is_file():
+        return p.read_text()
+    load_yaml_documents(config)  # raise the proper error for a missing file
+    return str(config)
+
+
+def exec_options(
+    *,
+    memory_limit: str | int | None = None,
+    workers: int | None = None,
+    device: str = "cpu",
+    random_seed: int | None = None,
+) -> ExecOptions:
+    workers = workers or default_workers()
+    if workers < 1:
+        raise MergeError("--workers must be at least 1")
+    if memory_limit is None:
+        budget = DEFAULT_BUDGET
+    else:
+        limit = parse_size(memory_limit)
+        budget = limit - BASELINE_RSS
+        if budget <= 0:
+            raise MergeError(
+                f"--memory-limit {memory_limit} is below the ~{BASELINE_RSS // 2**20} MiB that Python and torch "
+                "need before any tensor is read"
+            )
+    return ExecOptions(workers=workers, budget=budget, device=device, seed=random_seed or 0)
+
+
+def make_plan(config: str | Path | dict | MergeConfig) -> MergePlan:
+    """Parse the config, open the models (headers only) and plan every output tensor."""
+    return build_plan(load_config(config))
+
+
+def merge(
+    config: str | Path | dict | MergeConfig,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    random_seed: int | None = None,
+    out_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    memory_limit: str | int | None = None,
+    workers: int | None = None,
+    device: str = "cpu",
+    quiet: bool = False,
+    copy_tokenizer: bool = True,
+    write_model_card: bool = True,
+) -> Path:
+    """Merge the models that ``config`` describes into a new model folder ``out_dir``; returns its path.
+
+    Nothing is written to ``out_dir`` unless the whole merge succeeds.
+    """
+    start = time.perf_counter()
+    text = config_text(config)
+    cfg = load_config(config)
+    shard_bytes = parse_size(out_shard_size)
+    if shard_bytes <= 0:
+        raise MergeError("--out-shard-size must be positive")
+    options = exec_options(memory_limit=memory_limit, workers=workers, device=device, random_seed=random_seed)
+    dest = Path(out_dir)
+    if dest.exists() and not overwrite:
+        raise MergeError(f"output folder {dest} already exists; pass --overwrite to replace it")
+    plan = build_plan(cfg)
+    try:
+        check_budget(plan, options)
+        with OutputFolder(dest, overwrite=overwrite) as out:
+            specs = [TensorSpec(t.name, t.out_dtype, t.shape) for t in plan.tensors]
+            writer = ShardedWriter(out.path, specs, shard_bytes)
+            try:
+                _run(plan, writer, options, quiet)
+                writer.finish()
+            finally:
+                writer.close()
+            _write_metadata(plan, out.path, text, copy_tokenizer, write_model_card)
+            final = out.commit()
+    finally:
+        plan.close()
+    if not quiet:
+        gb = plan.total_bytes / 1e9
+        secs = time.perf_counter() - start
+        print(
+            f"mergesmith: wrote {len(plan.tensors)} tensors ({gb:.2f} GB) to {final} in {secs:.1f} s",
+            file=sys.stderr,
+        )
+    return final
+
+
+def _run(plan: MergePlan, writer: ShardedWriter, options: ExecOptions, quiet: bool) -> None:
+    bar = tqdm(
+        total=plan.total_bytes,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=f"merging ({plan.method.name})",
+        disable=quiet,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    done = [0]
+
+    def progress(t) -> None:
+        done[0] += 1
+        bar.set_postfix_str(f"{done[0]}/{len(plan.tensors)} tensors", refresh=False)
+        bar.update(t.nbytes)
+
+    try:
+        Executor(plan, writer, options).run(progress)
+    finally:
+        bar.close()
+
+
+def _write_metadata(plan: MergePlan, folder: Path, text: str, copy_tokenizer: bool, card: bool) -> None:
+    write_json(folder / "config.json", plan.out_config)
+    config_model = plan.models[plan.config_model]
+    gen = config_model.path / "generation_config.json"
+    if gen.is_file():
+        copy_files([gen], folder)
+    if copy_tokenizer:
+        tok = plan.models[plan.tokenizer_model]
+        copy_files(tok.tokenizer_files(), folder)
+    if plan.config.chat_template:
+        template = resolve_chat_template(plan.config.chat_template, [m.path for m in plan.models.values()])
+        if template:
+            (folder / "chat_template.jinja").write_text(template)
+            tok_cfg = folder / "tokenizer_config.json"
+            if tok_cfg.is_file():
+                data: dict[str, Any] = json.loads(tok_cfg.read_text())
+                if data.pop("chat_template", None) is not None:
+                    write_json(tok_cfg, data)
+    if card:
+        (folder / "README.md").write_text(model_card(plan, text))
+        (folder / "mergesmith_config.yml").write_text(text if text.endswith("\n") else text + "\n")

@@ -1,0 +1,99 @@
+"""``mergesmith merge`` and ``mergesmith plan``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mergesmith.api import DEFAULT_SHARD_SIZE, exec_options, make_plan, merge
+from mergesmith.config import config_json_schema
+from mergesmith.execute import estimate_peak
+
+
+def _add_exec_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory-limit", metavar="SIZE", help="keep peak memory under SIZE (e.g. 2G, 800M)")
+    p.add_argument("--workers", type=int, metavar="N", help="tensors processed at once (default: 2-3)")
+    p.add_argument("--device", default="cpu", help="where the maths runs: cpu (default) or cuda")
+    p.add_argument(
+        "--random-seed", type=int, default=0, metavar="N", help="seed for DARE's random masks (default 0)"
+    )
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="merge models as a YAML config describes",
+        description="Merge models as CONFIG (mergekit's YAML format) describes, into a new model folder OUT_DIR.",
+    )
+    p.add_argument("config", metavar="CONFIG.yml")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument(
+        "--out-shard-size",
+        default=DEFAULT_SHARD_SIZE,
+        metavar="SIZE",
+        help="largest output shard (default 5G; K/M/G)",
+    )
+    _add_exec_options(p)
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+    p.add_argument("--no-copy-tokenizer", action="store_true", help="do not copy tokenizer files")
+    p.add_argument(
+        "--no-model-card", action="store_true", help="do not write README.md and mergesmith_config.yml"
+    )
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.set_defaults(func=_merge)
+
+    q = sub.add_parser(
+        "plan",
+        help="print the merge plan without writing anything",
+        description="Print one line per output tensor (method, resolved parameters, sources) and the estimated "
+        "peak memory, without reading tensor data or writing anything.",
+    )
+    q.add_argument("config", metavar="CONFIG.yml", nargs="?")
+    _add_exec_options(q)
+    q.add_argument("--json-schema", action="store_true", help="print the config's JSON schema instead")
+    q.set_defaults(func=_plan)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    merge(
+        args.config,
+        args.out_dir,
+        overwrite=args.overwrite,
+        random_seed=args.random_seed,
+        out_shard_size=args.out_shard_size,
+        memory_limit=args.memory_limit,
+        workers=args.workers,
+        device=args.device,
+        quiet=args.quiet,
+        copy_tokenizer=not args.no_copy_tokenizer,
+        write_model_card=not args.no_model_card,
+    )
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    if args.json_schema:
+        print(json.dumps(config_json_schema(), indent=2))
+        return 0
+    if not args.config:
+        print("mergesmith plan: error: CONFIG.yml is required", file=sys.stderr)
+        return 2
+    options = exec_options(
+        memory_limit=args.memory_limit, workers=args.workers, device=args.device, random_seed=args.random_seed
+    )
+    plan = make_plan(args.config)
+    try:
+        for t in plan.tensors:
+            print(t.describe())
+        for w in plan.warnings:
+            print(f"warning: {w}")
+        peak = estimate_peak(plan, options)
+        print(
+            f"# {len(plan.tensors)} tensors, {plan.num_layers} layers, {plan.total_bytes / 1e9:.3f} GB of output; "
+            f"estimated peak memory {peak / 2**20:.0f} MiB with {options.workers} workers"
+        )
+    finally:
+        plan.close()
+    return 0

@@ -1,0 +1,169 @@
+"""The YAML merge configuration (mergekit's format), as strict pydantic models.
+
+Unknown keys, wrong types and inconsistent combinations are errors that name the key; mergekit silently
+ignores unknown keys, which turns a typo into a wrong merge.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mergesmith.errors import ConfigError
+
+Scalar = Union[bool, int, float, str]
+Gradient = list[int | float]
+
+
+class FilterEntry(BaseModel):
+    """One entry of a conditional parameter: the first entry whose ``filter`` is in the tensor name wins."""
+
+    model_config = ConfigDict(extra="forbid")
+    filter: str | None = None
+    value: Scalar | Gradient
+
+
+ParamValue = Union[Scalar, Gradient, list[FilterEntry]]
+Parameters = dict[str, ParamValue]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputModel(_Strict):
+    model: str
+    parameters: Parameters | None = None
+
+
+class SliceSource(_Strict):
+    model: str
+    layer_range: tuple[int, int] | None = None
+    parameters: Parameters | None = None
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range_order(cls, v):
+        if v is not None and not (0 <= v[0] < v[1]):
+            raise ValueError(f"layer_range {list(v)} must be [start, end) with 0 <= start < end")
+        return v
+
+
+class Slice(_Strict):
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: str | None = None
+    parameters: Parameters | None = None
+
+
+class TokenizerConfig(_Strict):
+    source: str = "base"
+
+
+class MergeConfig(_Strict):
+    merge_method: str
+    models: list[InputModel] | None = None
+    slices: list[Slice] | None = None
+    base_model: str | None = None
+    parameters: Parameters | None = None
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    tokenizer: TokenizerConfig | None = None
+    chat_template: str | None = None
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of_models_slices(self):
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of 'models' or 'slices'")
+        if self.models is not None and not self.models:
+            raise ValueError("'models' is empty")
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give 'tokenizer_source' or 'tokenizer', not both")
+        return self
+
+    @property
+    def tokenizer_choice(self) -> str:
+        """``base`` or a model reference whose tokenizer files are copied."""
+        if self.tokenizer is not None:
+            return self.tokenizer.source
+        return self.tokenizer_source or "base"
+
+
+DtypeName = Literal["float32", "float16", "bfloat16", "float64"]
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "tagged-")))
+    loc = loc.replace(".list[FilterEntry]", "").replace(".list[union[int,float]]", "")
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (check its spelling against docs/config.md)"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    where = f" at '{loc}'" if loc else ""
+    return f"{source}: invalid config{where}: {msg}"
+
+
+def parse_config(data: Any, source: str = "config") -> MergeConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a merge config must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def load_yaml_documents(path_or_text: str | Path) -> tuple[list[Any], str]:
+    """Read one or more YAML documents from a file path or a YAML string; returns (documents, label)."""
+    text: str
+    label: str
+    p = Path(path_or_text) if isinstance(path_or_text, Path) or "\n" not in str(path_or_text) else None
+    if p is not None and p.exists():
+        if p.is_dir():
+            raise ConfigError(f"{p}: is a folder, expected a YAML config file")
+        try:
+            text = p.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{p}: cannot read config ({exc})") from None
+        label = str(p)
+    elif (
+        p is not None
+        and isinstance(path_or_text, Path | str)
+        and str(path_or_text).endswith((".yml", ".yaml"))
+    ):
+        raise ConfigError(f"{path_or_text}: config file not found")
+    else:
+        text, label = str(path_or_text), "config"
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{label}: not valid YAML{where}: {problem}") from None
+    if not docs:
+        raise ConfigError(f"{label}: the config is empty")
+    return docs, label
+
+
+def load_config(config: str | Path | dict | MergeConfig) -> MergeConfig:
+    """A MergeConfig from a path, a YAML string, a dict, or a MergeConfig."""
+    if isinstance(config, MergeConfig):
+        return config
+    if isinstance(config, dict):
+        return parse_config(config)
+    docs, label = load_yaml_documents(config)
+    if len(docs) > 1:
+        raise ConfigError(
+            f"{label}: has {len(docs)} YAML documents; multi-stage configs are not supported yet"
+        )
+    return parse_config(docs[0], label)
+
+
+def config_json_schema() -> dict:
+    return MergeConfig.model_json_schema()

@@ -1,0 +1,190 @@
+"""Streams the plan: read inputs, run the method kernel, write the output, with bounded memory.
+
+Worker threads each take one output tensor at a time: read its inputs (``pread``, GIL released), compute
+(torch, GIL released), write (``pwrite`` into the pre-laid-out shard). With a few workers, reading,
+merging and writing of different tensors overlap. A tensor too big for its share of the memory budget is
+processed in row chunks; statistic passes (thresholds, norms) re-read the chunks.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+import torch
+
+from mergesmith.errors import MergeError
+from mergesmith.methods import Chunk, Method, get_method
+from mergesmith.plan import MergePlan, OutputTensor
+from mergesmith.rng import RandomStream
+from mergesmith.write import ShardedWriter
+
+DEFAULT_BUDGET = 768 * 2**20  # bytes of tensor data in flight when no --memory-limit is given
+BASELINE_RSS = 400 * 2**20  # Python, torch and the rest before any tensor is read (measured ~350 MiB)
+MIN_CHUNK_ELEMS = 1 << 16
+
+
+@dataclass(frozen=True)
+class ExecOptions:
+    workers: int = 2
+    budget: int = DEFAULT_BUDGET  # bytes of tensor data in flight, all workers together
+    device: str = "cpu"
+    seed: int = 0
+    check_finite: bool = True
+
+
+def bytes_per_element(t: OutputTensor, method: Method) -> int:
+    """Working memory per output element: raw inputs, compute copies, the method's scratch, the output."""
+    n_in = len(t.sources)
+    csize = t.compute_dtype.itemsize
+    if t.copy:
+        return t.out_dtype.itemsize
+    raw = n_in * 4  # stored dtype (at most 4 bytes for the float formats read)
+    return raw + n_in * csize + method.scratch * csize + t.out_dtype.itemsize + 1
+
+
+def row_elems(t: OutputTensor) -> int:
+    n = 1
+    for d in t.shape[1:]:
+        n *= d
+    return n
+
+
+def rows_per_chunk(t: OutputTensor, method: Method, share: int) -> int:
+    """Rows of ``t`` per chunk so that one chunk's working memory fits in ``share`` bytes."""
+    if len(t.shape) < 2 or not (method.chunkable or t.copy):
+        return t.shape[0] if t.shape else 1
+    per_row = bytes_per_element(t, method) * row_elems(t)
+    return max(1, min(t.shape[0], share // per_row))
+
+
+def task_bytes(t: OutputTensor, share: int) -> int:
+    method = get_method(t.method)
+    rows = rows_per_chunk(t, method, share)
+    elems = rows * row_elems(t) if len(t.shape) >= 2 else t.numel
+    return elems * bytes_per_element(t, method)
+
+
+def estimate_peak(plan: MergePlan, options: ExecOptions) -> int:
+    """Peak memory estimate: baseline + the largest tasks that can be in flight at once."""
+    share = options.budget // max(1, options.workers)
+    sizes = sorted((task_bytes(t, share) for t in plan.tensors), reverse=True)
+    return BASELINE_RSS + sum(sizes[: options.workers])
+
+
+def check_budget(plan: MergePlan, options: ExecOptions) -> None:
+    """Fail up front if one row chunk of some tensor cannot fit in the memory budget."""
+    for t in plan.tensors:
+        method = get_method(t.method)
+        need = task_bytes(t, 0)  # one row (or the whole tensor when it cannot be chunked)
+        if need > options.budget:
+            raise MergeError(
+                f"memory limit too small: tensor {t.name!r} needs at least {need / 2**20:.0f} MiB in flight "
+                f"with method {method.name!r}; raise --memory-limit"
+            )
+
+
+class Executor:
+    def __init__(self, plan: MergePlan, writer: ShardedWriter, options: ExecOptions):
+        self.plan = plan
+        self.writer = writer
+        self.options = options
+        self.share = options.budget // max(1, options.workers)
+        self.device = torch.device(options.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise MergeError("--device cuda was given but no CUDA GPU is available to torch")
+        self._cancel = threading.Event()
+
+    def run(self, progress: Callable[[OutputTensor], None] | None = None) -> None:
+        tensors = self.plan.tensors
+        if self.options.workers <= 1:
+            for t in tensors:
+                self.produce(t)
+                if progress:
+                    progress(t)
+            return
+        pool = ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="mergesmith")
+        try:
+            futures = {pool.submit(self._guarded, t): t for t in tensors}
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for f in done:
+                    f.result()  # re-raise the first failure
+                    if progress:
+                        progress(futures[f])
+        except BaseException:
+            self._cancel.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _guarded(self, t: OutputTensor) -> None:
+        if not self._cancel.is_set():
+            self.produce(t)
+
+    # --- one output tensor ------------------------------------------------------------------------
+    def produce(self, t: OutputTensor) -> None:
+        method = get_method(t.method)
+        rows = rows_per_chunk(t, method, self.share)
+        n_rows = t.shape[0] if t.shape else 1
+        spans = [(r, min(r + rows, n_rows)) for r in range(0, n_rows, rows)] if t.shape else [None]
+        if t.copy:
+            src = t.inputs[0]
+            for span in spans:
+                data = self.plan.models[src.model].read(src.tensor, span)
+                self._write(t, data, span)
+            return
+        kernel = method.kernel(dict(t.params), t.numel)
+        rng = (
+            [RandomStream(self.options.seed, t.name, i, t.numel) for i in range(len(t.inputs))]
+            if method.random
+            else None
+        )
+        if len(spans) == 1:
+            chunk = self._load(t, spans[0], rng)
+            for p in range(kernel.passes):
+                kernel.observe(p, chunk)
+                kernel.end_pass(p)
+            self._write(t, self._finish(t, kernel.apply(chunk)), spans[0])
+            return
+        for p in range(kernel.passes):
+            for span in spans:
+                kernel.observe(p, self._load(t, span, rng))
+            kernel.end_pass(p)
+        for span in spans:
+            out = kernel.apply(self._load(t, span, rng))
+            self._write(t, self._finish(t, out), span)
+
+    def _read(self, t: OutputTensor, src, span) -> torch.Tensor:
+        x = self.plan.models[src.model].read(src.tensor, span)
+        if t.cast_dtype is not None and x.dtype != t.cast_dtype:
+            x = x.to(t.cast_dtype)
+        return x.to(self.device, t.compute_dtype)  # read() returned a buffer we own: in-place is safe
+
+    def _load(self, t: OutputTensor, span, rng) -> Chunk:
+        base = self._read(t, t.base, span) if t.base is not None else None
+        models = [self._read(t, s, span) for s in t.inputs]
+        start = span[0] * row_elems(t) if span else 0
+        return Chunk(base, models, start, rng)
+
+    def _finish(self, t: OutputTensor, out: torch.Tensor) -> torch.Tensor:
+        out = out.to(t.out_dtype)
+        if self.options.check_finite and not bool(torch.isfinite(out).all()):
+            models = ", ".join(s.model for s in t.sources)
+            raise MergeError(
+                f"tensor {t.name!r}: the merged values contain NaN or Inf (models: {models}); check the inputs "
+                "and parameters (a weight sum near 0 with normalize, or out_dtype too narrow)"
+            )
+        return out
+
+    def _write(self, t: OutputTensor, data: torch.Tensor, span) -> None:
+        offset = span[0] * row_elems(t) * t.out_dtype.itemsize if span else 0
+        self.writer.write(t.name, data, offset)
+
+
+def default_workers() -> int:
+    return max(1, min(3, (os.cpu_count() or 2)))

@@ -1,0 +1,177 @@
+"""Merge methods: a registry from config name to a Method, and the kernel protocol they follow.
+
+A method's maths is a pure function of tensors and numbers. To merge tensors larger than memory allows,
+each method is written as a small *kernel* that sees its inputs in row chunks: methods that need a
+global statistic of a tensor (a magnitude threshold, a norm, a cosine) declare ``passes`` and gather it
+in ``observe`` before ``apply`` computes each output chunk. A tensor that fits is one chunk, so the same
+code serves both cases, and ``merge_tensors`` runs any method on whole in-memory tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+
+from mergesmith.errors import MergeError
+from mergesmith.rng import RandomStream
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "required"
+
+
+REQUIRED: Any = _Required()
+
+
+class BaseRule(Enum):
+    """What a method does with ``base_model``."""
+
+    REQUIRED = "required"  # task-vector methods: base is the reference point, other models are the inputs
+    INPUT = "input"  # base (if any) is just one more weighted input (linear)
+    NONE = "none"  # one input per tensor (passthrough)
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    per_model: bool  # one value per input model (weight, density) rather than one per tensor (t, lambda)
+    default: Any = REQUIRED
+    kind: type = float
+    doc: str = ""
+
+
+@dataclass
+class Chunk:
+    """Rows of one output tensor's inputs, in the compute dtype; ``start`` is the flat element offset."""
+
+    base: torch.Tensor | None
+    models: list[torch.Tensor]
+    start: int
+    rng: list[RandomStream] | None = None
+
+
+class Kernel:
+    """Computes one output tensor from chunks of its inputs.
+
+    ``passes`` statistic passes run first: for each pass p, ``observe(p, chunk)`` sees every chunk, then
+    ``end_pass(p)``. Then ``apply(chunk)`` returns each output chunk. Kernels must not keep references to
+    chunk tensors between calls, and may modify chunk tensors in place inside ``apply``.
+    """
+
+    passes: int = 0
+
+    def __init__(self, params: Mapping[str, Any], numel: int):
+        self.p = params
+        self.numel = numel
+
+    def observe(self, pass_index: int, chunk: Chunk) -> None:  # pragma: no cover - optional
+        raise NotImplementedError
+
+    def end_pass(self, pass_index: int) -> None:
+        pass
+
+    def apply(self, chunk: Chunk) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kernel: type[Kernel]
+    params: tuple[ParamSpec, ...]
+    base: BaseRule
+    min_models: int = 1  # non-base inputs (all inputs for BaseRule.INPUT)
+    max_models: int | None = None
+    random: bool = False
+    chunkable: bool = True  # output chunk depends only on the same rows of the inputs (after passes)
+    scratch: int = 2  # extra float buffers of chunk size that apply() needs, for the memory estimate
+    summary: str = ""
+    param_index: dict[str, ParamSpec] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "param_index", {p.name: p for p in self.params})
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    _load_all()
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(REGISTRY))
+        raise MergeError(f"unknown merge_method {name!r}; known methods: {known}") from None
+
+
+def methods() -> dict[str, Method]:
+    _load_all()
+    return dict(REGISTRY)
+
+
+def _load_all() -> None:
+    from mergesmith.methods import linear, passthrough, slerp, task_arithmetic  # noqa: F401
+
+
+def run_kernel(method: Method, params: Mapping[str, Any], chunk: Chunk) -> torch.Tensor:
+    """Run a method over one whole chunk: its passes, then apply."""
+    kernel = method.kernel(params, chunk.models[0].numel())
+    for p in range(kernel.passes):
+        kernel.observe(p, chunk)
+        kernel.end_pass(p)
+    return kernel.apply(chunk)
+
+
+def merge_tensors(
+    method: str,
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None = None,
+    *,
+    seed: int = 0,
+    name: str = "tensor",
+    **params: Any,
+) -> torch.Tensor:
+    """Merge whole in-memory tensors with a registered method; per-model parameters are sequences.
+
+    Inputs are computed in float32 (float64 stays float64) and the result keeps that dtype.
+    """
+    m = get_method(method)
+    resolved = fill_defaults(m, params, len(tensors))
+    dtype = (
+        torch.float64
+        if any(t.dtype == torch.float64 for t in [*tensors, *([base] if base is not None else [])])
+        else torch.float32
+    )
+    models = [t.to(dtype).clone() for t in tensors]
+    b = base.to(dtype).clone() if base is not None else None
+    rng = [RandomStream(seed, name, i, models[0].numel()) for i in range(len(models))] if m.random else None
+    return run_kernel(m, resolved, Chunk(b, models, 0, rng))
+
+
+def fill_defaults(method: Method, params: Mapping[str, Any], n_models: int) -> dict[str, Any]:
+    """Parameters for a kernel: defaults filled in, per-model ones as tuples, unknown names rejected."""
+    out: dict[str, Any] = {}
+    for key in params:
+        if key not in method.param_index:
+            raise MergeError(f"merge_method {method.name!r} has no parameter {key!r}")
+    for spec in method.params:
+        value = params.get(spec.name, spec.default)
+        if value is REQUIRED:
+            raise MergeError(f"merge_method {method.name!r} needs parameter {spec.name!r}")
+        if spec.per_model:
+            value = tuple(value) if isinstance(value, list | tuple) else (value,) * n_models
+        out[spec.name] = value
+    return out
+
+
+KernelFactory = Callable[[Mapping[str, Any], int], Kernel]

@@ -1,0 +1,50 @@
+"""Linear (weighted average) merge: model soups (Wortsman et al., ICML 2022)."""
+
+from __future__ import annotations
+
+import torch
+
+from mergesmith.errors import MergeError
+from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, register
+
+
+class LinearKernel(Kernel):
+    """out = sum_i w_i theta_i / sum_i w_i   (plain sum_i w_i theta_i when normalize is false)."""
+
+    def apply(self, chunk: Chunk) -> torch.Tensor:
+        weights = self.p["weight"]
+        out = chunk.models[0].mul_(weights[0])
+        for w, t in zip(weights[1:], chunk.models[1:]):
+            out.add_(t, alpha=w)
+        if self.p["normalize"]:
+            total = sum(weights)
+            if abs(total) < 1e-8:
+                raise MergeError(
+                    f"linear: the weights {list(weights)} sum to 0; set normalize: false or change them"
+                )
+            out.div_(total)
+        return out
+
+
+register(
+    Method(
+        name="linear",
+        kernel=LinearKernel,
+        params=(
+            ParamSpec("weight", per_model=True, doc="weight of each model"),
+            ParamSpec(
+                "normalize", per_model=False, default=True, kind=bool, doc="divide by the sum of weights"
+            ),
+        ),
+        base=BaseRule.INPUT,
+        scratch=0,
+        summary="weighted average of the models",
+    )
+)
+
+
+def linear(tensors: list[torch.Tensor], *, weight: list[float], normalize: bool = True) -> torch.Tensor:
+    """out = sum_i w_i theta_i / sum_i w_i (no division when ``normalize`` is false)."""
+    from mergesmith.methods import merge_tensors
+
+    return merge_tensors("linear", tensors, weight=weight, normalize=normalize)
