@@ -7,14 +7,14 @@ ignores unknown keys, which turns a typo into a wrong merge.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergesmith.errors import ConfigError
 
-Scalar = Union[bool, int, float, str]
+Scalar = bool | int | float | str
 Gradient = list[int | float]
 
 
@@ -26,7 +26,7 @@ class FilterEntry(BaseModel):
     value: Scalar | Gradient
 
 
-ParamValue = Union[Scalar, Gradient, list[FilterEntry]]
+ParamValue = Scalar | Gradient | list[FilterEntry]
 Parameters = dict[str, ParamValue]
 
 
