@@ -1,0 +1,51 @@
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mergesmith.methods.sparsify import TopKThreshold, keep_count, magnitude_mask
+
+
+def test_golden_mask():
+    x = torch.tensor([0.1, -5.0, 3.0, -0.2, 0.0, 2.0])
+    assert magnitude_mask(x, 0.5).tolist() == [False, True, True, False, False, True]
+
+
+def test_keep_count_rules():
+    assert keep_count(1.0, 10) == 10 and keep_count(1.5, 10) == 10
+    assert keep_count(0.0, 10) == 0 and keep_count(-1.0, 10) == 0
+    assert keep_count(0.01, 10) == 1  # at least one element survives a positive density
+    assert keep_count(0.37, 100) == 37
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 100_000), st.integers(1, 400), st.floats(0.001, 0.999))
+def test_mask_keeps_exactly_the_k_largest(seed, n, density):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(seed))
+    m = magnitude_mask(x, density)
+    k = keep_count(density, n)
+    assert int(m.sum()) == k  # continuous values: no ties
+    if 0 < k < n:
+        assert x.abs()[m].min() > x.abs()[~m].max()
+
+
+def test_chunked_threshold_equals_whole():
+    x = torch.randn(1000, 17)
+    whole = TopKThreshold(5000)
+    chunked = TopKThreshold(5000)
+    whole.observe_hi(x)
+    for c in x.split(123):
+        chunked.observe_hi(c)
+    whole.end_hi()
+    chunked.end_hi()
+    whole.observe_lo(x)
+    for c in x.split(123):
+        chunked.observe_lo(c)
+    whole.end_lo()
+    chunked.end_lo()
+    assert whole.threshold == chunked.threshold
+    assert whole.threshold == float(x.abs().reshape(-1).sort(descending=True).values[4999])
+
+
+def test_extreme_magnitudes():
+    x = torch.tensor([float("1e-40"), 1e30, -1e-30, 3.0])  # subnormal, huge, tiny
+    assert magnitude_mask(x, 0.5).tolist() == [False, True, False, True]

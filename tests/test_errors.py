@@ -1,0 +1,179 @@
+"""Bad input: one line on stderr, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from conftest import make_model
+from mergesmith.cli import main
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    capsys.readouterr()  # drop what the fixtures printed
+    code = main(args)
+    err = capsys.readouterr().err
+    return code, err
+
+
+def edit_weights(folder: Path, fn) -> None:
+    f = folder / "model.safetensors"
+    tensors = load_file(f)
+    fn(tensors)
+    save_file(tensors, f, metadata={"format": "pt"})
+
+
+@pytest.fixture
+def pair(llama_trio, tmp_path):
+    base, ft1, _ = llama_trio
+    ft = tmp_path / "ft"
+    shutil.copytree(ft1, ft)
+    return base, ft
+
+
+def ties_config(tmp_path: Path, base: Path, ft: Path, **extra) -> Path:
+    cfg = {"merge_method": "ties", "base_model": str(base), "models": [{"model": str(ft), "parameters": {"weight": 1.0}}], **extra}
+    p = tmp_path / "cfg.yml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def assert_fails(capsys, tmp_path, cfg: Path, pattern: str) -> None:
+    out = tmp_path / "merged"
+    code, err = run_cli(["merge", str(cfg), str(out), "--quiet"], capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mergesmith: error: "), err
+    assert pattern in lines[0], lines[0]
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]
+
+
+def test_missing_model_folder(capsys, tmp_path, llama_trio):
+    cfg = ties_config(tmp_path, llama_trio[0], tmp_path / "nowhere")
+    assert_fails(capsys, tmp_path, cfg, "folder not found")
+
+
+def test_missing_weights(capsys, tmp_path, pair):
+    base, ft = pair
+    (ft / "model.safetensors").unlink()
+    assert_fails(capsys, tmp_path, ties_config(tmp_path, base, ft), "no safetensors weights")
+
+
+def test_missing_tensor(capsys, tmp_path, pair):
+    base, ft = pair
+    edit_weights(ft, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    assert_fails(capsys, tmp_path, ties_config(tmp_path, base, ft), "has no tensor 'model.layers.1.mlp.up_proj.weight'")
+
+
+def test_shape_mismatch(capsys, tmp_path, pair):
+    base, ft = pair
+    edit_weights(ft, lambda t: t.__setitem__("model.layers.0.mlp.up_proj.weight", torch.zeros(64, 33)))
+    assert_fails(capsys, tmp_path, ties_config(tmp_path, base, ft), "shapes differ")
+
+
+def test_vocabulary_mismatch(capsys, tmp_path, llama_trio):
+    other = make_model(tmp_path / "bigvocab", vocab=128)
+    assert_fails(capsys, tmp_path, ties_config(tmp_path, llama_trio[0], other), "vocabulary sizes differ")
+
+
+def test_layer_range_outside(capsys, tmp_path, llama_trio):
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "slices": [{"sources": [{"model": str(llama_trio[0]), "layer_range": [0, 9]}]}]}))
+    assert_fails(capsys, tmp_path, cfg, "outside its 3 layers")
+
+
+def test_integer_tensor(capsys, tmp_path, pair):
+    base, ft = pair
+    edit_weights(ft, lambda t: t.__setitem__("model.norm.weight", torch.ones(32, dtype=torch.int32)))
+    b2 = tmp_path / "base"
+    shutil.copytree(base, b2)
+    edit_weights(b2, lambda t: t.__setitem__("model.norm.weight", torch.ones(32, dtype=torch.int32)))
+    assert_fails(capsys, tmp_path, ties_config(tmp_path, b2, ft), "needs floating-point tensors")
+
+
+def test_truncated_safetensors(capsys, tmp_path, pair):
+    base, ft = pair
+    f = ft / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    assert_fails(capsys, tmp_path, ties_config(tmp_path, base, ft), "truncated")
+
+
+def test_corrupt_header(capsys, tmp_path, pair):
+    base, ft = pair
+    (ft / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    assert_fails(capsys, tmp_path, ties_config(tmp_path, base, ft), "safetensors header")
+
+
+def test_nan_result(capsys, tmp_path, pair):
+    base, ft = pair
+    edit_weights(ft, lambda t: t["model.layers.2.mlp.down_proj.weight"].__setitem__((0, 0), float("nan")))
+    assert_fails(capsys, tmp_path, ties_config(tmp_path, base, ft), "NaN or Inf")
+
+
+def test_method_needs_base(capsys, tmp_path, llama_trio):
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "ties", "models": [{"model": str(llama_trio[1]), "parameters": {"weight": 1}}]}))
+    assert_fails(capsys, tmp_path, cfg, "needs a base_model")
+
+
+def test_missing_required_parameter(capsys, tmp_path, llama_trio):
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "slerp", "base_model": str(llama_trio[0]), "models": [{"model": str(llama_trio[0])}, {"model": str(llama_trio[1])}]}))
+    assert_fails(capsys, tmp_path, cfg, "needs parameter 't'")
+
+
+def test_unknown_parameter_and_method(capsys, tmp_path, pair):
+    base, ft = pair
+    assert_fails(capsys, tmp_path, ties_config(tmp_path, base, ft, parameters={"densty": 0.5}), "'densty' in top-level parameters is not a parameter")
+    assert_fails(capsys, tmp_path, ties_config(tmp_path, base, ft, merge_method="tiez"), "unknown merge_method 'tiez'")
+
+
+def test_unknown_key_and_bad_yaml(capsys, tmp_path, pair):
+    base, ft = pair
+    assert_fails(capsys, tmp_path, ties_config(tmp_path, base, ft, tokenizer_sorce="base"), "unknown key")
+    cfg = tmp_path / "bad.yml"
+    cfg.write_text("merge_method: [ties\n")
+    assert_fails(capsys, tmp_path, cfg, "not valid YAML")
+
+
+def test_missing_config_file_and_bad_sizes(capsys, tmp_path, pair):
+    assert_fails(capsys, tmp_path, tmp_path / "none.yml", "config file not found")
+    cfg = ties_config(tmp_path, *pair)
+    code, err = run_cli(["merge", str(cfg), str(tmp_path / "merged"), "--out-shard-size", "lots"], capsys)
+    assert code == 2 and "cannot read size 'lots'" in err
+    code, err = run_cli(["merge", str(cfg), str(tmp_path / "merged"), "--memory-limit", "10M"], capsys)
+    assert code == 2 and "--memory-limit" in err
+
+
+def test_memory_limit_too_small_for_a_tensor_is_said_up_front(capsys, tmp_path, pair):
+    from mergesmith.execute import BASELINE_RSS
+
+    cfg = ties_config(tmp_path, *pair)
+    code, err = run_cli(["merge", str(cfg), str(tmp_path / "merged"), "--memory-limit", str(BASELINE_RSS + 100)], capsys)
+    assert code == 2 and "memory limit too small" in err
+    assert not (tmp_path / "merged").exists()
+
+
+def test_plan_prints_without_writing(capsys, tmp_path, pair):
+    base, ft = pair
+    cfg = ties_config(tmp_path, base, ft)
+    assert main(["plan", str(cfg)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("model.embed_tokens.weight [96x32 float32] ties weight=[1] density=[1]")
+    assert "estimated peak memory" in out[-1]
+    assert len(out) == 1 + len(load_file(base / "model.safetensors"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yml", "ft"]
+
+
+def test_plan_json_schema(capsys):
+    assert main(["plan", "--json-schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert "merge_method" in schema["properties"]
