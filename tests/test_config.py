@@ -26,12 +26,18 @@ def test_good_config_parses():
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("merge_method: ties\nbase_model: a\nmodels: [{model: b}]\nparamters: {}\n", "paramters.*unknown key"),
+        (
+            "merge_method: ties\nbase_model: a\nmodels: [{model: b}]\nparamters: {}\n",
+            "paramters.*unknown key",
+        ),
         ("merge_method: ties\nmodels: [{model: b, weight: 1}]\n", "models.0.weight.*unknown key"),
         ("models: [{model: b}]\n", "merge_method.*required"),
         ("merge_method: linear\n", "exactly one of 'models' or 'slices'"),
         ("merge_method: linear\nmodels: [{model: a}]\nslices: [{sources: [{model: a}]}]\n", "exactly one"),
-        ("merge_method: passthrough\nslices: [{sources: [{model: a, layer_range: [4, 2]}]}]\n", "layer_range"),
+        (
+            "merge_method: passthrough\nslices: [{sources: [{model: a, layer_range: [4, 2]}]}]\n",
+            "layer_range",
+        ),
         ("merge_method: linear\nmodels: [{model: a}]\ndtype: [1]\n", "dtype"),
         ("- just\n- a list\n", "must be a YAML mapping"),
         ("merge_method: linear\nmodels: [{model: a\n", "not valid YAML.*line"),

@@ -38,7 +38,12 @@ def pair(llama_trio, tmp_path):
 
 
 def ties_config(tmp_path: Path, base: Path, ft: Path, **extra) -> Path:
-    cfg = {"merge_method": "ties", "base_model": str(base), "models": [{"model": str(ft), "parameters": {"weight": 1.0}}], **extra}
+    cfg = {
+        "merge_method": "ties",
+        "base_model": str(base),
+        "models": [{"model": str(ft), "parameters": {"weight": 1.0}}],
+        **extra,
+    }
     p = tmp_path / "cfg.yml"
     p.write_text(yaml.safe_dump(cfg))
     return p
@@ -69,7 +74,9 @@ def test_missing_weights(capsys, tmp_path, pair):
 def test_missing_tensor(capsys, tmp_path, pair):
     base, ft = pair
     edit_weights(ft, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    assert_fails(capsys, tmp_path, ties_config(tmp_path, base, ft), "has no tensor 'model.layers.1.mlp.up_proj.weight'")
+    assert_fails(
+        capsys, tmp_path, ties_config(tmp_path, base, ft), "has no tensor 'model.layers.1.mlp.up_proj.weight'"
+    )
 
 
 def test_shape_mismatch(capsys, tmp_path, pair):
@@ -85,7 +92,14 @@ def test_vocabulary_mismatch(capsys, tmp_path, llama_trio):
 
 def test_layer_range_outside(capsys, tmp_path, llama_trio):
     cfg = tmp_path / "cfg.yml"
-    cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "slices": [{"sources": [{"model": str(llama_trio[0]), "layer_range": [0, 9]}]}]}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "passthrough",
+                "slices": [{"sources": [{"model": str(llama_trio[0]), "layer_range": [0, 9]}]}],
+            }
+        )
+    )
     assert_fails(capsys, tmp_path, cfg, "outside its 3 layers")
 
 
@@ -120,20 +134,39 @@ def test_nan_result(capsys, tmp_path, pair):
 
 def test_method_needs_base(capsys, tmp_path, llama_trio):
     cfg = tmp_path / "cfg.yml"
-    cfg.write_text(yaml.safe_dump({"merge_method": "ties", "models": [{"model": str(llama_trio[1]), "parameters": {"weight": 1}}]}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {"merge_method": "ties", "models": [{"model": str(llama_trio[1]), "parameters": {"weight": 1}}]}
+        )
+    )
     assert_fails(capsys, tmp_path, cfg, "needs a base_model")
 
 
 def test_missing_required_parameter(capsys, tmp_path, llama_trio):
     cfg = tmp_path / "cfg.yml"
-    cfg.write_text(yaml.safe_dump({"merge_method": "slerp", "base_model": str(llama_trio[0]), "models": [{"model": str(llama_trio[0])}, {"model": str(llama_trio[1])}]}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "slerp",
+                "base_model": str(llama_trio[0]),
+                "models": [{"model": str(llama_trio[0])}, {"model": str(llama_trio[1])}],
+            }
+        )
+    )
     assert_fails(capsys, tmp_path, cfg, "needs parameter 't'")
 
 
 def test_unknown_parameter_and_method(capsys, tmp_path, pair):
     base, ft = pair
-    assert_fails(capsys, tmp_path, ties_config(tmp_path, base, ft, parameters={"densty": 0.5}), "'densty' in top-level parameters is not a parameter")
-    assert_fails(capsys, tmp_path, ties_config(tmp_path, base, ft, merge_method="tiez"), "unknown merge_method 'tiez'")
+    assert_fails(
+        capsys,
+        tmp_path,
+        ties_config(tmp_path, base, ft, parameters={"densty": 0.5}),
+        "'densty' in top-level parameters is not a parameter",
+    )
+    assert_fails(
+        capsys, tmp_path, ties_config(tmp_path, base, ft, merge_method="tiez"), "unknown merge_method 'tiez'"
+    )
 
 
 def test_unknown_key_and_bad_yaml(capsys, tmp_path, pair):
@@ -157,7 +190,9 @@ def test_memory_limit_too_small_for_a_tensor_is_said_up_front(capsys, tmp_path, 
     from mergesmith.execute import BASELINE_RSS
 
     cfg = ties_config(tmp_path, *pair)
-    code, err = run_cli(["merge", str(cfg), str(tmp_path / "merged"), "--memory-limit", str(BASELINE_RSS + 100)], capsys)
+    code, err = run_cli(
+        ["merge", str(cfg), str(tmp_path / "merged"), "--memory-limit", str(BASELINE_RSS + 100)], capsys
+    )
     assert code == 2 and "memory limit too small" in err
     assert not (tmp_path / "merged").exists()
 

@@ -53,14 +53,22 @@ def test_families_merge_and_load(family, family_models, tmp_path):
     run_model(out)
     merged, b = load_tensors(out), load_tensors(base)
     assert set(merged) == set(b)
-    assert json.loads((out / "config.json").read_text())["model_type"] == json.loads((base / "config.json").read_text())["model_type"]
+    assert (
+        json.loads((out / "config.json").read_text())["model_type"]
+        == json.loads((base / "config.json").read_text())["model_type"]
+    )
 
 
 def test_tied_embeddings_stay_tied(family_models, tmp_path):
     base, ft = family_models["qwen2"]
     assert "lm_head.weight" not in load_tensors(base)
     out = mergesmith.merge(
-        {"merge_method": "slerp", "base_model": str(base), "models": [{"model": str(base)}, {"model": str(ft)}], "parameters": {"t": 0.5}},
+        {
+            "merge_method": "slerp",
+            "base_model": str(base),
+            "models": [{"model": str(base)}, {"model": str(ft)}],
+            "parameters": {"t": 0.5},
+        },
         tmp_path / "out",
         quiet=True,
     )
@@ -104,7 +112,9 @@ def test_passthrough_frankenmerge_layer_and_parameter_count(llama_trio, tmp_path
     merged, b, f1 = load_tensors(out), load_tensors(base), load_tensors(ft1)
     per_layer = sum(v.numel() for k, v in b.items() if ".layers.0." in k)
     assert sum(v.numel() for v in merged.values()) == sum(v.numel() for v in b.values()) + 2 * per_layer
-    assert torch.equal(merged["model.layers.3.self_attn.q_proj.weight"], f1["model.layers.1.self_attn.q_proj.weight"])
+    assert torch.equal(
+        merged["model.layers.3.self_attn.q_proj.weight"], f1["model.layers.1.self_attn.q_proj.weight"]
+    )
     assert torch.equal(merged["model.embed_tokens.weight"], b["model.embed_tokens.weight"])  # first slice
     assert torch.equal(merged["lm_head.weight"], f1["lm_head.weight"])  # last slice
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
@@ -143,7 +153,10 @@ def test_output_files_and_card(llama_trio, tmp_path):
         tmp_path,
         {
             "merge_method": "linear",
-            "models": [{"model": str(base), "parameters": {"weight": 1}}, {"model": str(ft1), "parameters": {"weight": 1}}],
+            "models": [
+                {"model": str(base), "parameters": {"weight": 1}},
+                {"model": str(ft1), "parameters": {"weight": 1}},
+            ],
             "dtype": "float32",
             "out_dtype": "bfloat16",
             "chat_template": "chatml",
@@ -151,7 +164,15 @@ def test_output_files_and_card(llama_trio, tmp_path):
     )
     out = mergesmith.merge(cfg_path, tmp_path / "out", quiet=True)
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "generation_config.json", "tokenizer_config.json", "README.md", "mergesmith_config.yml", "chat_template.jinja", "model.safetensors"} <= names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "tokenizer_config.json",
+        "README.md",
+        "mergesmith_config.yml",
+        "chat_template.jinja",
+        "model.safetensors",
+    } <= names
     card = (out / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
     assert front["tags"] == ["merge", "mergesmith"] and front["library_name"] == "transformers"
@@ -164,13 +185,21 @@ def test_output_files_and_card(llama_trio, tmp_path):
 
 def test_sharded_output_loads(llama_trio, tmp_path):
     base, ft1, _ = llama_trio
-    cfg = {"merge_method": "linear", "models": [{"model": str(base), "parameters": {"weight": 1}}, {"model": str(ft1), "parameters": {"weight": 2}}]}
+    cfg = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(base), "parameters": {"weight": 1}},
+            {"model": str(ft1), "parameters": {"weight": 2}},
+        ],
+    }
     out = mergesmith.merge(cfg, tmp_path / "out", quiet=True, out_shard_size="20K")
     shards = sorted(out.glob("model-*.safetensors"))
     assert len(shards) > 2
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {s.name for s in shards}
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in load_tensors(out).values())
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in load_tensors(out).values()
+    )
     run_model(out)
 
 

@@ -22,7 +22,9 @@ def test_unnormalised_inputs_scale_the_coefficients_not_the_angle():
     v1 = torch.tensor([0.0, 4.0])
     c0, c1 = slerp_coefficients(0.5, 0.0, 2.0, 4.0)
     assert math.isclose(c0, math.sqrt(0.5)) and math.isclose(c1, math.sqrt(0.5))
-    assert torch.allclose(slerp(v0, v1, 0.5), torch.tensor([2 * math.sqrt(0.5), 4 * math.sqrt(0.5)]), atol=1e-6)
+    assert torch.allclose(
+        slerp(v0, v1, 0.5), torch.tensor([2 * math.sqrt(0.5), 4 * math.sqrt(0.5)]), atol=1e-6
+    )
 
 
 def test_near_parallel_falls_back_to_linear_interpolation():

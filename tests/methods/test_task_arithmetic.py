@@ -135,12 +135,16 @@ def test_chunked_equals_whole(method_name, rows, seed):
     else:
         params = fill_defaults(get_method(method_name), {"weight": [0.6, 0.4], "density": [0.4, 0.7]}, 2)
     if method_name == "linear":
-        whole = get_method("linear").kernel(params, base.numel()).apply(
-            Chunk(None, [m.clone() for m in models], 0)
+        whole = (
+            get_method("linear")
+            .kernel(params, base.numel())
+            .apply(Chunk(None, [m.clone() for m in models], 0))
         )
         chunked = torch.cat(
             [
-                get_method("linear").kernel(params, base.numel()).apply(Chunk(None, [m[r : r + rows].clone() for m in models], 0))
+                get_method("linear")
+                .kernel(params, base.numel())
+                .apply(Chunk(None, [m[r : r + rows].clone() for m in models], 0))
                 for r in range(0, 29, rows)
             ]
         )

@@ -78,6 +78,13 @@ class Kernel:
     def apply(self, chunk: Chunk) -> torch.Tensor:
         raise NotImplementedError
 
+    def run_whole(self, chunk: Chunk) -> torch.Tensor:
+        """The whole tensor in one chunk: its passes, then apply. Kernels may do this with less work."""
+        for p in range(self.passes):
+            self.observe(p, chunk)
+            self.end_pass(p)
+        return self.apply(chunk)
+
 
 @dataclass(frozen=True)
 class Method:
@@ -125,11 +132,7 @@ def _load_all() -> None:
 
 def run_kernel(method: Method, params: Mapping[str, Any], chunk: Chunk) -> torch.Tensor:
     """Run a method over one whole chunk: its passes, then apply."""
-    kernel = method.kernel(params, chunk.models[0].numel())
-    for p in range(kernel.passes):
-        kernel.observe(p, chunk)
-        kernel.end_pass(p)
-    return kernel.apply(chunk)
+    return method.kernel(params, chunk.models[0].numel()).run_whole(chunk)
 
 
 def merge_tensors(

@@ -1,16 +1,16 @@
-"""Sparsification of task vectors: exact top-k magnitude thresholds over chunks, and DARE's random drop.
+"""Sparsification of task vectors: exact top-k magnitude thresholds without sorting.
 
-The magnitude threshold is found without sorting: |x| as float32 has a bit pattern that orders like the
-value, so a 32768-bin histogram of the top 16 bits finds the bin holding the k-th largest magnitude and a
-65536-bin histogram of the low 16 bits inside that bin finds it exactly. Two O(n) passes, constant
-memory, and the same answer whether the tensor is seen whole or in chunks.
+|x| as float32 has a bit pattern that orders like the value, so a 32768-bin histogram of the top 16 bits
+(sign dropped) finds the bin holding the k-th largest magnitude, and a 65536-bin histogram of the low 16
+bits of the elements in that bin finds it exactly. Two O(n) passes, constant memory, and the same answer
+whether the tensor is seen whole or in row chunks.
 """
 
 from __future__ import annotations
 
 import torch
 
-HI_BINS = 1 << 15  # non-negative float32: sign bit 0, so the top 16 bits fit in 15 bits
+HI_BINS = 1 << 15  # top 16 bits of a float32 with the sign bit dropped
 LO_BINS = 1 << 16
 
 
@@ -23,53 +23,81 @@ def keep_count(density: float, numel: int) -> int:
     return max(1, int(density * numel))
 
 
-def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
-    """The int32 bit patterns of |x| (float32), which order like the magnitudes."""
-    return x.float().abs().view(torch.int32)
+def _high_bits(x: torch.Tensor) -> torch.Tensor:
+    """Top 16 bits of |x| (float32), as int32 in [0, 32768)."""
+    raw = x.reshape(-1).view(torch.int16)[1::2]  # little-endian: the high half of each float32
+    return torch.bitwise_and(raw, 0x7FFF).to(torch.int32)
+
+
+def _bits_in_bin(x: torch.Tensor, hi: torch.Tensor, b: int) -> torch.Tensor:
+    """Low 16 bits of |x| for the elements whose top bits equal ``b``."""
+    where = torch.nonzero(hi == b).squeeze(1)  # faster than boolean-mask indexing
+    return torch.bitwise_and(x.reshape(-1).view(torch.int32).index_select(0, where), 0xFFFF)
+
+
+def _top_bin(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """The highest bin b with at least k elements at or above it, and k's rank inside that bin."""
+    at_or_above = torch.flip(torch.cumsum(torch.flip(counts, [0]), 0), [0])
+    b = int(torch.nonzero(at_or_above >= k).max())
+    above = int(at_or_above[b + 1]) if b + 1 < len(counts) else 0
+    return b, k - above
 
 
 class TopKThreshold:
-    """Finds T such that exactly the k largest |x| satisfy |x| >= T (all of any tie at T are kept)."""
+    """Finds T such that the k largest |x| are exactly those with |x| >= T (ties at T all kept).
+
+    Feed every chunk to ``observe_hi``, call ``end_hi``, feed them again to ``observe_lo``, call ``end_lo``.
+    """
 
     def __init__(self, k: int):
         self.k = k
         self.hi_counts = torch.zeros(HI_BINS, dtype=torch.int64)
         self.lo_counts = torch.zeros(LO_BINS, dtype=torch.int64)
-        self.bin: int | None = None
+        self.bin = -1
         self.rank_in_bin = 0
         self.threshold_bits: int | None = None
 
     def observe_hi(self, x: torch.Tensor) -> None:
-        hi = torch.bitwise_right_shift(magnitude_bits(x), 16).reshape(-1)
-        self.hi_counts += torch.bincount(hi, minlength=HI_BINS)[:HI_BINS]
+        self.hi_counts += torch.bincount(_high_bits(x), minlength=HI_BINS)
 
     def end_hi(self) -> None:
-        # count of elements in bins >= b, for every b; the bin holding the k-th largest is the highest b
-        # whose count reaches k
-        at_or_above = torch.flip(torch.cumsum(torch.flip(self.hi_counts, [0]), 0), [0])
-        b = int(torch.nonzero(at_or_above >= self.k).max())
-        self.bin = b
-        above = int(at_or_above[b + 1]) if b + 1 < HI_BINS else 0
-        self.rank_in_bin = self.k - above
+        self.bin, self.rank_in_bin = _top_bin(self.hi_counts, self.k)
 
     def observe_lo(self, x: torch.Tensor) -> None:
-        bits = magnitude_bits(x).reshape(-1)
-        in_bin = bits[torch.bitwise_right_shift(bits, 16) == self.bin]
-        self.lo_counts += torch.bincount(torch.bitwise_and(in_bin, 0xFFFF), minlength=LO_BINS)[:LO_BINS]
+        self.lo_counts += torch.bincount(_bits_in_bin(x, _high_bits(x), self.bin), minlength=LO_BINS)
 
     def end_lo(self) -> None:
-        at_or_above = torch.flip(torch.cumsum(torch.flip(self.lo_counts, [0]), 0), [0])
-        lo = int(torch.nonzero(at_or_above >= self.rank_in_bin).max())
+        lo, _ = _top_bin(self.lo_counts, self.rank_in_bin)
         self.threshold_bits = (self.bin << 16) | lo
+
+    def find_in(self, x: torch.Tensor) -> None:
+        """Both passes over one in-memory tensor, sharing the high-bits computation."""
+        hi = _high_bits(x)
+        self.hi_counts += torch.bincount(hi, minlength=HI_BINS)
+        self.end_hi()
+        self.lo_counts += torch.bincount(_bits_in_bin(x, hi, self.bin), minlength=LO_BINS)
+        self.end_lo()
 
     @property
     def threshold(self) -> float:
         assert self.threshold_bits is not None
-        return torch.tensor([self.threshold_bits], dtype=torch.int32).view(torch.float32).item()
+        return _float_of_bits(self.threshold_bits)
+
+    def trim(self, x: torch.Tensor) -> torch.Tensor:
+        """x with every element whose |x| is below the threshold set to 0 (a new tensor)."""
+        assert self.threshold_bits is not None
+        if self.threshold_bits == 0:
+            return x
+        # |x| >= T  <=>  |x| > the float just below T; hardshrink keeps exactly |x| > lambda
+        return torch.nn.functional.hardshrink(x, _float_of_bits(self.threshold_bits - 1))
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
         """True where |x| is among the k largest."""
-        return magnitude_bits(x) >= self.threshold_bits
+        return x.float().abs().view(torch.int32) >= self.threshold_bits
+
+
+def _float_of_bits(bits: int) -> float:
+    return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
 
 
 def magnitude_mask(x: torch.Tensor, density: float) -> torch.Tensor:
@@ -80,8 +108,5 @@ def magnitude_mask(x: torch.Tensor, density: float) -> torch.Tensor:
     if k == 0:
         return torch.zeros_like(x, dtype=torch.bool)
     sel = TopKThreshold(k)
-    sel.observe_hi(x)
-    sel.end_hi()
-    sel.observe_lo(x)
-    sel.end_lo()
+    sel.find_in(x.float().contiguous())
     return sel.mask(x)

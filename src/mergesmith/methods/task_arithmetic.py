@@ -34,20 +34,21 @@ class TaskArithmeticKernel(Kernel):
         super().__init__(params, numel)
         densities = params["density"]
         self.selectors: list[TopKThreshold | None] = []
+        self.zeroed: list[bool] = []
         self.l1_full: list[float] = []
         self.l1_kept: list[float] = []
         if self.sparsify == "magnitude":
             for d in densities:
                 k = keep_count(d, numel)
                 self.selectors.append(TopKThreshold(k) if 0 < k < numel else None)
-            self.zeroed = [keep_count(d, numel) == 0 for d in densities]
+                self.zeroed.append(k == 0)
             self.passes = 2 if any(s is not None for s in self.selectors) else 0
         elif self.sparsify == "random":
             self.l1_full = [0.0] * len(densities)
             self.l1_kept = [0.0] * len(densities)
-            self.passes = 1 if params["rescale"] else 0
+            self.passes = 1 if params["rescale"] and any(d < 1.0 for d in densities) else 0
 
-    # --- statistics -------------------------------------------------------------------------------
+    # --- statistics over chunks -------------------------------------------------------------------
     def observe(self, pass_index: int, chunk: Chunk) -> None:
         for i, model in enumerate(chunk.models):
             delta = model - chunk.base
@@ -56,9 +57,12 @@ class TaskArithmeticKernel(Kernel):
                 if sel is not None:
                     (sel.observe_hi if pass_index == 0 else sel.observe_lo)(delta)
             else:
-                self.l1_full[i] += float(delta.abs().sum(dtype=torch.float64))
-                delta.mul_(self._random_keep(chunk, i, delta))
-                self.l1_kept[i] += float(delta.abs().sum(dtype=torch.float64))
+                self._observe_l1(chunk, i, delta)
+
+    def _observe_l1(self, chunk: Chunk, i: int, delta: torch.Tensor) -> None:
+        self.l1_full[i] += float(delta.abs().sum(dtype=torch.float64))
+        delta.mul_(self._random_keep(chunk, i, delta))
+        self.l1_kept[i] += float(delta.abs().sum(dtype=torch.float64))
 
     def end_pass(self, pass_index: int) -> None:
         for sel in self.selectors:
@@ -70,60 +74,94 @@ class TaskArithmeticKernel(Kernel):
         return u < self.p["density"][i]
 
     # --- output -----------------------------------------------------------------------------------
-    def _sparse_delta(self, chunk: Chunk, i: int) -> torch.Tensor:
-        delta = chunk.models[i].sub_(chunk.base)  # reuse the input buffer
+    def run_whole(self, chunk: Chunk) -> torch.Tensor:
+        """Whole tensor in memory: each task vector is computed once and the statistics taken from it."""
+        deltas = [m.sub_(chunk.base) for m in chunk.models]
+        for i, delta in enumerate(deltas):
+            if self.sparsify == "magnitude" and self.selectors[i] is not None:
+                self.selectors[i].find_in(delta)
+            elif self.sparsify == "random" and self.passes:
+                kept = delta * self._random_keep(chunk, i, delta)
+                self.l1_full[i] = float(delta.abs().sum(dtype=torch.float64))
+                self.l1_kept[i] = float(kept.abs().sum(dtype=torch.float64))
+                deltas[i] = kept
+        return self._combine(chunk, [self._sparsify(chunk, i, d, whole=True) for i, d in enumerate(deltas)])
+
+    def apply(self, chunk: Chunk) -> torch.Tensor:
+        deltas = [m.sub_(chunk.base) for m in chunk.models]
+        return self._combine(chunk, [self._sparsify(chunk, i, d, whole=False) for i, d in enumerate(deltas)])
+
+    def _sparsify(self, chunk: Chunk, i: int, delta: torch.Tensor, whole: bool) -> torch.Tensor:
         density = self.p["density"][i]
         if self.sparsify == "magnitude":
             if self.zeroed[i]:
-                delta.zero_()
-            elif self.selectors[i] is not None:
-                delta.mul_(self.selectors[i].mask(delta))
-        elif self.sparsify == "random" and density < 1.0:
-            delta.mul_(self._random_keep(chunk, i, delta))
+                return delta.zero_()
+            sel = self.selectors[i]
+            return sel.trim(delta) if sel is not None else delta
+        if self.sparsify == "random" and density < 1.0:
+            if not (whole and self.passes):  # run_whole already applied the mask
+                delta.mul_(self._random_keep(chunk, i, delta))
             if self.p["rescale"]:
                 full, kept = self.l1_full[i], self.l1_kept[i]
                 if full > RESCALE_EPS and kept > RESCALE_EPS:
                     delta.mul_(full / kept)
         return delta
 
-    def apply(self, chunk: Chunk) -> torch.Tensor:
+    def _combine(self, chunk: Chunk, deltas: list[torch.Tensor]) -> torch.Tensor:
         weights = self.p["weight"]
-        deltas = []
-        for i, w in enumerate(weights):
-            deltas.append(self._sparse_delta(chunk, i).mul_(w))
+        for w, d in zip(weights, deltas):
+            if w != 1.0:
+                d.mul_(w)
         if self.consensus:
-            mixed, divisor = _elect_and_sum(deltas, weights)
+            mixed = _disjoint_sum(deltas, weights, self.p["normalize"])
         else:
             mixed = deltas[0]
             for d in deltas[1:]:
                 mixed.add_(d)
             total = float(sum(weights))
-            divisor = total if abs(total) >= 1e-8 else 1.0
-        if self.p["normalize"]:
-            mixed.div_(divisor)
+            if self.p["normalize"] and abs(total) >= 1e-8:
+                mixed.div_(total)
         lam = self.p["lambda"]
         if lam != 1.0:
             mixed.mul_(lam)
         return mixed.add_(chunk.base)
 
 
-def _elect_and_sum(weighted: list[torch.Tensor], weights) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sign election by weighted mass: keep w_i delta_i where its sign equals sign(sum_j w_j delta_j).
+def _disjoint_sum(weighted: list[torch.Tensor], weights, normalize: bool) -> torch.Tensor:
+    """Sign election by weighted mass, then the (normalised) sum of the entries that agree.
 
-    Returns (sum of agreeing w_i delta_i, sum of agreeing w_i with 0 replaced by 1).
+    gamma = sign(sum_i w_i delta_i), with 0 counting as +. Entry i agrees where w_i delta_i has sign gamma
+    (zero never agrees). With e = +-1 the elected sign, w_i delta_i [agree] = e * relu(e * w_i delta_i).
+    Returns sum_i w_i delta_i [agree], divided per element by sum_i w_i [agree] (0 -> 1) if normalize.
     """
     total = weighted[0].clone()
     for d in weighted[1:]:
         total.add_(d)
-    positive = total >= 0
-    mixed = torch.zeros_like(total)
-    divisor = torch.zeros_like(total)
+    # copysign gives -1 only for negative sums and -0.0; a -0.0 sum means every entry is +-0, which agrees
+    # with neither sign, so this equals "0 counts as +"
+    elected = torch.copysign(torch.ones_like(total), total)
+    mixed = divisor = None
+    agreeing = total  # reused as scratch
     for w, d in zip(weights, weighted):
-        agree = torch.where(positive, d > 0, d < 0)
-        mixed.add_(d * agree)
-        divisor.add_(agree, alpha=w)
-    divisor.masked_fill_(divisor == 0, 1.0)
-    return mixed, divisor
+        torch.mul(d, elected, out=agreeing)
+        agreeing.clamp_(min=0.0)
+        if mixed is None:
+            mixed = agreeing.clone()
+            divisor = agreeing.sign().mul_(w) if normalize else None
+            continue
+        mixed.add_(agreeing)
+        if divisor is not None:
+            divisor.add_(agreeing.sign_(), alpha=w)
+    mixed.mul_(elected)
+    if divisor is not None:
+        if all(w > 0 for w in weights):
+            # the divisor is 0 exactly where nothing agrees, and there mixed is 0 too: any positive
+            # floor gives 0 / floor = 0, as "0 -> 1" does, without a masked fill
+            divisor.clamp_(min=torch.finfo(divisor.dtype).tiny)
+        else:
+            divisor.masked_fill_(divisor == 0, 1.0)
+        mixed.div_(divisor)
+    return mixed
 
 
 class TiesKernel(TaskArithmeticKernel):

@@ -1,0 +1,271 @@
+"""Speed and memory of mergesmith against mergekit on models of the Qwen2-0.5B shape.
+
+Creates three bf16 models (vocab 151936, hidden 896, intermediate 4864, 24 layers, tied embeddings; random
+weights; the fine-tunes are the base plus small noise) once in a cache folder, then for each method runs
+mergesmith and, if installed, mergekit on the same config, alternating, several times. Prints median wall
+time and peak RSS of each tool, their ratios, and the I/O floor (reading the inputs from the page cache and
+writing the output bytes). Checks that both tools' outputs agree.
+
+    python bench/speed.py [--runs 3] [--methods ties slerp] [--mergekit mergekit-yaml] [--deep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+CACHE = Path(
+    os.environ.get("MERGESMITH_BENCH_CACHE", Path(__file__).resolve().parent.parent / ".bench-cache")
+)
+SHAPE = dict(vocab=151936, hidden=896, inter=4864, layers=24, heads=14, kv_heads=2)
+METHODS = {
+    "linear": "merge_method: linear\nmodels:\n  - model: {b}\n    parameters: {{weight: 0.4}}\n  - model: {f1}\n    parameters: {{weight: 0.3}}\n  - model: {f2}\n    parameters: {{weight: 0.3}}\ndtype: bfloat16\n",
+    "slerp": "merge_method: slerp\nbase_model: {b}\nmodels:\n  - model: {b}\n  - model: {f1}\nparameters:\n  t: [0, 0.5, 1]\ndtype: bfloat16\n",
+    "task_arithmetic": "merge_method: task_arithmetic\nbase_model: {b}\nmodels:\n  - model: {f1}\n    parameters: {{weight: 0.5}}\n  - model: {f2}\n    parameters: {{weight: 0.5}}\ndtype: bfloat16\n",
+    "ties": "merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {f1}\n    parameters: {{weight: 0.5, density: 0.5}}\n  - model: {f2}\n    parameters: {{weight: 0.5, density: 0.5}}\ndtype: bfloat16\n",
+    "dare_ties": "merge_method: dare_ties\nbase_model: {b}\nmodels:\n  - model: {f1}\n    parameters: {{weight: 0.5, density: 0.5}}\n  - model: {f2}\n    parameters: {{weight: 0.5, density: 0.5}}\ndtype: bfloat16\n",
+}
+DETERMINISTIC = {"linear", "slerp", "task_arithmetic", "ties"}
+
+
+def qwen2_config(layers: int) -> dict:
+    s = SHAPE
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": s["vocab"],
+        "hidden_size": s["hidden"],
+        "intermediate_size": s["inter"],
+        "num_hidden_layers": layers,
+        "num_attention_heads": s["heads"],
+        "num_key_value_heads": s["kv_heads"],
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": True,
+        "hidden_act": "silu",
+        "dtype": "bfloat16",
+    }
+
+
+def qwen2_shapes(layers: int) -> dict[str, tuple[int, ...]]:
+    s = SHAPE
+    h, i, hd = s["hidden"], s["inter"], s["hidden"] // s["heads"]
+    kv = s["kv_heads"] * hd
+    out = {"model.embed_tokens.weight": (s["vocab"], h), "model.norm.weight": (h,)}
+    for n in range(layers):
+        p = f"model.layers.{n}."
+        out.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (h, h),
+                p + "self_attn.q_proj.bias": (h,),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.k_proj.bias": (kv,),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.v_proj.bias": (kv,),
+                p + "self_attn.o_proj.weight": (h, h),
+                p + "mlp.gate_proj.weight": (i, h),
+                p + "mlp.up_proj.weight": (i, h),
+                p + "mlp.down_proj.weight": (h, i),
+            }
+        )
+    return out
+
+
+def make_models(layers: int) -> Path:
+    root = CACHE / f"qwen2-shape-{layers}L"
+    if (root / "ft2" / "done").exists():
+        return root
+    print(f"creating three {layers}-layer models in {root} (once)...", file=sys.stderr)
+    shapes = qwen2_shapes(layers)
+    for k, name in enumerate(["base", "ft1", "ft2"]):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        shard, shard_bytes, shards = {}, 0, []
+        for tname, shape in shapes.items():
+            g = torch.Generator().manual_seed(hash((tname,)) % (2**31))
+            t = torch.randn(shape, generator=g) * 0.02
+            if k:
+                t += (
+                    torch.randn(shape, generator=torch.Generator().manual_seed(k * 7919 + len(shard))) * 0.002
+                )
+            shard[tname] = t.to(torch.bfloat16)
+            shard_bytes += shard[tname].numel() * 2
+            if shard_bytes > 400e6:
+                shards.append(shard)
+                shard, shard_bytes = {}, 0
+        shards.append(shard)
+        weight_map = {}
+        for si, sh in enumerate(shards):
+            fname = f"model-{si + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(sh, folder / fname, metadata={"format": "pt"})
+            weight_map.update({n: fname for n in sh})
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map})
+        )
+        (folder / "config.json").write_text(json.dumps(qwen2_config(layers)))
+        (folder / "done").write_text("")
+    return root
+
+
+def run_measured(cmd: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of one child process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    err = proc.stderr.read().decode(errors="replace")
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{err[-2000:]}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def io_floor(inputs: list[Path], out_bytes: int, scratch: Path) -> float:
+    """Seconds to read the input files (page cache) and write ``out_bytes`` to a new file."""
+    buf = bytearray(64 << 20)
+    t0 = time.perf_counter()
+    for folder in inputs:
+        for f in folder.glob("*.safetensors"):
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(buf):
+                    pass
+    with open(scratch, "wb", buffering=0) as fh:
+        left = out_bytes
+        while left > 0:
+            left -= fh.write(memoryview(buf)[: min(len(buf), left)])
+    took = time.perf_counter() - t0
+    scratch.unlink()
+    return took
+
+
+def load_all(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            for k in st.keys():
+                out[k] = st.get_tensor(k)
+    return out
+
+
+def agreement(a: Path, b: Path) -> str:
+    ta, tb = load_all(a), load_all(b)
+    if set(ta) != set(tb):
+        return f"tensor names differ ({len(ta)} vs {len(tb)})"
+    differ = total = 0
+    worst_ulps = 0.0
+    for k in ta:
+        x, y = ta[k].float(), tb[k].float()
+        d = (x - y).abs()
+        differ += int((d > 0).sum())
+        total += d.numel()
+        ulp = torch.maximum(x.abs(), y.abs()) * 2.0**-7  # one bf16 step
+        worst_ulps = max(worst_ulps, float((d / ulp.clamp_min(1e-30)).max()))
+    return f"{differ / total:.4%} elements differ, max {worst_ulps:.2f} bf16 steps"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    ap.add_argument("--mergekit", default=shutil.which("mergekit-yaml"), help="mergekit-yaml to compare with")
+    ap.add_argument("--mergesmith", default=shutil.which("mergesmith") or "mergesmith")
+    ap.add_argument("--deep", action="store_true", help="also run mergesmith TIES on a 48-layer model")
+    ap.add_argument("--extra", default="", help="extra mergesmith arguments, e.g. '--device cuda'")
+    args = ap.parse_args()
+
+    root = make_models(SHAPE["layers"])
+    work = CACHE / "runs"
+    work.mkdir(parents=True, exist_ok=True)
+    out_bytes = sum(f.stat().st_size for f in (root / "base").glob("*.safetensors"))
+    floors = {
+        2: statistics.median(
+            io_floor([root / "base", root / "ft1"], out_bytes, work / "floor") for _ in range(3)
+        ),
+        3: statistics.median(
+            io_floor([root / n for n in ("base", "ft1", "ft2")], out_bytes, work / "floor") for _ in range(3)
+        ),
+    }
+    rows = []
+    for method in args.methods:
+        cfg = work / f"{method}.yml"
+        cfg.write_text(METHODS[method].format(b=root / "base", f1=root / "ft1", f2=root / "ft2"))
+        ours_out, theirs_out = work / f"{method}-mergesmith", work / f"{method}-mergekit"
+        ours_cmd = [
+            args.mergesmith,
+            "merge",
+            str(cfg),
+            str(ours_out),
+            "--overwrite",
+            "--quiet",
+            *args.extra.split(),
+        ]
+        theirs_cmd = (
+            [args.mergekit, str(cfg), str(theirs_out), "--quiet", "--out-shard-size", "5B"]
+            if args.mergekit
+            else None
+        )
+        ours, theirs = [], []
+        for _ in range(args.runs):
+            ours.append(run_measured(ours_cmd))
+            if theirs_cmd:
+                shutil.rmtree(theirs_out, ignore_errors=True)
+                theirs.append(run_measured(theirs_cmd))
+        n_in = 2 if method == "slerp" else 3
+        row = {
+            "method": method,
+            "ours_s": statistics.median(t for t, _ in ours),
+            "ours_mib": statistics.median(m for _, m in ours),
+            "floor_s": floors[n_in],
+        }
+        if theirs:
+            row["theirs_s"] = statistics.median(t for t, _ in theirs)
+            row["theirs_mib"] = statistics.median(m for _, m in theirs)
+            row["agree"] = (
+                agreement(ours_out, theirs_out)
+                if method in DETERMINISTIC
+                else "random masks differ by design"
+            )
+        rows.append(row)
+        print_row(row, args.runs)
+    if args.deep:
+        deep = make_models(2 * SHAPE["layers"])
+        cfg = work / "ties-deep.yml"
+        cfg.write_text(METHODS["ties"].format(b=deep / "base", f1=deep / "ft1", f2=deep / "ft2"))
+        runs = [
+            run_measured(
+                [args.mergesmith, "merge", str(cfg), str(work / "ties-deep"), "--overwrite", "--quiet"]
+            )
+            for _ in range(args.runs)
+        ]
+        print(
+            f"ties, 48 layers: mergesmith {statistics.median(t for t, _ in runs):.1f} s, {statistics.median(m for _, m in runs):.0f} MiB peak RSS"
+        )
+    return 0
+
+
+def print_row(r: dict, runs: int) -> None:
+    line = f"{r['method']:16s} mergesmith {r['ours_s']:6.1f} s {r['ours_mib']:6.0f} MiB | floor {r['floor_s']:4.1f} s (x{r['ours_s'] / r['floor_s']:.2f})"
+    if "theirs_s" in r:
+        line += (
+            f" | mergekit {r['theirs_s']:6.1f} s {r['theirs_mib']:6.0f} MiB | speed-up x{r['theirs_s'] / r['ours_s']:.1f}, "
+            f"memory x{r['ours_mib'] / r['theirs_mib']:.2f} | {r['agree']}"
+        )
+    print(line + f"  (median of {runs})", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
