@@ -215,3 +215,51 @@ def export_hf(
             stats.append(stat)
     bytes_out = sum(_nbytes(t) for t in tensors.values())
     return HfExport(tensors, config, stats, kept, bytes_in, bytes_out)
+
+
+GgufTensor = tuple[str, Any, Any]
+
+
+def iter_gguf_tensors(
+    source: TensorSource, selector: TensorSelector, qtype: str = "tq2_0"
+) -> tuple[dict[str, str], Iterator[tuple[GgufTensor, LayerStat | None, int]]]:
+    """Plan the GGUF export and return ``(kept, stream)``; ``stream`` yields one GGUF tensor
+    ``(name, array, type)`` per input tensor. Ternarised: selected 2-D weights whose rows are a
+    multiple of 256; everything else is written in high precision."""
+    from mergesmith.bitnet import gguf_export
+
+    source = open_source(source)
+    try:
+        gguf_export.gguf_architecture(source.config)
+        gguf_export.ggml_type(qtype)
+    except ValueError as exc:
+        raise MergeError(str(exc)) from exc
+    shapes = source.shapes
+    kept: dict[str, str] = {}
+    chosen: set[str] = set()
+    for name, shape in shapes.items():
+        if selector.selects(name, shape):
+            if gguf_export.ternary_fits(shape):
+                chosen.add(name)
+            else:
+                kept[name[: -len(".weight")]] = f"in_features {shape[1]} is not a multiple of 256"
+
+    def stream() -> Iterator[tuple[GgufTensor, LayerStat | None, int]]:
+        for name, shape in shapes.items():
+            tensor = source.get(name)
+            try:
+                if name not in chosen:
+                    yield (
+                        gguf_export.gguf_tensor(name, tensor, None, source.config, qtype),
+                        None,
+                        _nbytes(tensor),
+                    )
+                    continue
+                ternary, was = ternary_of(tensor)
+                stat = LayerStat(name, tuple(shape), ternary.zero_fraction(), was, float(ternary.scale))
+                out = gguf_export.gguf_tensor(name, None, ternary, source.config, qtype)
+            except ValueError as exc:
+                raise MergeError(f"{name}: {exc}") from exc
+            yield out, stat, _nbytes(tensor)
+
+    return kept, stream()
