@@ -97,6 +97,10 @@ class DequantizedBitNetSource:
             return torch.float32
         return self.inner.dtype(name)
 
+    def scale_dtype(self, module: str) -> torch.dtype | None:
+        """dtype of the stored ``weight_scale`` of a packed module (the model dtype), else None."""
+        return self.inner.dtype(f"{module}.weight_scale") if module in self._packed else None
+
     def _gamma(self, module: str) -> torch.Tensor:
         return gamma_from_weight_scale(self.inner.get(f"{module}.weight_scale"), self.linear_class)
 
@@ -191,7 +195,7 @@ def iter_hf_tensors(
             ternary, was = ternary_of(tensor)
             dtype = tensor.dtype if tensor.is_floating_point() else torch.float32
             if isinstance(source, DequantizedBitNetSource):
-                dtype = source.inner.dtype(f"{module}.weight_scale")
+                dtype = source.scale_dtype(module) or dtype
             out = export_linear(module, ternary, bias, linear_class, dtype)
             stat = LayerStat(name, tuple(shape), ternary.zero_fraction(), was, float(ternary.scale))
             nbytes = _nbytes(tensor) + (_nbytes(bias) if bias is not None else 0)

@@ -1,0 +1,100 @@
+"""`mergesmith bitnet` through its own module (register + func), on tiny models saved to disk."""
+
+from __future__ import annotations
+
+import argparse
+import io
+
+import gguf
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mergesmith.bitnet import command
+from mergesmith.errors import MergeError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mergesmith")
+    command.register(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def _run(*argv):
+    args = _parser().parse_args(["bitnet", *map(str, argv)])
+    out, err = io.StringIO(), io.StringIO()
+    code = args.func(args, out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _save(tmp_path, tiny, **dims):
+    model, _ = tiny(**dims)
+    path = tmp_path / "model"
+    model.save_pretrained(path)
+    (path / "tokenizer_config.json").write_text("{}")
+    return path
+
+
+@pytest.fixture
+def saved(tmp_path, tiny):
+    return _save(tmp_path, tiny)
+
+
+@pytest.fixture
+def saved256(tmp_path, tiny):
+    return _save(tmp_path, tiny, hidden_size=256, intermediate_size=512)
+
+
+def test_help_and_registration():
+    parser = _parser()
+    help_text = parser.format_help()
+    assert "bitnet" in help_text
+    args = parser.parse_args(["bitnet", "m", "o"])
+    assert args.func is command.run and args.format == "hf" and args.linear_class == "autobitlinear"
+
+
+def test_hf_export_end_to_end(saved, tmp_path):
+    out_dir = tmp_path / "out"
+    code, out, err = _run(saved, out_dir)
+    assert code == 0
+    assert err.count("\n") == 1 and "destroys its quality" in err
+    assert "14 weights ternarised" in out and "zeros 3" in out and "size:" in out
+    assert (out_dir / "tokenizer_config.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    loaded = AutoModelForCausalLM.from_pretrained(out_dir)
+    assert loaded.model.layers[1].mlp.down_proj.weight.dtype == torch.float32
+    assert (out_dir / "model.safetensors").stat().st_size < (saved / "model.safetensors").stat().st_size / 2
+
+    with pytest.raises(MergeError, match="already exists"):
+        _run(saved, out_dir)
+    code, _, _ = _run(
+        saved, out_dir, "--overwrite", "--linear-class", "bitlinear", "--exclude", r"layers\.1\."
+    )
+    assert code == 0
+    reloaded = AutoModelForCausalLM.from_pretrained(out_dir)
+    assert type(reloaded.model.layers[1].mlp.down_proj) is torch.nn.Linear
+
+    # a packed checkpoint as input: already ternary, no warning, same codes
+    code, out, err = _run(out_dir, tmp_path / "again")
+    assert code == 0 and err == "" and "already ternary" in out
+
+
+def test_gguf_export(saved256, tmp_path):
+    code, out, err = _run(saved256, tmp_path / "g", "--format", "gguf", "--gguf-type", "tq1_0")
+    assert code == 0 and "no tokenizer.json" in err
+    reader = gguf.GGUFReader(tmp_path / "g" / "model.gguf")
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.TQ1_0
+    assert types["token_embd.weight"] == gguf.GGMLQuantizationType.F32
+
+
+def test_expected_failures_leave_nothing_behind(saved, tmp_path):
+    with pytest.raises(MergeError, match="not a model folder"):
+        _run(tmp_path / "missing", tmp_path / "o1")
+    with pytest.raises(MergeError, match="no weight"):
+        _run(saved, tmp_path / "o2", "--include", "nothing-matches")
+    with pytest.raises(MergeError, match="invalid tensor pattern"):
+        _run(saved, tmp_path / "o3", "--exclude", "(")
+    with pytest.raises(MergeError, match="must not be MODEL"):
+        _run(saved, saved / "inside")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
