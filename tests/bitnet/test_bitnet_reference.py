@@ -59,5 +59,6 @@ def test_ternary_linear_module_and_shape_errors():
     codes, gamma = ternarize(w)
     mod = TernaryLinear(Ternary(codes, gamma))
     assert mod(x).shape == (3, 5, 8) and mod.packed.dtype == torch.uint8 and mod.packed.shape == (2, 16)
+    assert mod(x.double()).dtype == torch.float64 and mod(x.bfloat16()).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="features"):
         ternary_matmul_int(torch.zeros(2, 15, dtype=torch.int8), mod.packed, 8)

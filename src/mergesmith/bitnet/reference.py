@@ -85,12 +85,17 @@ def ternary_linear(
     block_rows: int = 64,
     block_cols: int = 1024,
 ) -> torch.Tensor:
-    """W1.58A8 linear: ``y = (x_q . W~^T) * gamma / s_x + bias``, returned in ``x.dtype``."""
+    """W1.58A8 linear: ``y = (x_q . W~^T) * gamma / s_x + bias``, returned in ``x.dtype``.
+
+    The rescale runs in float32, or in float64 for float64 input (the activation scale itself is
+    always computed in float32, like transformers' ``ActQuant``).
+    """
     x_q, s_x = quantize_activations(x)
     acc = ternary_matmul_int(x_q, packed, out_features, block_rows, block_cols)
-    y = acc.to(torch.float32) / s_x * torch.as_tensor(gamma, dtype=torch.float32)
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = acc.to(work) / s_x.to(work) * torch.as_tensor(gamma, dtype=work)
     if bias is not None:
-        y = y + bias.to(torch.float32)
+        y = y + bias.to(work)
     return y.to(x.dtype)
 
 
