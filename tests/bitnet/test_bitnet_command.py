@@ -98,3 +98,45 @@ def test_expected_failures_leave_nothing_behind(saved, tmp_path):
     with pytest.raises(MergeError, match="must not be MODEL"):
         _run(saved, saved / "inside")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def _word_tokenizer(path, vocab_size=100):
+    """A word-level tokenizer built locally (no hub), saved beside the model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(vocab_size - 1)]
+    tok = Tokenizer(
+        models.WordLevel({"<unk>": 0, **{w: i + 1 for i, w in enumerate(words)}}, unk_token="<unk>")
+    )
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(path)
+    return words
+
+
+def test_heal_option(tmp_path, tiny):
+    path = _save(tmp_path, tiny, initializer_range=0.1)
+    words = _word_tokenizer(path)
+    g = torch.Generator().manual_seed(0)
+    text = " ".join(words[i] for i in torch.randint(0, len(words), (400,), generator=g).tolist())
+    (tmp_path / "data.txt").write_text(text)
+    code, out, err = _run(
+        path,
+        tmp_path / "healed",
+        "--heal",
+        "30",
+        "--heal-data",
+        tmp_path / "data.txt",
+        "--heal-seq",
+        "16",
+        "--heal-lr",
+        "3e-3",
+    )
+    assert code == 0 and err == ""
+    line = next(ln for ln in out.splitlines() if ln.startswith("heal:"))
+    before, after = (float(v) for v in line.rsplit(" ", 3)[1::2])
+    assert after < 0.8 * before
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "healed")
+    assert loaded.model.layers[0].self_attn.q_proj.weight_scale.dtype == torch.float32
+    with pytest.raises(MergeError, match="packed BitNet"):
+        _run(tmp_path / "healed", tmp_path / "again", "--heal", "2")

@@ -9,10 +9,11 @@ import torch
 from mergesmith.bitnet.heal import (
     HealConfig,
     QATLinear,
-    evaluate,
     fake_quantize_weight,
     heal_copy,
     prepare_qat,
+    quantised_loss,
+    token_batches,
 )
 from mergesmith.bitnet.quant import ternarize, ternarize_tensor
 from mergesmith.bitnet.reference import reference_model
@@ -26,9 +27,7 @@ def _quantised_loss(student, teacher) -> float:
     eval_batches = [
         torch.randint(0, 100, (8, 16), generator=torch.Generator().manual_seed(s)) for s in range(2)
     ]
-    s = copy.deepcopy(student)
-    prepare_qat(s)
-    return evaluate(s, teacher, eval_batches)
+    return quantised_loss(student, teacher, eval_batches)
 
 
 def test_fake_quantize_weight_is_the_export_ternarisation():
@@ -67,3 +66,13 @@ def test_heal_lowers_the_quantised_distillation_loss(tiny):
     ids = _batch(999)
     with torch.no_grad():
         assert (ref(ids).logits - qat(ids).logits).abs().max().item() < 1e-4
+
+
+def test_token_batches():
+    text = torch.arange(50)
+    batch = token_batches(text, vocab_size=100, batch_size=3, seq_len=8, seed=0)
+    b = batch(0)
+    assert b.shape == (3, 8) and torch.equal(b, batch(0))
+    assert torch.equal(b[:, 1:] - b[:, :-1], torch.ones(3, 7, dtype=torch.long))  # contiguous windows
+    rnd = token_batches(None, vocab_size=7, batch_size=2, seq_len=5)(3)
+    assert rnd.shape == (2, 5) and int(rnd.max()) < 7

@@ -62,6 +62,22 @@ def register(subparsers: Any) -> None:
         metavar="REGEX",
         help="keep matching weights in high precision (repeatable; embeddings, lm_head and norms always are)",
     )
+    p.add_argument(
+        "--heal",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="before export, run STEPS of quantisation-aware fine-tuning distilled from the float "
+        "model (small models on a CPU; loads the whole model twice)",
+    )
+    p.add_argument(
+        "--heal-data",
+        metavar="TEXT_FILE",
+        help="UTF-8 text for --heal, tokenised with MODEL's tokenizer (default: random token ids, "
+        "which only demonstrates the mechanism)",
+    )
+    p.add_argument("--heal-lr", type=float, default=1e-3, help="AdamW learning rate for --heal")
+    p.add_argument("--heal-seq", type=int, default=64, help="tokens per sequence for --heal")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     p.set_defaults(func=run)
@@ -101,6 +117,56 @@ def warn_if_float(source: Any, selector: TensorSelector, model: str, err: TextIO
             return
 
 
+def _heal_source(
+    source: Any, args: argparse.Namespace, selector: TensorSelector, out: TextIO, err: TextIO
+) -> Any:
+    """Load MODEL in float32, heal a copy, return it as a source with the input's dtypes."""
+    import torch
+    import transformers
+
+    from mergesmith.bitnet import heal
+    from mergesmith.bitnet.convert import DictSource
+
+    if args.heal < 1:
+        raise MergeError("--heal needs a positive number of steps")
+    if source is not open_source(source):
+        raise MergeError("--heal needs float weights; MODEL is a packed BitNet checkpoint")
+    try:
+        teacher = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    except (OSError, ValueError) as exc:
+        raise MergeError(f"cannot load {args.model} with transformers for --heal: {exc}") from exc
+    ids = None
+    if args.heal_data:
+        try:
+            text = Path(args.heal_data).read_text(encoding="utf-8")
+            tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise MergeError(f"--heal-data: {exc}") from exc
+        ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+        if ids.numel() < 2:
+            raise MergeError(f"--heal-data {args.heal_data} has no tokens")
+    else:
+        print("mergesmith: note: --heal without --heal-data distils on random token ids", file=err)
+    vocab = int(teacher.config.vocab_size)
+    train = heal.token_batches(ids, vocab, seq_len=args.heal_seq, seed=0)
+    held_out = heal.token_batches(ids, vocab, seq_len=args.heal_seq, seed=1)
+    evals = [held_out(i) for i in range(2)]
+    cfg = heal.HealConfig(steps=args.heal, lr=args.heal_lr)
+    before = heal.quantised_loss(teacher, teacher, evals, selector)
+    student, _ = heal.heal_copy(teacher, train, cfg, selector)
+    after = heal.quantised_loss(student, teacher, evals, selector)
+    print(
+        f"heal: {args.heal} steps, held-out distillation loss (ternary) {before:.4g} -> {after:.4g}", file=out
+    )
+    shapes = source.shapes
+    state = {
+        k: v.detach().to(source.dtype(k) if k in shapes else v.dtype)
+        for k, v in student.state_dict().items()
+        if k in shapes
+    }
+    return DictSource(state, source.config)
+
+
 def _report(stats: list[LayerStat], kept: dict[str, str], out: TextIO) -> None:
     for s in stats:
         shape = "x".join(str(d) for d in s.shape)
@@ -110,20 +176,27 @@ def _report(stats: list[LayerStat], kept: dict[str, str], out: TextIO) -> None:
         print(f"  {module}: kept in high precision ({reason})", file=out)
 
 
-def _write_hf(source: Any, selector: TensorSelector, args: argparse.Namespace, tmp: Path) -> tuple[Any, Any]:
-    result = export_hf(source, selector, args.linear_class)
+def _write_hf(
+    data: Any, folder: io.SafetensorsFolder, selector: TensorSelector, args: argparse.Namespace, tmp: Path
+) -> tuple[Any, Any]:
+    result = export_hf(data, selector, args.linear_class)
     if not result.stats:
         raise MergeError(
             f"no weight of {args.model} was selected for ternarisation (check --include/--exclude)"
         )
-    io.write_hf_folder(tmp, result.tensors, result.config, source.extra_files())
+    io.write_hf_folder(tmp, result.tensors, result.config, folder.extra_files())
     return result.stats, result.kept
 
 
 def _write_gguf(
-    source: Any, selector: TensorSelector, args: argparse.Namespace, tmp: Path, err: TextIO
+    data: Any,
+    folder: io.SafetensorsFolder,
+    selector: TensorSelector,
+    args: argparse.Namespace,
+    tmp: Path,
+    err: TextIO,
 ) -> tuple[Any, Any]:
-    kept, stream = iter_gguf_tensors(source, selector, args.gguf_type)
+    kept, stream = iter_gguf_tensors(data, selector, args.gguf_type)
     tensors, stats = [], []
     for tensor, stat, _ in stream:
         tensors.append(tensor)
@@ -131,10 +204,10 @@ def _write_gguf(
             stats.append(stat)
     if not stats:
         raise MergeError(f"no weight of {args.model} was ternarised (check --include/--exclude)")
-    config = open_source(source).config
+    config = open_source(data).config
     tok_kv, note = tokenizer_metadata(
-        io.read_json(source.path / "tokenizer.json"),
-        io.read_json(source.path / "tokenizer_config.json"),
+        io.read_json(folder.path / "tokenizer.json"),
+        io.read_json(folder.path / "tokenizer_config.json"),
         int(config["vocab_size"]),
     )
     if note:
@@ -151,12 +224,14 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     selector = _selector(args)
     source = io.SafetensorsFolder(args.model)
     _check_paths(Path(args.model), Path(args.out_dir))
-    warn_if_float(source, selector, args.model, err)
+    if not args.heal:
+        warn_if_float(source, selector, args.model, err)
     with io.atomic_output_dir(args.out_dir, args.overwrite) as tmp:
+        data = _heal_source(source, args, selector, out, err) if args.heal else source
         if args.format == "hf":
-            stats, kept = _write_hf(source, selector, args, tmp)
+            stats, kept = _write_hf(data, source, selector, args, tmp)
         else:
-            stats, kept = _write_gguf(source, selector, args, tmp, err)
+            stats, kept = _write_gguf(data, source, selector, args, tmp, err)
         size_after = io.dir_size(tmp)
     print(f"{len(stats)} weights ternarised:", file=out)
     _report(stats, kept, out)

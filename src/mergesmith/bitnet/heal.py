@@ -139,6 +139,19 @@ def evaluate(
     return sum(losses) / max(len(losses), 1)
 
 
+def quantised_loss(
+    model: nn.Module,
+    teacher: nn.Module,
+    batches: Iterable[torch.Tensor],
+    selector: TensorSelector | None = None,
+    temperature: float = 1.0,
+) -> float:
+    """Distillation loss of a ternarised copy of float ``model`` (lambda = 1) against ``teacher``."""
+    probe = copy.deepcopy(model)
+    prepare_qat(probe, selector)
+    return evaluate(probe, teacher, batches, temperature)
+
+
 def heal(
     student: nn.Module,
     teacher: nn.Module,
@@ -183,3 +196,23 @@ def heal_copy(
     prepare_qat(student, selector)
     result = heal(student, model, batch, config)
     return finish_qat(student), result
+
+
+def token_batches(
+    ids: torch.Tensor | None, vocab_size: int, batch_size: int = 4, seq_len: int = 64, seed: int = 0
+) -> Callable[[int], torch.Tensor]:
+    """``batch(step)``: random windows of ``seq_len`` tokens from the 1-D ``ids`` (a tokenised text),
+    or, when ``ids`` is None, uniformly random token ids (enough for a demo, not for a real repair).
+    Deterministic in ``seed`` and ``step``."""
+
+    def batch(step: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        if ids is None:
+            return torch.randint(0, vocab_size, (batch_size, seq_len), generator=g)
+        n = ids.numel()
+        if n <= seq_len:
+            return ids[:seq_len].reshape(1, -1).repeat(batch_size, 1)
+        starts = torch.randint(0, n - seq_len, (batch_size,), generator=g)
+        return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+    return batch
