@@ -140,3 +140,16 @@ def test_heal_option(tmp_path, tiny):
     assert loaded.model.layers[0].self_attn.q_proj.weight_scale.dtype == torch.float32
     with pytest.raises(MergeError, match="packed BitNet"):
         _run(tmp_path / "healed", tmp_path / "again", "--heal", "2")
+
+
+def test_through_the_cli_dispatcher(saved, tmp_path, monkeypatch, capsys):
+    """mergesmith.cli.main runs the command and turns MergeError into one line and exit code 2.
+    (COMMAND_MODULES is narrowed to this module: the merge command is not on this branch.)"""
+    from mergesmith import cli
+
+    assert "mergesmith.bitnet.command" in cli.COMMAND_MODULES
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["mergesmith.bitnet.command"])
+    assert cli.main(["bitnet", str(saved), str(tmp_path / "cli-out")]) == 0
+    assert cli.main(["bitnet", str(saved), str(tmp_path / "cli-out")]) == 2
+    err = capsys.readouterr().err
+    assert err.rstrip().splitlines()[-1].startswith("mergesmith: error: ") and "already exists" in err

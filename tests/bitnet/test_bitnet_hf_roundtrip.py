@@ -142,3 +142,29 @@ def test_packed_checkpoint_reexports_identically(tmp_path, tiny, linear_class):
     assert again.tensors.keys() == first.tensors.keys()
     for name, t in first.tensors.items():
         assert torch.equal(again.tensors[name], t), name
+
+
+def test_bf16_export_uses_the_stored_scale(tmp_path, tiny):
+    """bf16 models: weight_scale is stored in bf16 (the model dtype), and transformers' logits match
+    the reference built with that rounded gamma to bf16 precision."""
+    from mergesmith.bitnet.hf import gamma_from_weight_scale
+    from mergesmith.bitnet.quant import Ternary
+
+    model, _ = tiny()
+    model = model.to(torch.bfloat16)
+    config = model.config.to_dict()
+    sd, result = _export(model, config, tmp_path)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert theirs.dtype == torch.bfloat16
+    ternaries = {}
+    for s in result.stats:
+        module = s.name[: -len(".weight")]
+        scale = result.tensors[f"{module}.weight_scale"]
+        assert scale.dtype == torch.bfloat16
+        ternaries[module] = Ternary(
+            ternarize_tensor(sd[s.name]).codes, gamma_from_weight_scale(scale, "autobitlinear")
+        )
+    ours = reference_model(config, sd, ternaries).to(torch.bfloat16)
+    with torch.no_grad():
+        a, b = theirs(_ids()).logits.float(), ours(_ids()).logits.float()
+    assert (a - b).abs().max().item() < 2e-2 * a.abs().max().item()
