@@ -82,3 +82,9 @@ def family_models(tmp_path_factory):
         base = make_model(root / f"{family}-base", family)
         out[family] = (base, make_finetune(base, root / f"{family}-ft", seed=3))
     return out
+
+
+@pytest.fixture(scope="session")
+def model_factory():
+    """``make_model`` for tests that need a model of their own shape."""
+    return make_model

@@ -11,7 +11,6 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from conftest import make_model
 from mergesmith.cli import main
 
 
@@ -85,8 +84,8 @@ def test_shape_mismatch(capsys, tmp_path, pair):
     assert_fails(capsys, tmp_path, ties_config(tmp_path, base, ft), "shapes differ")
 
 
-def test_vocabulary_mismatch(capsys, tmp_path, llama_trio):
-    other = make_model(tmp_path / "bigvocab", vocab=128)
+def test_vocabulary_mismatch(capsys, tmp_path, llama_trio, model_factory):
+    other = model_factory(tmp_path / "bigvocab", vocab=128)
     assert_fails(capsys, tmp_path, ties_config(tmp_path, llama_trio[0], other), "vocabulary sizes differ")
 
 
