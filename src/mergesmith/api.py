@@ -14,19 +14,18 @@ from tqdm import tqdm
 from mergesmith.card import model_card
 from mergesmith.chat_templates import resolve_chat_template
 from mergesmith.config import MergeConfig, load_config, load_yaml_documents
+from mergesmith.defaults import DEFAULT_SHARD_SIZE
 from mergesmith.errors import MergeError
 from mergesmith.execute import (
     BASELINE_RSS,
     DEFAULT_BUDGET,
     ExecOptions,
     Executor,
-    check_budget,
     default_workers,
+    fit_budget,
 )
 from mergesmith.plan import MergePlan, build_plan
 from mergesmith.write import OutputFolder, ShardedWriter, TensorSpec, copy_files, parse_size, write_json
-
-DEFAULT_SHARD_SIZE = "5G"
 
 
 def config_text(config: str | Path | dict | MergeConfig) -> str:
@@ -100,7 +99,7 @@ def merge(
         raise MergeError(f"output folder {dest} already exists; pass --overwrite to replace it")
     plan = build_plan(cfg)
     try:
-        check_budget(plan, options)
+        options = fit_budget(plan, options)
         with OutputFolder(dest, overwrite=overwrite) as out:
             specs = [TensorSpec(t.name, t.out_dtype, t.shape) for t in plan.tensors]
             writer = ShardedWriter(out.path, specs, shard_bytes)

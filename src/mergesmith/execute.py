@@ -15,7 +15,7 @@ import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -78,16 +78,21 @@ def estimate_peak(plan: MergePlan, options: ExecOptions) -> int:
     return BASELINE_RSS + sum(sizes[: options.workers])
 
 
-def check_budget(plan: MergePlan, options: ExecOptions) -> None:
-    """Fail up front if one row chunk of some tensor cannot fit in the memory budget."""
-    for t in plan.tensors:
-        method = get_method(t.method)
-        need = task_bytes(t, 0)  # one row (or the whole tensor when it cannot be chunked)
-        if need > options.budget:
-            raise MergeError(
-                f"memory limit too small: tensor {t.name!r} needs at least {need / 2**20:.0f} MiB in flight "
-                f"with method {method.name!r}; raise --memory-limit"
-            )
+def fit_budget(plan: MergePlan, options: ExecOptions) -> ExecOptions:
+    """Options whose workers each have room for one row chunk of every tensor; fail up front otherwise.
+
+    Each worker gets budget / workers; when the largest one-row need does not fit that share, fewer
+    workers run. If it does not fit the whole budget, the merge cannot keep to the limit.
+    """
+    need = max((task_bytes(t, 0) for t in plan.tensors), default=0)  # one row, or a whole unchunkable tensor
+    if need > options.budget:
+        worst = max(plan.tensors, key=lambda t: task_bytes(t, 0))
+        raise MergeError(
+            f"memory limit too small: tensor {worst.name!r} needs at least {need / 2**20:.0f} MiB in flight "
+            f"with method {worst.method!r}; raise --memory-limit"
+        )
+    workers = max(1, min(options.workers, options.budget // max(need, 1)))
+    return replace(options, workers=workers)
 
 
 class Executor:

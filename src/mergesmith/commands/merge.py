@@ -6,9 +6,9 @@ import argparse
 import json
 import sys
 
-from mergesmith.api import DEFAULT_SHARD_SIZE, exec_options, make_plan, merge
-from mergesmith.config import config_json_schema
-from mergesmith.execute import estimate_peak
+from mergesmith.defaults import DEFAULT_SHARD_SIZE
+
+# torch and the engine are imported inside the handlers, so that `--help` stays fast
 
 
 def _add_exec_options(p: argparse.ArgumentParser) -> None:
@@ -57,6 +57,8 @@ def register(sub) -> None:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    from mergesmith.api import merge
+
     merge(
         args.config,
         args.out_dir,
@@ -74,6 +76,10 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from mergesmith.api import exec_options, make_plan
+    from mergesmith.config import config_json_schema
+    from mergesmith.execute import estimate_peak, fit_budget
+
     if args.json_schema:
         print(json.dumps(config_json_schema(), indent=2))
         return 0
@@ -89,6 +95,7 @@ def _plan(args: argparse.Namespace) -> int:
             print(t.describe())
         for w in plan.warnings:
             print(f"warning: {w}")
+        options = fit_budget(plan, options)
         peak = estimate_peak(plan, options)
         print(
             f"# {len(plan.tensors)} tensors, {plan.num_layers} layers, {plan.total_bytes / 1e9:.3f} GB of output; "
