@@ -211,3 +211,14 @@ def test_plan_json_schema(capsys):
     assert main(["plan", "--json-schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
     assert "merge_method" in schema["properties"]
+
+
+def test_cuda_without_gpu_is_a_clear_error(capsys, tmp_path, pair):
+    import torch
+
+    if torch.cuda.is_available():  # the GPU path is exercised by bench/speed.py --extra '--device cuda'
+        return
+    cfg = ties_config(tmp_path, *pair)
+    code, err = run_cli(["merge", str(cfg), str(tmp_path / "merged"), "--quiet", "--device", "cuda"], capsys)
+    assert code == 2 and "no CUDA GPU" in err
+    assert not (tmp_path / "merged").exists()
