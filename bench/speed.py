@@ -127,17 +127,29 @@ def _make_models(layers: int) -> None:
         (folder / "done").write_text("")
 
 
+# A small launcher process runs each measured command: a child's peak RSS starts from its parent's RSS at
+# fork time, so measuring straight from this (larger) process would inflate the figures.
+LAUNCHER = """
+import os, subprocess, sys, time
+t0 = time.perf_counter()
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+err = p.stderr.read()
+_, status, usage = os.wait4(p.pid, 0)
+sys.stderr.buffer.write(err[-4000:])
+print(time.perf_counter() - t0, usage.ru_maxrss, os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_measured(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one child process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read().decode(errors="replace")
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{err[-2000:]}")
-    return wall, usage.ru_maxrss / 1024
+    """Wall seconds and peak RSS (MiB) of one run of ``cmd``."""
+    done = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], capture_output=True, text=True)
+    try:
+        wall, maxrss_kb, code = done.stdout.split()
+    except ValueError:
+        raise SystemExit(f"launcher failed: {done.stderr[-2000:]}") from None
+    if int(code):
+        raise SystemExit(f"command failed ({code}): {' '.join(cmd)}\n{done.stderr[-2000:]}")
+    return float(wall), int(maxrss_kb) / 1024
 
 
 def io_floor(inputs: list[Path], out_bytes: int, scratch: Path) -> float:
