@@ -49,3 +49,30 @@ def test_chunked_threshold_equals_whole():
 def test_extreme_magnitudes():
     x = torch.tensor([float("1e-40"), 1e30, -1e-30, 3.0])  # subnormal, huge, tiny
     assert magnitude_mask(x, 0.5).tolist() == [False, True, False, True]
+
+
+def test_ties_at_the_threshold_keep_exactly_k_first_in_order():
+    x = torch.tensor([1.0, 2.0, -2.0, 0.5, 2.0, 3.0, -2.0, 2.0])
+    # k = 4: 3.0 plus the first three of the five 2.0-magnitudes
+    assert magnitude_mask(x, 0.5).tolist() == [False, True, True, False, True, True, False, False]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 100_000), st.integers(1, 300), st.floats(0.01, 0.99), st.integers(1, 40))
+def test_exact_count_with_many_ties_whole_and_chunked(seed, n, density, rows):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-4, 5, (n,), generator=g).float()  # few distinct magnitudes: ties everywhere
+    k = keep_count(density, n)
+    m = magnitude_mask(x, density)
+    kept = int((m & (x != 0)).sum())
+    assert kept == min(k, int((x != 0).sum()))
+    sel = TopKThreshold(k)
+    chunks = list(x.split(rows))
+    for c in chunks:
+        sel.observe_hi(c)
+    sel.end_hi()
+    for c in chunks:
+        sel.observe_lo(c)
+    sel.end_lo()
+    chunked = torch.cat([sel.trim(c) for c in chunks])
+    assert torch.equal(chunked, torch.where(m, x, torch.zeros_like(x)))

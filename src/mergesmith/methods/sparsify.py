@@ -4,6 +4,10 @@
 (sign dropped) finds the bin holding the k-th largest magnitude, and a 65536-bin histogram of the low 16
 bits of the elements in that bin finds it exactly. Two O(n) passes, constant memory, and the same answer
 whether the tensor is seen whole or in row chunks.
+
+Exactly k elements are kept. When several elements share the k-th largest magnitude, the ones that come
+first in the tensor's flat (row-major) order are kept; mergekit keeps an arbitrary subset of them (its
+argsort is not stable), so the two agree on the count and on every element but such ties.
 """
 
 from __future__ import annotations
@@ -44,9 +48,11 @@ def _top_bin(counts: torch.Tensor, k: int) -> tuple[int, int]:
 
 
 class TopKThreshold:
-    """Finds T such that the k largest |x| are exactly those with |x| >= T (ties at T all kept).
+    """Finds the k-th largest magnitude T and keeps the k largest |x|: all |x| > T and, of those equal
+    to T, the first ones in flat order.
 
-    Feed every chunk to ``observe_hi``, call ``end_hi``, feed them again to ``observe_lo``, call ``end_lo``.
+    Feed every chunk to ``observe_hi``, call ``end_hi``, feed them again to ``observe_lo``, call ``end_lo``
+    (or ``find_in`` on a whole tensor); then ``trim`` each chunk, in order.
     """
 
     def __init__(self, k: int):
@@ -56,6 +62,9 @@ class TopKThreshold:
         self.bin = -1
         self.rank_in_bin = 0
         self.threshold_bits: int | None = None
+        self.ties_to_keep = 0  # elements equal to T that are kept
+        self.ties_total = 0  # elements equal to T
+        self.ties_seen = 0  # elements equal to T met so far by trim()
 
     def observe_hi(self, x: torch.Tensor) -> None:
         self.hi_counts += torch.bincount(_high_bits(x), minlength=HI_BINS)
@@ -67,8 +76,10 @@ class TopKThreshold:
         self.lo_counts += torch.bincount(_bits_in_bin(x, _high_bits(x), self.bin), minlength=LO_BINS)
 
     def end_lo(self) -> None:
-        lo, _ = _top_bin(self.lo_counts, self.rank_in_bin)
+        lo, rank = _top_bin(self.lo_counts, self.rank_in_bin)
         self.threshold_bits = (self.bin << 16) | lo
+        self.ties_to_keep = rank
+        self.ties_total = int(self.lo_counts[lo])
 
     def find_in(self, x: torch.Tensor) -> None:
         """Both passes over one in-memory tensor, sharing the high-bits computation."""
@@ -84,16 +95,33 @@ class TopKThreshold:
         return _float_of_bits(self.threshold_bits)
 
     def trim(self, x: torch.Tensor) -> torch.Tensor:
-        """x with every element whose |x| is below the threshold set to 0 (a new tensor)."""
+        """x with all but the k largest magnitudes set to 0 (a new tensor). Chunks must come in order."""
         assert self.threshold_bits is not None
         if self.threshold_bits == 0:
-            return x
-        # |x| >= T  <=>  |x| > the float just below T; hardshrink keeps exactly |x| > lambda
-        return torch.nn.functional.hardshrink(x, _float_of_bits(self.threshold_bits - 1))
+            out = x.clone()  # T = 0: every nonzero element is kept, zeros stay zero
+        else:
+            # |x| >= T  <=>  |x| > the float just below T; hardshrink keeps exactly |x| > lambda
+            out = torch.nn.functional.hardshrink(x, _float_of_bits(self.threshold_bits - 1))
+        if self.ties_to_keep < self.ties_total:
+            out.masked_fill_(self._dropped_ties(x), 0.0)
+        return out
+
+    def _dropped_ties(self, x: torch.Tensor) -> torch.Tensor:
+        """Elements equal to T beyond the first ``ties_to_keep`` of them (in flat order, across chunks)."""
+        tied = x.abs().view(torch.int32) == self.threshold_bits
+        budget = self.ties_to_keep - self.ties_seen
+        n_tied = int(tied.sum())
+        self.ties_seen += n_tied
+        if budget >= n_tied:
+            return torch.zeros_like(tied)
+        if budget <= 0:
+            return tied
+        order = torch.cumsum(tied.reshape(-1), 0, dtype=torch.int32).reshape(tied.shape)
+        return tied & (order > budget)
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
-        """True where |x| is among the k largest."""
-        return x.float().abs().view(torch.int32) >= self.threshold_bits
+        """True where |x| is among the k largest (whole tensor)."""
+        return self.trim(x.float()) != 0 if self.threshold_bits else x != 0
 
 
 def _float_of_bits(bits: int) -> float:
@@ -108,5 +136,6 @@ def magnitude_mask(x: torch.Tensor, density: float) -> torch.Tensor:
     if k == 0:
         return torch.zeros_like(x, dtype=torch.bool)
     sel = TopKThreshold(k)
-    sel.find_in(x.float().contiguous())
-    return sel.mask(x)
+    xf = x.float().contiguous()
+    sel.find_in(xf)
+    return sel.mask(xf)
