@@ -1,12 +1,16 @@
-"""Sparsification of task vectors: exact top-k magnitude thresholds over chunks, and DARE's random drop.
+"""Sparsification of task vectors: exact magnitude thresholds over chunks, and DELLA's keep probabilities.
 
 The magnitude threshold is found without sorting: |x| as float32 has a bit pattern that orders like the
 value, so a 32768-bin histogram of the top 16 bits finds the bin holding the k-th largest magnitude and a
 65536-bin histogram of the low 16 bits inside that bin finds it exactly. Two O(n) passes, constant
-memory, and the same answer whether the tensor is seen whole or in chunks.
+memory, and the same answer whether the tensor is seen whole or in chunks. TopKThreshold finds one such
+order statistic (TIES); OrderStatistics finds several at once (the two ends of a Breadcrumbs band,
+quantiles); MagnitudeBand keeps the entries between two ranks.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -85,3 +89,211 @@ def magnitude_mask(x: torch.Tensor, density: float) -> torch.Tensor:
     sel.observe_lo(x)
     sel.end_lo()
     return sel.mask(x)
+
+
+SMALL = 1 << 16  # up to this many values, OrderStatistics sorts them instead of building histograms
+
+
+class OrderStatistics:
+    """Exact k-th largest values of |x| over chunks, for several ranks k at once (1 = the largest).
+
+    The same two histogram passes as TopKThreshold (the one-rank case): the first pass's histogram of
+    the top 16 bits is shared by all ranks, the second pass counts the low 16 bits inside each bin that
+    holds a wanted rank. Up to SMALL values in all are simply kept and sorted in the first pass (the
+    histograms' fixed cost dominates there) and the second pass does nothing. ``bits(i)`` is the float32
+    bit pattern of the i-th wanted value.
+    """
+
+    def __init__(self, ranks: Sequence[int]):
+        self.ranks = tuple(int(k) for k in ranks)
+        if any(k < 1 for k in self.ranks):
+            raise ValueError(f"ranks start at 1, got {self.ranks}")
+        self.hi_counts: torch.Tensor | None = None
+        self.bins: list[int] = []
+        self.rank_in_bin: list[int] = []
+        self.lo_counts: dict[int, torch.Tensor] = {}
+        self._small: list[torch.Tensor] | None = []
+        self._small_count = 0
+        self._bits: list[int] = []
+        self._above: list[int] = []  # how many values are strictly larger than each wanted one
+
+    def observe_hi(self, x: torch.Tensor) -> None:
+        bits = magnitude_bits(x).reshape(-1)
+        if self._small is not None:
+            self._small.append(bits.clone())
+            self._small_count += bits.numel()
+            if self._small_count <= SMALL:
+                return
+            bits, self._small = torch.cat(self._small), None
+        if self.hi_counts is None:
+            self.hi_counts = torch.zeros(HI_BINS, dtype=torch.int64)
+        self.hi_counts += torch.bincount(torch.bitwise_right_shift(bits, 16), minlength=HI_BINS)[:HI_BINS]
+
+    def end_hi(self) -> None:
+        if self._small is not None:
+            ordered = torch.cat(self._small).sort(descending=True).values if self._small else torch.empty(0)
+            self._check(ordered.numel())
+            self._bits = [int(ordered[k - 1]) for k in self.ranks]
+            self._above = [int((ordered > b).sum()) for b in self._bits]
+            return
+        at_or_above = torch.flip(torch.cumsum(torch.flip(self.hi_counts, [0]), 0), [0])
+        self._check(int(at_or_above[0]))
+        for k in self.ranks:
+            b = int((at_or_above >= k).sum()) - 1  # non-increasing: the last bin still holding k values
+            above = int(at_or_above[b + 1]) if b + 1 < HI_BINS else 0
+            self.bins.append(b)
+            self.rank_in_bin.append(k - above)
+        self.lo_counts = {b: torch.zeros(LO_BINS, dtype=torch.int64) for b in set(self.bins)}
+
+    def _check(self, total: int) -> None:
+        if any(k > total for k in self.ranks):
+            raise ValueError(f"ranks {self.ranks} asked of {total} values")
+
+    def observe_lo(self, x: torch.Tensor) -> None:
+        if not self.lo_counts:
+            return
+        bits = magnitude_bits(x).reshape(-1)
+        hi = torch.bitwise_right_shift(bits, 16)
+        for b, counts in self.lo_counts.items():
+            in_bin = torch.bitwise_and(bits[hi == b], 0xFFFF)
+            counts += torch.bincount(in_bin, minlength=LO_BINS)[:LO_BINS]
+
+    def end_lo(self) -> None:
+        for k, b, r in zip(self.ranks, self.bins, self.rank_in_bin):
+            at_or_above = torch.flip(torch.cumsum(torch.flip(self.lo_counts[b], [0]), 0), [0])
+            lo = int((at_or_above >= r).sum()) - 1
+            self._bits.append((b << 16) | lo)
+            in_bin_above = int(at_or_above[lo + 1]) if lo + 1 < LO_BINS else 0
+            self._above.append(k - r + in_bin_above)
+        self.lo_counts = {}
+
+    def observe(self, pass_index: int, x: torch.Tensor) -> None:
+        (self.observe_hi if pass_index == 0 else self.observe_lo)(x)
+
+    def end(self, pass_index: int) -> None:
+        (self.end_hi if pass_index == 0 else self.end_lo)()
+
+    def bits(self, i: int) -> int:
+        return self._bits[i]
+
+    def value(self, i: int) -> float:
+        return _float_of_bits(self._bits[i])
+
+    def ties_in_top(self, i: int) -> int:
+        """How many of the values equal to the i-th wanted one belong to the top ``ranks[i]``."""
+        return self.ranks[i] - self._above[i]
+
+
+class ExactTop:
+    """Mask of exactly the k largest |x| of a tensor seen in row chunks (k = ``stats.ranks[i]``).
+
+    Values above the k-th largest are kept; of those equal to it, the first ones in row-major order
+    are kept until the count is k. Chunks must be masked in order of their flat ``start`` the first time
+    (the executor and merge_tensors do so); they may be masked again in later passes.
+    """
+
+    def __init__(self, stats: OrderStatistics, i: int):
+        self.bits = stats.bits(i)
+        self.ties = stats.ties_in_top(i)
+        self._ties_before = {0: 0}  # chunk start -> ties at the threshold in earlier chunks
+
+    def mask(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        bits = magnitude_bits(x).reshape(-1)
+        keep = bits > self.bits
+        tie = bits == self.bits
+        before = self._ties_before.get(start)
+        if before is None:
+            raise RuntimeError(f"chunk at element {start} masked before the chunks ahead of it")
+        count = int(tie.sum())
+        self._ties_before.setdefault(start + bits.numel(), before + count)
+        if count and before < self.ties:
+            if before + count > self.ties:
+                tie &= torch.cumsum(tie, 0) <= self.ties - before
+            keep |= tie
+        return keep.reshape(x.shape)
+
+
+def _float_of_bits(bits: int) -> float:
+    return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
+
+
+def band_counts(density: float, gamma: float, numel: int) -> tuple[int, int]:
+    """(dropped_top, kept) for a magnitude band (Model Breadcrumbs).
+
+    kept = keep_count(density, n); dropped_top = int(gamma * n), lowered so that kept + dropped_top <= n
+    (mergekit's rule: with gamma >= 1 - density no small entries are dropped). The rest, the smallest
+    n - kept - dropped_top entries, are dropped too.
+    """
+    kept = keep_count(density, numel)
+    top = int(gamma * numel) if gamma > 0 else 0
+    return min(top, numel - kept), kept
+
+
+class MagnitudeBand:
+    """Keeps exactly the entries ranked ``dropped_top + 1 .. dropped_top + kept`` by |x| (1 = largest).
+
+    Two order statistics from the same passes give the band's edges; entries tied at an edge are
+    ranked by position (row-major), so the count is exact even with repeated magnitudes.
+    """
+
+    def __init__(self, numel: int, dropped_top: int, kept: int):
+        self.numel, self.dropped_top, self.kept = numel, dropped_top, kept
+        ranks = []
+        if self.trivial is None:
+            if dropped_top > 0:
+                ranks.append(dropped_top)
+            if dropped_top + kept < numel:
+                ranks.append(dropped_top + kept)
+        self.stats = OrderStatistics(ranks)
+        self.passes = 2 if ranks else 0
+        self._upper: ExactTop | None = None
+        self._lower: ExactTop | None = None
+
+    @property
+    def trivial(self) -> bool | None:
+        """True when everything is kept, False when nothing is, None when thresholds are needed."""
+        if self.kept <= 0:
+            return False
+        if self.kept >= self.numel:
+            return True
+        return None
+
+    def observe(self, pass_index: int, x: torch.Tensor) -> None:
+        self.stats.observe(pass_index, x)
+
+    def end(self, pass_index: int) -> None:
+        self.stats.end(pass_index)
+        if pass_index == 1:
+            i = 0
+            if self.dropped_top > 0:
+                self._upper, i = ExactTop(self.stats, 0), 1
+            if self.dropped_top + self.kept < self.numel:
+                self._lower = ExactTop(self.stats, i)
+
+    def mask(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """True where x (the chunk at flat offset ``start``) is kept."""
+        if self.trivial is not None:
+            return torch.full_like(x, self.trivial, dtype=torch.bool)
+        keep = self._lower.mask(x, start) if self._lower else torch.ones_like(x, dtype=torch.bool)
+        if self._upper is not None:
+            keep &= ~self._upper.mask(x, start)
+        return keep
+
+
+def rank_keep_probability(x: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's MagPrune keep probabilities, per row (the last dimension; a 1-D tensor is one row).
+
+    Entries of a row of n are ranked by |x| (0 = smallest; ties in index order) and kept with
+    probability p = density - epsilon + 2 * epsilon * rank / (n - 1): density - epsilon for the smallest
+    and density + epsilon for the largest. A row of one entry gets p = density.
+    """
+    n = x.shape[-1] if x.dim() > 0 else 1
+    if n == 1 or epsilon == 0:
+        return torch.full_like(x, density)
+    rows = x.reshape(-1, n)
+    order = rows.abs().argsort(dim=-1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(n, device=x.device).expand_as(order))
+    del order
+    p = ranks.to(x.dtype).mul_(2.0 * epsilon / (n - 1)).add_(density - epsilon)
+    return p.reshape(x.shape)
