@@ -130,6 +130,7 @@ def methods() -> dict[str, Method]:
 def _load_all() -> None:
     from mergesmith.methods import (  # noqa: F401
         breadcrumbs,
+        della,
         linear,
         passthrough,
         slerp,
