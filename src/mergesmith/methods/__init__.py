@@ -132,6 +132,7 @@ def _load_all() -> None:
         breadcrumbs,
         della,
         linear,
+        model_stock,
         passthrough,
         slerp,
         task_arithmetic,
