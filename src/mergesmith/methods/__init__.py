@@ -133,6 +133,7 @@ def _load_all() -> None:
         della,
         linear,
         model_stock,
+        nuslerp,
         passthrough,
         slerp,
         task_arithmetic,
