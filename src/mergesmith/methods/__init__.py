@@ -136,6 +136,7 @@ def _load_all() -> None:
         nuslerp,
         passthrough,
         slerp,
+        spherical,
         task_arithmetic,
     )
 
