@@ -135,6 +135,7 @@ def _load_all() -> None:
         model_stock,
         nuslerp,
         passthrough,
+        sce,
         slerp,
         spherical,
         task_arithmetic,
