@@ -129,6 +129,7 @@ def methods() -> dict[str, Method]:
 
 def _load_all() -> None:
     from mergesmith.methods import (  # noqa: F401
+        arcee_fusion,
         breadcrumbs,
         della,
         linear,
