@@ -142,6 +142,7 @@ def _load_all() -> None:
         slerp,
         spherical,
         task_arithmetic,
+        tsv,
     )
 
 
