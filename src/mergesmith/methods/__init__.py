@@ -132,6 +132,7 @@ def _load_all() -> None:
         arcee_fusion,
         breadcrumbs,
         della,
+        isotropic,
         linear,
         model_stock,
         nearswap,
