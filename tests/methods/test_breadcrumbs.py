@@ -55,6 +55,17 @@ def test_exact_counts_with_repeated_magnitudes(rows):
     )
 
 
+def test_ties_at_the_edges_rank_like_a_stable_sort():
+    """Of equal magnitudes the later entry counts as larger (what mergekit's sort does on small tensors)."""
+    delta = torch.tensor([[3.0, 1, 2, 1, 2, 3, 1, 2, 3, 1, 2, 3, 2, 1, 3, 2]])
+    out = merge_tensors(
+        "breadcrumbs", [delta], base=torch.zeros_like(delta), weight=[1.0], density=[0.5], gamma=[0.125]
+    )
+    # the two outliers dropped are the last 3s; of the 2s at the lower edge the first one goes
+    kept = [[1, 0, 0, 0, 1, 1, 0, 1, 1, 0, 1, 0, 1, 0, 0, 1]]
+    assert (out != 0).int().tolist() == kept
+
+
 def test_small_tensors_are_not_zeroed():
     """mergekit before 0.1.5 zeroed every tensor with fewer than 1/gamma entries (a slicing bug)."""
     base = torch.zeros(8)

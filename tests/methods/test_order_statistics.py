@@ -44,11 +44,12 @@ def test_order_statistics_histogram_path_with_ties():
     for i, k in enumerate(ranks):
         assert stats.value(i) == float(ordered[k - 1])
         assert stats.ties_in_top(i) == k - int((ordered > ordered[k - 1]).sum())
+        assert stats.ties(i) == int((ordered == ordered[k - 1]).sum())
 
 
 @pytest.mark.parametrize("n", [500, SMALL + 500])
 @pytest.mark.parametrize("chunks", [1, 7])
-def test_exact_top_breaks_ties_by_position(n, chunks):
+def test_exact_top_breaks_ties_like_a_stable_sort(n, chunks):
     g = torch.Generator().manual_seed(2)
     x = torch.randint(0, 20, (n,), generator=g).float()
     k = n // 3
@@ -63,9 +64,10 @@ def test_exact_top_breaks_ties_by_position(n, chunks):
     assert int(mask.sum()) == k
     threshold = float(x.sort(descending=True).values[k - 1])
     assert bool((x[mask] >= threshold).all()) and bool((x[~mask] <= threshold).all())
-    tied_kept = torch.nonzero(mask & (x == threshold)).flatten()
-    tied_all = torch.nonzero(x == threshold).flatten()
-    assert torch.equal(tied_kept, tied_all[: tied_kept.numel()])  # the earliest ties
+    stable = x.argsort(stable=True, descending=False).flip(0)[:k]  # later ties rank higher
+    expected = torch.zeros(n, dtype=torch.bool)
+    expected[stable] = True
+    assert torch.equal(mask, expected)
 
 
 def test_exact_top_needs_chunks_in_order():

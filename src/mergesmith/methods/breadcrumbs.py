@@ -13,7 +13,8 @@ does. ``breadcrumbs_ties`` elects a sign per entry first, as TIES does, and sums
 agreeing entries (divided by the sum of the agreeing weights with ``normalize``).
 
 The band is found with exact histogram thresholds over chunks (two passes, no sort); entries tied at
-an edge are ranked by position, so exactly ``kept`` entries survive. Unlike mergekit before 0.1.5 a
+an edge are ranked as a stable sort would rank them (the later, the larger), so exactly ``kept``
+entries survive. Unlike mergekit before 0.1.5 a
 tensor with fewer than 1/gamma entries is not zeroed.
 """
 

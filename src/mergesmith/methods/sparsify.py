@@ -116,11 +116,12 @@ class OrderStatistics:
         self._small_count = 0
         self._bits: list[int] = []
         self._above: list[int] = []  # how many values are strictly larger than each wanted one
+        self._equal: list[int] = []  # how many values equal each wanted one
 
     def observe_hi(self, x: torch.Tensor) -> None:
         bits = magnitude_bits(x).reshape(-1)
         if self._small is not None:
-            self._small.append(bits.clone())
+            self._small.append(bits)  # magnitude_bits made a new tensor
             self._small_count += bits.numel()
             if self._small_count <= SMALL:
                 return
@@ -135,6 +136,7 @@ class OrderStatistics:
             self._check(ordered.numel())
             self._bits = [int(ordered[k - 1]) for k in self.ranks]
             self._above = [int((ordered > b).sum()) for b in self._bits]
+            self._equal = [int((ordered == b).sum()) for b in self._bits]
             return
         at_or_above = torch.flip(torch.cumsum(torch.flip(self.hi_counts, [0]), 0), [0])
         self._check(int(at_or_above[0]))
@@ -165,6 +167,7 @@ class OrderStatistics:
             self._bits.append((b << 16) | lo)
             in_bin_above = int(at_or_above[lo + 1]) if lo + 1 < LO_BINS else 0
             self._above.append(k - r + in_bin_above)
+            self._equal.append(int(self.lo_counts[b][lo]))
         self.lo_counts = {}
 
     def observe(self, pass_index: int, x: torch.Tensor) -> None:
@@ -183,18 +186,23 @@ class OrderStatistics:
         """How many of the values equal to the i-th wanted one belong to the top ``ranks[i]``."""
         return self.ranks[i] - self._above[i]
 
+    def ties(self, i: int) -> int:
+        """How many values equal the i-th wanted one."""
+        return self._equal[i]
+
 
 class ExactTop:
     """Mask of exactly the k largest |x| of a tensor seen in row chunks (k = ``stats.ranks[i]``).
 
-    Values above the k-th largest are kept; of those equal to it, the first ones in row-major order
-    are kept until the count is k. Chunks must be masked in order of their flat ``start`` the first time
-    (the executor and merge_tensors do so); they may be masked again in later passes.
+    Values above the k-th largest are kept; of those equal to it, the last ones in row-major order
+    are kept until the count is k: ties rank as a stable sort by magnitude ranks them (later = larger),
+    which is what mergekit's sort does on small tensors. Chunks must be masked in order of their flat
+    ``start`` the first time (the executor and merge_tensors do so); they may be masked again later.
     """
 
     def __init__(self, stats: OrderStatistics, i: int):
         self.bits = stats.bits(i)
-        self.ties = stats.ties_in_top(i)
+        self.skip = stats.ties(i) - stats.ties_in_top(i)  # the earliest tied values left out
         self._ties_before = {0: 0}  # chunk start -> ties at the threshold in earlier chunks
 
     def mask(self, x: torch.Tensor, start: int) -> torch.Tensor:
@@ -206,9 +214,9 @@ class ExactTop:
             raise RuntimeError(f"chunk at element {start} masked before the chunks ahead of it")
         count = int(tie.sum())
         self._ties_before.setdefault(start + bits.numel(), before + count)
-        if count and before < self.ties:
-            if before + count > self.ties:
-                tie &= torch.cumsum(tie, 0) <= self.ties - before
+        if count and before + count > self.skip:
+            if before < self.skip:
+                tie &= torch.cumsum(tie, 0) > self.skip - before
             keep |= tie
         return keep.reshape(x.shape)
 
@@ -233,7 +241,8 @@ class MagnitudeBand:
     """Keeps exactly the entries ranked ``dropped_top + 1 .. dropped_top + kept`` by |x| (1 = largest).
 
     Two order statistics from the same passes give the band's edges; entries tied at an edge are
-    ranked by position (row-major), so the count is exact even with repeated magnitudes.
+    ranked by position (ExactTop: the later, the larger), so the count is exact even with repeated
+    magnitudes.
     """
 
     def __init__(self, numel: int, dropped_top: int, kept: int):
