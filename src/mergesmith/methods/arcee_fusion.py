@@ -74,7 +74,7 @@ register(
         base=BaseRule.REQUIRED,
         min_models=1,
         max_models=1,
-        scratch=4,
+        scratch=8,  # float64 log-probabilities of a chunk
         summary="add the fine-tune's changes whose importance (|change| x row KL) is an outlier",
     )
 )

@@ -71,7 +71,7 @@ for _name, _kernel, _normalize, _summary in (
             params=(*_params(normalize=_normalize, rescale=True), EPSILON),
             base=BaseRule.REQUIRED,
             random=True,
-            scratch=6 if _kernel.consensus else 3,
+            scratch=8 if _kernel.consensus else 6,  # int64 ranks and float keep probabilities
             summary=_summary,
         )
     )

@@ -85,7 +85,7 @@ register(
         ),
         base=BaseRule.REQUIRED,
         min_models=2,
-        scratch=1,
+        scratch=2,
         summary="interpolate between the base and the fine-tunes' mean by their angle",
     )
 )

@@ -24,9 +24,16 @@ from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, regis
 from mergesmith.methods.sparsify import OrderStatistics, keep_count, magnitude_bits
 
 
+def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    total = tensors[0].clone()
+    for t in tensors[1:]:
+        total.add_(t)
+    return total
+
+
 def position_variance(deltas: list[torch.Tensor]) -> torch.Tensor:
     """Population variance across the models, per position."""
-    mean = torch.stack(deltas).mean(0)
+    mean = _sum(deltas).div_(len(deltas))
     var = torch.zeros_like(mean)
     for d in deltas:
         var.add_((d - mean).square_())
@@ -75,7 +82,7 @@ class SceKernel(Kernel):
     def apply(self, chunk: Chunk) -> torch.Tensor:
         deltas = self._deltas(chunk, in_place=True)
         self._select(deltas)
-        positive = torch.stack(deltas).sum(0) >= 0
+        positive = _sum(deltas) >= 0
         mixed = torch.zeros_like(chunk.base)
         divisor = torch.zeros_like(chunk.base)
         for c, d in zip(self.coeffs, deltas):

@@ -23,9 +23,15 @@ class GramAccumulator:
 
 
 def row_gram(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """G[..., i, j] = <v_i[..., :], v_j[..., :]> per row (the last dimension), in float64."""
-    stacked = torch.stack([v.double() for v in vectors], dim=-2)  # [..., n, d]
-    return stacked @ stacked.transpose(-1, -2)
+    """G[..., i, j] = <v_i[..., :], v_j[..., :]> per row (the last dimension), summed in float64."""
+    n = len(vectors)
+    gram = torch.empty(*vectors[0].shape[:-1], n, n, dtype=torch.float64, device=vectors[0].device)
+    for i in range(n):
+        for j in range(i, n):
+            dot = (vectors[i] * vectors[j]).sum(-1, dtype=torch.float64)
+            gram[..., i, j] = dot
+            gram[..., j, i] = dot
+    return gram
 
 
 def unit_gram(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
