@@ -203,7 +203,9 @@ def agreement(a: Path, b: Path) -> str:
 
 
 def _agreement_in_child(a: Path, b: Path) -> str:
-    done = subprocess.run([sys.executable, __file__, "--_agree", str(a), str(b)], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, __file__, "--_agree", str(a), str(b)], capture_output=True, text=True
+    )
     return done.stdout.strip() or done.stderr.strip()[-300:]
 
 

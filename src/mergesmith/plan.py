@@ -281,9 +281,9 @@ def _check_slices(slices: list[_Slice], layouts: dict[str, Layout], method: Meth
             detail = ", ".join(f"{m}: {n}" for m, n in lengths.items())
             raise ConfigError(f"slice {i}: every source must cover the same number of layers ({detail})")
         models = [s.model for s in sl.sources]
-        if method.base == BaseRule.REQUIRED:
-            if not sl.base:
-                raise ConfigError(f"merge_method {method.name!r} needs a base_model")
+        if method.base == BaseRule.REQUIRED and not sl.base:
+            raise ConfigError(f"merge_method {method.name!r} needs a base_model")
+        if _separate_base(method, sl):
             if sl.base not in models:
                 raise ConfigError(f"slice {i}: base_model {sl.base!r} must be one of the slice's sources")
             n_other = len(models) - 1
@@ -299,6 +299,11 @@ def _check_slices(slices: list[_Slice], layouts: dict[str, Layout], method: Meth
             raise ConfigError(
                 f"merge_method {method.name!r} takes at most {method.max_models} {what}, slice {i} has {n_other}"
             )
+
+
+def _separate_base(method: Method, sl: _Slice) -> bool:
+    """Whether the slice's base model is the reference point rather than one of the inputs."""
+    return method.base == BaseRule.REQUIRED or (method.base == BaseRule.OPTIONAL and bool(sl.base))
 
 
 class _Planner:
@@ -327,7 +332,7 @@ class _Planner:
 
     def plan_tensor(self, out_name: str, sl: _Slice, names: dict[str, str], position: float) -> OutputTensor:
         method = self.method
-        base_ref = sl.base if method.base == BaseRule.REQUIRED else None
+        base_ref = sl.base if _separate_base(method, sl) else None
         others = [s for s in sl.sources if s.model != base_ref]
         infos = {s.model: self._info(s.model, names[s.model]) for s in sl.sources}
         # the aliased lm_head of a tied model is read under its embedding name
@@ -348,6 +353,10 @@ class _Planner:
             else:
                 levels = [sl.params, self.config.parameters]
                 params[spec.name] = resolve(spec, levels, out_name, position, where)
+        try:
+            method.kernel.check_params(params)
+        except MergeError as e:
+            raise ConfigError(f"tensor {out_name}: {e}") from None
 
         compute = (
             torch.float64

@@ -51,10 +51,10 @@ def test_extreme_magnitudes():
     assert magnitude_mask(x, 0.5).tolist() == [False, True, False, True]
 
 
-def test_ties_at_the_threshold_keep_exactly_k_first_in_order():
+def test_ties_at_the_threshold_keep_exactly_k_last_in_order():
     x = torch.tensor([1.0, 2.0, -2.0, 0.5, 2.0, 3.0, -2.0, 2.0])
-    # k = 4: 3.0 plus the first three of the five 2.0-magnitudes
-    assert magnitude_mask(x, 0.5).tolist() == [False, True, True, False, True, True, False, False]
+    # k = 4: 3.0 plus the last three of the five 2.0-magnitudes (a stable sort ranks later ties higher)
+    assert magnitude_mask(x, 0.5).tolist() == [False, False, False, False, True, True, True, True]
 
 
 @settings(max_examples=40, deadline=None)

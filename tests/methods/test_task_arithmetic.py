@@ -154,3 +154,29 @@ def test_chunked_equals_whole(method_name, rows, seed):
     assert torch.allclose(whole, chunked, atol=1e-6, rtol=1e-6)
     if method_name in ("ties", "dare_linear", "dare_ties", "task_arithmetic", "linear"):
         assert torch.equal(whole, chunked)
+
+
+def test_ties_rescale_keeps_each_task_vectors_l1_norm():
+    base = torch.zeros(1000)
+    ft = torch.randn(1000)
+    out = merge_tensors("ties", [ft], base, weight=[1.0], density=[0.3], rescale=True)
+    assert int((out != 0).sum()) == 300
+    assert torch.allclose(out.abs().sum(), ft.abs().sum(), rtol=1e-5)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 13), st.integers(0, 1000))
+def test_chunked_ties_with_rescale_and_ties_equals_whole(rows, seed):
+    from mergesmith.methods import fill_defaults
+
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(-3, 3, (29, 7), generator=g).float()
+    models = [base + torch.randint(-2, 3, (29, 7), generator=g).float() for _ in range(2)]  # many ties
+    params = fill_defaults(
+        get_method("ties"), {"weight": [0.6, 0.4], "density": [0.4, 0.7], "rescale": True}, 2
+    )
+    whole = _run_chunked("ties", params, base, models, 29, seed)
+    chunked = _run_chunked("ties", params, base, models, rows, seed)
+    assert torch.equal(whole, chunked)
+    via_whole = merge_tensors("ties", models, base, weight=[0.6, 0.4], density=[0.4, 0.7], rescale=True)
+    assert torch.allclose(via_whole, whole, atol=1e-6)

@@ -32,6 +32,7 @@ class BaseRule(Enum):
     """What a method does with ``base_model``."""
 
     REQUIRED = "required"  # task-vector methods: base is the reference point, other models are the inputs
+    OPTIONAL = "optional"  # with a base_model, as REQUIRED (task vectors); without, every model is an input
     INPUT = "input"  # base (if any) is just one more weighted input (linear)
     NONE = "none"  # one input per tensor (passthrough)
 
@@ -47,7 +48,10 @@ class ParamSpec:
 
 @dataclass
 class Chunk:
-    """Rows of one output tensor's inputs, in the compute dtype; ``start`` is the flat element offset."""
+    """Rows of one output tensor's inputs, in the compute dtype; ``start`` is the flat element offset.
+
+    ``base`` is None unless the method's BaseRule is REQUIRED, or OPTIONAL and a base_model is set.
+    """
 
     base: torch.Tensor | None
     models: list[torch.Tensor]
@@ -68,6 +72,10 @@ class Kernel:
     def __init__(self, params: Mapping[str, Any], numel: int):
         self.p = params
         self.numel = numel
+
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any]) -> None:
+        """Raise MergeError if one tensor's resolved parameters are invalid; the planner calls this."""
 
     def observe(self, pass_index: int, chunk: Chunk) -> None:  # pragma: no cover - optional
         raise NotImplementedError
@@ -127,7 +135,23 @@ def methods() -> dict[str, Method]:
 
 
 def _load_all() -> None:
-    from mergesmith.methods import linear, passthrough, slerp, task_arithmetic  # noqa: F401
+    from mergesmith.methods import (  # noqa: F401
+        arcee_fusion,
+        breadcrumbs,
+        della,
+        isotropic,
+        linear,
+        model_stock,
+        nearswap,
+        nuslerp,
+        passthrough,
+        ram,
+        sce,
+        slerp,
+        spherical,
+        task_arithmetic,
+        tsv,
+    )
 
 
 def run_kernel(method: Method, params: Mapping[str, Any], chunk: Chunk) -> torch.Tensor:
@@ -150,6 +174,7 @@ def merge_tensors(
     """
     m = get_method(method)
     resolved = fill_defaults(m, params, len(tensors))
+    m.kernel.check_params(resolved)
     dtype = (
         torch.float64
         if any(t.dtype == torch.float64 for t in [*tensors, *([base] if base is not None else [])])

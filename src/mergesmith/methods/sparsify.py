@@ -1,20 +1,20 @@
-"""Sparsification of task vectors: exact top-k magnitude thresholds without sorting.
+"""Sparsification of task vectors: exact magnitude thresholds over chunks, and DELLA's keep probabilities.
 
-|x| as float32 has a bit pattern that orders like the value, so a 32768-bin histogram of the top 16 bits
-(sign dropped) finds the bin holding the k-th largest magnitude, and a 65536-bin histogram of the low 16
-bits of the elements in that bin finds it exactly. Two O(n) passes, constant memory, and the same answer
-whether the tensor is seen whole or in row chunks.
-
-Exactly k elements are kept. When several elements share the k-th largest magnitude, the ones that come
-first in the tensor's flat (row-major) order are kept; mergekit keeps an arbitrary subset of them (its
-argsort is not stable), so the two agree on the count and on every element but such ties.
+The magnitude threshold is found without sorting: |x| as float32 has a bit pattern that orders like the
+value, so a 32768-bin histogram of the top 16 bits finds the bin holding the k-th largest magnitude and a
+65536-bin histogram of the low 16 bits inside that bin finds it exactly. Two O(n) passes, constant
+memory, and the same answer whether the tensor is seen whole or in chunks. TopKThreshold finds one such
+order statistic (TIES); OrderStatistics finds several at once (the two ends of a Breadcrumbs band,
+quantiles); MagnitudeBand keeps the entries between two ranks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-HI_BINS = 1 << 15  # top 16 bits of a float32 with the sign bit dropped
+HI_BINS = 1 << 15  # non-negative float32: sign bit 0, so the top 16 bits fit in 15 bits
 LO_BINS = 1 << 16
 
 
@@ -27,66 +27,58 @@ def keep_count(density: float, numel: int) -> int:
     return max(1, int(density * numel))
 
 
+def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
+    """The int32 bit patterns of |x| (float32), which order like the magnitudes."""
+    return x.float().abs().view(torch.int32)
+
+
 def _high_bits(x: torch.Tensor) -> torch.Tensor:
-    """Top 16 bits of |x| (float32), as int32 in [0, 32768)."""
-    raw = x.reshape(-1).view(torch.int16)[1::2]  # little-endian: the high half of each float32
+    """Top 16 bits of |x| (float32), as int32 in [0, 32768): the high half of each float, sign dropped."""
+    raw = x.float().reshape(-1).view(torch.int16)[1::2]  # little-endian: the high half of each float32
     return torch.bitwise_and(raw, 0x7FFF).to(torch.int32)
 
 
-def _bits_in_bin(x: torch.Tensor, hi: torch.Tensor, b: int) -> torch.Tensor:
+def _low_bits_in_bin(x: torch.Tensor, hi: torch.Tensor, b: int) -> torch.Tensor:
     """Low 16 bits of |x| for the elements whose top bits equal ``b``."""
     where = torch.nonzero(hi == b).squeeze(1)  # faster than boolean-mask indexing
-    return torch.bitwise_and(x.reshape(-1).view(torch.int32).index_select(0, where), 0xFFFF)
-
-
-def _top_bin(counts: torch.Tensor, k: int) -> tuple[int, int]:
-    """The highest bin b with at least k elements at or above it, and k's rank inside that bin."""
-    at_or_above = torch.flip(torch.cumsum(torch.flip(counts, [0]), 0), [0])
-    b = int(torch.nonzero(at_or_above >= k).max())
-    above = int(at_or_above[b + 1]) if b + 1 < len(counts) else 0
-    return b, k - above
+    return torch.bitwise_and(x.float().reshape(-1).view(torch.int32).index_select(0, where), 0xFFFF)
 
 
 class TopKThreshold:
-    """Finds the k-th largest magnitude T and keeps the k largest |x|: all |x| > T and, of those equal
-    to T, the first ones in flat order.
+    """Keeps exactly the k largest |x| of a tensor seen whole or in row chunks (TIES's trim).
 
-    Feed every chunk to ``observe_hi``, call ``end_hi``, feed them again to ``observe_lo``, call ``end_lo``
-    (or ``find_in`` on a whole tensor); then ``trim`` each chunk, in order.
+    The k-th largest magnitude T comes from OrderStatistics; ``trim`` keeps every |x| > T and, of the
+    entries equal to T, the last ones in flat order (ties rank as a stable sort ranks them, as ExactTop
+    does). Feed every chunk to ``observe_hi``, call ``end_hi``, feed them again to ``observe_lo``, call
+    ``end_lo`` (or ``find_in`` on a whole tensor); then ``trim`` each chunk, in order.
     """
 
     def __init__(self, k: int):
         self.k = k
-        self.hi_counts = torch.zeros(HI_BINS, dtype=torch.int64)
-        self.lo_counts = torch.zeros(LO_BINS, dtype=torch.int64)
-        self.bin = -1
-        self.rank_in_bin = 0
+        self.stats = OrderStatistics([k])
         self.threshold_bits: int | None = None
-        self.ties_to_keep = 0  # elements equal to T that are kept
-        self.ties_total = 0  # elements equal to T
-        self.ties_seen = 0  # elements equal to T met so far by trim()
+        self.ties_to_drop = 0  # entries equal to T that are not among the k largest (the earliest ones)
+        self.ties_seen = 0  # entries equal to T met so far by trim()
 
     def observe_hi(self, x: torch.Tensor) -> None:
-        self.hi_counts += torch.bincount(_high_bits(x), minlength=HI_BINS)
+        self.stats.observe_hi(x)
 
     def end_hi(self) -> None:
-        self.bin, self.rank_in_bin = _top_bin(self.hi_counts, self.k)
+        self.stats.end_hi()
 
     def observe_lo(self, x: torch.Tensor) -> None:
-        self.lo_counts += torch.bincount(_bits_in_bin(x, _high_bits(x), self.bin), minlength=LO_BINS)
+        self.stats.observe_lo(x)
 
     def end_lo(self) -> None:
-        lo, rank = _top_bin(self.lo_counts, self.rank_in_bin)
-        self.threshold_bits = (self.bin << 16) | lo
-        self.ties_to_keep = rank
-        self.ties_total = int(self.lo_counts[lo])
+        self.stats.end_lo()
+        self.threshold_bits = self.stats.bits(0)
+        self.ties_to_drop = self.stats.ties(0) - self.stats.ties_in_top(0)
 
     def find_in(self, x: torch.Tensor) -> None:
-        """Both passes over one in-memory tensor, sharing the high-bits computation."""
-        hi = _high_bits(x)
-        self.hi_counts += torch.bincount(hi, minlength=HI_BINS)
+        """Both passes over one in-memory tensor."""
+        self.observe_hi(x)
         self.end_hi()
-        self.lo_counts += torch.bincount(_bits_in_bin(x, hi, self.bin), minlength=LO_BINS)
+        self.observe_lo(x)
         self.end_lo()
 
     @property
@@ -98,44 +90,253 @@ class TopKThreshold:
         """x with all but the k largest magnitudes set to 0 (a new tensor). Chunks must come in order."""
         assert self.threshold_bits is not None
         if self.threshold_bits == 0:
-            out = x.clone()  # T = 0: every nonzero element is kept, zeros stay zero
+            out = x.clone()  # T = 0: every nonzero entry is kept, zeros stay zero
         else:
             # |x| >= T  <=>  |x| > the float just below T; hardshrink keeps exactly |x| > lambda
             out = torch.nn.functional.hardshrink(x, _float_of_bits(self.threshold_bits - 1))
-        if self.ties_to_keep < self.ties_total:
-            out.masked_fill_(self._dropped_ties(x), 0.0)
+        if self.ties_to_drop:
+            dropped = self._dropped_ties(x)
+            if dropped is not None:
+                out.masked_fill_(dropped, 0.0)
         return out
 
-    def _dropped_ties(self, x: torch.Tensor) -> torch.Tensor:
-        """Elements equal to T beyond the first ``ties_to_keep`` of them (in flat order, across chunks)."""
-        tied = x.abs().view(torch.int32) == self.threshold_bits
-        budget = self.ties_to_keep - self.ties_seen
+    def _dropped_ties(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Entries equal to T among the first ``ties_to_drop`` of them (flat order, across chunks)."""
+        budget = self.ties_to_drop - self.ties_seen
+        if budget <= 0:
+            return None
+        tied = magnitude_bits(x) == self.threshold_bits
         n_tied = int(tied.sum())
         self.ties_seen += n_tied
         if budget >= n_tied:
-            return torch.zeros_like(tied)
-        if budget <= 0:
             return tied
         order = torch.cumsum(tied.reshape(-1), 0, dtype=torch.int32).reshape(tied.shape)
-        return tied & (order > budget)
+        return tied & (order <= budget)
 
-    def mask(self, x: torch.Tensor) -> torch.Tensor:
-        """True where |x| is among the k largest (whole tensor)."""
-        return self.trim(x.float()) != 0 if self.threshold_bits else x != 0
+
+def magnitude_mask(x: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep mask of the top ``density`` fraction of |x| (whole tensor in memory); zeros never kept."""
+    k = keep_count(density, x.numel())
+    xf = x.float().contiguous()
+    if k >= x.numel():
+        return xf != 0
+    if k == 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    sel = TopKThreshold(k)
+    sel.find_in(xf)
+    return sel.trim(xf) != 0
+
+
+SMALL = 1 << 16  # up to this many values, OrderStatistics sorts them instead of building histograms
+
+
+class OrderStatistics:
+    """Exact k-th largest values of |x| over chunks, for several ranks k at once (1 = the largest).
+
+    The same two histogram passes as TopKThreshold (the one-rank case): the first pass's histogram of
+    the top 16 bits is shared by all ranks, the second pass counts the low 16 bits inside each bin that
+    holds a wanted rank. Up to SMALL values in all are simply kept and sorted in the first pass (the
+    histograms' fixed cost dominates there) and the second pass does nothing. ``bits(i)`` is the float32
+    bit pattern of the i-th wanted value.
+    """
+
+    def __init__(self, ranks: Sequence[int]):
+        self.ranks = tuple(int(k) for k in ranks)
+        if any(k < 1 for k in self.ranks):
+            raise ValueError(f"ranks start at 1, got {self.ranks}")
+        self.hi_counts: torch.Tensor | None = None
+        self.bins: list[int] = []
+        self.rank_in_bin: list[int] = []
+        self.lo_counts: dict[int, torch.Tensor] = {}
+        self._small: list[torch.Tensor] | None = []
+        self._small_count = 0
+        self._bits: list[int] = []
+        self._above: list[int] = []  # how many values are strictly larger than each wanted one
+        self._equal: list[int] = []  # how many values equal each wanted one
+
+    def observe_hi(self, x: torch.Tensor) -> None:
+        if self._small is not None:
+            if self._small_count + x.numel() <= SMALL:
+                self._small.append(magnitude_bits(x).reshape(-1))  # magnitude_bits made a new tensor
+                self._small_count += x.numel()
+                return
+            earlier, self._small = self._small, None
+            self.hi_counts = torch.zeros(HI_BINS, dtype=torch.int64)
+            for bits in earlier:
+                self.hi_counts += torch.bincount(torch.bitwise_right_shift(bits, 16), minlength=HI_BINS)
+        self.hi_counts += torch.bincount(_high_bits(x), minlength=HI_BINS)
+
+    def end_hi(self) -> None:
+        if self._small is not None:
+            ordered = torch.cat(self._small).sort(descending=True).values if self._small else torch.empty(0)
+            self._check(ordered.numel())
+            self._bits = [int(ordered[k - 1]) for k in self.ranks]
+            self._above = [int((ordered > b).sum()) for b in self._bits]
+            self._equal = [int((ordered == b).sum()) for b in self._bits]
+            return
+        at_or_above = torch.flip(torch.cumsum(torch.flip(self.hi_counts, [0]), 0), [0])
+        self._check(int(at_or_above[0]))
+        for k in self.ranks:
+            b = int((at_or_above >= k).sum()) - 1  # non-increasing: the last bin still holding k values
+            above = int(at_or_above[b + 1]) if b + 1 < HI_BINS else 0
+            self.bins.append(b)
+            self.rank_in_bin.append(k - above)
+        self.lo_counts = {b: torch.zeros(LO_BINS, dtype=torch.int64) for b in set(self.bins)}
+
+    def _check(self, total: int) -> None:
+        if any(k > total for k in self.ranks):
+            raise ValueError(f"ranks {self.ranks} asked of {total} values")
+
+    def observe_lo(self, x: torch.Tensor) -> None:
+        if not self.lo_counts:
+            return
+        hi = _high_bits(x)
+        for b, counts in self.lo_counts.items():
+            counts += torch.bincount(_low_bits_in_bin(x, hi, b), minlength=LO_BINS)
+
+    def end_lo(self) -> None:
+        for k, b, r in zip(self.ranks, self.bins, self.rank_in_bin):
+            at_or_above = torch.flip(torch.cumsum(torch.flip(self.lo_counts[b], [0]), 0), [0])
+            lo = int((at_or_above >= r).sum()) - 1
+            self._bits.append((b << 16) | lo)
+            in_bin_above = int(at_or_above[lo + 1]) if lo + 1 < LO_BINS else 0
+            self._above.append(k - r + in_bin_above)
+            self._equal.append(int(self.lo_counts[b][lo]))
+        self.lo_counts = {}
+
+    def observe(self, pass_index: int, x: torch.Tensor) -> None:
+        (self.observe_hi if pass_index == 0 else self.observe_lo)(x)
+
+    def end(self, pass_index: int) -> None:
+        (self.end_hi if pass_index == 0 else self.end_lo)()
+
+    def bits(self, i: int) -> int:
+        return self._bits[i]
+
+    def value(self, i: int) -> float:
+        return _float_of_bits(self._bits[i])
+
+    def ties_in_top(self, i: int) -> int:
+        """How many of the values equal to the i-th wanted one belong to the top ``ranks[i]``."""
+        return self.ranks[i] - self._above[i]
+
+    def ties(self, i: int) -> int:
+        """How many values equal the i-th wanted one."""
+        return self._equal[i]
+
+
+class ExactTop:
+    """Mask of exactly the k largest |x| of a tensor seen in row chunks (k = ``stats.ranks[i]``).
+
+    Values above the k-th largest are kept; of those equal to it, the last ones in row-major order
+    are kept until the count is k: ties rank as a stable sort by magnitude ranks them (later = larger),
+    which is what mergekit's sort does on small tensors. Chunks must be masked in order of their flat
+    ``start`` the first time (the executor and merge_tensors do so); they may be masked again later.
+    """
+
+    def __init__(self, stats: OrderStatistics, i: int):
+        self.bits = stats.bits(i)
+        self.skip = stats.ties(i) - stats.ties_in_top(i)  # the earliest tied values left out
+        self._ties_before = {0: 0}  # chunk start -> ties at the threshold in earlier chunks
+
+    def mask(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        bits = magnitude_bits(x).reshape(-1)
+        keep = bits > self.bits
+        tie = bits == self.bits
+        before = self._ties_before.get(start)
+        if before is None:
+            raise RuntimeError(f"chunk at element {start} masked before the chunks ahead of it")
+        count = int(tie.sum())
+        self._ties_before.setdefault(start + bits.numel(), before + count)
+        if count and before + count > self.skip:
+            if before < self.skip:
+                tie &= torch.cumsum(tie, 0) > self.skip - before
+            keep |= tie
+        return keep.reshape(x.shape)
 
 
 def _float_of_bits(bits: int) -> float:
     return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
 
 
-def magnitude_mask(x: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep mask of the top ``density`` fraction of |x| (whole tensor in memory)."""
-    k = keep_count(density, x.numel())
-    if k >= x.numel():
-        return torch.ones_like(x, dtype=torch.bool)
-    if k == 0:
-        return torch.zeros_like(x, dtype=torch.bool)
-    sel = TopKThreshold(k)
-    xf = x.float().contiguous()
-    sel.find_in(xf)
-    return sel.mask(xf)
+def band_counts(density: float, gamma: float, numel: int) -> tuple[int, int]:
+    """(dropped_top, kept) for a magnitude band (Model Breadcrumbs).
+
+    kept = keep_count(density, n); dropped_top = int(gamma * n), lowered so that kept + dropped_top <= n
+    (mergekit's rule: with gamma >= 1 - density no small entries are dropped). The rest, the smallest
+    n - kept - dropped_top entries, are dropped too.
+    """
+    kept = keep_count(density, numel)
+    top = int(gamma * numel) if gamma > 0 else 0
+    return min(top, numel - kept), kept
+
+
+class MagnitudeBand:
+    """Keeps exactly the entries ranked ``dropped_top + 1 .. dropped_top + kept`` by |x| (1 = largest).
+
+    Two order statistics from the same passes give the band's edges; entries tied at an edge are
+    ranked by position (ExactTop: the later, the larger), so the count is exact even with repeated
+    magnitudes.
+    """
+
+    def __init__(self, numel: int, dropped_top: int, kept: int):
+        self.numel, self.dropped_top, self.kept = numel, dropped_top, kept
+        ranks = []
+        if self.trivial is None:
+            if dropped_top > 0:
+                ranks.append(dropped_top)
+            if dropped_top + kept < numel:
+                ranks.append(dropped_top + kept)
+        self.stats = OrderStatistics(ranks)
+        self.passes = 2 if ranks else 0
+        self._upper: ExactTop | None = None
+        self._lower: ExactTop | None = None
+
+    @property
+    def trivial(self) -> bool | None:
+        """True when everything is kept, False when nothing is, None when thresholds are needed."""
+        if self.kept <= 0:
+            return False
+        if self.kept >= self.numel:
+            return True
+        return None
+
+    def observe(self, pass_index: int, x: torch.Tensor) -> None:
+        self.stats.observe(pass_index, x)
+
+    def end(self, pass_index: int) -> None:
+        self.stats.end(pass_index)
+        if pass_index == 1:
+            i = 0
+            if self.dropped_top > 0:
+                self._upper, i = ExactTop(self.stats, 0), 1
+            if self.dropped_top + self.kept < self.numel:
+                self._lower = ExactTop(self.stats, i)
+
+    def mask(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """True where x (the chunk at flat offset ``start``) is kept."""
+        if self.trivial is not None:
+            return torch.full_like(x, self.trivial, dtype=torch.bool)
+        keep = self._lower.mask(x, start) if self._lower else torch.ones_like(x, dtype=torch.bool)
+        if self._upper is not None:
+            keep &= ~self._upper.mask(x, start)
+        return keep
+
+
+def rank_keep_probability(x: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's MagPrune keep probabilities, per row (the last dimension; a 1-D tensor is one row).
+
+    Entries of a row of n are ranked by |x| (0 = smallest; ties in index order) and kept with
+    probability p = density - epsilon + 2 * epsilon * rank / (n - 1): density - epsilon for the smallest
+    and density + epsilon for the largest. A row of one entry gets p = density.
+    """
+    n = x.shape[-1] if x.dim() > 0 else 1
+    if n == 1 or epsilon == 0:
+        return torch.full_like(x, density)
+    rows = x.reshape(-1, n)
+    order = rows.abs().argsort(dim=-1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(n, device=x.device).expand_as(order))
+    del order
+    p = ranks.to(x.dtype).mul_(2.0 * epsilon / (n - 1)).add_(density - epsilon)
+    return p.reshape(x.shape)

@@ -34,78 +34,90 @@ class TaskArithmeticKernel(Kernel):
         super().__init__(params, numel)
         densities = params["density"]
         self.selectors: list[TopKThreshold | None] = []
-        self.zeroed: list[bool] = []
-        self.l1_full: list[float] = []
-        self.l1_kept: list[float] = []
+        self.threshold_passes = 0
         if self.sparsify == "magnitude":
-            for d in densities:
-                k = keep_count(d, numel)
-                self.selectors.append(TopKThreshold(k) if 0 < k < numel else None)
-                self.zeroed.append(k == 0)
-            self.passes = 2 if any(s is not None for s in self.selectors) else 0
-        elif self.sparsify == "random":
-            self.l1_full = [0.0] * len(densities)
-            self.l1_kept = [0.0] * len(densities)
-            self.passes = 1 if params["rescale"] and any(d < 1.0 for d in densities) else 0
+            self.selectors = [
+                TopKThreshold(k) if 0 < k < numel else None for k in (keep_count(d, numel) for d in densities)
+            ]
+            self.threshold_passes = 2 if any(s is not None for s in self.selectors) else 0
+        n = len(densities)
+        self.l1_full, self.l1_kept = [0.0] * n, [0.0] * n
+        self.rescaling = (
+            bool(params["rescale"]) and self.sparsify != "none" and any(d < 1.0 for d in densities)
+        )
+        self.passes = self.threshold_passes + int(self.rescaling)
 
     # --- statistics over chunks -------------------------------------------------------------------
     def observe(self, pass_index: int, chunk: Chunk) -> None:
         for i, model in enumerate(chunk.models):
             delta = model - chunk.base
-            if self.sparsify == "magnitude":
+            if pass_index < self.threshold_passes:
                 sel = self.selectors[i]
                 if sel is not None:
                     (sel.observe_hi if pass_index == 0 else sel.observe_lo)(delta)
             else:
-                self._observe_l1(chunk, i, delta)
-
-    def _observe_l1(self, chunk: Chunk, i: int, delta: torch.Tensor) -> None:
-        self.l1_full[i] += float(delta.abs().sum(dtype=torch.float64))
-        delta.mul_(self._random_keep(chunk, i, delta))
-        self.l1_kept[i] += float(delta.abs().sum(dtype=torch.float64))
+                self._add_l1(i, delta, self._drop(chunk, i, delta))
 
     def end_pass(self, pass_index: int) -> None:
         for sel in self.selectors:
-            if sel is not None:
-                (sel.end_hi if pass_index == 0 else sel.end_lo)()
+            if sel is None:
+                continue
+            if pass_index == 0:
+                sel.end_hi()
+            elif pass_index == 1:
+                sel.end_lo()
+            else:
+                sel.ties_seen = 0  # the L1 pass trimmed every chunk once; apply starts over
+
+    def _add_l1(self, i: int, delta: torch.Tensor, dropped: torch.Tensor) -> None:
+        self.l1_full[i] += float(delta.abs().sum(dtype=torch.float64))
+        self.l1_kept[i] += float(dropped.abs().sum(dtype=torch.float64))
 
     def _random_keep(self, chunk: Chunk, i: int, like: torch.Tensor) -> torch.Tensor:
         u = chunk.rng[i].uniform(chunk.start, like.numel()).reshape(like.shape).to(like.device)
         return u < self.p["density"][i]
 
     # --- output -----------------------------------------------------------------------------------
-    def run_whole(self, chunk: Chunk) -> torch.Tensor:
-        """Whole tensor in memory: each task vector is computed once and the statistics taken from it."""
-        deltas = [m.sub_(chunk.base) for m in chunk.models]
-        for i, delta in enumerate(deltas):
-            if self.sparsify == "magnitude" and self.selectors[i] is not None:
-                self.selectors[i].find_in(delta)
-            elif self.sparsify == "random" and self.passes:
-                kept = delta * self._random_keep(chunk, i, delta)
-                self.l1_full[i] = float(delta.abs().sum(dtype=torch.float64))
-                self.l1_kept[i] = float(kept.abs().sum(dtype=torch.float64))
-                deltas[i] = kept
-        return self._combine(chunk, [self._sparsify(chunk, i, d, whole=True) for i, d in enumerate(deltas)])
-
-    def apply(self, chunk: Chunk) -> torch.Tensor:
-        deltas = [m.sub_(chunk.base) for m in chunk.models]
-        return self._combine(chunk, [self._sparsify(chunk, i, d, whole=False) for i, d in enumerate(deltas)])
-
-    def _sparsify(self, chunk: Chunk, i: int, delta: torch.Tensor, whole: bool) -> torch.Tensor:
+    def _drop(self, chunk: Chunk, i: int, delta: torch.Tensor) -> torch.Tensor:
+        """The sparsified task vector (a new tensor, or ``delta`` itself when nothing is dropped)."""
         density = self.p["density"][i]
         if self.sparsify == "magnitude":
-            if self.zeroed[i]:
-                return delta.zero_()
+            if keep_count(density, self.numel) == 0:
+                return torch.zeros_like(delta)
             sel = self.selectors[i]
             return sel.trim(delta) if sel is not None else delta
         if self.sparsify == "random" and density < 1.0:
-            if not (whole and self.passes):  # run_whole already applied the mask
-                delta.mul_(self._random_keep(chunk, i, delta))
-            if self.p["rescale"]:
-                full, kept = self.l1_full[i], self.l1_kept[i]
-                if full > RESCALE_EPS and kept > RESCALE_EPS:
-                    delta.mul_(full / kept)
+            return delta * self._random_keep(chunk, i, delta)
         return delta
+
+    def _rescale(self, i: int, dropped: torch.Tensor) -> torch.Tensor:
+        """Scale a sparsified task vector back to the L1 norm it had before dropping."""
+        full, kept = self.l1_full[i], self.l1_kept[i]
+        if self.rescaling and full > RESCALE_EPS and kept > RESCALE_EPS and full != kept:
+            dropped.mul_(full / kept)
+        return dropped
+
+    def run_whole(self, chunk: Chunk) -> torch.Tensor:
+        """Whole tensor in memory: each task vector is computed and sparsified once."""
+        if self.sparsify not in ("none", "magnitude", "random"):  # subclasses with their own sparsifier
+            return super().run_whole(chunk)
+        sparse = []
+        for i, model in enumerate(chunk.models):
+            delta = model.sub_(chunk.base)
+            if self.selectors and self.selectors[i] is not None:
+                self.selectors[i].find_in(delta)
+            dropped = self._drop(chunk, i, delta)
+            if self.rescaling:
+                self._add_l1(i, delta, dropped)
+            sparse.append(self._rescale(i, dropped))
+        return self._combine(chunk, sparse)
+
+    def apply(self, chunk: Chunk) -> torch.Tensor:
+        return self._combine(chunk, [self._sparse_delta(chunk, i) for i in range(len(chunk.models))])
+
+    def _sparse_delta(self, chunk: Chunk, i: int) -> torch.Tensor:
+        """Model i's task vector on this chunk, sparsified and rescaled (subclasses may override)."""
+        return self._rescale(i, self._drop(chunk, i, chunk.models[i].sub_(chunk.base)))
 
     def _combine(self, chunk: Chunk, deltas: list[torch.Tensor]) -> torch.Tensor:
         weights = self.p["weight"]

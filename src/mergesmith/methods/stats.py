@@ -1,0 +1,42 @@
+"""Whole-tensor statistics gathered over row chunks, for methods whose coefficients depend on them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+SUM_BLOCK = 1 << 20  # elements per block of a float64 reduction, to bound scratch memory
+
+
+class GramAccumulator:
+    """G[i, j] = <v_i, v_j> over the flattened tensors, summed in float64 over chunks and blocks."""
+
+    def __init__(self, n: int):
+        self.gram = torch.zeros(n, n, dtype=torch.float64)
+
+    def observe(self, vectors: Sequence[torch.Tensor]) -> None:
+        flat = [v.reshape(-1) for v in vectors]
+        for start in range(0, flat[0].numel(), SUM_BLOCK):
+            block = torch.stack([f[start : start + SUM_BLOCK] for f in flat]).double()
+            self.gram += (block @ block.T).cpu()
+
+
+def row_gram(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """G[..., i, j] = <v_i[..., :], v_j[..., :]> per row (the last dimension), summed in float64."""
+    n = len(vectors)
+    gram = torch.empty(*vectors[0].shape[:-1], n, n, dtype=torch.float64, device=vectors[0].device)
+    for i in range(n):
+        for j in range(i, n):
+            dot = (vectors[i] * vectors[j]).sum(-1, dtype=torch.float64)
+            gram[..., i, j] = dot
+            gram[..., j, i] = dot
+    return gram
+
+
+def unit_gram(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norms, cosines) from a Gram matrix; a zero vector has cosine 0 with everything."""
+    norms = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+    cos = gram / (safe.unsqueeze(-1) * safe.unsqueeze(-2))
+    return norms, cos.clamp(-1.0, 1.0)
