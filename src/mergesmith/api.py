@@ -17,10 +17,10 @@ from mergesmith.config import MergeConfig, load_config, load_yaml_documents
 from mergesmith.defaults import DEFAULT_SHARD_SIZE
 from mergesmith.errors import MergeError
 from mergesmith.execute import (
-    BASELINE_RSS,
     DEFAULT_BUDGET,
     ExecOptions,
     Executor,
+    baseline_rss,
     default_workers,
     fit_budget,
 )
@@ -55,10 +55,11 @@ def exec_options(
         budget = DEFAULT_BUDGET
     else:
         limit = parse_size(memory_limit)
-        budget = limit - BASELINE_RSS
+        baseline = baseline_rss()
+        budget = limit - baseline
         if budget <= 0:
             raise MergeError(
-                f"--memory-limit {memory_limit} is below the ~{BASELINE_RSS // 2**20} MiB that Python and torch "
+                f"--memory-limit {memory_limit} is below the {baseline // 2**20} MiB that Python and torch "
                 "need before any tensor is read"
             )
     return ExecOptions(workers=workers, budget=budget, device=device, seed=random_seed or 0)
