@@ -88,3 +88,13 @@ def family_models(tmp_path_factory):
 def model_factory():
     """``make_model`` for tests that need a model of their own shape."""
     return make_model
+
+
+@pytest.fixture
+def fixed_baseline(monkeypatch) -> int:
+    """Pin the process's measured baseline memory to a constant, so that a --memory-limit of
+    ``fixed_baseline + N`` means N bytes of tensor data in flight; returns the constant."""
+    from mergesmith.execute import BASELINE_RSS
+
+    monkeypatch.setattr("mergesmith.api.baseline_rss", lambda: BASELINE_RSS)
+    return BASELINE_RSS

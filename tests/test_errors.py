@@ -185,13 +185,10 @@ def test_missing_config_file_and_bad_sizes(capsys, tmp_path, pair):
     assert code == 2 and "--memory-limit" in err
 
 
-def test_memory_limit_too_small_for_a_tensor_is_said_up_front(capsys, tmp_path, pair, monkeypatch):
-    from mergesmith.execute import BASELINE_RSS
-
-    monkeypatch.setattr("mergesmith.api.baseline_rss", lambda: BASELINE_RSS)
+def test_memory_limit_too_small_for_a_tensor_is_said_up_front(capsys, tmp_path, pair, fixed_baseline):
     cfg = ties_config(tmp_path, *pair)
     code, err = run_cli(
-        ["merge", str(cfg), str(tmp_path / "merged"), "--memory-limit", str(BASELINE_RSS + 100)], capsys
+        ["merge", str(cfg), str(tmp_path / "merged"), "--memory-limit", str(fixed_baseline + 100)], capsys
     )
     assert code == 2 and "memory limit too small" in err
     assert not (tmp_path / "merged").exists()

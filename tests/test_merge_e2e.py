@@ -18,12 +18,6 @@ from mergesmith.methods import merge_tensors
 TINY_LIMIT = BASELINE_RSS + 8192  # a few KiB in flight: every matrix is processed in row chunks
 
 
-@pytest.fixture
-def fixed_baseline(monkeypatch):
-    """Make the process's baseline memory a constant, so that TINY_LIMIT means a few KiB of tensor data."""
-    monkeypatch.setattr("mergesmith.api.baseline_rss", lambda: BASELINE_RSS)
-
-
 def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
     out = {}
     for f in sorted(folder.glob("*.safetensors")):

@@ -109,7 +109,7 @@ E2E_METHODS = {  # one per kind of kernel: histogram passes, random draws, optio
 
 
 @pytest.mark.parametrize("method", sorted(E2E_METHODS))
-def test_end_to_end_row_chunks_equal_whole_tensor_merges(llama_trio, tmp_path, method):
+def test_end_to_end_row_chunks_equal_whole_tensor_merges(llama_trio, tmp_path, method, fixed_baseline):
     """A YAML merge with a tiny memory budget (row chunks, two workers) equals merge_tensors per tensor."""
     base, ft1, ft2 = llama_trio
     params = E2E_METHODS[method]
@@ -121,7 +121,7 @@ def test_end_to_end_row_chunks_equal_whole_tensor_merges(llama_trio, tmp_path, m
     }
     budget = 60_000 if get_method(method).chunkable else 8 * 2**20  # SVD methods take whole tensors
     out = load_file(
-        merge(config, tmp_path / "out", quiet=True, memory_limit=400 * 2**20 + budget, workers=2)
+        merge(config, tmp_path / "out", quiet=True, memory_limit=fixed_baseline + budget, workers=2)
         / "model.safetensors"
     )
     inputs = [load_file(m / "model.safetensors") for m in (base, ft1, ft2)]
