@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 HI_BINS = 1 << 15  # non-negative float32: sign bit 0, so the top 16 bits fit in 15 bits
@@ -38,9 +39,16 @@ def _high_bits(x: torch.Tensor) -> torch.Tensor:
     return torch.bitwise_and(raw, 0x7FFF).to(torch.int32)
 
 
+def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices where ``mask`` is true (int64). On the CPU numpy's is ~10x faster than torch's."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return torch.nonzero(mask.reshape(-1)).squeeze(1)
+
+
 def _low_bits_in_bin(x: torch.Tensor, hi: torch.Tensor, b: int) -> torch.Tensor:
     """Low 16 bits of |x| for the elements whose top bits equal ``b``."""
-    where = torch.nonzero(hi == b).squeeze(1)  # faster than boolean-mask indexing
+    where = flat_nonzero(hi == b)
     return torch.bitwise_and(x.float().reshape(-1).view(torch.int32).index_select(0, where), 0xFFFF)
 
 
@@ -75,10 +83,11 @@ class TopKThreshold:
         self.ties_to_drop = self.stats.ties(0) - self.stats.ties_in_top(0)
 
     def find_in(self, x: torch.Tensor) -> None:
-        """Both passes over one in-memory tensor."""
-        self.observe_hi(x)
+        """Both passes over one in-memory tensor, computing its high bits once."""
+        hi = _high_bits(x) if x.numel() > SMALL else None
+        self.stats.observe_hi(x, hi)
         self.end_hi()
-        self.observe_lo(x)
+        self.stats.observe_lo(x, hi)
         self.end_lo()
 
     @property
@@ -97,21 +106,18 @@ class TopKThreshold:
         if self.ties_to_drop:
             dropped = self._dropped_ties(x)
             if dropped is not None:
-                out.masked_fill_(dropped, 0.0)
+                out.view(-1).index_fill_(0, dropped, 0.0)
         return out
 
     def _dropped_ties(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Entries equal to T among the first ``ties_to_drop`` of them (flat order, across chunks)."""
+        """Flat positions of the entries equal to T that are among the first ``ties_to_drop`` of them
+        (in flat order, across chunks)."""
         budget = self.ties_to_drop - self.ties_seen
         if budget <= 0:
             return None
-        tied = magnitude_bits(x) == self.threshold_bits
-        n_tied = int(tied.sum())
-        self.ties_seen += n_tied
-        if budget >= n_tied:
-            return tied
-        order = torch.cumsum(tied.reshape(-1), 0, dtype=torch.int32).reshape(tied.shape)
-        return tied & (order <= budget)
+        where = flat_nonzero(magnitude_bits(x) == self.threshold_bits)
+        self.ties_seen += where.numel()
+        return where[:budget]
 
 
 def magnitude_mask(x: torch.Tensor, density: float) -> torch.Tensor:
@@ -154,7 +160,8 @@ class OrderStatistics:
         self._above: list[int] = []  # how many values are strictly larger than each wanted one
         self._equal: list[int] = []  # how many values equal each wanted one
 
-    def observe_hi(self, x: torch.Tensor) -> None:
+    def observe_hi(self, x: torch.Tensor, hi: torch.Tensor | None = None) -> None:
+        """First pass over a chunk; ``hi`` may pass in ``_high_bits(x)`` when the caller has it."""
         if self._small is not None:
             if self._small_count + x.numel() <= SMALL:
                 self._small.append(magnitude_bits(x).reshape(-1))  # magnitude_bits made a new tensor
@@ -164,7 +171,7 @@ class OrderStatistics:
             self.hi_counts = torch.zeros(HI_BINS, dtype=torch.int64)
             for bits in earlier:
                 self.hi_counts += torch.bincount(torch.bitwise_right_shift(bits, 16), minlength=HI_BINS)
-        self.hi_counts += torch.bincount(_high_bits(x), minlength=HI_BINS)
+        self.hi_counts += torch.bincount(_high_bits(x) if hi is None else hi, minlength=HI_BINS)
 
     def end_hi(self) -> None:
         if self._small is not None:
@@ -187,10 +194,10 @@ class OrderStatistics:
         if any(k > total for k in self.ranks):
             raise ValueError(f"ranks {self.ranks} asked of {total} values")
 
-    def observe_lo(self, x: torch.Tensor) -> None:
+    def observe_lo(self, x: torch.Tensor, hi: torch.Tensor | None = None) -> None:
         if not self.lo_counts:
             return
-        hi = _high_bits(x)
+        hi = _high_bits(x) if hi is None else hi
         for b, counts in self.lo_counts.items():
             counts += torch.bincount(_low_bits_in_bin(x, hi, b), minlength=LO_BINS)
 
