@@ -266,6 +266,7 @@ def main() -> int:
         )
         ours, theirs = [], []
         for _ in range(args.runs):
+            shutil.rmtree(ours_out, ignore_errors=True)  # deleting the last output is not part of a merge
             ours.append(run_measured(ours_cmd))
             if theirs_cmd:
                 shutil.rmtree(theirs_out, ignore_errors=True)
