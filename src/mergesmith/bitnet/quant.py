@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mergesmith.bitnet.constants import DEFAULT_INCLUDE
+
 EPS = 1e-5
 """Lower clamp of the absmean scale (the paper's epsilon)."""
 
-DEFAULT_INCLUDE: tuple[str, ...] = (r"(^|\.)layers\.\d+\.",)
-"""Regexes (``re.search`` on the tensor name) of tensors that may be ternarised: decoder blocks."""
 
 ALWAYS_EXCLUDE: tuple[str, ...] = (r"embed", r"(^|\.)lm_head\.", r"(^|\.)output\.weight$", r"norm")
 """Never ternarised, whatever the user asks: embeddings, the LM head and norms (BitNet keeps them in
