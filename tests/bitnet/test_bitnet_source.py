@@ -10,9 +10,9 @@ from safetensors.torch import save_file
 
 from mergesmith.bitnet.convert import DictSource, export_hf
 from mergesmith.bitnet.hf import export_config
-from mergesmith.bitnet.pack import pack_ternary
+from mergesmith.bitnet.pack import chunk_spans, pack_ternary
 from mergesmith.bitnet.quant import ternarize
-from mergesmith.bitnet.source import BitnetModelSource, PackedTensorInfo, chunk_spans
+from mergesmith.bitnet.source import BitnetModelSource, PackedTensorInfo
 from mergesmith.errors import MergeError
 from mergesmith.model import ModelSource
 

@@ -22,7 +22,7 @@ bitlinear, where ``gamma = 1 / weight_scale`` is generally not representable in 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from mergesmith.bitnet.pack import VALUES_PER_BYTE, packed_rows, unpack_chunk
+from mergesmith.bitnet.pack import VALUES_PER_BYTE, chunk_spans, packed_rows, unpack_chunk
 from mergesmith.errors import MergeError
 from mergesmith.model import ModelSource, TensorInfo, read_tensor
 
@@ -53,16 +53,6 @@ class PackedTensorInfo(TensorInfo):
 
     packed: TensorInfo
     scale: TensorInfo
-
-
-def chunk_spans(rows: tuple[int, int], packed: int) -> Iterator[tuple[int, int, int]]:
-    """For unpacked rows ``[u0, u1)`` of a tensor with ``packed`` packed rows ``R``: the pieces
-    ``(chunk i, first packed row, end packed row)`` in row order. Row ``u`` is chunk ``u // R``,
-    packed row ``u % R``."""
-    u0, u1 = rows
-    for i in range(u0 // packed, (u1 - 1) // packed + 1) if u1 > u0 else ():
-        lo, hi = max(u0, i * packed), min(u1, (i + 1) * packed)
-        yield i, lo - i * packed, hi - i * packed
 
 
 class BitnetModelSource(ModelSource):
