@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from mergesmith.defaults import DEFAULT_SHARD_SIZE
+from mergesmith.defaults import DEFAULT_SHARD_SIZE, OUT_FORMATS
 
 # torch and the engine are imported inside the handlers, so that `--help` stays fast
 
@@ -34,6 +34,13 @@ def register(sub) -> None:
         default=DEFAULT_SHARD_SIZE,
         metavar="SIZE",
         help="largest output shard (default 5G; K/M/G)",
+    )
+    p.add_argument(
+        "--out-format",
+        choices=OUT_FORMATS,
+        default="safetensors",
+        help="bitnet: ternarise the merged linear weights of the decoder layers and write them packed "
+        "(transformers quant_method bitnet, autobitlinear); default: safetensors",
     )
     _add_exec_options(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
@@ -71,6 +78,7 @@ def _merge(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         copy_tokenizer=not args.no_copy_tokenizer,
         write_model_card=not args.no_model_card,
+        out_format=args.out_format,
     )
     return 0
 
