@@ -167,6 +167,13 @@ class BitnetModelSource(ModelSource):
         gamma = self.gamma(info.name[: -len(".weight")])
         return (codes.to(torch.float32) * gamma).to(info.dtype)
 
+    def read_packed(self, module: str) -> torch.Tensor:
+        """The stored packed codes of ``module`` (uint8 ``(ceil(out/4), in)``), not unpacked."""
+        info = self.tensors[f"{module}.weight"]
+        if not isinstance(info, PackedTensorInfo):
+            raise MergeError(f"model {self.ref!r}: {module} is not stored packed")
+        return read_tensor(info.packed, None, self._fd(info.packed.file))
+
     def packed_modules(self) -> list[str]:
         """Names of the modules stored packed."""
         return [n[: -len(".weight")] for n, i in self.tensors.items() if isinstance(i, PackedTensorInfo)]
