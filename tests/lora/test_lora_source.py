@@ -202,3 +202,39 @@ def test_missing_adapter_and_pickled_adapter(llama_trio, llama_lora, tmp_path):
     (pickled / "adapter_model.bin").write_bytes(b"")
     with pytest.raises(MergeError, match="convert it to safetensors"):
         mergesmith.merge(passthrough(f"{base}+{pickled}"), tmp_path / "out", quiet=True)
+
+
+def test_lora_on_a_stage_output_and_adapter_changes_rerun(llama_trio, llama_lora, tmp_path, capsys):
+    """``stage+adapter`` is planned against the stage's planned output and applied to what it wrote; a
+    changed adapter makes every stage that uses it run again."""
+    import yaml
+
+    base, ft1, ft2 = llama_trio
+    adapter = tmp_path / "adapter"
+    shutil.copytree(llama_lora, adapter)
+    docs = [
+        {
+            "name": "soup",
+            "merge_method": "linear",
+            "models": [{"model": f"{ft1}+{adapter}"}, {"model": str(ft2)}],
+            "parameters": {"weight": 0.5},
+        },
+        {"merge_method": "passthrough", "models": [{"model": f"soup+{adapter}"}]},
+    ]
+    cfg = tmp_path / "stages.yml"
+    cfg.write_text(yaml.safe_dump_all(docs))
+    args = ["merge", str(cfg), str(tmp_path / "out"), "-I", str(tmp_path / "i")]
+    capsys.readouterr()
+    assert main(args) == 0
+    assert_same(merged_tensors(tmp_path / "out"), peft_merged(tmp_path / "i" / "soup", adapter))
+
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    tensors[key] = tensors[key] * 2
+    save_file(tensors, weights, metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main([*args, "--overwrite"]) == 0
+    err = capsys.readouterr().err
+    assert f"input '{ft1}+{adapter}' changed" in err and f"input 'soup+{adapter}' changed" in err
+    assert_same(merged_tensors(tmp_path / "out"), peft_merged(tmp_path / "i" / "soup", adapter))
