@@ -94,27 +94,39 @@ class LoraModelSource(ModelSource):
             w = self.base.read(name, rows)
         if patch.factors is None:
             return w.to(info.dtype)
-        delta = self._delta(patch, rows)
-        if w.dtype == torch.float32:
-            return w.add_(delta)  # read() returned a buffer we own
-        return w.to(delta.dtype).add_(delta).to(info.dtype)
+        delta = self._delta(patch, rows, torch.float64 if w.dtype == torch.float64 else torch.float32)
+        # summed into the delta's buffer (addition commutes exactly): one float32 copy of the rows, not two
+        return delta.add_(w).to(info.dtype)
 
-    def _delta(self, patch: Patch, rows: tuple[int, int] | None) -> torch.Tensor:
-        """scale * B @ A for the requested rows of the weight, in float32 (float64 for float64 factors)."""
+    def _delta(self, patch: Patch, rows: tuple[int, int] | None, dtype: torch.dtype) -> torch.Tensor:
+        """scale * B @ A for the requested rows of the weight (PEFT's order of operations)."""
         f = patch.factors
         assert f is not None
-        dtype = torch.float64 if torch.float64 in (f.a.dtype, f.b.dtype) else torch.float32
-        if patch.transposed:  # rows of (B @ A).T are columns of B @ A: rows of A.T
-            a = self._read_adapter(f.a).to(dtype)
-            if rows is not None:
-                a = a[:, rows[0] : rows[1]]
-            delta = (self._read_adapter(f.b).to(dtype) @ a).T
+        if patch.transposed:  # rows of (B @ A).T are columns of B @ A, so only those columns of A are read
+            a = self._read_columns(f.a, rows) if rows is not None else self._read_adapter(f.a)
+            delta = (self._read_adapter(f.b).to(dtype) @ a.to(dtype)).T
         else:
             delta = self._read_adapter(f.b, rows).to(dtype) @ self._read_adapter(f.a).to(dtype)
         return delta.mul_(patch.scale)
 
     def _read_adapter(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
         return read_tensor(info, rows, self._fd(info.file))
+
+    def _read_columns(self, info: TensorInfo, cols: tuple[int, int]) -> torch.Tensor:
+        """Columns [c0, c1) of a 2-D adapter tensor: one small read per row (r rows of a vocabulary-wide A)."""
+        (c0, c1), (n_rows, n_cols) = cols, info.shape
+        size = info.dtype.itemsize
+        parts = [
+            read_tensor(
+                TensorInfo(
+                    info.name, info.dtype, (c1 - c0,), info.file, info.offset + (i * n_cols + c0) * size
+                ),
+                None,
+                self._fd(info.file),
+            )
+            for i in range(n_rows)
+        ]
+        return torch.stack(parts)
 
     def close(self) -> None:
         super().close()
