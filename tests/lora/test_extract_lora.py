@@ -131,7 +131,7 @@ def test_cli_table_report_and_uncaptured_norms(llama_trio, tmp_path, capsys):
     )
     assert code == 0
     assert "rel. error" in stdout and "model.layers.2.self_attn.v_proj" in stdout and "mlp" not in stdout
-    assert "1 not a matrix (norm or bias) (e.g. model.norm.weight)" in stderr
+    assert "1 not a matrix (norm or bias; see --save-norms) (e.g. model.norm.weight)" in stderr
     report = json.loads((out / "lora_report.json").read_text())
     skipped = {s["tensor"]: s for s in report["not_captured"]}
     assert skipped["model.norm.weight"]["relative_change"] == pytest.approx(0.5)
@@ -175,3 +175,38 @@ def test_bad_input_is_one_line_and_writes_nothing(llama_trio, model_factory, tmp
     assert message in err and err.count("\n") == 1
     assert out.exists() == (case == "exists")
     assert not list(tmp_path.glob(".out.*"))
+
+
+def test_save_norms_as_modules_to_save(family_models, tmp_path):
+    """GPT-2's LayerNorms (weight and bias) travel whole; PEFT and mergesmith both restore them."""
+    base, ft = family_models["gpt2"]
+    changed = tmp_path / "ft"
+    shutil.copytree(ft, changed)
+    tensors = load_file(changed / "model.safetensors")
+    tensors["transformer.h.1.ln_2.bias"] = tensors["transformer.h.1.ln_2.bias"] + 0.25
+    tensors["transformer.ln_f.weight"] = tensors["transformer.ln_f.weight"] * 0.5
+    save_file(tensors, changed / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    extract_lora(str(base), str(changed), out, rank=64, save_norms=True, quiet=True)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["transformer.h.1.ln_2", "transformer.ln_f"]
+    report = json.loads((out / "lora_report.json").read_text())
+    assert report["saved_whole"] == config["modules_to_save"]
+    assert not any("ln_" in s["tensor"] for s in report["not_captured"])
+    want = weights(changed)
+    for got in (
+        peft_merged(base, out),
+        weights(
+            mergesmith.merge(
+                {"merge_method": "passthrough", "models": [{"model": f"{base}+{out}"}]},
+                tmp_path / "m",
+                quiet=True,
+            )
+        ),
+    ):
+        for name in (
+            "transformer.h.1.ln_2.bias",
+            "transformer.ln_f.weight",
+            "transformer.h.0.attn.c_attn.weight",
+        ):
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5)

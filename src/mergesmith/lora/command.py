@@ -38,6 +38,12 @@ def register(subparsers: Any) -> None:
         help="also factor the input embeddings (as PEFT embedding LoRA) and an untied lm_head",
     )
     p.add_argument(
+        "--save-norms",
+        action="store_true",
+        help="also save norms (modules whose parameters are all vectors) that differ, whole, as PEFT "
+        "modules_to_save; some serving engines do not load modules_to_save",
+    )
+    p.add_argument(
         "--include",
         action="append",
         default=[],
@@ -73,6 +79,7 @@ def _run(args: argparse.Namespace) -> int:
         include_embeddings=args.include_embeddings,
         include=args.include,
         exclude=args.exclude,
+        save_norms=args.save_norms,
         dtype=args.dtype,
         device=args.device,
         overwrite=args.overwrite,

@@ -82,6 +82,7 @@ def extract_lora(
     include_embeddings: bool = False,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    save_norms: bool = False,
     dtype: str | None = None,
     device: str = "cpu",
     overwrite: bool = False,
@@ -89,8 +90,10 @@ def extract_lora(
 ) -> list[ModuleReport]:
     """Write a PEFT LoRA adapter approximating ``model - base`` at rank ``rank`` to ``out_dir``.
 
-    Returns one report per module; ``out_dir/lora_report.json`` holds the same and the tensors that differ
-    but are not in the adapter. Nothing is written unless the whole extraction succeeds.
+    With ``save_norms``, modules outside the LoRA whose parameters are all vectors (norms) and differ are
+    saved whole, as PEFT ``modules_to_save``. Returns one report per factored module;
+    ``out_dir/lora_report.json`` holds the same and the tensors that differ but are not in the adapter.
+    Nothing is written unless the whole extraction succeeds.
     """
     if rank < 1:
         raise MergeError(f"--rank must be at least 1, got {rank}")
@@ -105,11 +108,14 @@ def extract_lora(
     try:
         targets = select_targets(src_base, src_model, rank, include_embeddings, keep, drop)
         out_dtype = parse_dtype(dtype, "--dtype") if dtype else _common_dtype(src_model, targets)
+        saved = changed_norms(src_base, src_model, targets) if save_norms else {}
         with OutputFolder(dest, overwrite=overwrite) as out:
-            reports = _write_factors(src_base, src_model, targets, out.path, out_dtype, dev, quiet)
-            write_json(out.path / ADAPTER_CONFIG, adapter_config(base, src_model, targets))
-            skipped = not_captured(src_base, src_model, {t.tensor for t in targets})
-            write_json(out.path / REPORT_NAME, _report(base, model, rank, out_dtype, reports, skipped))
+            reports = _write_adapter(src_base, src_model, targets, saved, out.path, out_dtype, dev, quiet)
+            write_json(out.path / ADAPTER_CONFIG, adapter_config(base, src_model, targets, sorted(saved)))
+            in_adapter = {t.tensor for t in targets} | {n for names in saved.values() for n in names}
+            skipped = not_captured(src_base, src_model, in_adapter)
+            report = _report(base, model, rank, out_dtype, reports, sorted(saved), skipped)
+            write_json(out.path / REPORT_NAME, report)
             out.commit()
     finally:
         src_base.close()
@@ -208,10 +214,33 @@ def factorise(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     return u[:, :rank] * root, root[:, None] * vh[:rank]
 
 
-def _write_factors(
+def changed_norms(base: ModelSource, model: ModelSource, targets: Sequence[Target]) -> dict[str, list[str]]:
+    """Modules outside the LoRA whose parameters are all floating-point vectors (norms, LayerNorm biases)
+    and differ between the models: module -> its tensors. A LoRA cannot hold them; PEFT's
+    modules_to_save can, whole (they are small)."""
+    factored = {t.module for t in targets}
+    groups: dict[str, list[str]] = {}
+    for name in model.tensors:
+        groups.setdefault(name.rpartition(".")[0], []).append(name)
+    out: dict[str, list[str]] = {}
+    for module, names in groups.items():
+        if not module or module in factored:
+            continue
+        infos = [model.tensors[n] for n in names]
+        if any(len(i.shape) != 1 or i.dtype not in FLOAT_DTYPES for i in infos):
+            continue
+        if any(n not in base.tensors or base.tensors[n].shape != model.tensors[n].shape for n in names):
+            continue
+        if any(not torch.equal(model.read(n), base.read(n)) for n in names):
+            out[module] = names
+    return out
+
+
+def _write_adapter(
     base: ModelSource,
     model: ModelSource,
     targets: Sequence[Target],
+    saved: dict[str, list[str]],
     folder: Path,
     dtype: torch.dtype,
     device: torch.device,
@@ -222,11 +251,15 @@ def _write_factors(
         rows, cols = t.matrix_shape
         key_a, key_b = t.keys()
         specs += [TensorSpec(key_a, dtype, (t.rank, cols)), TensorSpec(key_b, dtype, (rows, t.rank))]
+    whole = [n for names in saved.values() for n in names]
+    specs += [TensorSpec(PEFT_PREFIX + n, model.tensors[n].dtype, model.tensors[n].shape) for n in whole]
     writer = ShardedWriter(folder, specs, ONE_FILE)
     reports = []
     try:
         for t in tqdm(targets, desc="extracting LoRA", unit="module", disable=quiet, file=sys.stderr):
             reports.append(_extract_one(base, model, t, writer, dtype, device))
+        for n in whole:
+            writer.write(PEFT_PREFIX + n, model.read(n))
         writer.finish()
     finally:
         writer.close()
@@ -265,8 +298,11 @@ def _extract_one(
     )
 
 
-def adapter_config(base_ref: str, model: ModelSource, targets: Sequence[Target]) -> dict[str, Any]:
-    """PEFT's adapter_config.json: r is the largest module rank, alpha = r, thinner modules by pattern."""
+def adapter_config(
+    base_ref: str, model: ModelSource, targets: Sequence[Target], saved: Sequence[str] = ()
+) -> dict[str, Any]:
+    """PEFT's adapter_config.json: r is the largest module rank, alpha = r, thinner modules by pattern;
+    whole modules by full name (PEFT matches modules_to_save by suffix)."""
     r = max(t.rank for t in targets)
     thinner = {t.module: t.rank for t in targets if t.rank != r}
     return {
@@ -283,7 +319,7 @@ def adapter_config(base_ref: str, model: ModelSource, targets: Sequence[Target])
         "use_dora": False,
         "bias": "none",
         "lora_dropout": 0.0,
-        "modules_to_save": None,
+        "modules_to_save": list(saved) or None,
         "init_lora_weights": True,
         "inference_mode": True,
     }
@@ -327,14 +363,20 @@ def not_captured(base: ModelSource, model: ModelSource, targets: set[str]) -> li
 
 def _why(name: str, shape: tuple[int, ...]) -> str:
     if len(shape) != 2:
-        return "not a matrix (norm or bias)"
+        return "not a matrix (norm or bias; see --save-norms)"
     if layer_of(name) is None:
         return "outside the decoder layers (see --include-embeddings)"
     return "left out by --include/--exclude"
 
 
 def _report(
-    base: str, model: str, rank: int, dtype: torch.dtype, modules: list[ModuleReport], skipped: list
+    base: str,
+    model: str,
+    rank: int,
+    dtype: torch.dtype,
+    modules: list[ModuleReport],
+    saved: list[str],
+    skipped: list,
 ) -> dict[str, Any]:
     errors = [m.relative_error for m in modules]
     worst = max(modules, key=lambda m: m.relative_error)
@@ -350,6 +392,7 @@ def _report(
             "worst_module": worst.module,
         },
         "modules": [asdict(m) for m in modules],
+        "saved_whole": saved,
         "not_captured": skipped,
     }
 
