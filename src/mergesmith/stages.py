@@ -31,7 +31,7 @@ import hashlib
 import json
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,7 +161,7 @@ def _check_unknown(stages: Sequence[Stage], names: set[str], label: str) -> None
                 )
 
 
-def _unique(items) -> list:
+def _unique(items: Iterable[Any]) -> list[Any]:
     return list(dict.fromkeys(items))
 
 
@@ -239,6 +239,7 @@ class PlannedModelSource(ModelSource):
 
     def __init__(self, ref: str, path: Path, plan: MergePlan):
         super().__init__(ref, path)
+        # fill ModelSource's cached properties directly: there is no file to read them from yet
         self.__dict__["config"] = copy.deepcopy(plan.out_config)
         target = path / "model.safetensors"
         self.__dict__["tensors"] = {

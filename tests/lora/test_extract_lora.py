@@ -210,3 +210,19 @@ def test_save_norms_as_modules_to_save(family_models, tmp_path):
             "transformer.h.0.attn.c_attn.weight",
         ):
             torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5)
+
+
+def test_biases_of_factored_modules_are_reported(family_models, tmp_path):
+    base, ft = family_models["qwen2"]  # q/k/v projections have biases
+    changed = tmp_path / "ft"
+    shutil.copytree(ft, changed)
+    tensors = load_file(changed / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.bias"] = tensors["model.layers.0.self_attn.q_proj.bias"] + 0.1
+    save_file(tensors, changed / "model.safetensors", metadata={"format": "pt"})
+    extract_lora(str(base), str(changed), tmp_path / "out", rank=2, save_norms=True, quiet=True)
+    report = json.loads((tmp_path / "out" / "lora_report.json").read_text())
+    skipped = {s["tensor"]: s["why"] for s in report["not_captured"]}
+    assert (
+        skipped["model.layers.0.self_attn.q_proj.bias"] == "bias of a factored module (a LoRA cannot hold it)"
+    )
+    assert report["saved_whole"] == []  # a bias is not a norm module: --save-norms leaves it

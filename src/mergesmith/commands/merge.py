@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from mergesmith.defaults import DEFAULT_SHARD_SIZE
+
+if TYPE_CHECKING:
+    from mergesmith.execute import ExecOptions
+    from mergesmith.plan import MergePlan
 
 # torch and the engine are imported inside the handlers, so that `--help` stays fast
 
@@ -121,7 +126,8 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_plan(plan, options, summary_only: bool) -> None:
+def _print_plan(plan: MergePlan, options: ExecOptions, summary_only: bool) -> None:
+    """One line per output tensor (unless ``summary_only``), warnings, and the totals with peak memory."""
     from mergesmith.execute import estimate_peak, fit_budget
 
     if not summary_only:

@@ -338,11 +338,13 @@ def target_modules(model: ModelSource, targets: Sequence[Target]) -> list[str]:
     return sorted(chosen)
 
 
-def not_captured(base: ModelSource, model: ModelSource, targets: set[str]) -> list[dict[str, Any]]:
-    """Tensors outside the adapter that differ between the models, with their relative change."""
+def not_captured(base: ModelSource, model: ModelSource, in_adapter: set[str]) -> list[dict[str, Any]]:
+    """Tensors outside the adapter that differ between the models, with their relative change
+    (``||model - base|| / ||base||``; None where that is undefined) and why they are not in it."""
+    factored = {n.rpartition(".")[0] for n in in_adapter if n.endswith(".weight")}
     out: list[dict[str, Any]] = []
     for name, info in model.tensors.items():
-        if name in targets:
+        if name in in_adapter:
             continue
         other = base.tensors.get(name)
         if other is None or other.shape != info.shape:
@@ -356,16 +358,21 @@ def not_captured(base: ModelSource, model: ModelSource, targets: set[str]) -> li
             continue
         a64, b64 = a.double(), b.double()
         ref = float(b64.norm())
-        change = float((a64 - b64).norm()) / ref if ref > 0 else float("inf")
-        out.append({"tensor": name, "relative_change": change, "why": _why(name, info.shape)})
+        change = float((a64 - b64).norm()) / ref if ref > 0 else None
+        why = _why(name, info.shape, name.rpartition(".")[0] in factored)
+        out.append({"tensor": name, "relative_change": change, "why": why})
     return out
 
 
-def _why(name: str, shape: tuple[int, ...]) -> str:
+def _why(name: str, shape: tuple[int, ...], module_factored: bool) -> str:
+    if module_factored:
+        return "bias of a factored module (a LoRA cannot hold it)"
     if len(shape) != 2:
         return "not a matrix (norm or bias; see --save-norms)"
     if layer_of(name) is None:
         return "outside the decoder layers (see --include-embeddings)"
+    if not name.endswith(".weight"):
+        return "not a layer weight"
     return "left out by --include/--exclude"
 
 
