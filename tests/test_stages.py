@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -228,3 +229,21 @@ def test_foreign_folder_in_the_intermediate_dir_is_not_replaced(models, tmp_path
     assert (foreign / "notes.txt").read_text() == "mine"
     code, err = run(["merge", str(cfg), str(tmp_path / "out"), "-I", str(tmp_path / "out" / "x")], capsys)
     assert code == 2 and "must not contain each other" in err
+
+
+def test_folder_identity_of_large_files(models, monkeypatch):
+    """Above the whole-file threshold a safetensors file counts by size, mtime and header, not its data."""
+    from mergesmith import stages
+
+    monkeypatch.setattr(stages, "SMALL_FILE", 0)
+    folder = models[1]
+    weights = folder / "model.safetensors"
+    before = stages.folder_identity(folder)
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of tensor data, same size and header
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert stages.folder_identity(folder) == before  # documented blind spot: data is not hashed
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert stages.folder_identity(folder) != before
