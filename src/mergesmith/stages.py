@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from mergesmith.config import MergeConfig, load_yaml_documents, parse_config
+from mergesmith.defaults import DEFAULT_SHARD_SIZE
 from mergesmith.errors import ConfigError, MergeError
 from mergesmith.model import ModelSource, TensorInfo, resolve_model_dir
 from mergesmith.plan import MergePlan, build_plan
@@ -397,7 +398,7 @@ def run_stages(
     overwrite: bool = False,
     quiet: bool = False,
     random_seed: int | None = None,
-    out_shard_size: str | int = "5G",
+    out_shard_size: str | int = DEFAULT_SHARD_SIZE,
     copy_tokenizer: bool = True,
     write_model_card: bool = True,
     **exec_options: Any,
