@@ -141,7 +141,12 @@ print(time.perf_counter() - t0, usage.ru_maxrss, os.waitstatus_to_exitcode(statu
 
 
 def run_measured(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one run of ``cmd``."""
+    """Wall seconds and peak RSS (MiB) of one run of ``cmd``.
+
+    The page cache's dirty data (the previous run's output) is flushed first, outside the timing: else
+    the kernel makes this run's writes wait for the last run's, whichever tool wrote them.
+    """
+    os.sync()
     done = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], capture_output=True, text=True)
     try:
         wall, maxrss_kb, code = done.stdout.split()
@@ -155,6 +160,7 @@ def run_measured(cmd: list[str]) -> tuple[float, float]:
 def io_floor(inputs: list[Path], out_bytes: int, scratch: Path) -> float:
     """Seconds to read the input files (page cache) and write ``out_bytes`` to a new file."""
     buf = bytearray(64 << 20)
+    os.sync()
     t0 = time.perf_counter()
     for folder in inputs:
         for f in folder.glob("*.safetensors"):

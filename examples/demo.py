@@ -15,8 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-import mergesmith
 from mergesmith.eval import evaluate_tasks, load_tasks
+
+import mergesmith
 
 ROOT = Path(__file__).resolve().parent / "skills"
 
@@ -89,7 +90,9 @@ def main() -> int:
         rows[method] = evaluate_tasks(str(folder), tasks)
         merged_skills[method] = names[:2] if method.startswith("slerp") else names
     print(format_table(names, rows, own, merged_skills))
-    print(f"\n{len(METHODS)} merges of {len(names)} experts, evaluated in {time.perf_counter() - t0:.0f} s; models in {args.out}")
+    print(
+        f"\n{len(METHODS)} merges of {len(names)} experts, evaluated in {time.perf_counter() - t0:.0f} s; models in {args.out}"
+    )
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,7 +76,7 @@ def make_plan(config: str | Path | dict | MergeConfig) -> MergePlan:
 
 
 def merge(
-    config: str | Path | dict | MergeConfig,
+    config: str | Path | dict | MergeConfig | list[dict],
     out_dir: str | Path,
     *,
     overwrite: bool = False,
@@ -87,16 +88,44 @@ def merge(
     quiet: bool = False,
     copy_tokenizer: bool = True,
     write_model_card: bool = True,
+    intermediate_dir: str | Path | None = None,
+    before_commit: Callable[[Path], None] | None = None,
     out_format: str = "safetensors",
 ) -> Path:
     """Merge the models that ``config`` describes into a new model folder ``out_dir``; returns its path.
 
+    Nothing is written to ``out_dir`` unless the whole merge succeeds. A config with several YAML
+    documents (or a list of dicts) is a multi-stage merge (see :mod:`mergesmith.stages`); its intermediate
+    stages go to ``intermediate_dir`` (default ``OUT_DIR.stages`` beside ``out_dir``), which a single merge
+    ignores. ``before_commit`` is called with the finished temporary folder just before it is renamed to
+    ``out_dir``, to add files that must only exist in a complete output (a stage's marker).
     ``out_format="bitnet"`` ternarises the merged linear weights of the decoder layers and writes them
     packed, as transformers' ``quant_method: bitnet`` checkpoints hold them (see docs/bitnet.md).
-    Nothing is written to ``out_dir`` unless the whole merge succeeds.
     """
+    from mergesmith.stages import is_multi_stage, run_stages
+
     if out_format not in OUT_FORMATS:
         raise MergeError(f"unknown output format {out_format!r}; use one of: {', '.join(OUT_FORMATS)}")
+    if is_multi_stage(config):
+        if out_format != "safetensors":
+            raise MergeError(
+                f"--out-format {out_format} is not supported for multi-stage files yet; merge the last "
+                "stage on its own with it"
+            )
+        return run_stages(
+            config,
+            out_dir,
+            intermediate_dir=intermediate_dir,
+            overwrite=overwrite,
+            quiet=quiet,
+            random_seed=random_seed,
+            out_shard_size=out_shard_size,
+            copy_tokenizer=copy_tokenizer,
+            write_model_card=write_model_card,
+            memory_limit=memory_limit,
+            workers=workers,
+            device=device,
+        )
     start = time.perf_counter()
     text = config_text(config)
     cfg = load_config(config)
@@ -124,6 +153,8 @@ def merge(
             finally:
                 writer.close()
             _write_metadata(plan, out.path, text, copy_tokenizer, write_model_card)
+            if before_commit is not None:
+                before_commit(out.path)
             final = out.commit()
     finally:
         plan.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from mergesmith.errors import MergeError
@@ -16,6 +17,7 @@ from mergesmith.errors import MergeError
 # Modules that expose ``register(subparsers)``; order is the order shown in --help.
 COMMAND_MODULES = [
     "mergesmith.commands.merge",
+    "mergesmith.lora.command",
     "mergesmith.bitnet.command",
 ]
 
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except MergeError as exc:
         print(f"mergesmith: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `mergesmith plan cfg.yml | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("mergesmith: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -160,7 +160,8 @@ def load_config(config: str | Path | dict | MergeConfig) -> MergeConfig:
     docs, label = load_yaml_documents(config)
     if len(docs) > 1:
         raise ConfigError(
-            f"{label}: has {len(docs)} YAML documents; multi-stage configs are not supported yet"
+            f"{label}: has {len(docs)} YAML documents, a multi-stage merge; run it with `mergesmith merge` "
+            "(mergesmith.merge) or plan it with `mergesmith plan` (mergesmith.stages.plan_stages)"
         )
     return parse_config(docs[0], label)
 

@@ -269,6 +269,7 @@ def _tune_allocator() -> None:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 512 << 20)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
+        libc.mallopt(-8, 1)  # M_ARENA_MAX: worker threads share the main heap (their own arenas page-fault)
     except (OSError, AttributeError):  # not glibc
         pass
 

@@ -26,6 +26,7 @@ from mergesmith.errors import ConfigError, MergeError
 from mergesmith.methods import BaseRule, Method, get_method
 from mergesmith.model import FLOAT_DTYPES, ModelSource, TensorInfo
 from mergesmith.params import layer_position, resolve
+from mergesmith.sources import open_source
 
 DTYPE_NAMES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -165,7 +166,7 @@ def build_plan(config: MergeConfig, models: dict[str, ModelSource] | None = None
     models = dict(models or {})
     for ref in refs:
         if ref not in models:
-            models[ref] = ModelSource.open(ref)
+            models[ref] = open_source(ref)
     layouts = {ref: Layout.infer(ref, list(models[ref].tensors), models[ref].config) for ref in refs}
     _fill_ranges(slices, layouts)
     _check_slices(slices, layouts, method)

@@ -144,7 +144,9 @@ def _preallocate(fd: int, size: int) -> None:
         os.posix_fallocate(fd, 0, size)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            raise MergeError(f"not enough disk space for the output ({size / 1e9:.2f} GB in one shard)") from None
+            raise MergeError(
+                f"not enough disk space for the output ({size / 1e9:.2f} GB in one shard)"
+            ) from None
         os.ftruncate(fd, size)  # file systems without fallocate
     except AttributeError:  # platforms without posix_fallocate
         os.ftruncate(fd, size)

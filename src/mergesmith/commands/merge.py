@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from mergesmith.defaults import DEFAULT_SHARD_SIZE, OUT_FORMATS
+
+if TYPE_CHECKING:
+    from mergesmith.execute import ExecOptions
+    from mergesmith.plan import MergePlan
 
 # torch and the engine are imported inside the handlers, so that `--help` stays fast
 
@@ -24,11 +29,20 @@ def register(sub) -> None:
     p = sub.add_parser(
         "merge",
         help="merge models as a YAML config describes",
-        description="Merge models as CONFIG (mergekit's YAML format) describes, into a new model folder OUT_DIR.",
+        description="Merge models as CONFIG (mergekit's YAML format) describes, into a new model folder OUT_DIR. "
+        "A CONFIG with several YAML documents is a multi-stage merge: stages run in dependency order, "
+        "intermediate ones into --intermediate-dir, and a stage whose config and inputs are unchanged since "
+        "the last run is skipped (docs/config.md).",
     )
     p.add_argument("config", metavar="CONFIG.yml")
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument(
+        "--intermediate-dir",
+        "-I",
+        metavar="DIR",
+        help="multi-stage files: where named stages are kept, one folder each (default: OUT_DIR.stages)",
+    )
     p.add_argument(
         "--out-shard-size",
         default=DEFAULT_SHARD_SIZE,
@@ -60,6 +74,9 @@ def register(sub) -> None:
     q.add_argument("config", metavar="CONFIG.yml", nargs="?")
     _add_exec_options(q)
     q.add_argument("--json-schema", action="store_true", help="print the config's JSON schema instead")
+    q.add_argument(
+        "--summary", action="store_true", help="only the summary line (of each stage, for multi-stage files)"
+    )
     q.set_defaults(func=_plan)
 
 
@@ -78,6 +95,7 @@ def _merge(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         copy_tokenizer=not args.no_copy_tokenizer,
         write_model_card=not args.no_model_card,
+        intermediate_dir=args.intermediate_dir,
         out_format=args.out_format,
     )
     return 0
@@ -86,7 +104,7 @@ def _merge(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from mergesmith.api import exec_options, make_plan
     from mergesmith.config import config_json_schema
-    from mergesmith.execute import estimate_peak, fit_budget
+    from mergesmith.stages import is_multi_stage, plan_stages
 
     if args.json_schema:
         print(json.dumps(config_json_schema(), indent=2))
@@ -97,18 +115,37 @@ def _plan(args: argparse.Namespace) -> int:
     options = exec_options(
         memory_limit=args.memory_limit, workers=args.workers, device=args.device, random_seed=args.random_seed
     )
-    plan = make_plan(args.config)
+    if not is_multi_stage(args.config):
+        plan = make_plan(args.config)
+        try:
+            _print_plan(plan, options, args.summary)
+        finally:
+            plan.close()
+        return 0
+    stages = plan_stages(args.config)
     try:
+        for i, sp in enumerate(stages, 1):
+            where = "OUT_DIR (final)" if sp.final else f"<intermediate-dir>/{sp.stage.name}"
+            print(f"## stage {i}/{len(stages)}: {sp.stage.label} -> {where}")
+            _print_plan(sp.plan, options, args.summary)
+    finally:
+        for sp in stages:
+            sp.plan.close()
+    return 0
+
+
+def _print_plan(plan: MergePlan, options: ExecOptions, summary_only: bool) -> None:
+    """One line per output tensor (unless ``summary_only``), warnings, and the totals with peak memory."""
+    from mergesmith.execute import estimate_peak, fit_budget
+
+    if not summary_only:
         for t in plan.tensors:
             print(t.describe())
-        for w in plan.warnings:
-            print(f"warning: {w}")
-        options = fit_budget(plan, options)
-        peak = estimate_peak(plan, options)
-        print(
-            f"# {len(plan.tensors)} tensors, {plan.num_layers} layers, {plan.total_bytes / 1e9:.3f} GB of output; "
-            f"estimated peak memory {peak / 2**20:.0f} MiB with {options.workers} workers"
-        )
-    finally:
-        plan.close()
-    return 0
+    for w in plan.warnings:
+        print(f"warning: {w}")
+    options = fit_budget(plan, options)
+    peak = estimate_peak(plan, options)
+    print(
+        f"# {len(plan.tensors)} tensors, {plan.num_layers} layers, {plan.total_bytes / 1e9:.3f} GB of output; "
+        f"estimated peak memory {peak / 2**20:.0f} MiB with {options.workers} workers"
+    )
