@@ -170,3 +170,39 @@ def test_cli_out_format_and_one_line_errors(trio, family_models, tmp_path, capsy
     assert not (tmp_path / "g").exists()
     with pytest.raises(MergeError, match="unknown output format"):
         mergesmith.merge(_ties(base, ft2), tmp_path / "x", out_format="ternary")
+
+
+def test_multi_stage_files_refuse_out_format_bitnet(llama_trio, tmp_path):
+    base, ft1, ft2 = llama_trio
+    stages = [{**_ties(base, ft1), "name": "first"}, _ties(base, "first", ft2)]
+    with pytest.raises(MergeError, match="not supported for multi-stage files"):
+        mergesmith.merge(stages, tmp_path / "o", out_format="bitnet")
+    assert not (tmp_path / "o").exists()
+
+
+def test_bitnet_command_reads_model_plus_lora(llama_trio, tmp_path):
+    """`mergesmith bitnet MODEL+ADAPTER` ternarises the model with the adapter applied as it is read:
+    the same codes as exporting PEFT's merge_and_unload of it."""
+    peft = pytest.importorskip("peft")
+    base = llama_trio[0]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    cfg = peft.LoraConfig(init_lora_weights=False, r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    peft.get_peft_model(model, cfg).save_pretrained(tmp_path / "adapter")
+    merged = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter"
+    ).merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    ours = _tensors(_bitnet(Path(f"{base}+{tmp_path / 'adapter'}"), tmp_path / "ours"))
+    theirs = _tensors(_bitnet(tmp_path / "merged", tmp_path / "theirs"))
+    plain = _tensors(_bitnet(base, tmp_path / "plain"))
+    assert ours.keys() == theirs.keys()
+    changed = 0
+    for name, tensor in theirs.items():
+        if tensor.dtype == torch.uint8:
+            codes, ref = unpack_ternary(ours[name]), unpack_ternary(tensor)
+            assert (codes != ref).float().mean() < 1e-3, name  # float rounding at a threshold, at most
+            changed += int(not torch.equal(ours[name], plain[name]))
+        else:
+            assert torch.allclose(ours[name].float(), tensor.float(), rtol=1e-5, atol=1e-6), name
+    assert changed == 6  # q_proj and down_proj of 3 layers

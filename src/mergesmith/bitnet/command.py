@@ -3,8 +3,8 @@
 Importing this module is cheap (no torch): ``mergesmith --help`` builds every sub-command's parser.
 The engine (torch, transformers, gguf) is imported inside the handler.
 
-The model is read tensor by tensor (:class:`mergesmith.model.ModelSource`; a packed BitNet checkpoint
-opens as float weights), and each converted tensor is written as soon as it exists: safetensors shards
+The model is read tensor by tensor (:func:`mergesmith.sources.open_source`: a folder or hub id, a packed
+BitNet checkpoint seen as float weights, or ``model+adapter`` with a LoRA adapter applied as it is read), and each converted tensor is written as soon as it exists: safetensors shards
 laid out up front (:class:`mergesmith.write.ShardedWriter`), or a GGUF file whose header is written
 from the plan before the first tensor. Everything goes to a temporary folder that becomes OUT_DIR
 only when complete (:class:`mergesmith.write.OutputFolder`).
@@ -47,7 +47,11 @@ def register(subparsers: Any) -> None:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", metavar="MODEL", help="model folder (config.json and *.safetensors) or hub id")
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="model folder (config.json and *.safetensors), hub id, or MODEL+ADAPTER (a PEFT LoRA applied on read)",
+    )
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (created; see --overwrite)")
     p.add_argument("--format", choices=("hf", "gguf"), default="hf", help="output format (default: hf)")
     p.add_argument(
@@ -272,13 +276,13 @@ def _bytes_on_disk(source: ModelSource) -> int:
 def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Run the command; returns 0. Expected failures raise MergeError."""
     from mergesmith.bitnet.io import dir_size
-    from mergesmith.model import ModelSource
+    from mergesmith.sources import open_source
     from mergesmith.write import OutputFolder
 
     out = out or sys.stdout
     err = err or sys.stderr
     selector = _selector(args)
-    source = ModelSource.open(args.model)
+    source = open_source(args.model)
     try:
         _check_paths(source.path, Path(args.out_dir))
         if not args.heal:
