@@ -206,3 +206,23 @@ def test_bitnet_command_reads_model_plus_lora(llama_trio, tmp_path):
         else:
             assert torch.allclose(ours[name].float(), tensor.float(), rtol=1e-5, atol=1e-6), name
     assert changed == 6  # q_proj and down_proj of 3 layers
+
+
+def test_lora_on_a_packed_base_reads_like_lora_on_its_float_twin(trio, tmp_path):
+    """`packed+adapter`: the LoRA delta is added to gamma * W~ as it is read."""
+    peft = pytest.importorskip("peft")
+    from mergesmith.sources import open_source
+
+    _, packed, floating, _ = trio
+    torch.manual_seed(1)
+    model = transformers.AutoModelForCausalLM.from_pretrained(floating)
+    cfg = peft.LoraConfig(init_lora_weights=False, r=2, lora_alpha=4, target_modules=["up_proj", "o_proj"])
+    peft.get_peft_model(model, cfg).save_pretrained(tmp_path / "adapter")
+    a = open_source(f"{packed}+{tmp_path / 'adapter'}")
+    b = open_source(f"{floating}+{tmp_path / 'adapter'}")
+    assert isinstance(a.base, BitnetModelSource)
+    for name in ("model.layers.1.mlp.up_proj.weight", "model.layers.0.self_attn.o_proj.weight"):
+        assert torch.equal(a.read(name), b.read(name)) and torch.equal(
+            a.read(name, (3, 9)), b.read(name, (3, 9))
+        )
+        assert not torch.equal(a.read(name), a.base.read(name))
