@@ -49,8 +49,9 @@ class TaskArithmeticKernel(Kernel):
 
     # --- statistics over chunks -------------------------------------------------------------------
     def observe(self, pass_index: int, chunk: Chunk) -> None:
+        base = chunk.base.to(chunk.dtype)
         for i, model in enumerate(chunk.models):
-            delta = model - chunk.base
+            delta = torch.sub(model, base)  # a new tensor in the compute dtype, whatever model's dtype
             if pass_index < self.threshold_passes:
                 sel = self.selectors[i]
                 if sel is not None:
@@ -101,9 +102,10 @@ class TaskArithmeticKernel(Kernel):
         """Whole tensor in memory: each task vector is computed and sparsified once."""
         if self.sparsify not in ("none", "magnitude", "random"):  # subclasses with their own sparsifier
             return super().run_whole(chunk)
+        _compute_base(chunk)
         sparse = []
-        for i, model in enumerate(chunk.models):
-            delta = model.sub_(chunk.base)
+        for i in range(len(chunk.models)):
+            delta = _delta(chunk, i)
             if self.selectors and self.selectors[i] is not None:
                 self.selectors[i].find_in(delta)
             dropped = self._drop(chunk, i, delta)
@@ -113,11 +115,12 @@ class TaskArithmeticKernel(Kernel):
         return self._combine(chunk, sparse)
 
     def apply(self, chunk: Chunk) -> torch.Tensor:
+        _compute_base(chunk)
         return self._combine(chunk, [self._sparse_delta(chunk, i) for i in range(len(chunk.models))])
 
     def _sparse_delta(self, chunk: Chunk, i: int) -> torch.Tensor:
         """Model i's task vector on this chunk, sparsified and rescaled (subclasses may override)."""
-        return self._rescale(i, self._drop(chunk, i, chunk.models[i].sub_(chunk.base)))
+        return self._rescale(i, self._drop(chunk, i, _delta(chunk, i)))
 
     def _combine(self, chunk: Chunk, deltas: list[torch.Tensor]) -> torch.Tensor:
         weights = self.p["weight"]
@@ -137,6 +140,19 @@ class TaskArithmeticKernel(Kernel):
         if lam != 1.0:
             mixed.mul_(lam)
         return mixed.add_(chunk.base)
+
+
+def _compute_base(chunk: Chunk) -> None:
+    """Make the chunk's base the compute dtype (inputs may arrive in their stored dtype: raw_inputs)."""
+    chunk.base = chunk.base.to(chunk.dtype)
+
+
+def _delta(chunk: Chunk, i: int) -> torch.Tensor:
+    """theta_i - theta_base in the compute dtype, reusing model i's buffer when it already has that dtype."""
+    model = chunk.models[i]
+    if model.dtype == chunk.dtype:
+        return model.sub_(chunk.base)
+    return torch.sub(model, chunk.base)  # converts model's bf16/fp16 values inside the subtraction
 
 
 def _disjoint_sum(weighted: list[torch.Tensor], weights, normalize: bool) -> torch.Tensor:
@@ -231,5 +247,6 @@ for _name, _kernel, _norm, _rescale, _random, _summary in (
             random=_random,
             scratch=4 if _kernel.consensus else 1,
             summary=_summary,
+            raw_inputs=True,
         )
     )
