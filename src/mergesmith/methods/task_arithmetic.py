@@ -22,6 +22,7 @@ import torch
 
 from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, register
 from mergesmith.methods.sparsify import TopKThreshold, keep_count
+from mergesmith.methods.stats import RowL1
 
 RESCALE_EPS = 1e-7
 
@@ -41,7 +42,8 @@ class TaskArithmeticKernel(Kernel):
             ]
             self.threshold_passes = 2 if any(s is not None for s in self.selectors) else 0
         n = len(densities)
-        self.l1_full, self.l1_kept = [0.0] * n, [0.0] * n
+        self.l1_full = [RowL1() for _ in range(n)]
+        self.l1_kept = [RowL1() for _ in range(n)]
         self.rescaling = (
             bool(params["rescale"]) and self.sparsify != "none" and any(d < 1.0 for d in densities)
         )
@@ -71,8 +73,8 @@ class TaskArithmeticKernel(Kernel):
                 sel.ties_seen = 0  # the L1 pass trimmed every chunk once; apply starts over
 
     def _add_l1(self, i: int, delta: torch.Tensor, dropped: torch.Tensor) -> None:
-        self.l1_full[i] += float(delta.abs().sum(dtype=torch.float64))
-        self.l1_kept[i] += float(dropped.abs().sum(dtype=torch.float64))
+        self.l1_full[i].add(delta)
+        self.l1_kept[i].add(dropped)
 
     def _random_keep(self, chunk: Chunk, i: int, like: torch.Tensor) -> torch.Tensor:
         u = chunk.rng[i].uniform(chunk.start, like.numel()).reshape(like.shape).to(like.device)
@@ -93,7 +95,7 @@ class TaskArithmeticKernel(Kernel):
 
     def _rescale(self, i: int, dropped: torch.Tensor) -> torch.Tensor:
         """Scale a sparsified task vector back to the L1 norm it had before dropping."""
-        full, kept = self.l1_full[i], self.l1_kept[i]
+        full, kept = self.l1_full[i].value, self.l1_kept[i].value
         if self.rescaling and full > RESCALE_EPS and kept > RESCALE_EPS and full != kept:
             dropped.mul_(full / kept)
         return dropped
