@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "mergesmith.commands.merge",
     "mergesmith.lora.command",
     "mergesmith.bitnet.command",
+    "mergesmith.moe.command",
 ]
 
 
