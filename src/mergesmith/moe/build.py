@@ -342,11 +342,8 @@ def _shared_block(
         scale = shared.residual_scale if proj == "down" and shared.residual_scale is not None else 1.0
         piece = Piece("shared", 0, shared_layout.mlp[layer][proj], 0, shared.noise_scale or 0.0, scale)
         out.append(OutTensor(name, shape, dtype, (piece,)))
-    out.append(
-        OutTensor(
-            f"{prefix}.mlp.shared_expert_gate.weight", (1, hidden), dtype, (Piece("shared_gate", layer, ""),)
-        )
-    )
+    gate = Piece("zeros" if shared is None else "shared_gate", layer, "")
+    out.append(OutTensor(f"{prefix}.mlp.shared_expert_gate.weight", (1, hidden), dtype, (gate,)))
     return out
 
 
