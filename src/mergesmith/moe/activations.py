@@ -123,7 +123,9 @@ class BaseRunner:
             attention[row, : len(x)] = 1
         captured: list[torch.Tensor] = []
         hooks = (
-            [m.register_forward_pre_hook(_capture(captured)) for m in self._mlps()] if router_inputs else []
+            [m.register_forward_pre_hook(_capture(captured), with_kwargs=True) for m in self._mlps()]
+            if router_inputs
+            else []
         )
         try:
             out = self.model(
@@ -152,8 +154,8 @@ class BaseRunner:
         return len(self._layers())
 
     def _layers(self) -> Any:
-        base = getattr(self.model, "model", None) or self.model.base_model
-        layers = getattr(base, "layers", None)
+        base = getattr(self.model, "model", None)
+        layers = getattr(base if base is not None else self.model.base_model, "layers", None)
         if layers is None:
             raise MergeError("the base model has no decoder 'layers' list that the prompt pass can hook")
         return layers
@@ -198,8 +200,13 @@ def load_tokenizer(path: Path, ref: str) -> Any:
 
 
 def _capture(store: list[torch.Tensor]):
-    def hook(module, args, kwargs=None):
-        store.append(args[0].detach())
+    """A pre-hook that keeps the block's input, whether it is passed by position or by keyword."""
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+        if not isinstance(x, torch.Tensor):
+            raise MergeError("cannot capture the feed-forward block's input in the base model")
+        store.append(x.detach())
 
     return hook
 

@@ -375,7 +375,8 @@ def _piece_tensor(plan: MoEPlan, t: OutTensor, p: Piece, routers: Routers, seed:
         return x if x.dtype == t.dtype or not x.is_floating_point() else x.to(t.dtype)
     x = x.float()
     if p.noise_scale:
-        g = torch.Generator().manual_seed(derive_seed(seed, "noise", t.name, p.byte_offset))
+        # seeded by what the noise is added to, so both expert layouts get the same noise
+        g = torch.Generator().manual_seed(derive_seed(seed, "noise", p.source, p.index, p.tensor))
         x = x + torch.randn(x.shape, generator=g) * p.noise_scale
     if p.scale != 1.0:
         x = x * p.scale
