@@ -39,6 +39,10 @@ log = logging.getLogger("mergesmith.moe")
 CONFIG_FILE = "mergesmith_moe_config.yml"
 
 
+#: The dense layouts of the base, of each expert and of the shared expert (if any).
+Layouts = tuple[DenseLayout, list[DenseLayout], DenseLayout | None]
+
+
 @dataclass(frozen=True)
 class Piece:
     """One input tensor (or computed router) written at ``byte_offset`` inside an output tensor."""
@@ -180,7 +184,9 @@ def _plan(
     )
     hf_config = transformers_config(family, kwargs)
     expected = expected_tensors(hf_config)
-    tensors = _tensor_plan(cfg, family, base, base_layout, shared_layout, dtype, fused, expected, tied)
+    tensors = _tensor_plan(
+        cfg, family, base, (base_layout, expert_layouts, shared_layout), dtype, fused, expected, tied
+    )
     return MoEPlan(
         cfg,
         family,
@@ -201,14 +207,14 @@ def _tensor_plan(
     cfg: MoEConfig,
     family: Family,
     base: ModelSource,
-    layout: DenseLayout,
-    shared_layout: DenseLayout | None,
+    layouts: Layouts,
     dtype: torch.dtype,
     fused: bool,
     expected: dict[str, tuple[int, ...]],
     tied: bool,
 ) -> list[OutTensor]:
     """Output tensors in checkpoint order: base tensors as they come, each layer's MoE block after it."""
+    layout = layouts[0]
     out: list[OutTensor] = []
     provided: set[str] = set()
     layer_of_prefix = {p: i for i, p in enumerate(layout.layer_prefixes)}
@@ -229,11 +235,9 @@ def _tensor_plan(
         out.append(OutTensor(name, info.shape, keep, (Piece("base", 0, name),)))
         provided.add(name)
         for prefix in [p for p in pending if name.startswith(p + ".")]:
-            out.extend(
-                _moe_block(cfg, family, layout, shared_layout, pending.pop(prefix), dtype, fused, expected)
-            )
+            out.extend(_moe_block(cfg, family, layouts, pending.pop(prefix), dtype, fused, expected))
     for layer in pending.values():
-        out.extend(_moe_block(cfg, family, layout, shared_layout, layer, dtype, fused, expected))
+        out.extend(_moe_block(cfg, family, layouts, layer, dtype, fused, expected))
     provided.update(t.name for t in out)
     missing = [
         n
@@ -259,17 +263,16 @@ def _is_expert_param(name: str, fused: bool) -> bool:
 def _moe_block(
     cfg: MoEConfig,
     family: Family,
-    layout: DenseLayout,
-    shared_layout: DenseLayout | None,
+    layouts: Layouts,
     layer: int,
     dtype: torch.dtype,
     fused: bool,
     expected: dict[str, tuple[int, ...]],
 ) -> list[OutTensor]:
     """One layer's router, experts and (Qwen MoE) shared expert and its gate."""
+    layout, expert_layouts, shared_layout = layouts
     prefix = layout.layer_prefixes[layer]
     n, hidden, inter = len(cfg.experts), layout.hidden_size, layout.intermediate_size
-    src = layout.mlp[layer]
     router = family.router_tensor(prefix, fused)
     out = [OutTensor(router, (n, hidden), dtype, (Piece("router", layer, ""),))]
     if router.replace("block_sparse_moe", "mlp") not in expected:
@@ -280,7 +283,7 @@ def _moe_block(
         return Piece(
             "expert",
             e,
-            src[proj],
+            expert_layouts[e].mlp[layer][proj],
             offset,
             noise_scale=expert.noise_scale or 0.0,
             scale=expert.residual_scale if proj == "down" and expert.residual_scale is not None else 1.0,
