@@ -93,8 +93,17 @@ def test_parallel_prompts_warn(llama_models, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="mergesmith.moe"):
         _build(llama_models, tmp_path, "hidden", prompts)
     lines = [r.getMessage() for r in caplog.records if "nearly parallel" in r.getMessage()]
-    assert len(lines) == 1 and "experts 0" in lines[0] and "and 1" in lines[0] and "layer 0" in lines[0]
-    assert "\n" not in lines[0]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert "layer 0: experts 0 (" in lines[0] and "/e0) and 1 (" in lines[0] and "experts 0 (" in lines[0]
+    assert "2 (" not in lines[0]  # expert 2's prompts end differently
+
+
+def test_all_experts_parallel_is_one_short_line(llama_models, tmp_path, caplog):
+    prompts = [["abc="], ["ijk="], ["qrs="]]
+    with caplog.at_level(logging.WARNING, logger="mergesmith.moe"):
+        _build(llama_models, tmp_path, "hidden", prompts)
+    lines = [r.getMessage() for r in caplog.records if "nearly parallel" in r.getMessage()]
+    assert len(lines) == 1 and "layer 0: all 3 experts" in lines[0]
 
 
 def test_distinct_prompts_do_not_warn(llama_models, tmp_path, caplog):

@@ -19,6 +19,7 @@ from mergesmith.model import ModelSource
 from mergesmith.moe.activations import BaseRunner, PromptStates
 from mergesmith.moe.config import Calibration, Expert, MoEConfig
 from mergesmith.moe.router import (
+    PARALLEL_COSINE,
     CalibratedLayer,
     calibrated_router,
     cheap_embed_vector,
@@ -189,22 +190,27 @@ def _cosine_reports(rows: Tensor, experts: Sequence[Expert]) -> list[LayerReport
 
 
 def _warn_parallel(vectors: Tensor, experts: Sequence[Expert]) -> None:
-    """One warning line per pair of experts whose prompt vectors are nearly parallel in some layer."""
-    found: dict[tuple[int, int], list[tuple[int, float]]] = {}
+    """One warning line naming, layer by layer, the experts whose prompt vectors are nearly parallel."""
+    n = len(experts)
+    parts, worst = [], 0.0
     for layer in range(vectors.shape[0]):
-        for e, f, cos in parallel_pairs(vectors[layer]):
-            found.setdefault((e, f), []).append((layer, cos))
-    for (e, f), hits in found.items():
-        layers = ", ".join(str(layer) for layer, _ in hits)
-        worst = max(c for _, c in hits)
+        pairs = parallel_pairs(vectors[layer])
+        if not pairs:
+            continue
+        worst = max(worst, *(c for _, _, c in pairs))
+        if n > 2 and len(pairs) == n * (n - 1) // 2:
+            parts.append(f"layer {layer}: all {n} experts")
+        else:
+            named = [
+                f"experts {e} ({experts[e].source_model}) and {f} ({experts[f].source_model})"
+                for e, f, _ in pairs
+            ]
+            parts.append(f"layer {layer}: " + ", ".join(named))
+    if parts:
         log.warning(
-            "experts %d (%s) and %d (%s) have nearly parallel prompt vectors (cosine up to %.4f) in layer%s %s: "
-            "their prompts do not separate them there; use more distinct prompts or negative_prompts",
-            e,
-            experts[e].source_model,
-            f,
-            experts[f].source_model,
+            "nearly parallel prompt vectors (cosine up to %.4f, above %.2f), so the prompts do not separate "
+            "these experts there: %s; use more distinct prompts or negative_prompts",
             worst,
-            "s" if len(hits) > 1 else "",
-            layers,
+            PARALLEL_COSINE,
+            "; ".join(parts),
         )
