@@ -12,11 +12,12 @@ For the models in ``examples/skills/models`` (a base and one fine-tune per skill
 * scores exact-match accuracy (greedy generation, ``mergesmith.eval``) per skill of the base, each expert,
   each MoE and a TIES merge of the same experts (``mergesmith.merge``; the best of a few densities on the
   validation split);
-* scores the ceiling of any router: for each skill, the base model with that skill's expert's feed-forward
-  blocks in every layer ("oracle routing": what an MoE with the base's attention computes when every token
-  goes to the right expert);
-* builds the same MoEs on a merged trunk: ``base_model`` set to the TIES merge, so attention, norms and
-  embeddings are the merge's and the feed-forward blocks the experts' own (``--no-trunk`` skips this).
+* scores the ceiling of any router: for each skill, the trunk (base or TIES merge) with that skill's
+  expert's feed-forward blocks in every layer ("oracle routing": what an MoE on that trunk computes when
+  every token goes to the right expert);
+* builds calibrated MoEs with other ``calibration.target_top1`` values (``--targets``): the temperature;
+* builds MoEs on a merged trunk: ``base_model`` set to the TIES merge, so attention, norms and embeddings
+  are the merge's and the feed-forward blocks the experts' own (``--no-trunk`` skips this).
 
     PYTHONPATH=src python bench/moe_quality.py [--skills examples/skills] [--json results.json]
 """
@@ -77,10 +78,10 @@ def train_prompts(root: Path, skill: str, n: int, seed: int) -> list[str]:
 
 
 def moe_config(
-    root: Path, skills: list[str], mode: str, prompts: dict[str, list[str]], k: int, trunk: Path | None = None
+    root: Path, skills: list[str], mode: str, prompts: dict[str, list[str]], k: int, trunk: Path
 ) -> dict:
     return {
-        "base_model": str(trunk or root / "models" / "base"),
+        "base_model": str(trunk),
         "gate_mode": mode,
         "experts_per_token": k,
         "dtype": "float32",
@@ -135,14 +136,15 @@ def routing(model_dir: Path, prompts_by_skill: dict[str, list[str]], skills: lis
     return out
 
 
-def oracle_model(root: Path, skill: str, out: Path) -> Path:
-    """The base model with ``skill``'s expert's feed-forward weights (single-file checkpoints only)."""
+def oracle_model(trunk: Path, expert_dir: Path, out: Path) -> Path:
+    """``trunk`` with the expert's feed-forward weights in every layer: an MoE whose router is always right
+    (single-file checkpoints only)."""
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(root / "models" / "base", out)
+    shutil.copytree(trunk, out)
     base = load_file(str(out / "model.safetensors"))
-    expert = load_file(str(root / "models" / skill / "model.safetensors"))
+    expert = load_file(str(expert_dir / "model.safetensors"))
     mixed = {k: expert[k] if ".mlp." in k else v for k, v in base.items()}
     save_file(mixed, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
@@ -167,6 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=64, help="training prompts per expert (default 64)")
     p.add_argument("--experts-per-token", type=int, default=2)
     p.add_argument("--modes", nargs="*", default=list(MOE_MODES))
+    p.add_argument(
+        "--targets",
+        nargs="*",
+        type=float,
+        default=[0.5, 0.99],
+        help="extra calibrated MoEs with these calibration.target_top1 (default 0.5 0.99; 0.9 is the default)",
+    )
     p.add_argument("--limit", type=int, help="test examples per skill (default: all)")
     p.add_argument("--work", type=Path, default=ROOT / ".bench-cache" / "moe", help="where models are built")
     p.add_argument("--seed", type=int, default=0)
@@ -185,15 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"skills": skills, "prompts_per_expert": args.prompts, "k": args.experts_per_token}
     t0 = time.perf_counter()
 
+    def tick(what: str) -> None:
+        print(f"# {what} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+
     acc: dict[str, dict[str, float]] = {}
     acc["base"] = accuracy(root / "models" / "base", root, skills, "test", args.limit)
     for s in skills:
         acc[f"expert {s}"] = accuracy(root / "models" / s, root, skills, "test", args.limit)
-
-    acc["oracle routing (base + own expert MLP)"] = {
-        s: accuracy(oracle_model(root, s, args.work / f"oracle-{s}"), root, [s], "test", args.limit)[s]
-        for s in skills
-    }
+    tick("base and experts scored")
 
     val: dict[float, float] = {}
     for density in TIES_DENSITIES:
@@ -205,19 +213,40 @@ def main(argv: list[str] | None = None) -> int:
     ties = args.work / f"ties-{best}"
     acc[f"TIES density {best}"] = accuracy(ties, root, skills, "test", args.limit)
     results["ties_val"] = val
-    print(f"# TIES merges scored ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    tick("TIES merges scored")
 
-    results["routing"] = {}
-    trunks: list[tuple[str, Path | None]] = [("base", None)] + ([] if args.no_trunk else [("TIES", ties)])
+    trunks: list[tuple[str, Path]] = [("base", root / "models" / "base")]
+    if not args.no_trunk:
+        trunks.append(("TIES trunk", ties))
     for trunk_name, trunk in trunks:
-        for mode in args.modes if trunk is None else [m for m in args.modes if m in ("hidden", "calibrated")]:
-            label = f"{mode}" if trunk is None else f"{mode}, TIES trunk"
-            out = args.work / f"moe-{mode}-{trunk_name}"
-            config = moe_config(root, skills, mode, prompts, args.experts_per_token, trunk)
-            build_moe(config, out, overwrite=True, quiet=True)
-            results["routing"][label] = routing(out, test_prompts, skills)
-            acc[f"MoE {label}"] = accuracy(out, root, skills, "test", args.limit)
-            print(f"# built and scored MoE {label} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+        acc[f"oracle routing, {trunk_name} + own expert MLP"] = {
+            s: accuracy(
+                oracle_model(trunk, root / "models" / s, args.work / f"oracle-{s}"),
+                root,
+                [s],
+                "test",
+                args.limit,
+            )[s]
+            for s in skills
+        }
+    tick("oracles scored")
+
+    variants: list[tuple[str, str, Path, float | None]] = [
+        (f"{mode}, base", mode, trunks[0][1], None) for mode in args.modes
+    ]
+    variants += [(f"calibrated target {t}, base", "calibrated", trunks[0][1], t) for t in args.targets]
+    if not args.no_trunk:
+        variants += [(f"{m}, TIES trunk", m, ties, None) for m in ("hidden", "calibrated") if m in args.modes]
+    results["routing"] = {}
+    for label, mode, trunk, target in variants:
+        out = args.work / ("moe-" + label.replace(", ", "-").replace(" ", "_"))
+        config = moe_config(root, skills, mode, prompts, args.experts_per_token, trunk)
+        if target is not None:
+            config["calibration"] = {"target_top1": target}
+        build_moe(config, out, overwrite=True, quiet=True)
+        results["routing"][label] = routing(out, test_prompts, skills)
+        acc[f"MoE {label}"] = accuracy(out, root, skills, "test", args.limit)
+        tick(f"MoE {label} built and scored")
     results["accuracy"] = acc
     print_tables(results, skills)
     if args.json:
@@ -244,7 +273,8 @@ def print_tables(results: dict, skills: list[str]) -> None:
         row = [scores.get(s, float("nan")) for s in skills]
         print(f"| {name} | " + " | ".join(f"{x:.3f}" for x in row) + f" | {sum(row) / len(row):.3f} |")
     print(f"\nTIES validation mean accuracy by density: {results['ties_val']}")
-    print("The oracle row scores each skill with its own expert's feed-forward blocks on the base model.")
+    print("Oracle rows score each skill with its own expert's feed-forward blocks on the trunk: the ceiling")
+    print("of an MoE on that trunk whose router is always right.")
 
 
 if __name__ == "__main__":
