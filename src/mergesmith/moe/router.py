@@ -86,31 +86,44 @@ class CalibratedLayer:
     mean_top1: float  # mean top-1 probability on the calibration samples after scaling
 
 
+def _shrink(s: Tensor, alpha: float) -> Tensor:
+    """alpha mu I + (1 - alpha) S with mu = tr(S)/p, in place of S."""
+    mu = s.trace() / s.shape[0]
+    s.mul_(1 - alpha).diagonal().add_(alpha * mu)
+    return s
+
+
 def ledoit_wolf(centered: Tensor) -> tuple[Tensor, float]:
     """Covariance of the rows of ``centered`` [n, p], shrunk toward mu*I (Ledoit & Wolf, 2004).
 
     S = X'X/n, mu = tr(S)/p, delta^2 = ||S - mu I||^2/p, beta^2 = min(delta^2, sum_k ||x_k x_k' - S||^2/(n^2 p)),
-    alpha = beta^2/delta^2, Sigma = alpha mu I + (1 - alpha) S. The sum uses
-    sum_k ||x_k x_k' - S||_F^2 = sum_k ||x_k||^4 - n ||S||_F^2.
+    alpha = beta^2/delta^2, Sigma = alpha mu I + (1 - alpha) S. No p x p temporaries:
+    ||S - mu I||^2 = ||S||^2 - 2 mu tr(S) + p mu^2 and sum_k ||x_k x_k' - S||^2 = sum_k ||x_k||^4 - n ||S||^2.
     """
     n, p = centered.shape
     s = centered.T @ centered / n
-    mu = s.trace() / p
-    eye = torch.eye(p, dtype=s.dtype)
-    delta2 = ((s - mu * eye) ** 2).sum() / p
-    beta2 = ((centered.pow(2).sum(1) ** 2).sum() - n * (s**2).sum()) / (n**2 * p)
+    trace = s.trace()
+    mu = trace / p
+    frob2 = (s * s).sum()
+    delta2 = (frob2 - 2 * mu * trace + p * mu * mu) / p
+    beta2 = ((centered.pow(2).sum(1) ** 2).sum() - n * frob2) / (n**2 * p)
     alpha = float((beta2.clamp(min=0) / delta2).clamp(max=1.0)) if delta2 > 0 else 1.0
-    return alpha * mu * eye + (1 - alpha) * s, alpha
+    return _shrink(s, alpha), alpha
 
 
 def shrunk_covariance(centered: Tensor, shrinkage: float | None) -> tuple[Tensor, float]:
     """Ledoit-Wolf when ``shrinkage`` is None, else (1 - a) S + a mu I with the given a."""
     if shrinkage is None:
         return ledoit_wolf(centered)
-    n, p = centered.shape
-    s = centered.T @ centered / n
-    mu = s.trace() / p
-    return shrinkage * mu * torch.eye(p, dtype=s.dtype) + (1 - shrinkage) * s, shrinkage
+    return _shrink(centered.T @ centered / centered.shape[0], shrinkage), shrinkage
+
+
+def spd_solve(a: Tensor, b: Tensor) -> Tensor:
+    """a^-1 b for a symmetric positive definite a (Cholesky; LU if rounding made a indefinite)."""
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        return torch.cholesky_solve(b if b.dim() == 2 else b[:, None], chol).reshape(b.shape)
+    return torch.linalg.solve(a, b)
 
 
 def bias_direction(samples: Tensor, ridge: float = 1e-3) -> Tensor:
@@ -120,8 +133,8 @@ def bias_direction(samples: Tensor, ridge: float = 1e-3) -> Tensor:
     It exists because the router input is a normalised (RMSNorm times a learned gain) vector that keeps
     large components common to all tokens."""
     gram = samples.T @ samples
-    lam = ridge * gram.trace() / gram.shape[0]
-    return torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), samples.sum(0))
+    gram.diagonal().add_(ridge * gram.trace() / gram.shape[0])
+    return spd_solve(gram, samples.sum(0))
 
 
 def lda_logits_weights(
@@ -143,7 +156,7 @@ def lda_logits_weights(
             means[e] = means[e] - (neg.mean(0) - centre)
     centered = torch.cat([x - x.mean(0) for x in samples])
     cov, alpha = shrunk_covariance(centered, shrinkage)
-    w = torch.linalg.solve(cov, means.T).T
+    w = spd_solve(cov, means.T).T
     b = -0.5 * (w * means).sum(1)
     return w, b, alpha
 
