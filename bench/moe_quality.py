@@ -10,12 +10,13 @@ For the models in ``examples/skills/models`` (a base and one fine-tune per skill
   prompt token is that skill's expert ("last"), the same over every prompt token ("tokens"), and the mean
   top-1 router probability (1/E is a flat router, 1 a one-hot one);
 * scores exact-match accuracy (greedy generation, ``mergesmith.eval``) per skill of the base, each expert,
-  each MoE and a TIES merge of the same experts (``mergesmith.merge``; the best of a few densities on the
-  validation split);
+  each MoE and a TIES merge of the same experts (``mergesmith.merge``; the best of a grid of densities and
+  lambdas on the validation split);
 * scores the ceiling of any router: for each skill, the trunk (base or TIES merge) with that skill's
   expert's feed-forward blocks in every layer ("oracle routing": what an MoE on that trunk computes when
   every token goes to the right expert);
-* builds calibrated MoEs with other ``calibration.target_top1`` values (``--targets``): the temperature;
+* builds calibrated MoEs with other ``calibration.target_top1`` values (``--targets``: the temperature),
+  with ``calibration.tokens: last`` and with one expert per token, on the TIES trunk;
 * builds MoEs on a merged trunk: ``base_model`` set to the TIES merge, so attention, norms and embeddings
   are the merge's and the feed-forward blocks the experts' own (``--no-trunk`` skips this).
 
@@ -55,7 +56,7 @@ def evaluate_tasks(model_dir: Path, tasks: list) -> dict[str, float]:
 
 
 MOE_MODES = ("hidden", "hidden_avg", "cheap_embed", "calibrated")
-TIES_DENSITIES = (0.3, 0.5, 0.7)
+TIES_GRID = [(d, lam) for d in (0.2, 0.3, 0.5, 0.7) for lam in (1.0, 1.5, 2.0, 2.5)]  # (density, lambda)
 
 
 def skills_of(root: Path, wanted: Sequence[str] | None) -> list[str]:
@@ -91,7 +92,7 @@ def moe_config(
     }
 
 
-def ties_config(root: Path, skills: list[str], density: float) -> dict:
+def ties_config(root: Path, skills: list[str], density: float, lam: float) -> dict:
     return {
         "merge_method": "ties",
         "base_model": str(root / "models" / "base"),
@@ -99,6 +100,7 @@ def ties_config(root: Path, skills: list[str], density: float) -> dict:
             {"model": str(root / "models" / s), "parameters": {"weight": 1.0, "density": density}}
             for s in skills
         ],
+        "parameters": {"lambda": lam},
         "dtype": "float32",
     }
 
@@ -203,15 +205,15 @@ def main(argv: list[str] | None = None) -> int:
         acc[f"expert {s}"] = accuracy(root / "models" / s, root, skills, "test", args.limit)
     tick("base and experts scored")
 
-    val: dict[float, float] = {}
-    for density in TIES_DENSITIES:
-        out = args.work / f"ties-{density}"
-        mergesmith.merge(ties_config(root, skills, density), out, overwrite=True, quiet=True)
+    val: dict[str, float] = {}
+    for density, lam in TIES_GRID:
+        out = args.work / f"ties-{density}-{lam}"
+        mergesmith.merge(ties_config(root, skills, density, lam), out, overwrite=True, quiet=True)
         scores = accuracy(out, root, skills, "val", args.limit)
-        val[density] = sum(scores.values()) / len(scores)
-    best = max(val, key=lambda d: val[d])
-    ties = args.work / f"ties-{best}"
-    acc[f"TIES density {best}"] = accuracy(ties, root, skills, "test", args.limit)
+        val[f"density {density}, lambda {lam}"] = sum(scores.values()) / len(scores)
+    best = max(val, key=lambda k: val[k])
+    ties = args.work / ("ties-" + best.removeprefix("density ").replace(", lambda ", "-"))
+    acc[f"TIES ({best})"] = accuracy(ties, root, skills, "test", args.limit)
     results["ties_val"] = val
     tick("TIES merges scored")
 
@@ -231,18 +233,33 @@ def main(argv: list[str] | None = None) -> int:
         }
     tick("oracles scored")
 
-    variants: list[tuple[str, str, Path, float | None]] = [
-        (f"{mode}, base", mode, trunks[0][1], None) for mode in args.modes
-    ]
-    variants += [(f"calibrated target {t}, base", "calibrated", trunks[0][1], t) for t in args.targets]
+    # (label, gate mode, trunk, config overrides)
+    variants: list[tuple[str, str, Path, dict]] = [(f"{m}, base", m, trunks[0][1], {}) for m in args.modes]
+    last_trunk_name, last_trunk = trunks[-1]
     if not args.no_trunk:
-        variants += [(f"{m}, TIES trunk", m, ties, None) for m in ("hidden", "calibrated") if m in args.modes]
+        variants += [(f"{m}, TIES trunk", m, ties, {}) for m in ("hidden", "calibrated") if m in args.modes]
+    variants += [
+        (
+            f"calibrated target {t}, {last_trunk_name}",
+            "calibrated",
+            last_trunk,
+            {"calibration": {"target_top1": t}},
+        )
+        for t in args.targets
+    ]
+    variants += [
+        (
+            f"calibrated last tokens only, {last_trunk_name}",
+            "calibrated",
+            last_trunk,
+            {"calibration": {"tokens": "last"}},
+        ),
+        (f"calibrated k=1, {last_trunk_name}", "calibrated", last_trunk, {"experts_per_token": 1}),
+    ]
     results["routing"] = {}
-    for label, mode, trunk, target in variants:
+    for label, mode, trunk, overrides in variants:
         out = args.work / ("moe-" + label.replace(", ", "-").replace(" ", "_"))
-        config = moe_config(root, skills, mode, prompts, args.experts_per_token, trunk)
-        if target is not None:
-            config["calibration"] = {"target_top1": target}
+        config = {**moe_config(root, skills, mode, prompts, args.experts_per_token, trunk), **overrides}
         build_moe(config, out, overwrite=True, quiet=True)
         results["routing"][label] = routing(out, test_prompts, skills)
         acc[f"MoE {label}"] = accuracy(out, root, skills, "test", args.limit)
@@ -272,7 +289,10 @@ def print_tables(results: dict, skills: list[str]) -> None:
     for name, scores in results["accuracy"].items():
         row = [scores.get(s, float("nan")) for s in skills]
         print(f"| {name} | " + " | ".join(f"{x:.3f}" for x in row) + f" | {sum(row) / len(row):.3f} |")
-    print(f"\nTIES validation mean accuracy by density: {results['ties_val']}")
+    print(
+        "\nTIES validation mean accuracy: "
+        + ", ".join(f"{k}: {v:.3f}" for k, v in results["ties_val"].items())
+    )
     print("Oracle rows score each skill with its own expert's feed-forward blocks on the trunk: the ceiling")
     print("of an MoE on that trunk whose router is always right.")
 
