@@ -208,3 +208,16 @@ def test_calibration_target_must_beat_a_flat_router(llama_models, tmp_path):
     cfg = expert_config(llama_models["base"], [llama_models[k] for k in ("e0", "e1", "e2")], "calibrated")
     cfg["calibration"] = {"target_top1": 0.3}
     assert "not above 1/3" in _error(cfg, tmp_path)
+
+
+def test_prompt_modes_need_the_base_tokenizer(llama_models, tmp_path):
+    import shutil
+
+    base = tmp_path / "no-tokenizer"
+    shutil.copytree(llama_models["base"], base)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (base / f).unlink(missing_ok=True)
+    (base / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    for mode in ("hidden", "cheap_embed"):
+        msg = _error(expert_config(base, [llama_models["e0"], llama_models["e1"]], mode), tmp_path)
+        assert "cannot load its tokenizer" in msg and "gate_mode: random" in msg
