@@ -53,6 +53,7 @@ def _config(family: str, layers: int, tied: bool, intermediate: int):
         "mistral": transformers.MistralConfig,
         "qwen2": transformers.Qwen2Config,
         "qwen3": transformers.Qwen3Config,
+        "olmo2": transformers.Olmo2Config,
     }[family]
     extra = {"head_dim": 8} if family == "qwen3" else {}
     return cls(**common, **extra)

@@ -101,3 +101,11 @@ def test_mistral_experts_keep_the_sliding_window(dense_factory, tmp_path):
     assert model.config.sliding_window == 4
     ids = torch.tensor([[1, *range(5, 17)]])
     assert torch.allclose(logits(model, ids), logits(load(base), ids), atol=1e-5)
+
+
+def test_flex_olmo_from_olmo2_is_the_dense_model(dense_factory, tmp_path):
+    """FlexOlmo is OLMo 2's layout (post-norms, full-width q/k norms) with a sparse block."""
+    base = dense_factory(tmp_path / "olmo2", "olmo2")
+    model = load(build_moe(_identity_config(base, "calibrated", n=2), tmp_path / "moe", quiet=True).path)
+    assert type(model).__name__ == "FlexOlmoForCausalLM" and model.config.norm_topk_prob
+    assert torch.allclose(logits(model), logits(load(base)), atol=1e-5)

@@ -24,6 +24,11 @@ PROJECTIONS = ("gate", "up", "down")
 DROPPED_KEYS = ("architectures", "model_type", "transformers_version", "_name_or_path", "auto_map")
 
 
+#: Router settings every family gets where it has the key: top-k weights renormalised to sum to 1 (Mixtral
+#: always does), and every layer sparse.
+SPARSE_EVERYWHERE = (("norm_topk_prob", True), ("decoder_sparse_step", 1), ("mlp_only_layers", []))
+
+
 @dataclass(frozen=True)
 class Family:
     """One MoE output: its names, the dense families it accepts, and how its experts are named."""
@@ -36,10 +41,15 @@ class Family:
     block: str  # the per-expert layout's name of the sparse block ("block_sparse_moe" / "mlp")
     expert_names: tuple[str, str, str]  # per-expert names of gate, up, down projections
     count_key: str  # config key of the number of experts
+    settings: tuple[tuple[str, Any], ...] = ()  # fixed config keys
+    expert_size_key: str | None = (
+        None  # config key of the experts' intermediate size, if not intermediate_size
+    )
+    bias_key: str | None = None  # config key saying whether q/k/v have biases, if the class can have them
 
     def matches(self, wanted: str) -> bool:
         """mergekit's rule: ``architecture`` is a case-insensitive prefix of the name; the model_type
-        (``mixtral``, ``qwen2_moe``, ``qwen3_moe``) also works."""
+        (``mixtral``, ``qwen2_moe``, ``qwen3_moe``, ``flex_olmo``) also works."""
         w = wanted.strip().lower()
         return self.name.lower().startswith(w) or self.model_type == w
 
@@ -74,20 +84,12 @@ class Family:
             output_router_logits=False,
         )
         cfg[self.count_key] = num_experts
-        if self.model_type == "mixtral":
-            cfg["router_jitter_noise"] = 0.0
-        else:
-            cfg.update(
-                moe_intermediate_size=expert_intermediate,
-                decoder_sparse_step=1,
-                mlp_only_layers=[],
-                norm_topk_prob=True,
-            )
-        if self.model_type == "qwen2_moe":
-            cfg["qkv_bias"] = attention_bias
+        cfg.update({key: (list(v) if isinstance(v, list) else v) for key, v in self.settings})
+        cfg[self.expert_size_key or "intermediate_size"] = expert_intermediate
+        if self.bias_key:
+            cfg[self.bias_key] = attention_bias
+        if self.shared_expert:
             cfg["shared_expert_intermediate_size"] = shared_intermediate
-        elif self.model_type == "qwen3_moe":
-            cfg["attention_bias"] = attention_bias
         return cfg
 
 
@@ -101,6 +103,7 @@ FAMILIES: tuple[Family, ...] = (
         block="block_sparse_moe",
         expert_names=("w1", "w3", "w2"),
         count_key="num_local_experts",
+        settings=(("router_jitter_noise", 0.0),),
     ),
     Family(
         "Qwen MoE",
@@ -111,6 +114,9 @@ FAMILIES: tuple[Family, ...] = (
         block="mlp",
         expert_names=("gate_proj", "up_proj", "down_proj"),
         count_key="num_experts",
+        settings=SPARSE_EVERYWHERE,
+        expert_size_key="moe_intermediate_size",
+        bias_key="qkv_bias",
     ),
     Family(
         "Qwen3 MoE",
@@ -121,6 +127,21 @@ FAMILIES: tuple[Family, ...] = (
         block="mlp",
         expert_names=("gate_proj", "up_proj", "down_proj"),
         count_key="num_experts",
+        settings=SPARSE_EVERYWHERE,
+        expert_size_key="moe_intermediate_size",
+        bias_key="attention_bias",
+    ),
+    Family(
+        "FlexOlmo",
+        "flex_olmo",
+        "FlexOlmoForCausalLM",
+        ("olmo2",),
+        shared_expert=False,
+        block="mlp",
+        expert_names=("gate_proj", "up_proj", "down_proj"),
+        count_key="num_experts",
+        settings=(("norm_topk_prob", True),),
+        bias_key="attention_bias",
     ),
 )
 
