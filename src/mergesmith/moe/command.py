@@ -14,8 +14,8 @@ Build a sparse mixture-of-experts model from dense fine-tunes of one base model,
 YAML format) describes: the experts' feed-forward blocks become the experts; attention, norms,
 embeddings and lm_head come from base_model; each layer's router is initialised without training
 (gate_mode: hidden, hidden_avg, cheap_embed, calibrated, random or uniform_random; see docs/moe.md).
-The output (Mixtral, Qwen MoE, Qwen3 MoE or FlexOlmo) is written to a temporary folder beside OUT_DIR and renamed
-when complete."""
+The output (Mixtral, Qwen MoE, Qwen3 MoE or FlexOlmo) is written to a temporary folder beside
+OUT_DIR and renamed when complete."""
 
 
 def register(subparsers: Any) -> None:
