@@ -221,3 +221,25 @@ def test_prompt_modes_need_the_base_tokenizer(llama_models, tmp_path):
     for mode in ("hidden", "cheap_embed"):
         msg = _error(expert_config(base, [llama_models["e0"], llama_models["e1"]], mode), tmp_path)
         assert "cannot load its tokenizer" in msg and "gate_mode: random" in msg
+
+
+def test_lora_expert_references(llama_models, tmp_path):
+    """An expert may be MODEL+ADAPTER (as in mergekit-moe): its MLPs are read with the adapter applied."""
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_models["base"])
+    lora = peft.LoraConfig(init_lora_weights=False, r=4, target_modules=["gate_proj", "up_proj", "down_proj"])
+    peft.get_peft_model(model, lora).save_pretrained(tmp_path / "adapter")
+    merged = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(llama_models["base"]), tmp_path / "adapter"
+    ).merge_and_unload()
+    ref = f"{llama_models['base']}+{tmp_path / 'adapter'}"
+    cfg = expert_config(llama_models["base"], [llama_models["e0"], llama_models["base"]], "random")
+    cfg["experts"][1]["source_model"] = ref
+    out = _tensors(build_moe(cfg, tmp_path / "moe", quiet=True).path)
+    got = out["model.layers.1.block_sparse_moe.experts.1.w2.weight"]
+    assert torch.allclose(got, merged.model.layers[1].mlp.down_proj.weight, atol=1e-6)
+    cfg["base_model"] = ref
+    assert "must be a model folder" in _error(cfg, tmp_path)

@@ -24,6 +24,7 @@ import yaml
 from tqdm import tqdm
 
 from mergesmith.errors import MergeError
+from mergesmith.lora.source import split_lora_ref
 from mergesmith.model import FLOAT_DTYPES, ModelSource
 from mergesmith.moe.activations import BaseRunner
 from mergesmith.moe.card import moe_card
@@ -33,6 +34,7 @@ from mergesmith.moe.families import Family, choose_family, expected_tensors, tra
 from mergesmith.moe.gates import LayerReport, Routers, build_routers
 from mergesmith.plan import dtype_name, parse_dtype
 from mergesmith.rng import derive_seed
+from mergesmith.sources import open_source
 from mergesmith.write import OutputFolder, ShardedWriter, TensorSpec, copy_files, parse_size
 
 log = logging.getLogger("mergesmith.moe")
@@ -103,19 +105,30 @@ class MoEResult:
 
 
 def _open_all(cfg: MoEConfig) -> tuple[ModelSource, list[ModelSource], ModelSource | None]:
+    """Open every model once (headers only). Experts may be ``model+adapter`` LoRA references; the base
+    may not, since the prompt pass runs it with transformers from its folder."""
+    if split_lora_ref(cfg.base_model)[1] is not None:
+        raise MergeError(
+            f"base_model {cfg.base_model!r} is a MODEL+ADAPTER reference; the MoE's base must be a model "
+            "folder: apply the adapter first (mergesmith merge with merge_method: passthrough)"
+        )
     cache: dict[str, ModelSource] = {}
 
     def get(ref: str) -> ModelSource:
         if ref not in cache:
-            cache[ref] = ModelSource.open(ref)
+            cache[ref] = open_source(ref)
         return cache[ref]
 
     shared = cfg.shared_expert
-    return (
-        get(cfg.base_model),
-        [get(e.source_model) for e in cfg.experts],
-        get(shared.source_model) if shared else None,
-    )
+    base = get(cfg.base_model)
+    experts = [get(e.source_model) for e in cfg.experts]
+    return base, experts, get(shared.source_model) if shared else None
+
+
+def _identity(src: ModelSource) -> str:
+    """What makes two sources the same weights: the folder, plus the adapter for a LoRA reference."""
+    adapter = split_lora_ref(src.ref)[1]
+    return str(src.path.resolve()) + (f"+{adapter}" if adapter else "")
 
 
 def _out_dtype(cfg: MoEConfig, base: ModelSource) -> torch.dtype:
@@ -156,7 +169,7 @@ def _plan(
     shared_layout = DenseLayout.of(shared) if shared is not None else None
     if shared_layout is not None and shared is not None:
         base_layout.check_expert(shared_layout, shared, base, "shared expert")
-    if len({s.path.resolve() for s in experts}) == 1 and len(experts) > 1:
+    if len({_identity(s) for s in experts}) == 1 and len(experts) > 1:
         log.warning(
             "all %d experts are the same model %s: without training, the MoE computes what that dense "
             "model's feed-forward blocks compute",
