@@ -23,6 +23,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from mergesmith.defaults import DEFAULT_SHARD_SIZE
 from mergesmith.errors import MergeError
 from mergesmith.lora.source import split_lora_ref
 from mergesmith.model import FLOAT_DTYPES, ModelSource
@@ -459,7 +460,7 @@ def build_moe(
     *,
     overwrite: bool = False,
     random_seed: int = 0,
-    out_shard_size: str | int = "5G",
+    out_shard_size: str | int = DEFAULT_SHARD_SIZE,
     device: str = "cpu",
     batch_size: int = 16,
     fused_experts: bool = False,

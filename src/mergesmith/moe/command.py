@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from mergesmith.defaults import DEFAULT_SHARD_SIZE
 from mergesmith.moe.build import build_moe
 from mergesmith.moe.gates import LayerReport
 
@@ -29,7 +30,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("config", metavar="CONFIG.yml")
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
-    p.add_argument("--out-shard-size", default="5G", metavar="SIZE", help="largest output shard (default 5G)")
+    p.add_argument(
+        "--out-shard-size",
+        default=DEFAULT_SHARD_SIZE,
+        metavar="SIZE",
+        help=f"largest output shard (default {DEFAULT_SHARD_SIZE})",
+    )
     p.add_argument(
         "--random-seed", type=int, default=0, metavar="N", help="seed of random routers and noise (default 0)"
     )
