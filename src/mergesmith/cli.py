@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "mergesmith.eval.command",
     "mergesmith.lora.command",
     "mergesmith.bitnet.command",
+    "mergesmith.moe.command",
 ]
 
 
