@@ -249,3 +249,56 @@ def test_overwrite_rules(llama_trio, tmp_path):
     assert (dest / "keep.txt").read_text() == "precious"
     mergesmith.merge(cfg, dest, quiet=True, overwrite=True)
     assert not (dest / "keep.txt").exists() and (dest / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties", "slerp"])
+def test_bf16_inputs_are_computed_in_float32(llama_trio, tmp_path, method):
+    """Kernels that read bf16 inputs directly (raw_inputs) give what float32 maths on the same values gives."""
+    from safetensors.torch import save_file
+
+    bf16 = []
+    for m in llama_trio:
+        folder = tmp_path / f"{m.name}-bf16"
+        folder.mkdir()
+        for f in ("config.json", "tokenizer_config.json"):
+            (folder / f).write_bytes((m / f).read_bytes())
+        save_file({k: v.to(torch.bfloat16) for k, v in load_tensors(m).items()}, folder / "model.safetensors")
+        bf16.append(folder)
+    base, ft1, ft2 = bf16
+    if method == "slerp":
+        cfg = {
+            "merge_method": "slerp",
+            "base_model": str(base),
+            "models": [{"model": str(base)}, {"model": str(ft1)}],
+            "parameters": {"t": 0.3},
+        }
+    elif method == "linear":
+        cfg = {
+            "merge_method": "linear",
+            "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(bf16, (0.5, 0.3, 0.2))],
+        }
+    else:
+        cfg = {
+            "merge_method": method,
+            "base_model": str(base),
+            "models": [{"model": str(m), "parameters": {"weight": 0.5, "density": 0.4}} for m in (ft1, ft2)],
+        }
+    out = load_tensors(mergesmith.merge(cfg, tmp_path / "out", quiet=True, random_seed=3))
+    tb, t1, t2 = (load_tensors(m) for m in bf16)
+    for name, merged in out.items():
+        assert merged.dtype == torch.bfloat16
+        if method == "slerp":
+            expected = merge_tensors("slerp", [t1[name]], tb[name], t=0.3)
+        elif method == "linear":
+            expected = merge_tensors("linear", [tb[name], t1[name], t2[name]], weight=[0.5, 0.3, 0.2])
+        else:
+            expected = merge_tensors(
+                method,
+                [t1[name], t2[name]],
+                tb[name],
+                weight=[0.5, 0.5],
+                density=[0.4, 0.4],
+                seed=3,
+                name=name,
+            )
+        assert torch.equal(merged, expected.to(torch.bfloat16)), name

@@ -7,19 +7,21 @@ import yaml
 from mergesmith.plan import MergePlan
 
 
+def front_matter(base_models: list[str], tags: list[str]) -> list[str]:
+    """The card's YAML header lines: the input models, the library and the tags."""
+    front = {
+        "base_model": base_models,
+        "library_name": "transformers",
+        "tags": tags,
+    }
+    return ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", ""]
+
+
 def model_card(plan: MergePlan, config_text: str) -> str:
     refs = list(plan.models)
-    front = {
-        "base_model": refs,
-        "library_name": "transformers",
-        "tags": ["merge", "mergesmith"],
-    }
     method = plan.method
     lines = [
-        "---",
-        yaml.safe_dump(front, sort_keys=False).strip(),
-        "---",
-        "",
+        *front_matter(refs, ["merge", "mergesmith"]),
         "# Merged model",
         "",
         "This model was made with [mergesmith](https://pypi.org/project/mergesmith/), which merges the "

@@ -96,13 +96,13 @@ class MergeConfig(_Strict):
 DtypeName = Literal["float32", "float16", "bfloat16", "float64"]
 
 
-def _format_validation_error(exc: ValidationError, source: str) -> str:
+def _format_validation_error(exc: ValidationError, source: str, docs: str = "docs/config.md") -> str:
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "tagged-")))
     loc = loc.replace(".list[FilterEntry]", "").replace(".list[union[int,float]]", "")
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
-        msg = "unknown key (check its spelling against docs/config.md)"
+        msg = f"unknown key (check its spelling against {docs})"
     elif err["type"] == "missing":
         msg = "required key is missing"
     where = f" at '{loc}'" if loc else ""

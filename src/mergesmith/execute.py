@@ -214,17 +214,20 @@ class Executor:
             kernel.end_pass(p)
         return lambda: ((span, self._finish(t, kernel.apply(self._load(t, span, rng)))) for span in spans)
 
-    def _read(self, t: OutputTensor, src, span) -> torch.Tensor:
+    def _read(self, t: OutputTensor, src, span, raw: bool) -> torch.Tensor:
         x = self.plan.models[src.model].read(src.tensor, span)
         if t.cast_dtype is not None and x.dtype != t.cast_dtype:
             x = x.to(t.cast_dtype)
+        if raw and x.is_floating_point() and x.dtype.itemsize <= t.compute_dtype.itemsize:
+            return x.to(self.device)  # the kernel converts as it computes
         return x.to(self.device, t.compute_dtype)  # read() returned a buffer we own: in-place is safe
 
     def _load(self, t: OutputTensor, span, rng) -> Chunk:
-        base = self._read(t, t.base, span) if t.base is not None else None
-        models = [self._read(t, s, span) for s in t.inputs]
+        raw = get_method(t.method).raw_inputs
+        base = self._read(t, t.base, span, raw) if t.base is not None else None
+        models = [self._read(t, s, span, raw) for s in t.inputs]
         start = span[0] * row_elems(t) if span else 0
-        return Chunk(base, models, start, rng)
+        return Chunk(base, models, start, rng, t.compute_dtype)
 
     def _finish(self, t: OutputTensor, out: torch.Tensor) -> torch.Tensor:
         out = out.to(t.out_dtype)

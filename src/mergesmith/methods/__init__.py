@@ -48,7 +48,9 @@ class ParamSpec:
 
 @dataclass
 class Chunk:
-    """Rows of one output tensor's inputs, in the compute dtype; ``start`` is the flat element offset.
+    """Rows of one output tensor's inputs, in the compute dtype ``dtype``; ``start`` is the flat element
+    offset. For a method with ``raw_inputs`` the tensors may still be in their stored floating dtype
+    (bf16, fp16), and the kernel converts them as it reads them.
 
     ``base`` is None unless the method's BaseRule is REQUIRED, or OPTIONAL and a base_model is set.
     """
@@ -57,6 +59,7 @@ class Chunk:
     models: list[torch.Tensor]
     start: int
     rng: list[RandomStream] | None = None
+    dtype: torch.dtype = torch.float32
 
 
 class Kernel:
@@ -105,6 +108,9 @@ class Method:
     random: bool = False
     chunkable: bool = True  # output chunk depends only on the same rows of the inputs (after passes)
     scratch: int = 2  # extra float buffers of chunk size that apply() needs, for the memory estimate
+    # the kernel accepts inputs in their stored floating dtype and converts while computing, which saves
+    # a conversion pass over every input
+    raw_inputs: bool = False
     summary: str = ""
     param_index: dict[str, ParamSpec] = field(init=False, repr=False, compare=False)
 

@@ -13,9 +13,9 @@ class LinearKernel(Kernel):
 
     def apply(self, chunk: Chunk) -> torch.Tensor:
         weights = self.p["weight"]
-        out = chunk.models[0].mul_(weights[0])
+        out = chunk.models[0].to(chunk.dtype).mul_(weights[0])
         for w, t in zip(weights[1:], chunk.models[1:]):
-            out.add_(t, alpha=w)
+            out.add_(t, alpha=w)  # t may be bf16: converted inside the add
         if self.p["normalize"]:
             total = sum(weights)
             if abs(total) < 1e-8:
@@ -38,6 +38,7 @@ register(
         ),
         base=BaseRule.INPUT,
         scratch=0,
+        raw_inputs=True,
         summary="weighted average of the models",
     )
 )

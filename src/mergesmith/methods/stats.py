@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -40,3 +41,23 @@ def unit_gram(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     safe = torch.where(norms > 0, norms, torch.ones_like(norms))
     cos = gram / (safe.unsqueeze(-1) * safe.unsqueeze(-2))
     return norms, cos.clamp(-1.0, 1.0)
+
+
+class RowL1:
+    """sum |x| over a tensor seen whole or in row chunks, the same to the last bit either way.
+
+    Each row's L1 norm is taken in float32 (one pass, no |x| temporary); rows are never split between
+    chunks, and the row sums are added exactly (math.fsum), so the grouping into chunks cannot change
+    the result.
+    """
+
+    def __init__(self) -> None:
+        self._rows: list[float] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        rows = x.reshape(x.shape[0], -1) if x.dim() >= 2 else x.reshape(1, -1)
+        self._rows.extend(torch.linalg.vector_norm(rows, 1, dim=1).tolist())
+
+    @property
+    def value(self) -> float:
+        return math.fsum(self._rows)

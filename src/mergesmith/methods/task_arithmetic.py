@@ -22,6 +22,7 @@ import torch
 
 from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, register
 from mergesmith.methods.sparsify import TopKThreshold, keep_count
+from mergesmith.methods.stats import RowL1
 
 RESCALE_EPS = 1e-7
 
@@ -41,7 +42,8 @@ class TaskArithmeticKernel(Kernel):
             ]
             self.threshold_passes = 2 if any(s is not None for s in self.selectors) else 0
         n = len(densities)
-        self.l1_full, self.l1_kept = [0.0] * n, [0.0] * n
+        self.l1_full = [RowL1() for _ in range(n)]
+        self.l1_kept = [RowL1() for _ in range(n)]
         self.rescaling = (
             bool(params["rescale"]) and self.sparsify != "none" and any(d < 1.0 for d in densities)
         )
@@ -49,8 +51,9 @@ class TaskArithmeticKernel(Kernel):
 
     # --- statistics over chunks -------------------------------------------------------------------
     def observe(self, pass_index: int, chunk: Chunk) -> None:
+        base = chunk.base.to(chunk.dtype)
         for i, model in enumerate(chunk.models):
-            delta = model - chunk.base
+            delta = torch.sub(model, base)  # a new tensor in the compute dtype, whatever model's dtype
             if pass_index < self.threshold_passes:
                 sel = self.selectors[i]
                 if sel is not None:
@@ -70,8 +73,8 @@ class TaskArithmeticKernel(Kernel):
                 sel.ties_seen = 0  # the L1 pass trimmed every chunk once; apply starts over
 
     def _add_l1(self, i: int, delta: torch.Tensor, dropped: torch.Tensor) -> None:
-        self.l1_full[i] += float(delta.abs().sum(dtype=torch.float64))
-        self.l1_kept[i] += float(dropped.abs().sum(dtype=torch.float64))
+        self.l1_full[i].add(delta)
+        self.l1_kept[i].add(dropped)
 
     def _random_keep(self, chunk: Chunk, i: int, like: torch.Tensor) -> torch.Tensor:
         u = chunk.rng[i].uniform(chunk.start, like.numel()).reshape(like.shape).to(like.device)
@@ -92,7 +95,7 @@ class TaskArithmeticKernel(Kernel):
 
     def _rescale(self, i: int, dropped: torch.Tensor) -> torch.Tensor:
         """Scale a sparsified task vector back to the L1 norm it had before dropping."""
-        full, kept = self.l1_full[i], self.l1_kept[i]
+        full, kept = self.l1_full[i].value, self.l1_kept[i].value
         if self.rescaling and full > RESCALE_EPS and kept > RESCALE_EPS and full != kept:
             dropped.mul_(full / kept)
         return dropped
@@ -101,9 +104,10 @@ class TaskArithmeticKernel(Kernel):
         """Whole tensor in memory: each task vector is computed and sparsified once."""
         if self.sparsify not in ("none", "magnitude", "random"):  # subclasses with their own sparsifier
             return super().run_whole(chunk)
+        _compute_base(chunk)
         sparse = []
-        for i, model in enumerate(chunk.models):
-            delta = model.sub_(chunk.base)
+        for i in range(len(chunk.models)):
+            delta = _delta(chunk, i)
             if self.selectors and self.selectors[i] is not None:
                 self.selectors[i].find_in(delta)
             dropped = self._drop(chunk, i, delta)
@@ -113,11 +117,12 @@ class TaskArithmeticKernel(Kernel):
         return self._combine(chunk, sparse)
 
     def apply(self, chunk: Chunk) -> torch.Tensor:
+        _compute_base(chunk)
         return self._combine(chunk, [self._sparse_delta(chunk, i) for i in range(len(chunk.models))])
 
     def _sparse_delta(self, chunk: Chunk, i: int) -> torch.Tensor:
         """Model i's task vector on this chunk, sparsified and rescaled (subclasses may override)."""
-        return self._rescale(i, self._drop(chunk, i, chunk.models[i].sub_(chunk.base)))
+        return self._rescale(i, self._drop(chunk, i, _delta(chunk, i)))
 
     def _combine(self, chunk: Chunk, deltas: list[torch.Tensor]) -> torch.Tensor:
         weights = self.p["weight"]
@@ -137,6 +142,19 @@ class TaskArithmeticKernel(Kernel):
         if lam != 1.0:
             mixed.mul_(lam)
         return mixed.add_(chunk.base)
+
+
+def _compute_base(chunk: Chunk) -> None:
+    """Make the chunk's base the compute dtype (inputs may arrive in their stored dtype: raw_inputs)."""
+    chunk.base = chunk.base.to(chunk.dtype)
+
+
+def _delta(chunk: Chunk, i: int) -> torch.Tensor:
+    """theta_i - theta_base in the compute dtype, reusing model i's buffer when it already has that dtype."""
+    model = chunk.models[i]
+    if model.dtype == chunk.dtype:
+        return model.sub_(chunk.base)
+    return torch.sub(model, chunk.base)  # converts model's bf16/fp16 values inside the subtraction
 
 
 def _disjoint_sum(weighted: list[torch.Tensor], weights, normalize: bool) -> torch.Tensor:
@@ -231,5 +249,6 @@ for _name, _kernel, _norm, _rescale, _random, _summary in (
             random=_random,
             scratch=4 if _kernel.consensus else 1,
             summary=_summary,
+            raw_inputs=True,
         )
     )

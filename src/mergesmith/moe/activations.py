@@ -1,0 +1,216 @@
+"""The base model's activations on the experts' prompts: the one forward pass that router init needs.
+
+Only the base model is loaded (transformers, CPU by default, in the checkpoint's dtype). Prompts are
+tokenised as the model sees them in use (the tokenizer's own special tokens, e.g. a BOS) and run in
+batches with *right* padding: under a causal mask a real token never attends to a pad that follows it,
+and its position ids are unchanged, so every state equals the one of an unpadded run.
+
+Two activations are captured per decoder layer l:
+
+- the layer input ``h_l`` (the residual stream entering layer l; ``hidden_states[l]`` in transformers),
+  which mergekit's ``hidden`` gate uses;
+- the router input ``x_l``: what the layer's feed-forward block receives, i.e. the output of the
+  layer's attention added to the residual stream and passed through the post-attention norm. The MoE's
+  router replaces that block and sees exactly ``x_l``; it is captured with a forward pre-hook on the
+  layer's ``mlp`` module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergesmith.errors import MergeError
+
+
+@dataclass(frozen=True)
+class PromptStates:
+    """Activations of a set of prompts, float32, on the CPU.
+
+    ``layer_last[p, l]``: layer l's input at prompt p's last token; ``layer_mean[p, l]``: its mean over
+    the prompt's ordinary (non-special) tokens. ``router_tokens[p][l, t]``: layer l's router input at
+    ordinary token t of prompt p (only when router inputs were asked for).
+    """
+
+    layer_last: torch.Tensor  # [P, L, d]
+    layer_mean: torch.Tensor  # [P, L, d]
+    router_tokens: tuple[torch.Tensor, ...] | None  # P x [L, T_p, d]
+
+    @property
+    def num_prompts(self) -> int:
+        return self.layer_last.shape[0]
+
+    def router_samples(self, last_only: bool = False) -> torch.Tensor:
+        """All router-input samples as one [L, N, d] tensor (every ordinary token, or each last one)."""
+        if self.router_tokens is None:
+            raise ValueError("router inputs were not captured")
+        parts = [t[:, -1:] if last_only else t for t in self.router_tokens]
+        return torch.cat(parts, dim=1)
+
+
+@dataclass
+class BaseRunner:
+    """A loaded base model and tokenizer that turns prompt lists into PromptStates."""
+
+    model: Any
+    tokenizer: Any
+    batch_size: int = 16
+    device: str = "cpu"
+
+    @classmethod
+    def load(cls, path: Path, ref: str, batch_size: int = 16, device: str = "cpu") -> BaseRunner:
+        """The base model (in its checkpoint's dtype) and its tokenizer."""
+        from transformers import AutoModelForCausalLM
+
+        tokenizer = load_tokenizer(path, ref)
+        with _quiet_transformers():
+            try:
+                model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto")
+            except (OSError, ValueError, KeyError) as exc:
+                raise MergeError(
+                    f"base model {ref!r}: transformers cannot load it for the prompt pass ({_first_line(exc)})"
+                ) from None
+        model.to(device).eval()
+        return cls(model, tokenizer, batch_size, device)
+
+    @classmethod
+    def tokenizer_only(cls, path: Path, ref: str) -> BaseRunner:
+        """A runner that can only tokenise (for cheap_embed, which needs no forward pass)."""
+        return cls(None, load_tokenizer(path, ref))
+
+    def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
+        return [list(self.tokenizer(p)["input_ids"]) for p in prompts]
+
+    def ordinary_mask(self, ids: list[int]) -> torch.Tensor:
+        """True at the tokens that are not special (BOS, ...); all of them if every token is special."""
+        special = set(self.tokenizer.all_special_ids)
+        mask = torch.tensor([i not in special for i in ids], dtype=torch.bool)
+        return mask if mask.any() else torch.ones(len(ids), dtype=torch.bool)
+
+    @torch.no_grad()
+    def states(self, prompts: Sequence[str], router_inputs: bool = False) -> PromptStates:
+        """Run the prompts (batched, longest first) and gather the activations described above."""
+        ids = self.tokenize(prompts)
+        if any(len(x) == 0 for x in ids):
+            raise MergeError("a prompt tokenises to no tokens at all; remove it")
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        last: list[torch.Tensor | None] = [None] * len(ids)
+        mean: list[torch.Tensor | None] = [None] * len(ids)
+        routed: list[torch.Tensor | None] = [None] * len(ids)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            for i, (lst, avg, rt) in zip(batch, self._run_batch([ids[i] for i in batch], router_inputs)):
+                last[i], mean[i], routed[i] = lst, avg, rt
+        return PromptStates(
+            layer_last=torch.stack(last),  # type: ignore[arg-type]
+            layer_mean=torch.stack(mean),  # type: ignore[arg-type]
+            router_tokens=tuple(routed) if router_inputs else None,  # type: ignore[arg-type]
+        )
+
+    def _run_batch(self, batch: list[list[int]], router_inputs: bool):
+        width = max(len(x) for x in batch)
+        pad = self.tokenizer.pad_token_id
+        pad = 0 if pad is None else pad
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, x in enumerate(batch):
+            input_ids[row, : len(x)] = torch.tensor(x)
+            attention[row, : len(x)] = 1
+        captured: list[torch.Tensor] = []
+        hooks = (
+            [m.register_forward_pre_hook(_capture(captured), with_kwargs=True) for m in self._mlps()]
+            if router_inputs
+            else []
+        )
+        try:
+            out = self.model(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention.to(self.device),
+                output_hidden_states=True,
+                use_cache=False,
+            )
+        finally:
+            for h in hooks:
+                h.remove()
+        layers = self.num_layers
+        hidden = torch.stack([h.float().cpu() for h in out.hidden_states[:layers]], dim=1)  # [B, L, T, d]
+        routed = torch.stack([c.float().cpu() for c in captured], dim=1) if router_inputs else None
+        for row, x in enumerate(batch):
+            keep = self.ordinary_mask(x)
+            h = hidden[row, :, : len(x)]
+            yield (
+                h[:, len(x) - 1].clone(),
+                h[:, keep].mean(dim=1),
+                routed[row, :, : len(x)][:, keep].clone() if routed is not None else None,
+            )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._layers())
+
+    def _layers(self) -> Any:
+        base = getattr(self.model, "model", None)
+        layers = getattr(base if base is not None else self.model.base_model, "layers", None)
+        if layers is None:
+            raise MergeError("the base model has no decoder 'layers' list that the prompt pass can hook")
+        return layers
+
+    def _mlps(self) -> list[Any]:
+        mlps = [getattr(layer, "mlp", None) for layer in self._layers()]
+        if any(m is None for m in mlps):
+            raise MergeError(
+                "the base model's decoder layers have no 'mlp' block whose input can be captured"
+            )
+        return mlps
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No loading bars or warnings from transformers while the base model loads."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_tokenizer(path: Path, ref: str) -> Any:
+    from transformers import AutoTokenizer
+
+    with _quiet_transformers():
+        try:
+            return AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError, TypeError) as exc:
+            raise MergeError(
+                f"base model {ref!r}: cannot load its tokenizer ({_first_line(exc)}); prompt-based gate "
+                "modes tokenise the prompts with it (or use gate_mode: random)"
+            ) from None
+
+
+def _capture(store: list[torch.Tensor]):
+    """A pre-hook that keeps the block's input, whether it is passed by position or by keyword."""
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+        if not isinstance(x, torch.Tensor):
+            raise MergeError("cannot capture the feed-forward block's input in the base model")
+        store.append(x.detach())
+
+    return hook
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

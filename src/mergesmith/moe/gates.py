@@ -1,0 +1,216 @@
+"""Every layer's router (and the shared expert's gate) for a config: activations in, matrices out.
+
+This is the only step of an MoE build that runs a model: the prompt-based modes load the base model
+once (cheap_embed only its tokenizer and embedding matrix) and turn activations into router rows with
+the pure maths of :mod:`mergesmith.moe.router`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from mergesmith.errors import MergeError
+from mergesmith.model import ModelSource
+from mergesmith.moe.activations import BaseRunner, PromptStates
+from mergesmith.moe.config import Calibration, Expert, MoEConfig
+from mergesmith.moe.router import (
+    PARALLEL_COSINE,
+    CalibratedLayer,
+    calibrated_router,
+    cheap_embed_vector,
+    parallel_pairs,
+    prompt_vectors,
+    random_router,
+    unit,
+)
+
+log = logging.getLogger("mergesmith.moe")
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """What one layer's router looks like: its experts' largest pairwise cosine and, when calibrated,
+    the fit's figures."""
+
+    layer: int
+    max_cosine: float | None = None
+    calibrated: CalibratedLayer | None = None
+
+
+@dataclass
+class Routers:
+    """Router weights [L, E, d] (float32), the shared expert's gate rows [L, 1, d] (or None), reports."""
+
+    weights: Tensor
+    shared_gate: Tensor | None
+    reports: list[LayerReport] = field(default_factory=list)
+
+
+def build_routers(
+    cfg: MoEConfig,
+    base: ModelSource,
+    num_layers: int,
+    hidden: int,
+    *,
+    seed: int = 0,
+    runner: Callable[[], BaseRunner] | None = None,
+    router_name: Callable[[int], str] = str,
+) -> Routers:
+    """Dispatch on ``cfg.mode``. ``runner`` loads the base model lazily (only prompt modes call it);
+    ``router_name(layer)`` names the output tensor, which seeds the random modes."""
+    n = len(cfg.experts)
+    shared = cfg.shared_expert
+    if cfg.mode in ("random", "uniform_random"):
+        weights = torch.stack(
+            [random_router((n, hidden), seed, router_name(i), cfg.mode) for i in range(num_layers)]
+        )
+        gate = None
+        if shared is not None:
+            gate = torch.stack(
+                [
+                    random_router((1, hidden), seed, router_name(i) + ":shared", cfg.mode)
+                    for i in range(num_layers)
+                ]
+            )
+        return Routers(weights, gate, [LayerReport(i) for i in range(num_layers)])
+    if runner is None:
+        raise MergeError(f"gate_mode {cfg.gate_mode} needs the base model's tokenizer")
+    if cfg.mode == "cheap_embed":
+        return _cheap_embed(cfg, base, runner(), num_layers)
+    run = runner()
+    if run.num_layers != num_layers:
+        raise MergeError(
+            f"base model {base.ref!r}: transformers built {run.num_layers} layers, expected {num_layers}"
+        )
+    if cfg.mode == "calibrated":
+        return _calibrated(cfg.experts, shared, run, cfg.calibration or Calibration())
+    return _hidden(cfg.experts, shared, run, last=cfg.mode == "hidden")
+
+
+def _states(run: BaseRunner, prompts: Sequence[str] | None, router_inputs: bool) -> PromptStates | None:
+    return run.states(list(prompts), router_inputs=router_inputs) if prompts else None
+
+
+def _hidden(experts: Sequence[Expert], shared: Expert | None, run: BaseRunner, last: bool) -> Routers:
+    """mergekit's hidden modes: row e of layer l = unit(mean h_l(positive) - mean h_l(negative)), with h_l
+    the input of layer l at the last prompt token (``hidden``) or averaged over the tokens (``hidden_avg``)."""
+
+    def vectors(e: Expert) -> Tensor:
+        pos = _states(run, e.positive_prompts, False)
+        neg = _states(run, e.negative_prompts, False)
+        pick = (lambda s: s.layer_last) if last else (lambda s: s.layer_mean)
+        return prompt_vectors(pick(pos), pick(neg) if neg is not None else None)  # type: ignore[arg-type]
+
+    rows = torch.stack([vectors(e) for e in experts], dim=1)  # [L, E, d]
+    gate = vectors(shared)[:, None, :] if shared is not None and shared.positive_prompts else None
+    return Routers(rows, _shared_or_zero(gate, shared, rows), _cosine_reports(rows, experts))
+
+
+def _calibrated(
+    experts: Sequence[Expert], shared: Expert | None, run: BaseRunner, opts: Calibration
+) -> Routers:
+    """mergesmith's calibrated mode, layer by layer on the router's real input (see router.calibrated_router)."""
+    last_only = opts.tokens == "last"
+    pos = [_states(run, e.positive_prompts, True) for e in experts]
+    neg = [_states(run, e.negative_prompts, True) for e in experts]
+    pos_samples = [p.router_samples(last_only) for p in pos]  # type: ignore[union-attr]
+    neg_samples = [n.router_samples(last_only) if n is not None else None for n in neg]
+    if opts.target_top1 <= 1 / len(experts):
+        raise MergeError(
+            f"calibration.target_top1 {opts.target_top1} is not above 1/{len(experts)} (a flat router); raise it"
+        )
+    layers = pos_samples[0].shape[0]
+    weights, reports = [], []
+    means = torch.stack([s.mean(1) for s in pos_samples], dim=1)  # [L, E, d] raw means, for the warning
+    for layer in range(layers):
+        fit = calibrated_router(
+            [s[layer] for s in pos_samples],
+            [None if s is None else s[layer] for s in neg_samples],
+            target_top1=opts.target_top1,
+            shrinkage=opts.shrinkage,
+        )
+        weights.append(fit.weight)
+        reports.append(LayerReport(layer, _max_cos(means[layer]), fit))
+    _warn_parallel(means, experts)
+    gate = None
+    if shared is not None and shared.positive_prompts:
+        s = _states(run, shared.positive_prompts, True)
+        gate = unit(s.router_samples(last_only).mean(1))[:, None, :]  # type: ignore[union-attr]
+    rows = torch.stack(weights)
+    return Routers(rows, _shared_or_zero(gate, shared, rows), reports)
+
+
+def _cheap_embed(cfg: MoEConfig, base: ModelSource, run: BaseRunner, num_layers: int) -> Routers:
+    """cheap_embed: one vector per expert from the input embeddings of its prompts' tokens, every layer."""
+    names = [n for n in base.tensors if n.endswith("embed_tokens.weight")]
+    if len(names) != 1:
+        raise MergeError(f"base model {base.ref!r}: cannot find its input embedding ('embed_tokens.weight')")
+    embed = base.read(names[0]).float()
+
+    def token_sum(prompts: Sequence[str] | None) -> Tensor | None:
+        if not prompts:
+            return None
+        rows = [torch.as_tensor(ids)[run.ordinary_mask(ids)] for ids in run.tokenize(prompts)]
+        return embed[torch.cat(rows)].sum(0)
+
+    def vector(e: Expert) -> Tensor:
+        return cheap_embed_vector(token_sum(e.positive_prompts), token_sum(e.negative_prompts))  # type: ignore[arg-type]
+
+    rows = torch.stack([vector(e) for e in cfg.experts])[None].expand(num_layers, -1, -1).contiguous()
+    shared = cfg.shared_expert
+    gate = None
+    if shared is not None and shared.positive_prompts:
+        gate = vector(shared)[None, None, :].expand(num_layers, 1, -1).contiguous()
+    return Routers(rows, _shared_or_zero(gate, shared, rows), _cosine_reports(rows, cfg.experts))
+
+
+def _shared_or_zero(gate: Tensor | None, shared: Expert | None, rows: Tensor) -> Tensor | None:
+    """A shared expert without prompts gets a zero gate: sigmoid(0) = 1/2 for every token."""
+    if shared is None or gate is not None:
+        return gate
+    return torch.zeros(rows.shape[0], 1, rows.shape[2])
+
+
+def _max_cos(rows: Tensor) -> float | None:
+    if len(rows) < 2:
+        return None
+    u = unit(rows.float())
+    cos = u @ u.T
+    return float(cos[torch.triu_indices(len(u), len(u), offset=1).unbind()].max())
+
+
+def _cosine_reports(rows: Tensor, experts: Sequence[Expert]) -> list[LayerReport]:
+    _warn_parallel(rows, experts)
+    return [LayerReport(layer, _max_cos(rows[layer])) for layer in range(rows.shape[0])]
+
+
+def _warn_parallel(vectors: Tensor, experts: Sequence[Expert]) -> None:
+    """One warning line naming, layer by layer, the experts whose prompt vectors are nearly parallel."""
+    n = len(experts)
+    parts, worst = [], 0.0
+    for layer in range(vectors.shape[0]):
+        pairs = parallel_pairs(vectors[layer])
+        if not pairs:
+            continue
+        worst = max(worst, *(c for _, _, c in pairs))
+        if n > 2 and len(pairs) == n * (n - 1) // 2:
+            parts.append(f"layer {layer}: all {n} experts")
+        else:
+            named = [
+                f"experts {e} ({experts[e].source_model}) and {f} ({experts[f].source_model})"
+                for e, f, _ in pairs
+            ]
+            parts.append(f"layer {layer}: " + ", ".join(named))
+    if parts:
+        log.warning(
+            "nearly parallel prompt vectors (cosine up to %.4f, above %.2f), so the prompts do not separate "
+            "these experts there: %s; use more distinct prompts or negative_prompts",
+            worst,
+            PARALLEL_COSINE,
+            "; ".join(parts),
+        )

@@ -1,0 +1,221 @@
+"""Router initialisation maths: pure functions from activations (or seeds) to router weight matrices.
+
+A router is a bias-free linear map W (experts x hidden): the logits of a token whose feed-forward input
+is x are z = W x, its routing probabilities softmax(z), and it goes to the top-k experts. Nothing here
+reads files or knows about configs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mergesmith.rng import derive_seed
+
+#: Two experts whose prompt vectors have a cosine above this in some layer are reported as not separated.
+PARALLEL_COSINE = 0.99
+
+
+def unit(v: Tensor, dim: int = -1) -> Tensor:
+    """v / ||v|| along ``dim`` (zero vectors stay zero)."""
+    return v / v.norm(dim=dim, keepdim=True).clamp_min(1e-12)
+
+
+def prompt_vectors(positive: Tensor, negative: Tensor | None) -> Tensor:
+    """mergekit's ``hidden`` rows for one expert: unit(mean_p h(p) - mean_n h(n)), per layer.
+
+    ``positive`` is [P, L, d] (one state per prompt and layer), ``negative`` [N, L, d] or None.
+    Returns [L, d].
+    """
+    v = positive.mean(dim=0)
+    if negative is not None and len(negative):
+        v = v - negative.mean(dim=0)
+    return unit(v)
+
+
+def hidden_router(vectors: Sequence[Tensor]) -> Tensor:
+    """Stack the experts' per-layer unit vectors ([L, d] each) into routers: [L, E, d], row e = expert e."""
+    return torch.stack(list(vectors), dim=1)
+
+
+def cheap_embed_vector(positive_sum: Tensor, negative_sum: Tensor | None) -> Tensor:
+    """``cheap_embed``: u = unit(sum of the input embeddings of all positive-prompt tokens); with
+    negatives, unit(u - unit(sum over negative-prompt tokens)). The same row serves every layer."""
+    v = unit(positive_sum)
+    if negative_sum is not None:
+        v = unit(v - unit(negative_sum))
+    return v
+
+
+def random_router(shape: tuple[int, ...], seed: int, name: str, mode: str) -> Tensor:
+    """Routers meant to be trained afterwards, reproducible from (seed, tensor name).
+
+    random:          W_ij ~ N(0, 1)                      (unscaled, as mergekit)
+    uniform_random:  W_ij ~ U(-1/sqrt(d), 1/sqrt(d))     (torch.nn.Linear's default init, d = hidden)
+    """
+    g = torch.Generator().manual_seed(derive_seed(seed, "router", name))
+    if mode == "random":
+        return torch.randn(shape, generator=g)
+    bound = shape[-1] ** -0.5
+    return (torch.rand(shape, generator=g) * 2 - 1) * bound
+
+
+def parallel_pairs(vectors: Tensor, threshold: float = PARALLEL_COSINE) -> list[tuple[int, int, float]]:
+    """Pairs (e, f, cos) of rows of ``vectors`` [E, d] whose cosine exceeds ``threshold``."""
+    u = unit(vectors.float())
+    cos = u @ u.T
+    e, f = torch.triu_indices(len(u), len(u), offset=1)
+    return [(int(a), int(b), float(cos[a, b])) for a, b in zip(e, f) if cos[a, b] > threshold]
+
+
+# --- calibrated: LDA on the router's real input, bias folded into the weights, temperature ---------------
+
+
+@dataclass(frozen=True)
+class CalibratedLayer:
+    """One layer's calibrated router and the figures that describe its fit."""
+
+    weight: Tensor  # [E, d]
+    scale: float  # the temperature factor s applied to the LDA logits
+    shrinkage: float  # covariance shrinkage used
+    bias_fit: float  # mean |q.x - 1| over the calibration samples (how well the bias is folded in)
+    train_accuracy: float  # fraction of calibration samples whose top-1 expert is their own
+    mean_top1: float  # mean top-1 probability on the calibration samples after scaling
+
+
+def _shrink(s: Tensor, alpha: float) -> Tensor:
+    """alpha mu I + (1 - alpha) S with mu = tr(S)/p, in place of S."""
+    mu = s.trace() / s.shape[0]
+    s.mul_(1 - alpha).diagonal().add_(alpha * mu)
+    return s
+
+
+def ledoit_wolf(centered: Tensor) -> tuple[Tensor, float]:
+    """Covariance of the rows of ``centered`` [n, p], shrunk toward mu*I (Ledoit & Wolf, 2004).
+
+    S = X'X/n, mu = tr(S)/p, delta^2 = ||S - mu I||^2/p, beta^2 = min(delta^2, sum_k ||x_k x_k' - S||^2/(n^2 p)),
+    alpha = beta^2/delta^2, Sigma = alpha mu I + (1 - alpha) S. No p x p temporaries:
+    ||S - mu I||^2 = ||S||^2 - 2 mu tr(S) + p mu^2 and sum_k ||x_k x_k' - S||^2 = sum_k ||x_k||^4 - n ||S||^2.
+    """
+    n, p = centered.shape
+    s = centered.T @ centered / n
+    trace = s.trace()
+    mu = trace / p
+    frob2 = (s * s).sum()
+    delta2 = (frob2 - 2 * mu * trace + p * mu * mu) / p
+    beta2 = ((centered.pow(2).sum(1) ** 2).sum() - n * frob2) / (n**2 * p)
+    alpha = float((beta2.clamp(min=0) / delta2).clamp(max=1.0)) if delta2 > 0 else 1.0
+    return _shrink(s, alpha), alpha
+
+
+def shrunk_covariance(centered: Tensor, shrinkage: float | None) -> tuple[Tensor, float]:
+    """Ledoit-Wolf when ``shrinkage`` is None, else (1 - a) S + a mu I with the given a."""
+    if shrinkage is None:
+        return ledoit_wolf(centered)
+    return _shrink(centered.T @ centered / centered.shape[0], shrinkage), shrinkage
+
+
+def spd_solve(a: Tensor, b: Tensor) -> Tensor:
+    """a^-1 b for a symmetric positive definite a (Cholesky; LU if rounding made a indefinite)."""
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        return torch.cholesky_solve(b if b.dim() == 2 else b[:, None], chol).reshape(b.shape)
+    return torch.linalg.solve(a, b)
+
+
+def bias_direction(samples: Tensor, ridge: float = 1e-3) -> Tensor:
+    """q = argmin ||X q - 1||^2 + lam ||q||^2 with lam = ridge * tr(X'X)/d: a direction on which every
+    router input projects to about 1, so that adding b_e q to row e acts as a bias b_e.
+
+    It exists because the router input is a normalised (RMSNorm times a learned gain) vector that keeps
+    large components common to all tokens."""
+    gram = samples.T @ samples
+    gram.diagonal().add_(ridge * gram.trace() / gram.shape[0])
+    return spd_solve(gram, samples.sum(0))
+
+
+def lda_logits_weights(
+    samples: Sequence[Tensor], negatives: Sequence[Tensor | None], shrinkage: float | None
+) -> tuple[Tensor, Tensor, float]:
+    """Linear discriminant analysis with equal priors and a shared, shrunk covariance.
+
+    samples[e]: [n_e, d] router inputs of expert e's prompts. With class means m_e and pooled
+    within-class covariance Sigma, the discriminant is z_e(x) = w_e.x + b_e with
+    w_e = Sigma^-1 m_e and b_e = -1/2 m_e' Sigma^-1 m_e.
+    An expert's negative prompts (mean n_e) move its class mean away from them:
+    m_e = mean(samples[e]) - (n_e - c), c = the mean of all experts' positive means.
+    Returns (W [E, d], b [E], shrinkage used).
+    """
+    means = torch.stack([x.mean(0) for x in samples])
+    centre = means.mean(0)
+    for e, neg in enumerate(negatives):
+        if neg is not None and len(neg):
+            means[e] = means[e] - (neg.mean(0) - centre)
+    centered = torch.cat([x - x.mean(0) for x in samples])
+    cov, alpha = shrunk_covariance(centered, shrinkage)
+    w = spd_solve(cov, means.T).T
+    b = -0.5 * (w * means).sum(1)
+    return w, b, alpha
+
+
+def fit_scale(logits: Tensor, labels: Tensor, target_top1: float, iters: int = 60) -> float:
+    """The temperature factor s for softmax(s z): the maximum-likelihood s (argmin of the mean of
+    -log softmax(s z)_y, convex in s), lowered if needed so that mean_i max softmax(s z_i) <= target_top1.
+
+    The likelihood optimum says how confident the router may be; the cap keeps the softmax from
+    becoming one-hot on prompts it separates perfectly (where the optimum is s -> infinity)."""
+
+    def top1(s: float) -> float:
+        return float(torch.softmax(s * logits, -1).max(-1).values.mean())
+
+    def nll_slope(s: float) -> float:
+        p = torch.softmax(s * logits, -1)
+        return float(((p * logits).sum(-1) - logits.gather(1, labels[:, None])[:, 0]).mean())
+
+    hi = 1.0
+    while nll_slope(hi) < 0 and top1(hi) < target_top1 and hi < 1e12:
+        hi *= 2
+    lo = 0.0
+    for _ in range(iters):  # bisection on the first condition that stops growth
+        mid = (lo + hi) / 2
+        if nll_slope(mid) < 0 and top1(mid) < target_top1:
+            lo = mid
+        else:
+            hi = mid
+    return lo if lo > 0 else hi
+
+
+def calibrated_router(
+    samples: Sequence[Tensor],
+    negatives: Sequence[Tensor | None],
+    target_top1: float = 0.9,
+    shrinkage: float | None = None,
+) -> CalibratedLayer:
+    """One layer's calibrated router from its real input x (the feed-forward block's input).
+
+    1. LDA on the experts' router-input samples: z_e(x) = w_e.x + b_e (see ``lda_logits_weights``).
+    2. The router has no bias, so the bias is folded in along q (``bias_direction``): r_e = w_e + b_e q,
+       r_e.x = w_e.x + b_e (q.x) ~ z_e(x).
+    3. Temperature: W = s [r_e], with s from ``fit_scale`` on the calibration samples.
+    """
+    samples = [x.double() for x in samples]
+    negatives = [None if n is None else n.double() for n in negatives]
+    w, b, alpha = lda_logits_weights(samples, negatives, shrinkage)
+    everything = torch.cat(samples)
+    q = bias_direction(everything)
+    rows = w + b[:, None] * q[None, :]
+    labels = torch.cat([torch.full((len(x),), e, dtype=torch.long) for e, x in enumerate(samples)])
+    logits = everything @ rows.T
+    s = fit_scale(logits, labels, target_top1)
+    probs = torch.softmax(s * logits, -1)
+    return CalibratedLayer(
+        weight=(s * rows).float(),
+        scale=s,
+        shrinkage=alpha,
+        bias_fit=float((everything @ q - 1).abs().mean()),
+        train_accuracy=float((logits.argmax(-1) == labels).double().mean()),
+        mean_top1=float(probs.max(-1).values.mean()),
+    )
