@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from tqdm import tqdm
@@ -15,18 +15,22 @@ from tqdm import tqdm
 from mergesmith.card import model_card
 from mergesmith.chat_templates import resolve_chat_template
 from mergesmith.config import MergeConfig, load_config, load_yaml_documents
-from mergesmith.defaults import DEFAULT_SHARD_SIZE
+from mergesmith.defaults import DEFAULT_SHARD_SIZE, OUT_FORMATS
 from mergesmith.errors import MergeError
 from mergesmith.execute import (
     DEFAULT_BUDGET,
     ExecOptions,
     Executor,
+    OutputHook,
     baseline_rss,
     default_workers,
     fit_budget,
 )
 from mergesmith.plan import MergePlan, build_plan
 from mergesmith.write import OutputFolder, ShardedWriter, TensorSpec, copy_files, parse_size, write_json
+
+if TYPE_CHECKING:
+    from mergesmith.bitnet.merge_output import TernaryOutput
 
 
 def config_text(config: str | Path | dict | MergeConfig) -> str:
@@ -86,6 +90,7 @@ def merge(
     write_model_card: bool = True,
     intermediate_dir: str | Path | None = None,
     before_commit: Callable[[Path], None] | None = None,
+    out_format: str = "safetensors",
 ) -> Path:
     """Merge the models that ``config`` describes into a new model folder ``out_dir``; returns its path.
 
@@ -94,10 +99,19 @@ def merge(
     stages go to ``intermediate_dir`` (default ``OUT_DIR.stages`` beside ``out_dir``), which a single merge
     ignores. ``before_commit`` is called with the finished temporary folder just before it is renamed to
     ``out_dir``, to add files that must only exist in a complete output (a stage's marker).
+    ``out_format="bitnet"`` ternarises the merged linear weights of the decoder layers and writes them
+    packed, as transformers' ``quant_method: bitnet`` checkpoints hold them (see docs/bitnet.md).
     """
     from mergesmith.stages import is_multi_stage, run_stages
 
+    if out_format not in OUT_FORMATS:
+        raise MergeError(f"unknown output format {out_format!r}; use one of: {', '.join(OUT_FORMATS)}")
     if is_multi_stage(config):
+        if out_format != "safetensors":
+            raise MergeError(
+                f"--out-format {out_format} is not supported for multi-stage files yet; merge the last "
+                "stage on its own with it"
+            )
         return run_stages(
             config,
             out_dir,
@@ -125,11 +139,16 @@ def merge(
     plan = build_plan(cfg)
     try:
         options = fit_budget(plan, options)
+        ternary = _ternary_output(plan) if out_format == "bitnet" else None
         with OutputFolder(dest, overwrite=overwrite) as out:
-            specs = [TensorSpec(t.name, t.out_dtype, t.shape) for t in plan.tensors]
+            specs = (
+                ternary.specs()
+                if ternary
+                else [TensorSpec(t.name, t.out_dtype, t.shape) for t in plan.tensors]
+            )
             writer = ShardedWriter(out.path, specs, shard_bytes)
             try:
-                _run(plan, writer, options, quiet)
+                _run(plan, writer, options, quiet, ternary.hook(writer) if ternary else None)
                 writer.finish()
             finally:
                 writer.close()
@@ -149,7 +168,19 @@ def merge(
     return final
 
 
-def _run(plan: MergePlan, writer: ShardedWriter, options: ExecOptions, quiet: bool) -> None:
+def _ternary_output(plan: MergePlan) -> TernaryOutput:
+    """``--out-format bitnet``: the ternary output (specs and executor hook); the plan's output config
+    gets its ``quantization_config``."""
+    from mergesmith.bitnet.merge_output import TernaryOutput
+
+    ternary = TernaryOutput(plan)
+    plan.out_config = ternary.config
+    return ternary
+
+
+def _run(
+    plan: MergePlan, writer: ShardedWriter, options: ExecOptions, quiet: bool, hook: OutputHook | None = None
+) -> None:
     bar = tqdm(
         total=plan.total_bytes,
         unit="B",
@@ -168,7 +199,7 @@ def _run(plan: MergePlan, writer: ShardedWriter, options: ExecOptions, quiet: bo
         bar.update(t.nbytes)
 
     try:
-        Executor(plan, writer, options).run(progress)
+        Executor(plan, writer, options, hook).run(progress)
     finally:
         bar.close()
 

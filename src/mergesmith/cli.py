@@ -17,6 +17,7 @@ from mergesmith.errors import MergeError
 # Modules that expose ``register(subparsers)``; order is the order shown in --help.
 COMMAND_MODULES = [
     "mergesmith.commands.merge",
+    "mergesmith.eval.command",
     "mergesmith.lora.command",
     "mergesmith.bitnet.command",
     "mergesmith.moe.command",

@@ -13,9 +13,10 @@ import math
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 
@@ -109,11 +110,31 @@ def fit_budget(plan: MergePlan, options: ExecOptions) -> ExecOptions:
     return replace(options, workers=workers)
 
 
+Span = tuple[int, int] | None  # rows [r0, r1) of an output tensor, or None for a 0-d tensor
+
+
+class OutputHook(Protocol):
+    """Receives every produced chunk instead of the writer, to transform it on its way (the ternary
+    output of ``--out-format bitnet``). One tensor's chunks come from one thread, in row order."""
+
+    def scans(self, t: OutputTensor) -> bool:
+        """Whether ``t``'s chunks must all be seen once (``scan``) before the first ``write``, when
+        ``t`` is produced in more than one chunk (a whole-tensor statistic, e.g. a scale)."""
+        ...
+
+    def scan(self, t: OutputTensor, data: torch.Tensor, span: Span) -> None: ...
+
+    def write(self, t: OutputTensor, data: torch.Tensor, span: Span) -> None: ...
+
+
 class Executor:
-    def __init__(self, plan: MergePlan, writer: ShardedWriter, options: ExecOptions):
+    def __init__(
+        self, plan: MergePlan, writer: ShardedWriter, options: ExecOptions, hook: OutputHook | None = None
+    ):
         self.plan = plan
         self.writer = writer
         self.options = options
+        self.hook = hook
         self.share = options.budget // max(1, options.workers)
         self.device = torch.device(options.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -165,12 +186,19 @@ class Executor:
         rows = rows_per_chunk(t, method, self.share)
         n_rows = t.shape[0] if t.shape else 1
         spans = [(r, min(r + rows, n_rows)) for r in range(0, n_rows, rows)] if t.shape else [None]
+        chunks = self._chunks(t, method, spans)
+        if len(spans) > 1 and self.hook is not None and self.hook.scans(t):
+            for span, data in chunks():  # a whole-tensor statistic first: the chunks are made twice
+                self.hook.scan(t, data, span)
+        for span, data in chunks():
+            self._write(t, data, span)
+
+    def _chunks(self, t: OutputTensor, method: Method, spans: list) -> Callable[[], Iterator]:
+        """A function that yields ``(span, output chunk)`` for every span, each call anew; the
+        method's statistic passes run once, here."""
         if t.copy:
             src = t.inputs[0]
-            for span in spans:
-                data = self.plan.models[src.model].read(src.tensor, span)
-                self._write(t, data, span)
-            return
+            return lambda: ((span, self.plan.models[src.model].read(src.tensor, span)) for span in spans)
         kernel = method.kernel(dict(t.params), t.numel)
         rng = (
             [RandomStream(self.options.seed, t.name, i, t.numel) for i in range(len(t.inputs))]
@@ -178,16 +206,13 @@ class Executor:
             else None
         )
         if len(spans) == 1:
-            out = kernel.run_whole(self._load(t, spans[0], rng))
-            self._write(t, self._finish(t, out), spans[0])
-            return
+            whole = [(spans[0], self._finish(t, kernel.run_whole(self._load(t, spans[0], rng))))]
+            return lambda: iter(whole)
         for p in range(kernel.passes):
             for span in spans:
                 kernel.observe(p, self._load(t, span, rng))
             kernel.end_pass(p)
-        for span in spans:
-            out = kernel.apply(self._load(t, span, rng))
-            self._write(t, self._finish(t, out), span)
+        return lambda: ((span, self._finish(t, kernel.apply(self._load(t, span, rng)))) for span in spans)
 
     def _read(self, t: OutputTensor, src, span, raw: bool) -> torch.Tensor:
         x = self.plan.models[src.model].read(src.tensor, span)
@@ -215,6 +240,9 @@ class Executor:
         return out
 
     def _write(self, t: OutputTensor, data: torch.Tensor, span) -> None:
+        if self.hook is not None:
+            self.hook.write(t, data, span)
+            return
         offset = span[0] * row_elems(t) * t.out_dtype.itemsize if span else 0
         self.writer.write(t.name, data, offset)
 

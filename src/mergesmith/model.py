@@ -186,6 +186,15 @@ def resolve_model_dir(ref: str) -> Path:
         ) from None
 
 
+def _is_packed_bitnet(config: dict) -> bool:
+    qc = config.get("quantization_config")
+    return (
+        isinstance(qc, dict)
+        and qc.get("quant_method") == "bitnet"
+        and qc.get("quantization_mode", "offline") == "offline"
+    )
+
+
 class ModelSource:
     """One input model: its config.json and an index from tensor name to where its bytes are."""
 
@@ -197,7 +206,13 @@ class ModelSource:
 
     @classmethod
     def open(cls, ref: str) -> ModelSource:
+        """Open a model folder (or hub reference); a packed BitNet checkpoint (``quant_method: bitnet``,
+        offline) opens as :class:`mergesmith.bitnet.source.BitnetModelSource`, i.e. as float weights."""
         src = cls(ref, resolve_model_dir(ref))
+        if cls is ModelSource and _is_packed_bitnet(src.config):
+            from mergesmith.bitnet.source import BitnetModelSource
+
+            src = BitnetModelSource(ref, src.path)
         _ = src.config, src.tensors  # fail now, with the model named, not in the middle of a merge
         return src
 

@@ -89,7 +89,7 @@ def test_gguf_export(saved256, tmp_path):
 
 
 def test_expected_failures_leave_nothing_behind(saved, tmp_path):
-    with pytest.raises(MergeError, match="not a model folder"):
+    with pytest.raises(MergeError, match="folder not found"):
         _run(tmp_path / "missing", tmp_path / "o1")
     with pytest.raises(MergeError, match="no weight"):
         _run(saved, tmp_path / "o2", "--include", "nothing-matches")
@@ -153,3 +153,44 @@ def test_through_the_cli_dispatcher(saved, tmp_path, monkeypatch, capsys):
     assert cli.main(["bitnet", str(saved), str(tmp_path / "cli-out")]) == 2
     err = capsys.readouterr().err
     assert err.rstrip().splitlines()[-1].startswith("mergesmith: error: ") and "already exists" in err
+
+
+def test_streamed_export_equals_in_memory_export(saved, tmp_path):
+    """The command streams tensors into shards laid out up front; the shards hold exactly the tensors
+    of the in-memory export, and a many-shard output loads with the same logits."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from mergesmith.bitnet.convert import export_hf
+    from mergesmith.model import ModelSource
+
+    reference = export_hf(ModelSource.open(str(saved)))
+    one, many = tmp_path / "one", tmp_path / "many"
+    assert _run(saved, one)[0] == 0
+    assert _run(saved, many, "--out-shard-size", "10K")[0] == 0
+    shards = sorted(many.glob("*.safetensors"))
+    assert len(shards) > 1 and (many / "model.safetensors.index.json").is_file()
+    written = load_file(one / "model.safetensors")
+    assert list(written) == sorted(reference.tensors)
+    for name, tensor in reference.tensors.items():
+        assert written[name].dtype == tensor.dtype and torch.equal(written[name], tensor), name
+    assert json.loads((one / "config.json").read_text()) == reference.config
+    ids = torch.tensor([[1, 5, 7, 9, 2]])
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(one)(ids).logits
+        b = AutoModelForCausalLM.from_pretrained(many)(ids).logits
+    assert torch.equal(a, b)
+
+
+def test_command_module_imports_without_torch():
+    """`mergesmith --help` builds every parser: the bitnet command's module must not pull in torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from mergesmith import cli; cli.build_parser().format_help(); "
+        "print(sorted(m for m in ('torch', 'transformers', 'gguf') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -9,26 +9,63 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mergesmith.bitnet.convert import DictSource, iter_gguf_tensors
+from mergesmith.bitnet.convert import DictSource, iter_gguf_tensors, plan_gguf_export
 from mergesmith.bitnet.gguf_export import llama_metadata, rope_permute, tokenizer_metadata
-from mergesmith.bitnet.io import write_gguf_file
+from mergesmith.bitnet.io import write_gguf_stream
 from mergesmith.bitnet.quant import TensorSelector, ternarize
 
 GGUF_DIMS = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
 
 
+def _metadata(config, qtype):
+    return llama_metadata(config, qtype, "tiny") + tokenizer_metadata(None, None, config["vocab_size"])[0]
+
+
 def _write(tmp_path, model, config, qtype):
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    kept, stream = iter_gguf_tensors(DictSource(sd, config), TensorSelector(), qtype)
-    tensors, stats = [], []
-    for t, stat, _ in stream:
-        tensors.append(t)
-        if stat:
-            stats.append(stat)
-    meta = llama_metadata(config, qtype, "tiny") + tokenizer_metadata(None, None, config["vocab_size"])[0]
+    source = DictSource(sd, config)
+    plan = plan_gguf_export(source, TensorSelector(), qtype)
+    stats = []
+
+    def tensors():
+        for t, stat, _ in iter_gguf_tensors(source, plan):
+            if stat:
+                stats.append(stat)
+            yield t
+
     path = tmp_path / "model.gguf"
-    write_gguf_file(path, "llama", meta, tensors)
-    return sd, kept, stats, path
+    write_gguf_stream(path, "llama", _metadata(config, qtype), plan.layouts, tensors())
+    return sd, plan.kept, stats, path
+
+
+def _write_in_memory(path, source, config, qtype):
+    """The reference: gguf's own writer holding every tensor (``add_tensor``) before writing."""
+    plan = plan_gguf_export(source, TensorSelector(), qtype)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value, vtype in _metadata(config, qtype):
+        if vtype == gguf.GGUFValueType.ARRAY:
+            writer.add_array(key, value)
+        else:
+            writer.add_key_value(key, value, vtype)
+    for name, array, kind in (t for t, _, _ in iter_gguf_tensors(source, plan)):
+        writer.add_tensor(name, array, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_streamed_gguf_equals_in_memory_gguf(tmp_path, tiny, dtype):
+    """The streaming writer (tensor infos from the plan, then one tensor at a time) writes the same
+    bytes as gguf's writer holding all tensors, for every storage type (F32, F16, BF16, TQ)."""
+    model, config = tiny(**{**GGUF_DIMS, "intermediate_size": 320})  # down_proj stays high precision
+    model = model.to(dtype)
+    _, kept, _, streamed = _write(tmp_path, model, config, "tq1_0")
+    assert kept
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    _write_in_memory(tmp_path / "ref.gguf", DictSource(sd, config), config, "tq1_0")
+    assert streamed.read_bytes() == (tmp_path / "ref.gguf").read_bytes()
 
 
 @pytest.mark.parametrize("qtype", ["tq2_0", "tq1_0"])

@@ -22,19 +22,24 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.integrations.bitnet import AutoBitLinear, BitLinear
 
-from mergesmith.bitnet.convert import DictSource, export_hf
-from mergesmith.bitnet.io import SafetensorsFolder, write_hf_folder
-from mergesmith.bitnet.quant import ternarize_tensor
+from mergesmith.bitnet.convert import DictSource, export_hf, plan_hf_export
+from mergesmith.bitnet.io import write_hf_stream
+from mergesmith.bitnet.quant import TensorSelector, ternarize_tensor
 from mergesmith.bitnet.reference import reference_model
+from mergesmith.bitnet.source import BitnetModelSource
+from mergesmith.model import ModelSource
 
 CLASSES = {"autobitlinear": AutoBitLinear, "bitlinear": BitLinear}
 
 
 def _export(model, config, folder, linear_class="autobitlinear"):
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    result = export_hf(DictSource(sd, config), linear_class=linear_class)
+    source = DictSource(sd, config)
+    result = export_hf(source, linear_class=linear_class)
     folder.mkdir(parents=True, exist_ok=True)
-    write_hf_folder(folder, result.tensors, result.config)
+    plan = plan_hf_export(source, TensorSelector(), linear_class)
+    write_hf_stream(folder, source, plan, 2**30)
+    (folder / "config.json").write_text(json.dumps(plan.config))
     return sd, result
 
 
@@ -137,7 +142,9 @@ def test_packed_checkpoint_reexports_identically(tmp_path, tiny, linear_class):
     """Reading our own packed output back (as gamma * W~) and exporting again changes nothing."""
     model, config = tiny(attention_bias=True)
     _, first = _export(model, config, tmp_path / "a", linear_class)
-    again = export_hf(SafetensorsFolder(tmp_path / "a"), linear_class=linear_class)
+    source = ModelSource.open(str(tmp_path / "a"))
+    assert isinstance(source, BitnetModelSource)
+    again = export_hf(source, linear_class=linear_class)
     assert all(s.already_ternary for s in again.stats)
     assert again.tensors.keys() == first.tensors.keys()
     for name, t in first.tensors.items():

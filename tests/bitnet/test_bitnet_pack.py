@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.integrations.bitnet import pack_weights, unpack_weights
 
-from mergesmith.bitnet.pack import pack_ternary, packed_rows, unpack_ternary
+from mergesmith.bitnet.pack import pack_rows_into, pack_ternary, packed_rows, unpack_ternary
 
 
 def _codes(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -47,3 +47,14 @@ def test_one_dimensional_and_validation():
         pack_ternary(torch.tensor([[2]]))
     with pytest.raises(ValueError, match="do not pack"):
         unpack_ternary(pack_ternary(codes), 9)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 7, 13, 64, 67])
+@pytest.mark.parametrize("step", [1, 3, 5, 100])
+def test_packing_row_chunks_in_place_equals_packing_all(rows, step):
+    """Row chunks ORed into a zeroed buffer (the streamed ternary merge output) give pack_ternary."""
+    codes = _codes(rows, 5, seed=rows + step)
+    packed = torch.zeros((packed_rows(rows), 5), dtype=torch.uint8)
+    for r0 in range(0, rows, step):
+        pack_rows_into(packed, codes[r0 : r0 + step], r0)
+    assert torch.equal(packed, pack_ternary(codes))

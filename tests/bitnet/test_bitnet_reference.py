@@ -62,3 +62,36 @@ def test_ternary_linear_module_and_shape_errors():
     assert mod(x.double()).dtype == torch.float64 and mod(x.bfloat16()).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="features"):
         ternary_matmul_int(torch.zeros(2, 15, dtype=torch.int8), mod.packed, 8)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_load_reference_model_from_a_packed_checkpoint(tmp_path, tiny, tied):
+    """The packed checkpoint loads without unpacking: every converted linear holds the stored bytes,
+    and the logits equal those of the reference model built from the float weights' codes."""
+    import argparse
+    import io
+
+    from mergesmith.bitnet import command
+    from mergesmith.bitnet.quant import ternarize_tensor
+    from mergesmith.bitnet.reference import load_reference_model, reference_model
+
+    model, config = tiny(attention_bias=True, tie_word_embeddings=tied)
+    model.save_pretrained(tmp_path / "float")
+    parser = argparse.ArgumentParser()
+    command.register(parser.add_subparsers())
+    args = parser.parse_args(["bitnet", str(tmp_path / "float"), str(tmp_path / "packed")])
+    assert args.func(args, out=io.StringIO(), err=io.StringIO()) == 0
+
+    ours = load_reference_model(tmp_path / "packed")
+    ternary = [m for m in ours.modules() if isinstance(m, TernaryLinear)]
+    assert len(ternary) == 14 and all(m.packed.dtype == torch.uint8 for m in ternary)
+    assert not any(isinstance(m, torch.nn.Linear) and m.weight.shape[0] != 100 for m in ours.modules())
+    if tied:
+        assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    sd = model.state_dict()
+    modules = [n[: -len(".packed")] for n, _ in ours.named_buffers() if n.endswith(".packed")]
+    expected = reference_model(config, sd, {m: ternarize_tensor(sd[f"{m}.weight"]) for m in modules})
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
+    with torch.no_grad():
+        a, b = ours(ids).logits, expected(ids).logits
+    assert (a - b).abs().max().item() < 1e-5 * max(1.0, b.abs().max().item())

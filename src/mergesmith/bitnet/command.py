@@ -1,18 +1,30 @@
-"""``mergesmith bitnet MODEL OUT_DIR``: ternarise a model and write it for transformers or llama.cpp."""
+"""``mergesmith bitnet MODEL OUT_DIR``: ternarise a model and write it for transformers or llama.cpp.
+
+Importing this module is cheap (no torch): ``mergesmith --help`` builds every sub-command's parser.
+The engine (torch, transformers, gguf) is imported inside the handler.
+
+The model is read tensor by tensor (:func:`mergesmith.sources.open_source`: a folder or hub id, a packed
+BitNet checkpoint seen as float weights, or ``model+adapter`` with a LoRA adapter applied as it is read), and each converted tensor is written as soon as it exists: safetensors shards
+laid out up front (:class:`mergesmith.write.ShardedWriter`), or a GGUF file whose header is written
+from the plan before the first tensor. Everything goes to a temporary folder that becomes OUT_DIR
+only when complete (:class:`mergesmith.write.OutputFolder`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from mergesmith.bitnet import io
-from mergesmith.bitnet.convert import LayerStat, export_hf, iter_gguf_tensors, open_source
-from mergesmith.bitnet.gguf_export import QTYPES, llama_metadata, tokenizer_metadata
-from mergesmith.bitnet.hf import DEFAULT_LINEAR_CLASS, LINEAR_CLASSES, trained_ternary
-from mergesmith.bitnet.quant import DEFAULT_INCLUDE, TensorSelector, as_ternary
+from mergesmith.bitnet.constants import DEFAULT_INCLUDE, DEFAULT_LINEAR_CLASS, LINEAR_CLASSES, QTYPES
+from mergesmith.defaults import DEFAULT_SHARD_SIZE
 from mergesmith.errors import MergeError
+
+if TYPE_CHECKING:
+    from mergesmith.bitnet.convert import LayerStat, TensorSource
+    from mergesmith.bitnet.quant import TensorSelector
+    from mergesmith.model import ModelSource
 
 DESCRIPTION = """\
 Turn a model into BitNet b1.58 form: the linear layers of the decoder blocks become ternary
@@ -23,8 +35,8 @@ that AutoModelForCausalLM.from_pretrained loads; --format gguf writes OUT_DIR/mo
 
 Ternarising a model that was trained in floating point destroys its quality: BitNet models are
 trained ternary. Use this on BitNet-trained weights (latent or packed), or as the starting point of a
-quantisation-aware fine-tune. The output is written to a temporary folder beside OUT_DIR and renamed
-when complete."""
+quantisation-aware fine-tune. The model is read and written one tensor at a time; the output is
+written to a temporary folder beside OUT_DIR and renamed when complete."""
 
 
 def register(subparsers: Any) -> None:
@@ -35,7 +47,11 @@ def register(subparsers: Any) -> None:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", metavar="MODEL", help="local model folder: config.json and *.safetensors")
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="model folder (config.json and *.safetensors), hub id, or MODEL+ADAPTER (a PEFT LoRA applied on read)",
+    )
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (created; see --overwrite)")
     p.add_argument("--format", choices=("hf", "gguf"), default="hf", help="output format (default: hf)")
     p.add_argument(
@@ -63,6 +79,12 @@ def register(subparsers: Any) -> None:
         help="keep matching weights in high precision (repeatable; embeddings, lm_head and norms always are)",
     )
     p.add_argument(
+        "--out-shard-size",
+        default=DEFAULT_SHARD_SIZE,
+        metavar="SIZE",
+        help="largest safetensors shard for --format hf (default 5G; K/M/G)",
+    )
+    p.add_argument(
         "--heal",
         type=int,
         default=0,
@@ -88,6 +110,8 @@ def _mib(n: int) -> str:
 
 
 def _selector(args: argparse.Namespace) -> TensorSelector:
+    from mergesmith.bitnet.quant import TensorSelector
+
     try:
         return TensorSelector.from_patterns(args.include, args.exclude)
     except ValueError as exc:
@@ -100,14 +124,18 @@ def _check_paths(model: Path, out: Path) -> None:
         raise MergeError(f"OUT_DIR {out} must not be MODEL or be inside it (or contain it)")
 
 
-def warn_if_float(source: Any, selector: TensorSelector, model: str, err: TextIO) -> None:
+def warn_if_float(source: TensorSource, selector: TensorSelector, model: str, err: TextIO) -> None:
     """One line on ``err`` when the first selected weight is not already ternary and the config does
-    not say the model was trained ternary."""
-    if trained_ternary(source.config):
+    not say the model was trained ternary (a packed BitNet input is ternary by construction)."""
+    from mergesmith.bitnet.hf import trained_ternary
+    from mergesmith.bitnet.quant import as_ternary
+    from mergesmith.bitnet.source import BitnetModelSource
+
+    if isinstance(source, BitnetModelSource) or trained_ternary(source.config):
         return
-    for name, shape in source.shapes.items():
-        if selector.selects(name, shape):
-            if as_ternary(source.get(name)) is None:
+    for name, entry in source.tensors.items():
+        if selector.selects(name, entry.shape):
+            if as_ternary(source.read(name)) is None:
                 print(
                     f"mergesmith: warning: {model} holds float weights: ternarising a model after "
                     "training destroys its quality (BitNet models are trained ternary); heal it with "
@@ -117,36 +145,45 @@ def warn_if_float(source: Any, selector: TensorSelector, model: str, err: TextIO
             return
 
 
+def _heal_ids(args: argparse.Namespace, model_path: Path, err: TextIO) -> Any:
+    """Token ids of ``--heal-data`` (tokenised with the model's tokenizer), or None."""
+    import torch
+    import transformers
+
+    if not args.heal_data:
+        print("mergesmith: note: --heal without --heal-data distils on random token ids", file=err)
+        return None
+    try:
+        text = Path(args.heal_data).read_text(encoding="utf-8")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise MergeError(f"--heal-data: {exc}") from exc
+    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    if ids.numel() < 2:
+        raise MergeError(f"--heal-data {args.heal_data} has no tokens")
+    return ids
+
+
 def _heal_source(
-    source: Any, args: argparse.Namespace, selector: TensorSelector, out: TextIO, err: TextIO
-) -> Any:
-    """Load MODEL in float32, heal a copy, return it as a source with the input's dtypes."""
+    source: ModelSource, args: argparse.Namespace, selector: TensorSelector, out: TextIO, err: TextIO
+) -> TensorSource:
+    """Load MODEL in float32, heal a copy, return it as an in-memory source with the input's dtypes."""
     import torch
     import transformers
 
     from mergesmith.bitnet import heal
     from mergesmith.bitnet.convert import DictSource
+    from mergesmith.bitnet.source import BitnetModelSource
 
     if args.heal < 1:
         raise MergeError("--heal needs a positive number of steps")
-    if source is not open_source(source):
+    if isinstance(source, BitnetModelSource):
         raise MergeError("--heal needs float weights; MODEL is a packed BitNet checkpoint")
     try:
-        teacher = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        teacher = transformers.AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
     except (OSError, ValueError) as exc:
         raise MergeError(f"cannot load {args.model} with transformers for --heal: {exc}") from exc
-    ids = None
-    if args.heal_data:
-        try:
-            text = Path(args.heal_data).read_text(encoding="utf-8")
-            tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
-            raise MergeError(f"--heal-data: {exc}") from exc
-        ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-        if ids.numel() < 2:
-            raise MergeError(f"--heal-data {args.heal_data} has no tokens")
-    else:
-        print("mergesmith: note: --heal without --heal-data distils on random token ids", file=err)
+    ids = _heal_ids(args, source.path, err)
     vocab = int(teacher.config.vocab_size)
     train = heal.token_batches(ids, vocab, seq_len=args.heal_seq, seed=0)
     held_out = heal.token_batches(ids, vocab, seq_len=args.heal_seq, seed=1)
@@ -158,12 +195,8 @@ def _heal_source(
     print(
         f"heal: {args.heal} steps, held-out distillation loss (ternary) {before:.4g} -> {after:.4g}", file=out
     )
-    shapes = source.shapes
-    state = {
-        k: v.detach().to(source.dtype(k) if k in shapes else v.dtype)
-        for k, v in student.state_dict().items()
-        if k in shapes
-    }
+    entries = source.tensors
+    state = {k: v.detach().to(entries[k].dtype) for k, v in student.state_dict().items() if k in entries}
     return DictSource(state, source.config)
 
 
@@ -177,65 +210,96 @@ def _report(stats: list[LayerStat], kept: dict[str, str], out: TextIO) -> None:
 
 
 def _write_hf(
-    data: Any, folder: io.SafetensorsFolder, selector: TensorSelector, args: argparse.Namespace, tmp: Path
-) -> tuple[Any, Any]:
-    result = export_hf(data, selector, args.linear_class)
-    if not result.stats:
+    data: TensorSource, source: ModelSource, selector: TensorSelector, args: argparse.Namespace, folder: Path
+) -> tuple[list[LayerStat], dict[str, str]]:
+    """Stream the transformers export into ``folder``: shards laid out from the plan, each converted
+    tensor written at its offset as soon as it exists."""
+    from mergesmith.bitnet.convert import plan_hf_export
+    from mergesmith.bitnet.io import extra_files, write_hf_stream
+    from mergesmith.write import copy_files, parse_size, write_json
+
+    shard_bytes = parse_size(args.out_shard_size)
+    if shard_bytes <= 0:
+        raise MergeError("--out-shard-size must be positive")
+    plan = plan_hf_export(data, selector, args.linear_class)
+    if not plan.ternary:
         raise MergeError(
             f"no weight of {args.model} was selected for ternarisation (check --include/--exclude)"
         )
-    io.write_hf_folder(tmp, result.tensors, result.config, folder.extra_files())
-    return result.stats, result.kept
+    stats = write_hf_stream(folder, data, plan, shard_bytes)
+    write_json(folder / "config.json", plan.config)
+    copy_files(extra_files(source.path), folder)
+    return stats, plan.kept
 
 
 def _write_gguf(
-    data: Any,
-    folder: io.SafetensorsFolder,
+    data: TensorSource,
+    source: ModelSource,
     selector: TensorSelector,
     args: argparse.Namespace,
-    tmp: Path,
+    folder: Path,
     err: TextIO,
-) -> tuple[Any, Any]:
-    kept, stream = iter_gguf_tensors(data, selector, args.gguf_type)
-    tensors, stats = [], []
-    for tensor, stat, _ in stream:
-        tensors.append(tensor)
-        if stat is not None:
-            stats.append(stat)
-    if not stats:
+) -> tuple[list[LayerStat], dict[str, str]]:
+    """Stream the GGUF export into ``folder / "model.gguf"``: header from the plan, then each tensor."""
+    from mergesmith.bitnet.convert import iter_gguf_tensors, plan_gguf_export
+    from mergesmith.bitnet.gguf_export import llama_metadata, tokenizer_metadata
+    from mergesmith.bitnet.io import read_json, write_gguf_stream
+
+    plan = plan_gguf_export(data, selector, args.gguf_type)
+    if not plan.chosen:
         raise MergeError(f"no weight of {args.model} was ternarised (check --include/--exclude)")
-    config = open_source(data).config
+    config = data.config
     tok_kv, note = tokenizer_metadata(
-        io.read_json(folder.path / "tokenizer.json"),
-        io.read_json(folder.path / "tokenizer_config.json"),
+        read_json(source.path / "tokenizer.json"),
+        read_json(source.path / "tokenizer_config.json"),
         int(config["vocab_size"]),
     )
     if note:
         print(f"mergesmith: note: {note}", file=err)
-    meta = llama_metadata(config, args.gguf_type, Path(args.model).resolve().name) + tok_kv
-    io.write_gguf_file(tmp / "model.gguf", "llama", meta, tensors)
-    return stats, kept
+    meta = llama_metadata(config, args.gguf_type, source.path.resolve().name) + tok_kv
+    stats: list[LayerStat] = []
+
+    def tensors() -> Any:
+        for tensor, stat, _ in iter_gguf_tensors(data, plan):
+            if stat is not None:
+                stats.append(stat)
+            yield tensor
+
+    write_gguf_stream(folder / "model.gguf", "llama", meta, plan.layouts, tensors())
+    return stats, plan.kept
+
+
+def _bytes_on_disk(source: ModelSource) -> int:
+    return sum(f.stat().st_size for f in {info.file for info in source.tensors.values()})
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Run the command; returns 0. Expected failures raise MergeError."""
+    from mergesmith.bitnet.io import dir_size
+    from mergesmith.sources import open_source
+    from mergesmith.write import OutputFolder
+
     out = out or sys.stdout
     err = err or sys.stderr
     selector = _selector(args)
-    source = io.SafetensorsFolder(args.model)
-    _check_paths(Path(args.model), Path(args.out_dir))
-    if not args.heal:
-        warn_if_float(source, selector, args.model, err)
-    with io.atomic_output_dir(args.out_dir, args.overwrite) as tmp:
-        data = _heal_source(source, args, selector, out, err) if args.heal else source
-        if args.format == "hf":
-            stats, kept = _write_hf(data, source, selector, args, tmp)
-        else:
-            stats, kept = _write_gguf(data, source, selector, args, tmp, err)
-        size_after = io.dir_size(tmp)
+    source = open_source(args.model)
+    try:
+        _check_paths(source.path, Path(args.out_dir))
+        if not args.heal:
+            warn_if_float(source, selector, args.model, err)
+        with OutputFolder(args.out_dir, overwrite=args.overwrite) as folder:
+            data = _heal_source(source, args, selector, out, err) if args.heal else source
+            if args.format == "hf":
+                stats, kept = _write_hf(data, source, selector, args, folder.path)
+            else:
+                stats, kept = _write_gguf(data, source, selector, args, folder.path, err)
+            size_after = dir_size(folder.path)
+            folder.commit()
+        before = _bytes_on_disk(source)
+    finally:
+        source.close()
     print(f"{len(stats)} weights ternarised:", file=out)
     _report(stats, kept, out)
-    before = source.bytes_on_disk()
     print(
         f"size: {_mib(before)} -> {_mib(size_after)} ({before / max(size_after, 1):.2f}x smaller), "
         f"written to {args.out_dir}",

@@ -1,42 +1,52 @@
-"""Tensor-by-tensor drivers: read a source's tensors one at a time, hand back converted tensors.
+"""Tensor-by-tensor drivers: plan an export from tensor headers, then convert one tensor at a time.
 
-A *source* is anything with ``config`` (dict), ``shapes`` (name -> shape), ``dtype(name)`` and
-``get(name)``: :class:`mergesmith.bitnet.io.SafetensorsFolder`, :class:`DictSource` (tests), or
-:class:`DequantizedBitNetSource`, which presents a packed transformers BitNet checkpoint as float
-weights ``gamma * W~`` so that it can be re-exported (to GGUF, or to the other linear class).
+A *source* is anything with ``config`` (dict), ``tensors`` (name -> entry with ``dtype`` and
+``shape``) and ``read(name)``: :class:`mergesmith.model.ModelSource` (a folder on disk, read tensor
+by tensor), :class:`mergesmith.bitnet.source.BitnetModelSource` (a packed transformers BitNet
+checkpoint seen as float weights ``gamma * W~``, which ``ModelSource.open`` returns for such a
+folder), or :class:`DictSource` (an in-memory state dict: tests and ``--heal``).
+
+Each export is planned first (which tensors, with which output names, dtypes and shapes), from the
+headers alone, so that a writer can lay out its files before any tensor is converted.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
-from mergesmith.bitnet.hf import (
-    DEFAULT_LINEAR_CLASS,
-    export_config,
-    export_linear,
-    gamma_from_weight_scale,
-    input_quantization,
-    linear_module_names,
-    plan_hf,
-)
-from mergesmith.bitnet.pack import unpack_ternary
+from mergesmith.bitnet.constants import DEFAULT_LINEAR_CLASS
+from mergesmith.bitnet.hf import export_config, export_linear, linear_module_names, plan_hf
+from mergesmith.bitnet.pack import packed_rows
 from mergesmith.bitnet.quant import TensorSelector, Ternary, as_ternary, ternarize_tensor
+from mergesmith.bitnet.source import PackedTensorInfo
 from mergesmith.errors import MergeError
+from mergesmith.write import TensorSpec
+
+
+class TensorEntry(Protocol):
+    """What a source says about one tensor before reading it."""
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
 
 
 class TensorSource(Protocol):
-    config: dict[str, Any]
+    """A model read tensor by tensor (see the module docstring)."""
 
     @property
-    def shapes(self) -> dict[str, tuple[int, ...]]: ...
+    def config(self) -> dict[str, Any]: ...
 
-    def dtype(self, name: str) -> torch.dtype: ...
+    @property
+    def tensors(self) -> Mapping[str, TensorEntry]: ...
 
-    def get(self, name: str) -> torch.Tensor: ...
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor: ...
 
 
 class DictSource:
@@ -47,81 +57,12 @@ class DictSource:
         self.config = dict(config)
 
     @property
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: tuple(v.shape) for k, v in self._sd.items()}
+    def tensors(self) -> dict[str, TensorSpec]:
+        return {k: TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in self._sd.items()}
 
-    def dtype(self, name: str) -> torch.dtype:
-        return self._sd[name].dtype
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._sd[name]
-
-
-class DequantizedBitNetSource:
-    """A transformers BitNet checkpoint (offline, either linear class) seen as float weights.
-
-    Each packed ``<m>.weight`` (uint8) with ``<m>.weight_scale`` is shown as ``gamma * W~`` in float32
-    (exactly ternary, so :func:`as_ternary` recovers codes and ``gamma``); the ``weight_scale``
-    tensors are hidden and autobitlinear biases are multiplied back by the scale.
-    """
-
-    def __init__(self, inner: TensorSource) -> None:
-        qc = input_quantization(inner.config)
-        if qc is None or qc.get("quantization_mode", "offline") != "offline":
-            raise ValueError("not an offline transformers BitNet checkpoint")
-        self.inner = inner
-        self.linear_class: str = qc.get("linear_class", "bitlinear")
-        self.config = {k: v for k, v in inner.config.items() if k != "quantization_config"}
-        inner_shapes = inner.shapes
-        self._packed = {
-            n[: -len(".weight_scale")]
-            for n in inner_shapes
-            if n.endswith(".weight_scale") and inner.dtype(n[: -len("_scale")]) == torch.uint8
-        }
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        for name, shape in inner_shapes.items():
-            module, _, leaf = name.rpartition(".")
-            if module in self._packed and leaf == "weight_scale":
-                continue
-            if module in self._packed and leaf == "weight":
-                shape = (shape[0] * 4, *shape[1:])
-            self._shapes[name] = shape
-
-    @property
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return dict(self._shapes)
-
-    def dtype(self, name: str) -> torch.dtype:
-        module, _, leaf = name.rpartition(".")
-        if module in self._packed and leaf == "weight":
-            return torch.float32
-        return self.inner.dtype(name)
-
-    def scale_dtype(self, module: str) -> torch.dtype | None:
-        """dtype of the stored ``weight_scale`` of a packed module (the model dtype), else None."""
-        return self.inner.dtype(f"{module}.weight_scale") if module in self._packed else None
-
-    def _gamma(self, module: str) -> torch.Tensor:
-        return gamma_from_weight_scale(self.inner.get(f"{module}.weight_scale"), self.linear_class)
-
-    def get(self, name: str) -> torch.Tensor:
-        module, _, leaf = name.rpartition(".")
-        if module in self._packed and leaf == "weight":
-            t = Ternary(unpack_ternary(self.inner.get(name)), self._gamma(module))
-            return t.dequantize(torch.float32)
-        tensor = self.inner.get(name)
-        if module in self._packed and leaf == "bias" and self.linear_class == "autobitlinear":
-            scale = self.inner.get(f"{module}.weight_scale").to(torch.float32)
-            tensor = (tensor.to(torch.float32) * scale).to(tensor.dtype)
-        return tensor
-
-
-def open_source(source: TensorSource) -> TensorSource:
-    """Wrap a packed BitNet checkpoint in :class:`DequantizedBitNetSource`; return others as they are."""
-    qc = input_quantization(source.config)
-    if qc is not None and qc.get("quantization_mode", "offline") == "offline":
-        return DequantizedBitNetSource(source)
-    return source
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        t = self._sd[name]
+        return t if rows is None else t[rows[0] : rows[1]]
 
 
 def ternary_of(weight: torch.Tensor) -> tuple[Ternary, bool]:
@@ -151,9 +92,87 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def scale_dtype(entry: TensorEntry) -> torch.dtype:
+    """dtype of the ``weight_scale`` written for a weight: the model dtype, i.e. the weight's own float
+    dtype, or for a packed input the dtype its ``weight_scale`` was stored in."""
+    if isinstance(entry, PackedTensorInfo):
+        return entry.scale.dtype
+    return entry.dtype if entry.dtype.is_floating_point else torch.float32
+
+
+# --- transformers export -------------------------------------------------------------------------
+
+
+@dataclass
+class HfPlan:
+    """The transformers export of one source, decided from headers: output config, the modules that
+    become ternary, those kept in high precision (and why), and every output tensor in write order."""
+
+    config: dict[str, Any]
+    ternary: set[str]
+    kept: dict[str, str]
+    specs: list[TensorSpec]
+    linear_class: str
+
+
+def plan_hf_export(
+    source: TensorSource, selector: TensorSelector, linear_class: str = DEFAULT_LINEAR_CLASS
+) -> HfPlan:
+    """Plan the transformers export of ``source`` (no tensor data is read).
+
+    A ternarised module ``m`` (``out x in`` weight) is written as ``m.weight`` uint8
+    ``(ceil(out/4), in)``, ``m.weight_scale`` ``(1,)`` in the model dtype and its bias, if any.
+    """
+    try:
+        linear = linear_module_names(source.config)
+    except ValueError as exc:
+        raise MergeError(str(exc)) from exc
+    entries = source.tensors
+    plan = plan_hf({n: e.shape for n, e in entries.items()}, linear, selector)
+    config = export_config(source.config, plan.modules_to_not_convert, linear_class)
+    ternary = set(plan.ternary)
+    specs: list[TensorSpec] = []
+    for name, entry in entries.items():
+        module, _, leaf = name.rpartition(".")
+        if module in ternary and leaf == "bias":
+            continue  # written with its weight
+        if module not in ternary or leaf != "weight":
+            specs.append(TensorSpec(name, entry.dtype, tuple(entry.shape)))
+            continue
+        rows, cols = entry.shape
+        specs.append(TensorSpec(name, torch.uint8, (packed_rows(rows), cols)))
+        specs.append(TensorSpec(f"{module}.weight_scale", scale_dtype(entry), (1,)))
+        bias = entries.get(f"{module}.bias")
+        if bias is not None:
+            specs.append(TensorSpec(f"{module}.bias", bias.dtype, tuple(bias.shape)))
+    return HfPlan(config, ternary, plan.kept, specs, linear_class)
+
+
+def iter_hf_tensors(
+    source: TensorSource, plan: HfPlan
+) -> Iterator[tuple[dict[str, torch.Tensor], LayerStat | None, int]]:
+    """Yield ``(output tensors, stat or None, input bytes)`` one input tensor (or one weight+bias
+    pair) at a time, in the order of ``plan.specs``; only that tensor is in memory."""
+    entries = source.tensors
+    for name, entry in entries.items():
+        module, _, leaf = name.rpartition(".")
+        if module in plan.ternary and leaf == "bias":
+            continue
+        tensor = source.read(name)
+        if module not in plan.ternary or leaf != "weight":
+            yield {name: tensor}, None, _nbytes(tensor)
+            continue
+        bias_name = f"{module}.bias"
+        bias = source.read(bias_name) if bias_name in entries else None
+        ternary, was = ternary_of(tensor)
+        out = export_linear(module, ternary, bias, plan.linear_class, scale_dtype(entry))
+        stat = LayerStat(name, tuple(entry.shape), ternary.zero_fraction(), was, float(ternary.scale))
+        yield out, stat, _nbytes(tensor) + (_nbytes(bias) if bias is not None else 0)
+
+
 @dataclass
 class HfExport:
-    """Result of :func:`export_hf`: converted tensors in input order, the new config, statistics."""
+    """Result of :func:`export_hf`: converted tensors in output order, the new config, statistics."""
 
     tensors: dict[str, torch.Tensor]
     config: dict[str, Any]
@@ -163,107 +182,83 @@ class HfExport:
     bytes_out: int
 
 
-def iter_hf_tensors(
-    source: TensorSource, selector: TensorSelector, linear_class: str = DEFAULT_LINEAR_CLASS
-) -> tuple[dict[str, Any], dict[str, str], Iterator[tuple[dict[str, torch.Tensor], LayerStat | None, int]]]:
-    """Plan the transformers export and return ``(config, kept, stream)``.
-
-    ``stream`` yields ``(output tensors, stat or None, input bytes)`` one input tensor (or one
-    weight+bias pair) at a time, so a writer can flush as it goes.
-    """
-    source = open_source(source)
-    try:
-        linear = linear_module_names(source.config)
-    except ValueError as exc:
-        raise MergeError(str(exc)) from exc
-    shapes = source.shapes
-    plan = plan_hf(shapes, linear, selector)
-    config = export_config(source.config, plan.modules_to_not_convert, linear_class)
-    ternary_modules = set(plan.ternary)
-
-    def stream() -> Iterator[tuple[dict[str, torch.Tensor], LayerStat | None, int]]:
-        for name, shape in shapes.items():
-            module, _, leaf = name.rpartition(".")
-            if module in ternary_modules and leaf == "bias":
-                continue  # written with its weight
-            tensor = source.get(name)
-            if module not in ternary_modules or leaf != "weight":
-                yield {name: tensor}, None, _nbytes(tensor)
-                continue
-            bias_name = f"{module}.bias"
-            bias = source.get(bias_name) if bias_name in shapes else None
-            ternary, was = ternary_of(tensor)
-            dtype = tensor.dtype if tensor.is_floating_point() else torch.float32
-            if isinstance(source, DequantizedBitNetSource):
-                dtype = source.scale_dtype(module) or dtype
-            out = export_linear(module, ternary, bias, linear_class, dtype)
-            stat = LayerStat(name, tuple(shape), ternary.zero_fraction(), was, float(ternary.scale))
-            nbytes = _nbytes(tensor) + (_nbytes(bias) if bias is not None else 0)
-            yield out, stat, nbytes
-
-    return config, plan.kept, stream()
-
-
 def export_hf(
     source: TensorSource, selector: TensorSelector | None = None, linear_class: str = DEFAULT_LINEAR_CLASS
 ) -> HfExport:
-    """Convert a whole source in memory (what the command writes to ``model.safetensors``)."""
-    config, kept, stream = iter_hf_tensors(source, selector or TensorSelector(), linear_class)
+    """Convert a whole source in memory (the command streams the same tensors to disk instead)."""
+    plan = plan_hf_export(source, selector or TensorSelector(), linear_class)
     tensors: dict[str, torch.Tensor] = {}
     stats: list[LayerStat] = []
     bytes_in = 0
-    for out, stat, nbytes in stream:
+    for out, stat, nbytes in iter_hf_tensors(source, plan):
         tensors.update(out)
         bytes_in += nbytes
         if stat is not None:
             stats.append(stat)
     bytes_out = sum(_nbytes(t) for t in tensors.values())
-    return HfExport(tensors, config, stats, kept, bytes_in, bytes_out)
+    return HfExport(tensors, plan.config, stats, plan.kept, bytes_in, bytes_out)
 
+
+# --- GGUF export ---------------------------------------------------------------------------------
 
 GgufTensor = tuple[str, Any, Any]
 
 
-def iter_gguf_tensors(
-    source: TensorSource, selector: TensorSelector, qtype: str = "tq2_0"
-) -> tuple[dict[str, str], Iterator[tuple[GgufTensor, LayerStat | None, int]]]:
-    """Plan the GGUF export and return ``(kept, stream)``; ``stream`` yields one GGUF tensor
-    ``(name, array, type)`` per input tensor. Ternarised: selected 2-D weights whose rows are a
-    multiple of 256; everything else is written in high precision."""
+@dataclass
+class GgufPlan:
+    """The GGUF export of one source, decided from headers: the ternarised tensors, those kept in
+    high precision (and why), and every output tensor's layout in write order."""
+
+    qtype: str
+    chosen: set[str] = field(default_factory=set)
+    kept: dict[str, str] = field(default_factory=dict)
+    layouts: list[Any] = field(default_factory=list)  # gguf_export.GgufLayout, one per input tensor
+
+
+def plan_gguf_export(source: TensorSource, selector: TensorSelector, qtype: str = "tq2_0") -> GgufPlan:
+    """Plan the GGUF export: selected 2-D weights whose rows are a multiple of 256 are ternarised,
+    everything else is written in high precision (no tensor data is read)."""
     from mergesmith.bitnet import gguf_export
 
-    source = open_source(source)
+    config = source.config
     try:
-        gguf_export.gguf_architecture(source.config)
+        gguf_export.gguf_architecture(config)
         gguf_export.ggml_type(qtype)
     except ValueError as exc:
         raise MergeError(str(exc)) from exc
-    shapes = source.shapes
-    kept: dict[str, str] = {}
-    chosen: set[str] = set()
-    for name, shape in shapes.items():
+    plan = GgufPlan(qtype)
+    for name, entry in source.tensors.items():
+        shape = tuple(entry.shape)
         if selector.selects(name, shape):
             if gguf_export.ternary_fits(shape):
-                chosen.add(name)
+                plan.chosen.add(name)
             else:
-                kept[name[: -len(".weight")]] = f"in_features {shape[1]} is not a multiple of 256"
+                plan.kept[name[: -len(".weight")]] = f"in_features {shape[1]} is not a multiple of 256"
+        try:
+            layout = gguf_export.gguf_layout(name, shape, entry.dtype, name in plan.chosen, config, qtype)
+        except ValueError as exc:
+            raise MergeError(f"{name}: {exc}") from exc
+        plan.layouts.append(layout)
+    return plan
 
-    def stream() -> Iterator[tuple[GgufTensor, LayerStat | None, int]]:
-        for name, shape in shapes.items():
-            tensor = source.get(name)
-            try:
-                if name not in chosen:
-                    yield (
-                        gguf_export.gguf_tensor(name, tensor, None, source.config, qtype),
-                        None,
-                        _nbytes(tensor),
-                    )
-                    continue
-                ternary, was = ternary_of(tensor)
-                stat = LayerStat(name, tuple(shape), ternary.zero_fraction(), was, float(ternary.scale))
-                out = gguf_export.gguf_tensor(name, None, ternary, source.config, qtype)
-            except ValueError as exc:
-                raise MergeError(f"{name}: {exc}") from exc
-            yield out, stat, _nbytes(tensor)
 
-    return kept, stream()
+def iter_gguf_tensors(
+    source: TensorSource, plan: GgufPlan
+) -> Iterator[tuple[GgufTensor, LayerStat | None, int]]:
+    """Yield one GGUF tensor ``(name, array, type)`` per input tensor, in the order of
+    ``plan.layouts``, with its stat (ternarised tensors) and input bytes."""
+    from mergesmith.bitnet import gguf_export
+
+    for name, entry in source.tensors.items():
+        tensor = source.read(name)
+        try:
+            if name not in plan.chosen:
+                out = gguf_export.gguf_tensor(name, tensor, None, source.config, plan.qtype)
+                yield out, None, _nbytes(tensor)
+                continue
+            ternary, was = ternary_of(tensor)
+            stat = LayerStat(name, tuple(entry.shape), ternary.zero_fraction(), was, float(ternary.scale))
+            out = gguf_export.gguf_tensor(name, None, ternary, source.config, plan.qtype)
+        except ValueError as exc:
+            raise MergeError(f"{name}: {exc}") from exc
+        yield out, stat, _nbytes(tensor)

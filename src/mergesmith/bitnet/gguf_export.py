@@ -21,15 +21,17 @@ transformers' GGUF loader undoes when it reads llama files.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from mergesmith.bitnet.constants import QTYPES
 from mergesmith.bitnet.quant import Ternary
 
-QTYPES = ("tq2_0", "tq1_0")
 BLOCK = 256
 GGUF_ARCH = {"llama": "llama", "mistral": "llama"}
 
@@ -206,6 +208,45 @@ def float_array(tensor: torch.Tensor) -> tuple[np.ndarray, Any]:
     if tensor.dtype == torch.float16:
         return tensor.detach().numpy(), t.F16
     return gguf.quants.quantize(tensor.detach().to(torch.float32).numpy(), t.BF16), t.BF16
+
+
+@dataclass(frozen=True)
+class GgufLayout:
+    """What :func:`gguf_tensor` will produce for one tensor, known from its name, shape and dtype
+    alone: the GGUF name, the numpy array's shape, dtype and byte size, and the GGML type. A GGUF
+    writer needs all of them before the first tensor's data."""
+
+    name: str
+    shape: tuple[int, ...]
+    np_dtype: Any
+    nbytes: int
+    ggml_type: Any
+
+
+def gguf_layout(
+    hf_name: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    ternary: bool,
+    config: Mapping[str, Any],
+    qtype: str = "tq2_0",
+) -> GgufLayout:
+    """The :class:`GgufLayout` of ``gguf_tensor(hf_name, ...)`` for a tensor of ``shape`` and ``dtype``
+    (``ternary``: written as ``qtype``; else as :func:`float_array` stores it)."""
+    gguf = _gguf()
+    t = gguf.GGMLQuantizationType
+    name = gguf_tensor_name(hf_name, int(config["num_hidden_layers"]), gguf_architecture(config))
+    numel = math.prod(shape)
+    if ternary:
+        kind = ggml_type(qtype)
+    elif len(shape) <= 1 or dtype not in (torch.float16, torch.bfloat16):
+        return GgufLayout(name, tuple(shape), np.dtype(np.float32), 4 * numel, t.F32)
+    elif dtype == torch.float16:
+        return GgufLayout(name, tuple(shape), np.dtype(np.float16), 2 * numel, t.F16)
+    else:
+        kind = t.BF16
+    byte_shape = tuple(gguf.quants.quant_shape_to_byte_shape(shape, kind))
+    return GgufLayout(name, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), kind)
 
 
 def gguf_tensor(

@@ -30,11 +30,9 @@ from typing import Any
 
 import torch
 
+from mergesmith.bitnet.constants import DEFAULT_LINEAR_CLASS, LINEAR_CLASSES
 from mergesmith.bitnet.pack import VALUES_PER_BYTE, pack_ternary, unpack_ternary
 from mergesmith.bitnet.quant import TensorSelector, Ternary
-
-LINEAR_CLASSES = ("autobitlinear", "bitlinear")
-DEFAULT_LINEAR_CLASS = "autobitlinear"
 
 
 def _check_linear_class(linear_class: str) -> None:

@@ -1,110 +1,35 @@
-"""All file I/O of the BitNet exporter, in one place.
+"""The BitNet exporter's own file helpers: what to copy beside the weights, and the GGUF file writer.
 
-Temporary: the core engine's streaming reader (``mergesmith.model``) and sharded atomic writer
-(``mergesmith.write``) will replace :class:`SafetensorsFolder`, :func:`write_hf_folder` and
-:func:`atomic_output_dir`; the rest of :mod:`mergesmith.bitnet` only sees tensors and dicts.
+Model folders are read with :mod:`mergesmith.model` and safetensors output is written with
+:mod:`mergesmith.write` (sharded, into an atomic temporary folder), like every other mergesmith output.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mergesmith.errors import MergeError
+
+if TYPE_CHECKING:
+    from mergesmith.bitnet.convert import HfPlan, LayerStat, TensorSource
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 """Files of the input folder that are not copied to the output (weights and their indexes)."""
 
 
-class SafetensorsFolder:
-    """A local model folder: ``config.json`` plus ``*.safetensors`` (single file or sharded with
-    ``model.safetensors.index.json``). Tensors are read one at a time."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        from safetensors import safe_open
-
-        self.path = Path(path)
-        if not self.path.is_dir():
-            raise MergeError(f"{self.path}: not a model folder (only local folders are supported)")
-        config_path = self.path / "config.json"
-        if not config_path.is_file():
-            raise MergeError(f"{self.path}: no config.json")
-        try:
-            self.config: dict[str, Any] = json.loads(config_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise MergeError(f"{config_path}: invalid JSON ({exc})") from exc
-        files = sorted(self.path.glob("*.safetensors"))
-        if not files:
-            raise MergeError(f"{self.path}: no .safetensors weights (convert .bin checkpoints first)")
-        self._where: dict[str, Path] = {}
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        self._dtypes: dict[str, torch.dtype] = {}
-        for file in files:
-            try:
-                with safe_open(file, framework="pt") as f:
-                    for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                        sl = f.get_slice(name)
-                        self._where[name] = file
-                        self._shapes[name] = tuple(sl.get_shape())
-                        self._dtypes[name] = _dtype_from_safetensors(sl.get_dtype())
-            except Exception as exc:  # safetensors raises its own error types
-                raise MergeError(f"{file}: cannot read safetensors header ({exc})") from exc
-        self._open: dict[Path, Any] = {}
-
-    @property
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return dict(self._shapes)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self._dtypes[name]
-
-    def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        file = self._where[name]
-        if file not in self._open:
-            self._open[file] = safe_open(file, framework="pt")
-        return self._open[file].get_tensor(name)
-
-    def bytes_on_disk(self) -> int:
-        return sum(f.stat().st_size for f in set(self._where.values()))
-
-    def extra_files(self) -> list[Path]:
-        """Files to copy beside the converted weights: tokenizer, generation config, README..."""
-        return [
-            p
-            for p in sorted(self.path.iterdir())
-            if p.is_file()
-            and p.name != "config.json"
-            and not p.name.endswith(WEIGHT_SUFFIXES)
-            and not p.name.endswith(".index.json")
-        ]
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def _dtype_from_safetensors(name: str) -> torch.dtype:
-    return _SAFETENSORS_DTYPES.get(name, torch.float32)
+def extra_files(folder: Path) -> list[Path]:
+    """Files to copy beside the converted weights: tokenizer, generation config, README..."""
+    return [
+        p
+        for p in sorted(folder.iterdir())
+        if p.is_file()
+        and p.name != "config.json"
+        and not p.name.endswith(WEIGHT_SUFFIXES)
+        and not p.name.endswith(".index.json")
+    ]
 
 
 def dir_size(path: Path) -> int:
@@ -112,71 +37,75 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out_dir``; when the block ends without error it becomes
-    ``out_dir`` by rename (replacing an existing one only with ``overwrite``). On error the temporary
-    folder is removed and ``out_dir`` is untouched."""
-    out = Path(out_dir).absolute()
-    if out.exists() and not overwrite:
-        raise MergeError(f"{out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise MergeError(f"{out} exists and is not a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def write_hf_folder(
-    folder: Path,
-    tensors: Mapping[str, torch.Tensor],
-    config: Mapping[str, Any],
-    extra_files: Iterable[Path] = (),
-) -> None:
-    """Write ``model.safetensors``, ``config.json`` and copies of ``extra_files`` into ``folder``."""
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors", {"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
-    for src in extra_files:
-        shutil.copy2(src, folder / src.name)
-
-
-def write_gguf_file(
-    path: Path,
-    arch: str,
-    metadata: Iterable[tuple[str, Any, Any]],
-    tensors: Iterable[tuple[str, Any, Any]],
-) -> None:
-    """Write a GGUF file: ``metadata`` is (key, value, GGUFValueType) and ``tensors`` is
-    (name, numpy array, GGMLQuantizationType) where quantised arrays hold the raw block bytes."""
-    import gguf
-
-    writer = gguf.GGUFWriter(str(path), arch)
-    for key, value, vtype in metadata:
-        if vtype == gguf.GGUFValueType.ARRAY:
-            writer.add_array(key, value)
-        else:
-            writer.add_key_value(key, value, vtype)
-    for name, array, qtype in tensors:
-        writer.add_tensor(name, array, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
 def read_json(path: Path) -> Any:
     """Parse a JSON file, or None when it does not exist."""
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_gguf_stream(
+    path: Path,
+    arch: str,
+    metadata: Iterable[tuple[str, Any, Any]],
+    layouts: Sequence[Any],
+    tensors: Iterable[tuple[str, Any, Any]],
+) -> None:
+    """Write a GGUF file without holding its tensors: the header and tensor infos come from
+    ``layouts`` (:class:`mergesmith.bitnet.gguf_export.GgufLayout`, in order), then each tensor of
+    ``tensors`` (``(name, numpy array, GGMLQuantizationType)``, same order) is written as it arrives.
+
+    ``metadata`` is ``(key, value, GGUFValueType)``; quantised arrays hold the raw block bytes.
+    """
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    try:
+        for key, value, vtype in metadata:
+            if vtype == gguf.GGUFValueType.ARRAY:
+                writer.add_array(key, value)
+            else:
+                writer.add_key_value(key, value, vtype)
+        for lay in layouts:
+            writer.add_tensor_info(lay.name, lay.shape, lay.np_dtype, lay.nbytes, raw_dtype=lay.ggml_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        count = 0
+        for lay, (name, array, qtype) in zip(layouts, tensors, strict=False):
+            if (name, tuple(array.shape), array.dtype, qtype) != (
+                lay.name,
+                lay.shape,
+                lay.np_dtype,
+                lay.ggml_type,
+            ):
+                raise MergeError(f"internal error: GGUF tensor {name} does not match its planned layout")
+            writer.write_tensor_data(array)
+            count += 1
+        if count != len(layouts):
+            raise MergeError(f"internal error: {count} GGUF tensors written, {len(layouts)} planned")
+    finally:
+        writer.close()
+
+
+def write_hf_stream(folder: Path, source: TensorSource, plan: HfPlan, shard_bytes: int) -> list[LayerStat]:
+    """Write the safetensors shards of a planned transformers export into ``folder``: the shards are
+    laid out from ``plan.specs`` and each converted tensor is written at its offset as soon as it
+    exists (one input tensor in memory at a time). Returns the ternarised layers' statistics."""
+    from mergesmith.bitnet.convert import iter_hf_tensors
+    from mergesmith.write import ShardedWriter
+
+    specs = {s.name: s for s in plan.specs}
+    stats: list[LayerStat] = []
+    writer = ShardedWriter(folder, plan.specs, shard_bytes)
+    try:
+        for tensors, stat, _ in iter_hf_tensors(source, plan):
+            for name, tensor in tensors.items():
+                spec = specs[name]
+                if (tensor.dtype, tuple(tensor.shape)) != (spec.dtype, spec.shape):
+                    raise MergeError(f"internal error: {name} does not match its planned dtype and shape")
+                writer.write(name, tensor)
+            if stat is not None:
+                stats.append(stat)
+        writer.finish()
+    finally:
+        writer.close()
+    return stats

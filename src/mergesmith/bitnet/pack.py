@@ -20,6 +20,8 @@ transformers can only *load* packed linear weights whose ``out_features`` is a m
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 VALUES_PER_BYTE = 4
@@ -72,3 +74,24 @@ def unpack_ternary(
         raise ValueError(f"{rows} rows do not pack into {r} packed rows")
     codes = torch.cat([unpack_chunk(packed, i) for i in range(VALUES_PER_BYTE)], dim=0)[:rows]
     return codes.to(dtype)
+
+
+def chunk_spans(rows: tuple[int, int], packed: int) -> Iterator[tuple[int, int, int]]:
+    """Where rows ``[u0, u1)`` of a matrix with ``packed`` packed rows ``R`` live: the pieces
+    ``(chunk i, first packed row, end packed row)``, in row order. Row ``u`` is 2-bit chunk
+    ``u // R`` of packed row ``u % R``."""
+    u0, u1 = rows
+    if u1 <= u0:
+        return
+    for i in range(u0 // packed, (u1 - 1) // packed + 1):
+        lo, hi = max(u0, i * packed), min(u1, (i + 1) * packed)
+        yield i, lo - i * packed, hi - i * packed
+
+
+def pack_rows_into(packed: torch.Tensor, codes: torch.Tensor, row0: int) -> None:
+    """OR the codes of rows ``[row0, row0 + len(codes))`` into ``packed`` (uint8, zero where no row was
+    packed yet), in place. Packing every row once this way gives :func:`pack_ternary` of all rows."""
+    r = packed.shape[0]
+    for i, p0, p1 in chunk_spans((row0, row0 + codes.shape[0]), r):
+        block = codes[i * r + p0 - row0 : i * r + p1 - row0]
+        packed[p0:p1] |= (block.to(torch.int16) + 1).to(torch.uint8) << (2 * i)

@@ -19,17 +19,18 @@ i.e. with probability P(|z| < sqrt(2/pi)/2) = erf(1 / (2 sqrt(pi))) ~= 0.310.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from mergesmith.bitnet.constants import DEFAULT_INCLUDE
+
 EPS = 1e-5
 """Lower clamp of the absmean scale (the paper's epsilon)."""
 
-DEFAULT_INCLUDE: tuple[str, ...] = (r"(^|\.)layers\.\d+\.",)
-"""Regexes (``re.search`` on the tensor name) of tensors that may be ternarised: decoder blocks."""
 
 ALWAYS_EXCLUDE: tuple[str, ...] = (r"embed", r"(^|\.)lm_head\.", r"(^|\.)output\.weight$", r"norm")
 """Never ternarised, whatever the user asks: embeddings, the LM head and norms (BitNet keeps them in
@@ -94,6 +95,54 @@ def as_ternary(weight: torch.Tensor, rtol: float = 1e-3) -> Ternary | None:
     if not bool(((mag[nonzero] - a).abs() <= rtol * a).all()):
         return None
     return Ternary(torch.sign(w).to(torch.int8), a)
+
+
+@dataclass
+class TernaryScan:
+    """Running statistics of a tensor seen in row chunks, enough to ternarise it chunk by chunk the way
+    ``ternary_of`` (absmean, or the tensor's own magnitude if it is already ternary) does whole::
+
+        already ternary  <=>  max|W| - min_{W != 0} |W| <= rtol * max|W|   ->  gamma = max|W|, W~ = sign(W)
+        otherwise             gamma = max(sum|W| / n, eps)  (sum in float64)  ->  W~ = RoundClip(W / gamma)
+
+    The float64 sum makes gamma the exact mean rounded once to float32; :func:`absmean_scale` sums in
+    float32, so the two can differ in the last bit, and then a weight lying within that rounding of a
+    threshold ``gamma / 2`` gets the other code.
+    """
+
+    total: float = 0.0
+    count: int = 0
+    largest: float = 0.0
+    smallest_nonzero: float = math.inf
+
+    def update(self, chunk: torch.Tensor) -> None:
+        """Add one chunk (any float dtype) to the statistics."""
+        mag = chunk.detach().to(torch.float32).abs()
+        if not mag.numel():
+            return
+        self.total += float(mag.sum(dtype=torch.float64))
+        self.count += mag.numel()
+        self.largest = max(self.largest, float(mag.max()))
+        nonzero = mag[mag > 0]
+        if nonzero.numel():
+            self.smallest_nonzero = min(self.smallest_nonzero, float(nonzero.min()))
+
+    def already_ternary(self, rtol: float = 1e-3) -> bool:
+        """Whether every non-zero value had the same magnitude (within ``rtol``), as in :func:`as_ternary`."""
+        return self.largest == 0 or self.largest - self.smallest_nonzero <= rtol * self.largest
+
+    def scale(self, eps: float = EPS) -> torch.Tensor:
+        """``gamma`` as a 0-d float32 tensor."""
+        if self.already_ternary():
+            return torch.tensor(self.largest, dtype=torch.float32)
+        return torch.tensor(max(self.total / max(self.count, 1), eps), dtype=torch.float32)
+
+    def codes(self, chunk: torch.Tensor) -> torch.Tensor:
+        """int8 codes of ``chunk`` under this scale."""
+        w = chunk.detach().to(torch.float32)
+        if self.already_ternary():
+            return torch.sign(w).to(torch.int8)
+        return (w * (1.0 / self.scale())).round().clamp(-1, 1).to(torch.int8)
 
 
 @dataclass(frozen=True)

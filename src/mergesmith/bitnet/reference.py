@@ -15,13 +15,16 @@ It is a golden reference for the exporters, not a fast kernel.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from mergesmith.bitnet.pack import VALUES_PER_BYTE, pack_ternary, unpack_chunk
 from mergesmith.bitnet.quant import Ternary
+from mergesmith.errors import MergeError
 
 ACT_EPS = 1e-5
 QMIN, QMAX = -128, 127
@@ -105,9 +108,34 @@ class TernaryLinear(nn.Module):
 
     def __init__(self, ternary: Ternary, bias: torch.Tensor | None = None, block_rows: int = 64) -> None:
         super().__init__()
-        self.out_features, self.in_features = ternary.codes.shape
-        self.register_buffer("packed", pack_ternary(ternary.codes))
-        self.register_buffer("gamma", torch.as_tensor(ternary.scale, dtype=torch.float32).reshape(()))
+        self._hold(pack_ternary(ternary.codes), ternary.codes.shape[0], ternary.scale, bias, block_rows)
+
+    @classmethod
+    def from_packed(
+        cls,
+        packed: torch.Tensor,
+        out_features: int,
+        gamma: torch.Tensor | float,
+        bias: torch.Tensor | None = None,
+        block_rows: int = 64,
+    ) -> TernaryLinear:
+        """A module around already packed codes (uint8 ``(ceil(out/4), in)``), without unpacking them."""
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module._hold(packed, out_features, gamma, bias, block_rows)
+        return module
+
+    def _hold(
+        self,
+        packed: torch.Tensor,
+        out_features: int,
+        gamma: torch.Tensor | float,
+        bias: torch.Tensor | None,
+        block_rows: int,
+    ) -> None:
+        self.out_features, self.in_features = out_features, packed.shape[1]
+        self.register_buffer("packed", packed)
+        self.register_buffer("gamma", torch.as_tensor(gamma, dtype=torch.float32).reshape(()))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.block_rows = block_rows
 
@@ -147,3 +175,61 @@ def reference_model(
     model.load_state_dict(dict(state_dict), strict=False)
     model.eval()
     return swap_in_ternary(model, ternaries)
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (no memory) and their buffers
+    (e.g. rotary frequencies, computed at construction) on the CPU."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def load_reference_model(path: str | Path) -> nn.Module:
+    """A packed BitNet checkpoint as mergesmith's reference W1.58A8 model, never unpacking a matrix.
+
+    The transformers model of the checkpoint's (float) config is built with its parameters on the
+    meta device; each packed linear becomes a :class:`TernaryLinear` around the stored packed bytes
+    and ``gamma``; every other parameter is read from the checkpoint one tensor at a time. Memory:
+    2 bits per ternary weight plus the high-precision tensors, and one unpacked tile while running.
+    """
+    import transformers
+
+    from mergesmith.bitnet.source import BitnetModelSource
+    from mergesmith.model import ModelSource
+
+    src = ModelSource.open(str(path))
+    if not isinstance(src, BitnetModelSource):
+        raise MergeError(f"{path}: not a packed BitNet checkpoint (no offline quant_method bitnet)")
+    cfg = dict(src.config)
+    conf = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    try:
+        with _parameters_on_meta():
+            model = transformers.AutoModelForCausalLM.from_config(conf)
+        for module in src.packed_modules():
+            bias = src.read(f"{module}.bias") if f"{module}.bias" in src.tensors else None
+            rows = src.tensors[f"{module}.weight"].shape[0]
+            ternary = TernaryLinear.from_packed(src.read_packed(module), rows, src.gamma(module), bias)
+            model.set_submodule(module, ternary)
+        for name, param in list(model.named_parameters()):
+            if param.is_meta and name in src.tensors:
+                owner, _, leaf = name.rpartition(".")
+                data = src.read(name)
+                model.get_submodule(owner)._parameters[leaf] = nn.Parameter(data, requires_grad=False)
+        model.tie_weights()
+    finally:
+        src.close()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise MergeError(f"{path}: the checkpoint has no tensor {missing[0]!r}")
+    return model.eval()

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from mergesmith.defaults import DEFAULT_SHARD_SIZE
+from mergesmith.defaults import DEFAULT_SHARD_SIZE, OUT_FORMATS
 
 if TYPE_CHECKING:
     from mergesmith.execute import ExecOptions
@@ -49,6 +49,13 @@ def register(sub) -> None:
         metavar="SIZE",
         help="largest output shard (default 5G; K/M/G)",
     )
+    p.add_argument(
+        "--out-format",
+        choices=OUT_FORMATS,
+        default="safetensors",
+        help="bitnet: ternarise the merged linear weights of the decoder layers and write them packed "
+        "(transformers quant_method bitnet, autobitlinear); default: safetensors",
+    )
     _add_exec_options(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     p.add_argument("--no-copy-tokenizer", action="store_true", help="do not copy tokenizer files")
@@ -89,6 +96,7 @@ def _merge(args: argparse.Namespace) -> int:
         copy_tokenizer=not args.no_copy_tokenizer,
         write_model_card=not args.no_model_card,
         intermediate_dir=args.intermediate_dir,
+        out_format=args.out_format,
     )
     return 0
 
