@@ -15,9 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from mergesmith.eval import evaluate_tasks, load_tasks
-
 import mergesmith
+from mergesmith.eval import evaluate_tasks, load_tasks
 
 ROOT = Path(__file__).resolve().parent / "skills"
 
@@ -64,7 +63,9 @@ def skills() -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("out/demo"), help="where the merged models go")
-    ap.add_argument("--limit", type=int, default=None, help="score only the first N test prompts per skill")
+    ap.add_argument(
+        "--limit", type=int, default=200, help="score the first N test prompts per skill (default 200; 0 = all)"
+    )
     ap.add_argument("--split", default="test", help="which data split to score (default test)")
     args = ap.parse_args()
 
