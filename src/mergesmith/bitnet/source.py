@@ -165,7 +165,7 @@ class BitnetModelSource(ModelSource):
         ]
         codes = torch.cat(pieces) if pieces else torch.empty((0, info.shape[1]), dtype=torch.int8)
         gamma = self.gamma(info.name[: -len(".weight")])
-        return (codes.to(torch.float32) * gamma).to(info.dtype)
+        return codes.to(torch.float32).mul_(gamma).to(info.dtype)  # one float32 buffer
 
     def read_packed(self, module: str) -> torch.Tensor:
         """The stored packed codes of ``module`` (uint8 ``(ceil(out/4), in)``), not unpacked."""
