@@ -64,7 +64,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("out/demo"), help="where the merged models go")
     ap.add_argument(
-        "--limit", type=int, default=200, help="score the first N test prompts per skill (default 200; 0 = all)"
+        "--limit",
+        type=int,
+        default=200,
+        help="score the first N test prompts per skill (default 200; 0 = all)",
     )
     ap.add_argument("--split", default="test", help="which data split to score (default test)")
     args = ap.parse_args()
