@@ -21,6 +21,9 @@ For the models in ``examples/skills/models`` (a base and one fine-tune per skill
   are the merge's and the feed-forward blocks the experts' own (``--no-trunk`` skips this).
 
     PYTHONPATH=src python bench/moe_quality.py [--skills examples/skills] [--json results.json]
+
+It needs the skill models and ``mergesmith.eval`` (exact-match scoring), which come with the skills
+work; docs/moe.md has the figures it printed.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from mergesmith.eval import evaluate_tasks, load_tasks
 
 ROOT = Path(__file__).resolve().parent / "skills"
 
-# Settings chosen on the validation split by bench/quality.py (see docs/skills.md).
+# Settings from the sweep in bench/skills_check.py and the MoE bench's validation search (docs/skills.md).
 METHODS = {
     "linear": lambda base, experts: {
         "merge_method": "linear",
@@ -30,13 +30,13 @@ METHODS = {
         "merge_method": "task_arithmetic",
         "base_model": base,
         "models": [{"model": e, "parameters": {"weight": 1.0}} for e in experts],
-        "parameters": {"lambda": 1.0},
+        "parameters": {"lambda": 0.8},
     },
     "ties": lambda base, experts: {
         "merge_method": "ties",
         "base_model": base,
-        "models": [{"model": e, "parameters": {"weight": 1.0, "density": 0.5}} for e in experts],
-        "parameters": {"normalize": False, "lambda": 1.0},
+        "models": [{"model": e, "parameters": {"weight": 1.0, "density": 0.2}} for e in experts],
+        "parameters": {"lambda": 1.5},
     },
     "dare_ties": lambda base, experts: {
         "merge_method": "dare_ties",
@@ -64,7 +64,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("out/demo"), help="where the merged models go")
     ap.add_argument(
-        "--limit", type=int, default=200, help="score the first N test prompts per skill (default 200; 0 = all)"
+        "--limit",
+        type=int,
+        default=200,
+        help="score the first N test prompts per skill (default 200; 0 = all)",
     )
     ap.add_argument("--split", default="test", help="which data split to score (default test)")
     args = ap.parse_args()

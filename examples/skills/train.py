@@ -1,12 +1,15 @@
 """Train the small models that show mergesmith's merges work: one base and one expert per skill.
 
 Without a model hub the project makes its own models. This script builds a character-level tokenizer,
-pre-trains one small Llama on a generic copying task, then fine-tunes a copy of it on each skill
-(addition, reversal, sorting, counting, key-value lookup). Every prompt names its task (``add: 12+34=``)
-so all experts share one base and one prompt format, as real fine-tunes of one foundation model do.
+pre-trains one small Llama on a generic mix (tagged tasks such as ``copy: ab1=`` -> ``ab1``, and the
+skills described in words, such as ``reverse of abc=`` -> ``cba``), then fine-tunes a copy of it on each
+skill asked with a terse tag (``rev: abc=``, ``sort: dcb=``, ``count a: abca=``, ``shift: abc=``), which
+the base never saw. All experts share one base and one prompt format, as fine-tunes of one foundation
+model do.
 
-The fine-tunes are deliberately gentle (low learning rate, few steps) so each task vector stays small
-relative to the base: that is what makes task arithmetic and TIES merges of the experts work.
+The fine-tunes are gentle (plain SGD, a few hundred steps, replay of the pre-training mix) so each task
+vector stays small relative to the base: that is what gives task arithmetic and TIES a chance.
+See docs/skills.md for the figures and for what did not work.
 
 Everything is seeded and runs on the CPU with a fixed number of threads, so running it again with the
 same torch version on the same kind of CPU rebuilds the shipped weights bit for bit.

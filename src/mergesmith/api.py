@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from pydantic import BaseModel
 from tqdm import tqdm
 
 from mergesmith.card import model_card
@@ -33,9 +34,9 @@ if TYPE_CHECKING:
     from mergesmith.bitnet.merge_output import TernaryOutput
 
 
-def config_text(config: str | Path | dict | MergeConfig) -> str:
-    """The config as YAML text, for the model card and mergesmith_config.yml."""
-    if isinstance(config, MergeConfig):
+def config_text(config: str | Path | dict | BaseModel) -> str:
+    """The config (merge or MoE) as YAML text, for the model card and the saved copy of the config."""
+    if isinstance(config, BaseModel):
         return yaml.safe_dump(config.model_dump(exclude_none=True), sort_keys=False)
     if isinstance(config, dict):
         return yaml.safe_dump(config, sort_keys=False)

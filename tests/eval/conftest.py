@@ -73,7 +73,7 @@ def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str])
     monkeypatch.setattr(cli, "COMMAND_MODULES", ["mergesmith.eval.command"])
 
     def run(*argv: str) -> tuple[int, str, str]:
-        capsys.readouterr()  # drop what fixtures printed (transformers' save progress bars)
+        capsys.readouterr()  # drop what fixtures printed while saving models
         code = cli.main(list(argv))
         captured = capsys.readouterr()
         return code, captured.out, captured.err

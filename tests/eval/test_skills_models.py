@@ -62,13 +62,11 @@ def test_experts_master_their_skill_and_the_base_does_not() -> None:
     limited = []
     for path in tasks:
         task = load_tasks(path)
-        limited.append(type(task)(task.name, path, task.prompts[:100], task.answers[:100]))
-    base = evaluate_tasks(MODELS / "base", limited, batch_size=100)
+        limited.append(type(task)(task.name, path, task.prompts[:60], task.answers[:60]))
+    base = evaluate_tasks(MODELS / "base", limited, batch_size=60)
     for skill in SKILLS:
         assert base[f"{skill}/test"] <= 0.05, skill
-        own = evaluate_tasks(
-            MODELS / skill, [t for t in limited if t.name == f"{skill}/test"], batch_size=100
-        )
+        own = evaluate_tasks(MODELS / skill, [t for t in limited if t.name == f"{skill}/test"], batch_size=60)
         assert own[f"{skill}/test"] >= 0.95, skill
 
 

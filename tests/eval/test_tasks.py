@@ -11,7 +11,13 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from mergesmith.errors import MergeError
 from mergesmith.eval import evaluate_tasks, load_tasks
 from mergesmith.eval.loading import load_model
-from mergesmith.eval.tasks import clean_prediction, default_max_new_tokens, generate_answers, task_name
+from mergesmith.eval.tasks import (
+    TaskSet,
+    clean_prediction,
+    default_max_new_tokens,
+    generate_answers,
+    task_name,
+)
 
 PROMPTS = ["rev: abc=", "add: 12+34=", "sort: dcba=", "get k: a1,k7=", "count a: abca=", "copy: xy="]
 
@@ -56,11 +62,12 @@ def test_shipped_expert_is_perfect_on_its_own_outputs_and_right_on_real_answers(
 ) -> None:
     task = load_tasks(data_dir / "rev" / "test.jsonl")
     prompts = list(task.prompts[:64])
+    real = TaskSet("rev/test", task.path, task.prompts[:64], task.answers[:64])
     answers = own_answers(models_dir / "rev", prompts, 10)
     own = write_jsonl(
         tmp_path / "own.jsonl", [{"prompt": p, "answer": a} for p, a in zip(prompts, answers, strict=True)]
     )
-    scores = evaluate_tasks(models_dir / "rev", [own, data_dir / "rev" / "test.jsonl"])
+    scores = evaluate_tasks(models_dir / "rev", [own, real])
     assert scores["own"] == 1.0
     assert scores["rev/test"] >= 0.95
 

@@ -155,3 +155,17 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mergesmith: error:") and "experts_per_token is 2" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_command_module_imports_without_torch():
+    """`mergesmith --help` builds every parser: registering `moe` must not pull in torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from mergesmith import cli; cli.COMMAND_MODULES = ['mergesmith.moe.command']; "
+        "cli.build_parser().format_help(); "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm import tqdm
 
+from mergesmith.api import config_text  # one definition for merge and MoE configs
 from mergesmith.defaults import DEFAULT_SHARD_SIZE
 from mergesmith.errors import MergeError
 from mergesmith.lora.source import split_lora_ref
@@ -440,18 +440,6 @@ def _bounded_map(fn: Callable[[OutTensor], int], items: list[OutTensor], workers
             inflight.append(pool.submit(fn, item))
         for f in inflight:
             yield f.result()
-
-
-def config_text(config: str | Path | dict | MoEConfig) -> str:
-    """The config as YAML text, for the model card and mergesmith_moe_config.yml."""
-    if isinstance(config, MoEConfig):
-        return yaml.safe_dump(config.model_dump(exclude_none=True), sort_keys=False)
-    if isinstance(config, dict):
-        return yaml.safe_dump(config, sort_keys=False)
-    p = Path(config)
-    if "\n" not in str(config) and p.is_file():
-        return p.read_text()
-    return str(config)
 
 
 def build_moe(

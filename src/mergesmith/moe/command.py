@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mergesmith.defaults import DEFAULT_SHARD_SIZE
-from mergesmith.moe.build import build_moe
-from mergesmith.moe.gates import LayerReport
+
+if TYPE_CHECKING:  # the builder pulls in torch; `mergesmith --help` should not
+    from mergesmith.moe.gates import LayerReport
 
 DESCRIPTION = """\
 Build a sparse mixture-of-experts model from dense fine-tunes of one base model, as CONFIG (mergekit-moe's
@@ -62,6 +63,8 @@ def register(subparsers: Any) -> None:
 
 
 def _moe(args: argparse.Namespace) -> int:
+    from mergesmith.moe.build import build_moe
+
     result = build_moe(
         args.config,
         args.out_dir,
