@@ -17,7 +17,6 @@ from mergesmith.arch import (
     Layout,
     get_nested,
     is_embedding,
-    layer_of,
     set_nested,
     tie_word_embeddings,
 )
@@ -431,7 +430,3 @@ def _rewrite_config(
         if "torch_dtype" in out_config:
             out_config["torch_dtype"] = name
     out_config.pop("_name_or_path", None)
-
-
-def layer_index(name: str) -> int | None:
-    return layer_of(name)
