@@ -11,14 +11,13 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Any
 
 from mergesmith.errors import MergeError
-from mergesmith.eval.loading import check_model_folder, load_model
-from mergesmith.eval.ppl import TextSet, count_windows, load_text, score_text
-from mergesmith.eval.tasks import TaskScore, TaskSet, load_tasks, score_task, unique_names
+
+if TYPE_CHECKING:  # the modules below import transformers: only when the command runs
+    from mergesmith.eval.ppl import TextSet
+    from mergesmith.eval.tasks import TaskScore, TaskSet
 
 HELP = "score models: exact-match accuracy on tasks files, perplexity on text files"
 DESCRIPTION = """\
@@ -80,7 +79,7 @@ def _check_positive(name: str, value: int | None) -> None:
 def _limited(task: TaskSet, limit: int | None) -> TaskSet:
     if limit is None:
         return task
-    return TaskSet(task.name, task.path, task.prompts[:limit], task.answers[:limit])
+    return type(task)(task.name, task.path, task.prompts[:limit], task.answers[:limit])
 
 
 def evaluate_models(
@@ -93,6 +92,12 @@ def evaluate_models(
     quiet: bool,
 ) -> list[ModelResult]:
     """Load each model in turn (one in memory at a time) and score it on every input."""
+    from tqdm import tqdm
+
+    from mergesmith.eval.loading import load_model
+    from mergesmith.eval.ppl import count_windows, score_text
+    from mergesmith.eval.tasks import score_task
+
     results = []
     total_prompts = sum(len(t) for t in tasks) * len(models)
     with tqdm(total=total_prompts or None, disable=quiet, file=sys.stderr, unit="prompt", leave=False) as bar:
@@ -157,6 +162,10 @@ def run(args: argparse.Namespace) -> int:
     _check_positive("--limit", args.limit)
     if not args.tasks and not args.ppl:
         raise MergeError("nothing to evaluate; give --tasks FILE.jsonl and/or --ppl FILE.txt")
+    from mergesmith.eval.loading import check_model_folder
+    from mergesmith.eval.ppl import TextSet, load_text
+    from mergesmith.eval.tasks import load_tasks, unique_names
+
     tasks = unique_names([_limited(load_tasks(p), args.limit) for p in args.tasks])
     texts = [load_text(p) for p in args.ppl]
     if len({t.name for t in texts}) < len(texts):

@@ -53,13 +53,14 @@ class TaskArithmeticKernel(Kernel):
     def observe(self, pass_index: int, chunk: Chunk) -> None:
         base = chunk.base.to(chunk.dtype)
         for i, model in enumerate(chunk.models):
-            delta = torch.sub(model, base)  # a new tensor in the compute dtype, whatever model's dtype
+            delta = model.to(base.dtype, copy=True).sub_(base)  # a new tensor: apply reads model again
             if pass_index < self.threshold_passes:
                 sel = self.selectors[i]
                 if sel is not None:
                     (sel.observe_hi if pass_index == 0 else sel.observe_lo)(delta)
             else:
-                self._add_l1(i, delta, self._drop(chunk, i, delta))
+                self.l1_full[i].add(delta)
+                self.l1_kept[i].add(self._drop(chunk, i, delta))
 
     def end_pass(self, pass_index: int) -> None:
         for sel in self.selectors:
@@ -72,17 +73,13 @@ class TaskArithmeticKernel(Kernel):
             else:
                 sel.ties_seen = 0  # the L1 pass trimmed every chunk once; apply starts over
 
-    def _add_l1(self, i: int, delta: torch.Tensor, dropped: torch.Tensor) -> None:
-        self.l1_full[i].add(delta)
-        self.l1_kept[i].add(dropped)
-
     def _random_keep(self, chunk: Chunk, i: int, like: torch.Tensor) -> torch.Tensor:
-        u = chunk.rng[i].uniform(chunk.start, like.numel()).reshape(like.shape).to(like.device)
-        return u < self.p["density"][i]
+        keep = chunk.rng[i].keep(chunk.start, like.numel(), self.p["density"][i])
+        return keep.reshape(like.shape).to(like.device)
 
     # --- output -----------------------------------------------------------------------------------
     def _drop(self, chunk: Chunk, i: int, delta: torch.Tensor) -> torch.Tensor:
-        """The sparsified task vector (a new tensor, or ``delta`` itself when nothing is dropped)."""
+        """The sparsified task vector: a new tensor (magnitude), or ``delta`` itself, changed in place."""
         density = self.p["density"][i]
         if self.sparsify == "magnitude":
             if keep_count(density, self.numel) == 0:
@@ -90,7 +87,7 @@ class TaskArithmeticKernel(Kernel):
             sel = self.selectors[i]
             return sel.trim(delta) if sel is not None else delta
         if self.sparsify == "random" and density < 1.0:
-            return delta * self._random_keep(chunk, i, delta)
+            return delta.mul_(self._random_keep(chunk, i, delta))  # in place: bool masks are slow otherwise
         return delta
 
     def _rescale(self, i: int, dropped: torch.Tensor) -> torch.Tensor:
@@ -110,9 +107,11 @@ class TaskArithmeticKernel(Kernel):
             delta = _delta(chunk, i)
             if self.selectors and self.selectors[i] is not None:
                 self.selectors[i].find_in(delta)
+            if self.rescaling:
+                self.l1_full[i].add(delta)  # before _drop, which may change delta in place
             dropped = self._drop(chunk, i, delta)
             if self.rescaling:
-                self._add_l1(i, delta, dropped)
+                self.l1_kept[i].add(dropped)
             sparse.append(self._rescale(i, dropped))
         return self._combine(chunk, sparse)
 
@@ -154,7 +153,8 @@ def _delta(chunk: Chunk, i: int) -> torch.Tensor:
     model = chunk.models[i]
     if model.dtype == chunk.dtype:
         return model.sub_(chunk.base)
-    return torch.sub(model, chunk.base)  # converts model's bf16/fp16 values inside the subtraction
+    # convert, then subtract in place: torch's mixed-dtype sub takes a slow path (several times slower)
+    return model.to(chunk.dtype).sub_(chunk.base)
 
 
 def _disjoint_sum(weighted: list[torch.Tensor], weights, normalize: bool) -> torch.Tensor:

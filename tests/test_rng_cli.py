@@ -1,0 +1,74 @@
+"""The random stream behind DARE masks, and the command line's start-up cost."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mergesmith.rng import RandomStream
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    numel=st.integers(1, 5000),
+    cut=st.integers(0, 5000),
+    block=st.sampled_from([7, 64, 1000, 1 << 20]),
+    p=st.floats(0.0, 1.0),
+)
+def test_keep_mask_is_the_same_however_it_is_cut(numel, cut, block, p):
+    import mergesmith.rng as rng
+
+    old = rng.BLOCK
+    rng.BLOCK = block
+    try:
+        stream = RandomStream(3, "w", 1, numel)
+        whole = stream.keep(0, numel, p)
+        cut = min(cut, numel)
+        parts = torch.cat([stream.keep(0, cut, p), stream.keep(cut, numel - cut, p)])
+    finally:
+        rng.BLOCK = old
+    assert whole.dtype == torch.bool and whole.shape == (numel,)
+    assert torch.equal(whole, parts)
+
+
+def test_keep_mask_probability_and_edges():
+    stream = RandomStream(0, "t", 0, 1 << 21)
+    for p in (0.1, 0.5, 0.9):
+        share = stream.keep(0, 1 << 21, p).float().mean().item()
+        # 2M Bernoulli draws: the standard deviation of the share is under 4e-4
+        assert abs(share - p) < 3e-3
+    assert stream.keep(0, 1000, 1.0).all()
+    assert not stream.keep(0, 1000, 0.0).any()
+    # another model index or tensor name gives another mask
+    other = RandomStream(0, "t", 1, 1 << 21).keep(0, 4096, 0.5)
+    assert not torch.equal(other, stream.keep(0, 4096, 0.5))
+
+
+def test_keep_mask_is_fixed_for_a_seed():
+    """The stream is part of the output format: a change here changes every DARE merge."""
+    a = RandomStream(1234, "model.layers.0.mlp.up_proj.weight", 0, 64).keep(0, 64, 0.5)
+    b = RandomStream(1234, "model.layers.0.mlp.up_proj.weight", 0, 64).keep(0, 64, 0.5)
+    assert torch.equal(a, b)
+    assert 16 < int(a.sum()) < 48
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["merge", "--help"]])
+def test_cli_help_does_not_import_torch_or_transformers(argv):
+    code = (
+        "import sys\n"
+        f"sys.argv = ['mergesmith', *{argv!r}]\n"
+        "try:\n"
+        "    from mergesmith.cli import main\n"
+        "    main(sys.argv[1:])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out
