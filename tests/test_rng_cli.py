@@ -72,3 +72,27 @@ def test_cli_help_does_not_import_torch_or_transformers(argv):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out
+
+
+def test_keep_mask_with_one_probability_per_element():
+    n = 1 << 20
+    stream = RandomStream(5, "w", 0, n)
+    p = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+    keep = stream.keep(0, n, p)
+    assert not keep[0] and keep[-1]  # probability 0 and 1 are exact
+    # the kept share in each quarter matches its mean probability (1/8, 3/8, 5/8, 7/8)
+    for q, expected in enumerate((0.125, 0.375, 0.625, 0.875)):
+        share = keep[q * n // 4 : (q + 1) * n // 4].double().mean().item()
+        assert abs(share - expected) < 5e-3
+    # a constant tensor gives the same mask as the scalar
+    assert torch.equal(stream.keep(0, n, torch.full((n,), 0.3)), stream.keep(0, n, 0.3))
+
+
+def test_keep_mask_resolves_probabilities_finer_than_16_bits():
+    """Only the rare elements whose first 16 bits tie with the threshold draw 16 more: the probability
+    is exact to 2**-32, not 2**-16."""
+    n = 1 << 24
+    tiny = 3.5 / 65536  # halfway between two 16-bit steps
+    kept = int(RandomStream(9, "w", 0, n).keep(0, n, tiny).sum())
+    expected = n * tiny  # 896; 16-bit resolution would give 768 or 1024 (sd ~30)
+    assert abs(kept - expected) < 90

@@ -1,9 +1,9 @@
-"""Reproducible randomness: uniform draws addressed by (seed, tensor name, model index, element index).
+"""Reproducible randomness: keep masks addressed by (seed, tensor name, model index, element index).
 
-Draws come in fixed blocks of ``min(BLOCK, numel)`` elements, each from a generator seeded by a hash of
-(seed, tensor name, model index, block number). Element ``j`` of a tensor therefore always gets the same
-number, however the tensor is chunked, in whatever order tensors run, on however many threads, and on
-any device (the numbers are drawn on the CPU, by numpy's PCG64).
+Random bits come in fixed blocks of ``min(BLOCK, numel)`` elements, each from a generator seeded by a hash
+of (seed, tensor name, model index, block number). Element ``j`` of a tensor therefore always gets the
+same draw, however the tensor is chunked, in whatever order tensors run, on however many threads, and on
+any device (the bits are drawn on the CPU, by numpy's PCG64, read little-endian).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def derive_seed(*parts: object) -> int:
 
 
 class RandomStream:
-    """Uniform [0, 1) float32 numbers for the flat element range of one (tensor, model) pair."""
+    """Random keep masks for the flat element range of one (tensor, model) pair."""
 
     def __init__(self, seed: int, tensor_name: str, model_index: int, numel: int):
         self.key = (seed, tensor_name, model_index)
@@ -33,40 +33,61 @@ class RandomStream:
         # faster than torch.rand's on the CPU
         return np.random.Generator(np.random.PCG64(derive_seed(*self.key, b)))
 
-    def _block(self, b: int) -> torch.Tensor:
-        return torch.from_numpy(self._generator(b).random(self.block, dtype=np.float32))
+    def _bits16(self, b: int) -> np.ndarray:
+        """16 random bits per element of block ``b``: each raw 64-bit output cut in four."""
+        raw = self._generator(b).bit_generator.random_raw((self.block + 3) // 4).astype("<u8", copy=False)
+        return raw.view("<u2")[: self.block]
 
-    def _bits(self, b: int) -> np.ndarray:
-        """32 random bits per element of block ``b``: the raw 64-bit outputs, each cut in two."""
-        raw = self._generator(b).bit_generator.random_raw((self.block + 1) // 2)
-        return raw.view(np.uint32)[: self.block]
+    def _tie_bits16(self, b: int, index: np.ndarray) -> np.ndarray:
+        """Another 16 independent bits for the elements ``index`` of block ``b`` (a splitmix64 hash)."""
+        z = index.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(
+            derive_seed(*self.key, b, "tie")
+        )
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return ((z ^ (z >> np.uint64(31))) >> np.uint64(48)).astype(np.uint16)
 
-    def keep(self, start: int, count: int, probability: float) -> torch.Tensor:
-        """A Bernoulli(``probability``) boolean mask for elements [start, start + count).
+    def keep(self, start: int, count: int, probability: float | torch.Tensor) -> torch.Tensor:
+        """A Bernoulli boolean mask for elements [start, start + count).
 
-        Element j is kept when its 32 random bits, read as an integer, are below
-        round(probability * 2**32): the probability is exact to 2**-33, and an integer compare on raw
-        bits costs less than half of drawing floats. (Another stream than :meth:`uniform`'s.)
+        ``probability`` is one number, or one per element (a tensor of ``count`` values). It is taken as
+        T / 2**32 with T = round(probability * 2**32) (exact to 2**-33), and element j is kept when a
+        32-bit random number is below T. Its high 16 bits come from the block's PCG64 stream (four
+        elements per raw draw: the generator is most of the cost); only where they equal T's high 16
+        bits (one element in 65536) do the low 16 bits matter, and those come from a hash of the
+        element's index.
         """
-        threshold = round(probability * 2.0**32)
-        if threshold >= 1 << 32:
-            return torch.ones(count, dtype=torch.bool)
+        if isinstance(probability, torch.Tensor):
+            scaled = probability.detach().reshape(-1).cpu().double().clamp_(0.0, 1.0).mul_(2.0**32).round_()
+            threshold = scaled.numpy().astype(np.uint64)
+            if len(threshold) != count:
+                raise ValueError(f"{len(threshold)} probabilities for {count} elements")
+        else:
+            threshold = round(min(max(probability, 0.0), 1.0) * 2.0**32)
+            if threshold >= 1 << 32:
+                return torch.ones(count, dtype=torch.bool)
+        every = isinstance(threshold, np.ndarray)
+        t_hi = threshold >> 16
+        t_lo = threshold & 0xFFFF
+        if every:  # T = 2**32 (probability 1) has t_hi 65536: above any 16-bit draw, so always kept
+            t_hi = np.minimum(t_hi, 65536).astype(np.uint32)
+            t_lo = t_lo.astype(np.uint16)
         out = np.empty(count, dtype=np.bool_)
         pos = start
         while pos < start + count:
             b, off = divmod(pos, self.block)
             n = min(self.block - off, start + count - pos)
-            np.less(self._bits(b)[off : off + n], threshold, out=out[pos - start : pos - start + n])
+            lo_t, hi_t = (
+                (t_lo[pos - start : pos - start + n], t_hi[pos - start : pos - start + n])
+                if every
+                else (t_lo, t_hi)
+            )
+            hi = self._bits16(b)[off : off + n]
+            part = out[pos - start : pos - start + n]
+            np.less(hi, hi_t, out=part)
+            if every or t_lo:
+                ties = np.flatnonzero(hi == hi_t)
+                bound = lo_t[ties] if every else lo_t
+                part[ties] = self._tie_bits16(b, ties + off) < bound
             pos += n
         return torch.from_numpy(out)
-
-    def uniform(self, start: int, count: int) -> torch.Tensor:
-        """Numbers for elements [start, start + count)."""
-        out = torch.empty(count, dtype=torch.float32)
-        pos = start
-        while pos < start + count:
-            b, off = divmod(pos, self.block)
-            n = min(self.block - off, start + count - pos)
-            out[pos - start : pos - start + n] = self._block(b)[off : off + n]
-            pos += n
-        return out

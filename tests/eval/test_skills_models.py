@@ -73,3 +73,16 @@ def test_experts_master_their_skill_and_the_base_does_not() -> None:
 def test_skill_folders_match_the_data() -> None:
     shipped = sorted(p.name for p in MODELS.iterdir() if p.is_dir() and p.name != "base")
     assert shipped == SKILLS
+
+
+@pytest.mark.parametrize("skill", SKILLS)
+def test_experts_change_only_the_feed_forward_blocks(skill: str) -> None:
+    """The MoE bench relies on it: base attention + an expert's MLPs computes what the expert does."""
+    from safetensors.torch import load_file
+
+    base = load_file(MODELS / "base" / "model.safetensors")
+    expert = load_file(MODELS / skill / "model.safetensors")
+    assert base.keys() == expert.keys()
+    changed = {name for name in base if not base[name].equal(expert[name])}
+    assert changed, "the expert equals the base"
+    assert all(".mlp." in name for name in changed), sorted(changed)

@@ -47,9 +47,8 @@ class DellaKernel(TaskArithmeticKernel):
                 )
 
     def _random_keep(self, chunk: Chunk, i: int, like: torch.Tensor) -> torch.Tensor:
-        u = chunk.rng[i].uniform(chunk.start, like.numel()).reshape(like.shape).to(like.device)
         p = rank_keep_probability(like, self.p["density"][i], self.p["epsilon"][i])
-        return u < p
+        return chunk.rng[i].keep(chunk.start, like.numel(), p).reshape(like.shape).to(like.device)
 
 
 class DellaLinearKernel(DellaKernel):
