@@ -20,7 +20,7 @@ from mergesmith.eval import evaluate_tasks, load_tasks
 
 ROOT = Path(__file__).resolve().parent / "skills"
 
-# Settings from the sweep in bench/skills_check.py and the MoE bench's validation search (docs/skills.md).
+# Settings chosen on the validation split by bench/quality.py (docs/skills.md has its table).
 METHODS = {
     "linear": lambda base, experts: {
         "merge_method": "linear",
@@ -30,7 +30,7 @@ METHODS = {
         "merge_method": "task_arithmetic",
         "base_model": base,
         "models": [{"model": e, "parameters": {"weight": 1.0}} for e in experts],
-        "parameters": {"lambda": 0.8},
+        "parameters": {"lambda": 1.0},
     },
     "ties": lambda base, experts: {
         "merge_method": "ties",
@@ -41,14 +41,14 @@ METHODS = {
     "dare_ties": lambda base, experts: {
         "merge_method": "dare_ties",
         "base_model": base,
-        "models": [{"model": e, "parameters": {"weight": 1.0, "density": 0.5}} for e in experts],
-        "parameters": {"lambda": 1.0},
+        "models": [{"model": e, "parameters": {"weight": 1.0, "density": 0.7}} for e in experts],
+        "parameters": {"lambda": 0.8},
     },
     "slerp (first two)": lambda base, experts: {
         "merge_method": "slerp",
         "base_model": experts[0],
         "models": [{"model": experts[0]}, {"model": experts[1]}],
-        "parameters": {"t": 0.5},
+        "parameters": {"t": 0.3},
     },
 }
 
