@@ -16,7 +16,8 @@ For the models in ``examples/skills/models`` (a base and one fine-tune per skill
   expert's feed-forward blocks in every layer ("oracle routing": what an MoE on that trunk computes when
   every token goes to the right expert);
 * builds calibrated MoEs with other ``calibration.target_top1`` values (``--targets``: the temperature),
-  with ``calibration.tokens: last`` and with one expert per token, on the TIES trunk;
+  with ``calibration.tokens: last`` and with one expert per token, on the TIES trunk, and with the
+  prompt pass on the base alone (``calibration.trunk: base``);
 * builds MoEs on a merged trunk: ``base_model`` set to the TIES merge, so attention, norms and embeddings
   are the merge's and the feed-forward blocks the experts' own (``--no-trunk`` skips this).
 
@@ -250,6 +251,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         for t in args.targets
     ]
+    if "calibrated" in args.modes:
+        variants.append(
+            (
+                "calibrated, prompt pass on the base only, base",
+                "calibrated",
+                trunks[0][1],
+                {"calibration": {"trunk": "base"}},
+            )
+        )
     variants += [
         (
             f"calibrated last tokens only, {last_trunk_name}",

@@ -141,3 +141,47 @@ def test_negative_prompts_push_routing_away(llama_models, tmp_path, mode):
 
     plain, pushed = accuracy_on_set_1(None), accuracy_on_set_1(sets[1])
     assert pushed > plain and pushed > 0.9, (plain, pushed)
+
+
+def test_calibration_trunk_runs_each_experts_prompts_through_its_own_mlps(llama_models, tmp_path):
+    """Layer 0's router input comes before any feed-forward block, so both trunks fit the same layer-0
+    router; deeper routers see the expert's MLP outputs with ``trunk: expert`` and differ."""
+    from safetensors.torch import load_file
+
+    def routers(trunk: str) -> list[torch.Tensor]:
+        cfg = {
+            "base_model": str(llama_models["base"]),
+            "gate_mode": "calibrated",
+            "experts_per_token": 1,
+            "calibration": {"trunk": trunk},
+            "experts": [
+                {"source_model": str(llama_models[f"e{i}"]), "positive_prompts": p}
+                for i, p in enumerate(_prompts())
+            ],
+        }
+        folder = build_moe(cfg, tmp_path / trunk, quiet=True).path
+        tensors = {}
+        for f in folder.glob("*.safetensors"):
+            tensors.update(load_file(f))
+        names = sorted((n for n in tensors if n.endswith(".gate.weight")), key=lambda n: int(n.split(".")[2]))
+        return [tensors[n].float() for n in names]
+
+    expert, base = routers("expert"), routers("base")
+    assert len(expert) >= 2
+    torch.testing.assert_close(expert[0], base[0])
+    assert all(not torch.allclose(e, b) for e, b in zip(expert[1:], base[1:]))
+
+
+def test_swapped_weights_are_restored(llama_models):
+    from mergesmith.moe.activations import BaseRunner
+
+    run = BaseRunner.load(llama_models["base"], "base")
+    name = next(n for n, _ in run.model.named_parameters() if ".mlp." in n)
+    before = dict(run.model.named_parameters())[name].detach().clone()
+    plain = run.states(["abcdef"]).layer_last
+    with run.swapped({name: torch.zeros_like(before)}):
+        assert dict(run.model.named_parameters())[name].abs().sum() == 0
+        changed = run.states(["abcdef"]).layer_last
+    assert torch.equal(dict(run.model.named_parameters())[name], before)
+    assert not torch.allclose(plain, changed)
+    assert torch.equal(run.states(["abcdef"]).layer_last, plain)

@@ -18,7 +18,7 @@ Two activations are captured per decoder layer l:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,24 @@ class BaseRunner:
         special = set(self.tokenizer.all_special_ids)
         mask = torch.tensor([i not in special for i in ids], dtype=torch.bool)
         return mask if mask.any() else torch.ones(len(ids), dtype=torch.bool)
+
+    @contextlib.contextmanager
+    def swapped(self, weights: Mapping[str, torch.Tensor]) -> Iterator[None]:
+        """Run with some parameters replaced (an expert's feed-forward blocks), then restore them."""
+        params = dict(self.model.named_parameters())
+        saved = {}
+        try:
+            with torch.no_grad():
+                for name, value in weights.items():
+                    if name not in params or params[name].shape != value.shape:
+                        raise MergeError(f"the prompt pass cannot place tensor {name!r} into the base model")
+                    saved[name] = params[name].detach().clone()
+                    params[name].copy_(value)
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in saved.items():
+                    params[name].copy_(value)
 
     @torch.no_grad()
     def states(self, prompts: Sequence[str], router_inputs: bool = False) -> PromptStates:

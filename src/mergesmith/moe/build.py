@@ -376,6 +376,15 @@ def _runner(plan: MoEPlan, batch_size: int, device: str) -> Callable[[], BaseRun
     return load
 
 
+def _expert_mlps(plan: MoEPlan, e: int) -> dict[str, torch.Tensor]:
+    """Expert e's feed-forward tensors, named as the base model's (what the MoE's expert e computes)."""
+    out = {}
+    for base_mlp, expert_mlp in zip(plan.base_layout.mlp, plan.expert_layouts[e].mlp, strict=True):
+        for proj, name in base_mlp.items():
+            out[name] = plan.experts[e].read(expert_mlp[proj])
+    return out
+
+
 def _piece_tensor(plan: MoEPlan, t: OutTensor, p: Piece, routers: Routers, seed: int) -> torch.Tensor:
     """The values of one piece, in the output dtype."""
     if p.source == "router":
@@ -480,6 +489,7 @@ def build_moe(
             router_name=lambda layer: plan.family.router_tensor(
                 plan.base_layout.layer_prefixes[layer], fused_experts
             ),
+            expert_mlps=lambda e: _expert_mlps(plan, e),
         )
         with OutputFolder(dest, overwrite=overwrite) as out:
             writer = ShardedWriter(

@@ -59,6 +59,9 @@ class Calibration(_Strict):
     tokens: Literal["all", "last"] = "all"
     #: Covariance shrinkage in [0, 1] for the whitening; null picks it by Ledoit-Wolf.
     shrinkage: float | None = Field(default=None, ge=0.0, le=1.0)
+    #: Whose feed-forward blocks the prompt pass runs: each expert's own prompts through the base with
+    #: that expert's MLPs (``expert``: what the MoE computes when its routing is right), or the base only.
+    trunk: Literal["expert", "base"] = "expert"
 
 
 class MoEConfig(_Strict):

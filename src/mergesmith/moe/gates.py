@@ -8,7 +8,7 @@ the pure maths of :mod:`mergesmith.moe.router`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -60,9 +60,12 @@ def build_routers(
     seed: int = 0,
     runner: Callable[[], BaseRunner] | None = None,
     router_name: Callable[[int], str] = str,
+    expert_mlps: Callable[[int], Mapping[str, Tensor]] | None = None,
 ) -> Routers:
     """Dispatch on ``cfg.mode``. ``runner`` loads the base model lazily (only prompt modes call it);
-    ``router_name(layer)`` names the output tensor, which seeds the random modes."""
+    ``router_name(layer)`` names the output tensor, which seeds the random modes; ``expert_mlps(e)``
+    gives expert e's feed-forward tensors under the base model's parameter names (for the calibrated
+    mode's expert trunk)."""
     n = len(cfg.experts)
     shared = cfg.shared_expert
     if cfg.mode in ("random", "uniform_random"):
@@ -88,7 +91,7 @@ def build_routers(
             f"base model {base.ref!r}: transformers built {run.num_layers} layers, expected {num_layers}"
         )
     if cfg.mode == "calibrated":
-        return _calibrated(cfg.experts, shared, run, cfg.calibration or Calibration())
+        return _calibrated(cfg.experts, shared, run, cfg.calibration or Calibration(), expert_mlps)
     return _hidden(cfg.experts, shared, run, last=cfg.mode == "hidden")
 
 
@@ -112,11 +115,28 @@ def _hidden(experts: Sequence[Expert], shared: Expert | None, run: BaseRunner, l
 
 
 def _calibrated(
-    experts: Sequence[Expert], shared: Expert | None, run: BaseRunner, opts: Calibration
+    experts: Sequence[Expert],
+    shared: Expert | None,
+    run: BaseRunner,
+    opts: Calibration,
+    expert_mlps: Callable[[int], Mapping[str, Tensor]] | None = None,
 ) -> Routers:
-    """mergesmith's calibrated mode, layer by layer on the router's real input (see router.calibrated_router)."""
+    """mergesmith's calibrated mode, layer by layer on the router's real input (see router.calibrated_router).
+
+    With ``trunk: expert`` each expert's positive prompts run through the base with that expert's
+    feed-forward blocks in every layer: the MoE computes exactly that on those prompts once its routing
+    is right, so deeper layers' routers are fitted on the activations they will see, not on the base's.
+    Negative prompts (whose expert is not known) run through the base.
+    """
     last_only = opts.tokens == "last"
-    pos = [_states(run, e.positive_prompts, True) for e in experts]
+
+    def positive(i: int, e: Expert) -> PromptStates | None:
+        if opts.trunk == "expert" and expert_mlps is not None:
+            with run.swapped(expert_mlps(i)):
+                return _states(run, e.positive_prompts, True)
+        return _states(run, e.positive_prompts, True)
+
+    pos = [positive(i, e) for i, e in enumerate(experts)]
     neg = [_states(run, e.negative_prompts, True) for e in experts]
     pos_samples = [p.router_samples(last_only) for p in pos]  # type: ignore[union-attr]
     neg_samples = [n.router_samples(last_only) if n is not None else None for n in neg]
