@@ -54,7 +54,7 @@ class Calibration(_Strict):
     """Options of ``gate_mode: calibrated`` (mergesmith's own mode; see docs/moe.md)."""
 
     #: Upper bound on the mean top-1 router probability over the calibration tokens.
-    target_top1: float = Field(default=0.9, gt=0.0, lt=1.0)
+    target_top1: float = Field(default=0.97, gt=0.0, lt=1.0)
     #: Which prompt tokens are calibration samples: every token after the special ones, or the last one.
     tokens: Literal["all", "last"] = "all"
     #: Covariance shrinkage in [0, 1] for the whitening; null picks it by Ledoit-Wolf.

@@ -191,7 +191,7 @@ def fit_scale(logits: Tensor, labels: Tensor, target_top1: float, iters: int = 6
 def calibrated_router(
     samples: Sequence[Tensor],
     negatives: Sequence[Tensor | None],
-    target_top1: float = 0.9,
+    target_top1: float = 0.97,
     shrinkage: float | None = None,
 ) -> CalibratedLayer:
     """One layer's calibrated router from its real input x (the feed-forward block's input).
