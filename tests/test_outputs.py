@@ -68,3 +68,10 @@ def test_console_script_help_and_progress(llama_trio, tmp_path):
     run = subprocess.run([*exe, "merge", str(cfg), str(tmp_path / "o")], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "merging (linear)" in run.stderr and "tensors" in run.stderr and run.stdout == ""
+    # the console script leaves through os._exit: what it printed must still arrive whole
+    plan = subprocess.run(
+        [sys.executable, "-m", "mergesmith", "plan", str(cfg)], capture_output=True, text=True
+    )
+    assert plan.returncode == 0, plan.stderr
+    assert "model.embed_tokens.weight" in plan.stdout and plan.stdout.endswith("\n")
+    assert (tmp_path / "o" / "config.json").is_file()
