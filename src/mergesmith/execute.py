@@ -273,6 +273,9 @@ def _tune_allocator() -> None:
         libc.mallopt(-3, 512 << 20)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
         libc.mallopt(-8, 1)  # M_ARENA_MAX: worker threads share the main heap (their own arenas page-fault)
+        # M_TOP_PAD: grow the heap in large steps; with two workers freeing and allocating in turn, small
+        # steps made the heap's top shrink and grow again, page-faulting the same memory several times
+        libc.mallopt(-2, 256 << 20)
     except (OSError, AttributeError):  # not glibc
         pass
 
