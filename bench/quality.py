@@ -66,6 +66,11 @@ def settings(method: str) -> list[dict[str, float]]:
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
+def merged_skills(method: str, names: list[str]) -> list[str]:
+    """The skills a merge contains: SLERP merges the first two experts, the others all of them."""
+    return names[:2] if method == "slerp" else names
+
+
 def normalized(acc: dict[str, float], own: dict[str, float], skills: list[str]) -> float:
     ratios = [acc[s] / own[s] for s in skills if own[s] > 0]
     return sum(ratios) / len(ratios) if ratios else 0.0
@@ -105,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"skills": names, "sweep": {}, "chosen": {}}
     with tempfile.TemporaryDirectory(prefix="mergesmith-quality-") as tmp:
         for method in args.methods:
-            skills = names[:2] if method == "slerp" else names
+            skills = merged_skills(method, names)
             best = None
             for knobs in settings(method):
                 folder = Path(tmp) / method
@@ -132,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             mergesmith.merge(make_config(method, base, experts, knobs), folder, overwrite=True, quiet=True)
             rows[method] = evaluate_tasks(str(folder), test)
             results["chosen"][method]["test"] = rows[method]
-            skills = names[:2] if method == "slerp" else names
+            skills = merged_skills(method, names)
             results["chosen"][method]["test_normalized"] = normalized(rows[method], own_test, skills)
 
     header = f"{'test split':34s}" + "".join(f"{n:>8s}" for n in names) + f"{'normalized':>12s}"
@@ -140,10 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     for label, acc in rows.items():
         cells = "".join(f"{100 * acc[n]:7.1f}%" if n in acc else f"{'':>8s}" for n in names)
         norm = ""
-        if label in results["chosen"]:
-            knobs = results["chosen"][label]["knobs"]
-            label = f"{label} " + ",".join(f"{k[0]}={v}" for k, v in knobs.items())
-            norm = f"{100 * results['chosen'][label.split()[0]]['test_normalized']:11.1f}%"
+        chosen = results["chosen"].get(label)
+        if chosen:
+            norm = f"{100 * chosen['test_normalized']:11.1f}%"
+            label += " " + ",".join(f"{k[0]}={v}" for k, v in chosen["knobs"].items())
         print(f"{label:34s}{cells}{norm}")
     print(
         f"\n{sum(len(v) for v in results['sweep'].values())} merges swept in {time.perf_counter() - t0:.0f} s"

@@ -179,19 +179,24 @@ def _ternary_output(plan: MergePlan) -> TernaryOutput:
     return ternary
 
 
-def _run(
-    plan: MergePlan, writer: ShardedWriter, options: ExecOptions, quiet: bool, hook: OutputHook | None = None
-) -> None:
-    bar = tqdm(
-        total=plan.total_bytes,
+def byte_progress(total: int, desc: str, quiet: bool) -> tqdm:
+    """The progress bar of a build that writes ``total`` bytes of tensors (on stderr; off with quiet)."""
+    return tqdm(
+        total=total,
         unit="B",
         unit_scale=True,
         unit_divisor=1024,
-        desc=f"merging ({plan.method.name})",
+        desc=desc,
         disable=quiet,
         file=sys.stderr,
         dynamic_ncols=True,
     )
+
+
+def _run(
+    plan: MergePlan, writer: ShardedWriter, options: ExecOptions, quiet: bool, hook: OutputHook | None = None
+) -> None:
+    bar = byte_progress(plan.total_bytes, f"merging ({plan.method.name})", quiet)
     done = [0]
 
     def progress(t) -> None:

@@ -17,6 +17,11 @@ def front_matter(base_models: list[str], tags: list[str]) -> list[str]:
     return ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", ""]
 
 
+def config_section(config_text: str) -> list[str]:
+    """The card's last section: the config the model was built from, verbatim."""
+    return ["## Configuration", "", "```yaml", config_text.strip(), "```", ""]
+
+
 def model_card(plan: MergePlan, config_text: str) -> str:
     refs = list(plan.models)
     method = plan.method
@@ -36,11 +41,6 @@ def model_card(plan: MergePlan, config_text: str) -> str:
         "",
         *[f"- `{r}`" for r in refs],
         "",
-        "## Configuration",
-        "",
-        "```yaml",
-        config_text.strip(),
-        "```",
-        "",
+        *config_section(config_text),
     ]
     return "\n".join(lines)

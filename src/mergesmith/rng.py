@@ -70,24 +70,21 @@ class RandomStream:
         t_hi = threshold >> 16
         t_lo = threshold & 0xFFFF
         if every:  # T = 2**32 (probability 1) has t_hi 65536: above any 16-bit draw, so always kept
-            t_hi = np.minimum(t_hi, 65536).astype(np.uint32)
+            t_hi = t_hi.astype(np.uint32)
             t_lo = t_lo.astype(np.uint16)
         out = np.empty(count, dtype=np.bool_)
         pos = start
         while pos < start + count:
             b, off = divmod(pos, self.block)
             n = min(self.block - off, start + count - pos)
-            lo_t, hi_t = (
-                (t_lo[pos - start : pos - start + n], t_hi[pos - start : pos - start + n])
-                if every
-                else (t_lo, t_hi)
-            )
+            window = slice(pos - start, pos - start + n)
+            hi_t = t_hi[window] if every else t_hi
             hi = self._bits16(b)[off : off + n]
-            part = out[pos - start : pos - start + n]
+            part = out[window]
             np.less(hi, hi_t, out=part)
             if every or t_lo:
                 ties = np.flatnonzero(hi == hi_t)
-                bound = lo_t[ties] if every else lo_t
+                bound = t_lo[window][ties] if every else t_lo
                 part[ties] = self._tie_bits16(b, ties + off) < bound
             pos += n
         return torch.from_numpy(out)

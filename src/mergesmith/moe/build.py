@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
-from mergesmith.api import config_text  # one definition for merge and MoE configs
+from mergesmith.api import byte_progress, config_text  # one definition for merge and MoE builds
 from mergesmith.defaults import DEFAULT_SHARD_SIZE
 from mergesmith.errors import MergeError
 from mergesmith.lora.source import split_lora_ref
@@ -413,16 +412,7 @@ def _stream(
     plan: MoEPlan, writer: ShardedWriter, routers: Routers, seed: int, workers: int, quiet: bool
 ) -> None:
     """Write every output tensor; up to ``workers`` tensors are read, transformed and written at once."""
-    bar = tqdm(
-        total=plan.total_bytes,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc="building MoE",
-        disable=quiet,
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
+    bar = byte_progress(plan.total_bytes, "building MoE", quiet)
 
     def one(t: OutTensor) -> int:
         for p in t.pieces:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mergesmith.card import front_matter
+from mergesmith.card import config_section, front_matter
 
 if TYPE_CHECKING:
     from mergesmith.moe.build import MoEPlan
@@ -52,11 +52,6 @@ def moe_card(plan: MoEPlan, config_text: str) -> str:
         *experts,
         "",
         *shared,
-        "## Configuration",
-        "",
-        "```yaml",
-        config_text.strip(),
-        "```",
-        "",
+        *config_section(config_text),
     ]
     return "\n".join(lines)

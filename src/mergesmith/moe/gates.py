@@ -7,6 +7,7 @@ the pure maths of :mod:`mergesmith.moe.router`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -131,10 +132,9 @@ def _calibrated(
     last_only = opts.tokens == "last"
 
     def positive(i: int, e: Expert) -> PromptStates | None:
-        if opts.trunk == "expert" and expert_mlps is not None:
-            with run.swapped(expert_mlps(i)):
-                return _states(run, e.positive_prompts, True)
-        return _states(run, e.positive_prompts, True)
+        own_mlps = opts.trunk == "expert" and expert_mlps is not None
+        with run.swapped(expert_mlps(i)) if own_mlps else contextlib.nullcontext():
+            return _states(run, e.positive_prompts, True)
 
     pos = [positive(i, e) for i, e in enumerate(experts)]
     neg = [_states(run, e.negative_prompts, True) for e in experts]
