@@ -145,7 +145,7 @@ def merge(
             specs = (
                 ternary.specs()
                 if ternary
-                else [TensorSpec(t.name, t.out_dtype, t.shape) for t in plan.tensors]
+                else [TensorSpec(t.name, t.out_code, t.shape) for t in plan.tensors]
             )
             writer = ShardedWriter(out.path, specs, shard_bytes)
             try:

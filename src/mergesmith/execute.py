@@ -18,8 +18,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-import torch
-
+from mergesmith._torch import torch
 from mergesmith.errors import MergeError
 from mergesmith.methods import Chunk, Method, get_method
 from mergesmith.plan import MergePlan, OutputTensor

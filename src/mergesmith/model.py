@@ -15,27 +15,16 @@ import threading
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
+from mergesmith import dtypes
 from mergesmith.errors import MergeError
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_CODES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-FLOAT_DTYPES = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
+if TYPE_CHECKING:
+    import torch
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -50,15 +39,41 @@ TOKENIZER_FILES = (
 )
 
 
+def __getattr__(name: str) -> Any:
+    """The torch-dtype tables, built on first use (importing torch): SAFETENSORS_DTYPES (code -> dtype),
+    DTYPE_CODES (dtype -> code) and FLOAT_DTYPES."""
+    if name == "SAFETENSORS_DTYPES":
+        return {code: dtypes.torch_dtype(code) for code in dtypes.CODES}
+    if name == "DTYPE_CODES":
+        return {dtypes.torch_dtype(code): code for code in dtypes.CODES}
+    if name == "FLOAT_DTYPES":
+        return {dtypes.torch_dtype(code) for code in dtypes.FLOAT_CODES}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor's bytes live: file, absolute byte offset, dtype and shape."""
+    """Where one tensor's bytes live: file, absolute byte offset, dtype and shape.
+
+    ``code`` is the safetensors dtype code ('BF16'); a torch dtype given in its place is converted.
+    ``dtype`` is the torch dtype (imports torch)."""
 
     name: str
-    dtype: torch.dtype
+    code: str
     shape: tuple[int, ...]
     file: Path
     offset: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "code", dtypes.code_of(self.code))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return dtypes.torch_dtype(self.code)
+
+    @property
+    def itemsize(self) -> int:
+        return dtypes.itemsize(self.code)
 
     @property
     def numel(self) -> int:
@@ -66,11 +81,11 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+        return self.numel * self.itemsize
 
     @property
     def row_bytes(self) -> int:
-        return math.prod(self.shape[1:]) * self.dtype.itemsize if self.shape else self.nbytes
+        return math.prod(self.shape[1:]) * self.itemsize if self.shape else self.nbytes
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
@@ -97,12 +112,14 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            dtype = SAFETENSORS_DTYPES[meta["dtype"]]
+            code = meta["dtype"]
+            if code not in dtypes.CODES:
+                raise KeyError(code)
             shape = tuple(int(d) for d in meta["shape"])
             begin, end = (int(x) for x in meta["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise MergeError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
-        info = TensorInfo(name, dtype, shape, path, data_start + begin)
+        info = TensorInfo(name, code, shape, path, data_start + begin)
         if end - begin != info.nbytes:
             raise MergeError(
                 f"{path}: tensor {name!r} has {end - begin} bytes but its shape needs {info.nbytes}"
@@ -125,26 +142,56 @@ def _pread_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
         done += n
 
 
+# numpy dtype that holds each code's bytes (bf16 and float8 as raw unsigned integers)
+NUMPY_STORAGE = {
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "BF16": "<u2",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U8": "u1",
+    "BOOL": "?",
+    "F8_E4M3": "u1",
+    "F8_E5M2": "u1",
+}
+
+
 def read_tensor(info: TensorInfo, rows: tuple[int, int] | None = None, fd: int | None = None) -> torch.Tensor:
     """Read a tensor (or rows [r0, r1) of it) in its stored dtype into memory we own."""
+    import torch
+
+    raw = read_array(info, rows, fd, storage=False)
+    return torch.from_numpy(raw).view(info.dtype).reshape(_shape(info, rows))
+
+
+def _shape(info: TensorInfo, rows: tuple[int, int] | None) -> tuple[int, ...]:
+    return info.shape if rows is None else (rows[1] - rows[0], *info.shape[1:])
+
+
+def read_array(
+    info: TensorInfo, rows: tuple[int, int] | None = None, fd: int | None = None, storage: bool = True
+) -> np.ndarray:
+    """Read a tensor (or rows [r0, r1) of it) into a numpy array we own: with ``storage``, in the numpy
+    dtype that holds its bytes (NUMPY_STORAGE: bf16 as uint16) and its shape; otherwise flat bytes."""
     if rows is None:
-        offset, nbytes, shape = info.offset, info.nbytes, info.shape
+        offset, nbytes = info.offset, info.nbytes
     else:
-        r0, r1 = rows
-        offset = info.offset + r0 * info.row_bytes
-        nbytes = (r1 - r0) * info.row_bytes
-        shape = (r1 - r0, *info.shape[1:])
-    buf = torch.empty(nbytes, dtype=torch.uint8)
+        offset = info.offset + rows[0] * info.row_bytes
+        nbytes = (rows[1] - rows[0]) * info.row_bytes
+    buf = np.empty(nbytes, dtype=np.uint8)
     if nbytes:
         own = fd is None
         if own:
             fd = os.open(info.file, os.O_RDONLY)
         try:
-            _pread_into(fd, memoryview(buf.numpy()), offset, info.file)
+            _pread_into(fd, memoryview(buf), offset, info.file)
         finally:
             if own:
                 os.close(fd)
-    return buf.view(info.dtype).reshape(shape)
+    return buf.view(NUMPY_STORAGE[info.code]).reshape(_shape(info, rows)) if storage else buf
 
 
 def parse_model_ref(ref: str) -> tuple[str, str | None]:
@@ -280,13 +327,21 @@ class ModelSource:
                 fd = self._fds[file] = os.open(file, os.O_RDONLY)
             return fd
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Read tensor ``name`` (rows [r0, r1) if given) in its stored dtype."""
+    def _info(self, name: str) -> TensorInfo:
         try:
-            info = self.tensors[name]
+            return self.tensors[name]
         except KeyError:
             raise MergeError(f"model {self.ref!r}: has no tensor {name!r}") from None
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read tensor ``name`` (rows [r0, r1) if given) in its stored dtype."""
+        info = self._info(name)
         return read_tensor(info, rows, self._fd(info.file))
+
+    def read_array(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Tensor ``name`` (rows [r0, r1) if given) as a numpy array of its stored bytes (NUMPY_STORAGE)."""
+        info = self._info(name)
+        return read_array(info, rows, self._fd(info.file))
 
     def close(self) -> None:
         with self._lock:

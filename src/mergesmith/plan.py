@@ -9,10 +9,9 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from mergesmith import dtypes
 from mergesmith.arch import (
     Layout,
     get_nested,
@@ -23,24 +22,28 @@ from mergesmith.arch import (
 from mergesmith.config import MergeConfig, Parameters
 from mergesmith.errors import ConfigError, MergeError
 from mergesmith.methods import BaseRule, Method, get_method
-from mergesmith.model import FLOAT_DTYPES, ModelSource, TensorInfo
+from mergesmith.model import ModelSource, TensorInfo
 from mergesmith.params import layer_position, resolve
 from mergesmith.sources import open_source
 
-DTYPE_NAMES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float64": torch.float64,
-    "fp64": torch.float64,
+if TYPE_CHECKING:
+    import torch
+
+DTYPE_NAMES: dict[str, str] = {  # config spelling -> safetensors code
+    "float32": "F32",
+    "fp32": "F32",
+    "float16": "F16",
+    "fp16": "F16",
+    "half": "F16",
+    "bfloat16": "BF16",
+    "bf16": "BF16",
+    "float64": "F64",
+    "fp64": "F64",
 }
 
 
-def parse_dtype(name: str | None, key: str) -> torch.dtype | None:
+def parse_code(name: str | None, key: str) -> str | None:
+    """A config's dtype name -> its safetensors code (None stays None)."""
     if name is None:
         return None
     cleaned = name.removeprefix("torch.").lower()
@@ -52,8 +55,15 @@ def parse_dtype(name: str | None, key: str) -> torch.dtype | None:
         ) from None
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def parse_dtype(name: str | None, key: str) -> torch.dtype | None:
+    """A config's dtype name -> torch dtype (imports torch)."""
+    code = parse_code(name, key)
+    return None if code is None else dtypes.torch_dtype(code)
+
+
+def dtype_name(dtype) -> str:
+    """'bfloat16' for torch.bfloat16 or 'BF16'."""
+    return dtypes.name_of(dtypes.code_of(dtype))
 
 
 @dataclass(frozen=True)
@@ -64,18 +74,34 @@ class TensorSource:
 
 @dataclass(frozen=True)
 class OutputTensor:
-    """Everything the executor needs to produce one output tensor."""
+    """Everything the executor needs to produce one output tensor.
+
+
+    Dtypes are safetensors codes ('BF16'); the ``*_dtype`` properties give torch dtypes.
+    """
 
     name: str
     shape: tuple[int, ...]
-    out_dtype: torch.dtype
+    out_code: str
     method: str
     base: TensorSource | None
     inputs: tuple[TensorSource, ...]
     params: tuple[tuple[str, Any], ...]
-    cast_dtype: torch.dtype | None  # config `dtype`: inputs are rounded to it before the maths
-    compute_dtype: torch.dtype
+    cast_code: str | None  # config `dtype`: inputs are rounded to it before the maths
+    compute_code: str
     copy: bool = False  # a verbatim byte copy of one input (passthrough, same dtype, no scale)
+
+    @property
+    def out_dtype(self) -> torch.dtype:
+        return dtypes.torch_dtype(self.out_code)
+
+    @property
+    def cast_dtype(self) -> torch.dtype | None:
+        return None if self.cast_code is None else dtypes.torch_dtype(self.cast_code)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return dtypes.torch_dtype(self.compute_code)
 
     @property
     def numel(self) -> int:
@@ -86,7 +112,7 @@ class OutputTensor:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.out_dtype.itemsize
+        return self.numel * dtypes.itemsize(self.out_code)
 
     @property
     def sources(self) -> tuple[TensorSource, ...]:
@@ -98,7 +124,7 @@ class OutputTensor:
         inputs = " ".join(f"{s.model}:{s.tensor}" for s in self.inputs)
         how = "copy" if self.copy else self.method
         shape = "x".join(str(d) for d in self.shape)
-        return f"{self.name} [{shape} {dtype_name(self.out_dtype)}] {how} {params}{base} <- {inputs}".replace(
+        return f"{self.name} [{shape} {dtype_name(self.out_code)}] {how} {params}{base} <- {inputs}".replace(
             "  ", " "
         )
 
@@ -312,8 +338,8 @@ class _Planner:
         self.method = method
         self.models = models
         self.layouts = layouts
-        self.cast = parse_dtype(config.dtype, "dtype")
-        self.out = parse_dtype(config.out_dtype, "out_dtype")
+        self.cast = parse_code(config.dtype, "dtype")
+        self.out = parse_code(config.out_dtype, "out_dtype")
         self.warnings: list[str] = []
 
     def _info(self, ref: str, name: str) -> TensorInfo:
@@ -339,7 +365,7 @@ class _Planner:
         src = {ref: TensorSource(ref, infos[ref].name) for ref in infos}
         self._check_shapes(out_name, infos)
         shape = next(iter(infos.values())).shape
-        in_dtypes = {i.dtype for i in infos.values()}
+        in_dtypes = {i.code for i in infos.values()}
 
         params: dict[str, Any] = {}
         where = f"for tensor {out_name}"
@@ -358,39 +384,35 @@ class _Planner:
         except MergeError as e:
             raise ConfigError(f"tensor {out_name}: {e}") from None
 
-        compute = (
-            torch.float64
-            if (self.cast == torch.float64 or (self.cast is None and torch.float64 in in_dtypes))
-            else torch.float32
-        )
-        out_dtype = self.out or self.cast or (next(iter(in_dtypes)) if len(in_dtypes) == 1 else torch.float32)
+        compute = "F64" if (self.cast == "F64" or (self.cast is None and "F64" in in_dtypes)) else "F32"
+        out_dtype = self.out or self.cast or (next(iter(in_dtypes)) if len(in_dtypes) == 1 else "F32")
         only = infos[others[0].model]
         scale = params.get("scale", (None,))[0]
         copy_bytes = (
             method.base == BaseRule.NONE
             and (scale is None or scale == 1.0)
-            and only.dtype == out_dtype
+            and only.code == out_dtype
             and (self.cast is None or self.cast == out_dtype)
         )
         if not copy_bytes:
             for ref, info in infos.items():
-                if info.dtype not in FLOAT_DTYPES:
+                if info.code not in dtypes.FLOAT_CODES:
                     raise MergeError(
-                        f"model {ref!r}: tensor {info.name!r} has dtype {dtype_name(info.dtype)}; "
+                        f"model {ref!r}: tensor {info.name!r} has dtype {dtype_name(info.code)}; "
                         f"merge_method {method.name!r} needs floating-point tensors"
                     )
-        elif only.dtype not in FLOAT_DTYPES:
-            out_dtype = only.dtype
+        elif only.code not in dtypes.FLOAT_CODES:
+            out_dtype = only.code
         return OutputTensor(
             name=out_name,
             shape=shape,
-            out_dtype=out_dtype,
+            out_code=out_dtype,
             method=method.name,
             base=src[base_ref] if base_ref else None,
             inputs=tuple(src[s.model] for s in others),
             params=tuple(params.items()),
-            cast_dtype=self.cast,
-            compute_dtype=compute,
+            cast_code=self.cast,
+            compute_code=compute,
             copy=copy_bytes,
         )
 
@@ -423,9 +445,9 @@ def _rewrite_config(
             if isinstance(v, list) and len(v) == n_src and k not in ("architectures",) and n_src > 1:
                 container[k] = [v[i] for i in src_layers]
         set_nested(out_config, key, total_layers)
-    dtypes = {t.out_dtype for t in tensors if t.out_dtype.is_floating_point}
-    if dtypes:
-        name = dtype_name(max(dtypes, key=lambda d: d.itemsize) if len(dtypes) > 1 else next(iter(dtypes)))
+    floats = {t.out_code for t in tensors if t.out_code in dtypes.FLOAT_CODES}
+    if floats:
+        name = dtype_name(max(floats, key=dtypes.itemsize) if len(floats) > 1 else next(iter(floats)))
         out_config["dtype"] = name
         if "torch_dtype" in out_config:
             out_config["torch_dtype"] = name

@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-import torch
+
+from mergesmith._torch import torch
 
 BLOCK = 1 << 20
 
@@ -48,24 +49,30 @@ class RandomStream:
         return ((z ^ (z >> np.uint64(31))) >> np.uint64(48)).astype(np.uint16)
 
     def keep(self, start: int, count: int, probability: float | torch.Tensor) -> torch.Tensor:
-        """A Bernoulli boolean mask for elements [start, start + count).
+        """keep_array as a torch tensor; ``probability`` may be a tensor of one value per element."""
+        if not isinstance(probability, float | int):
+            probability = probability.detach().reshape(-1).cpu().double().numpy()
+        return torch.from_numpy(self.keep_array(start, count, probability))
 
-        ``probability`` is one number, or one per element (a tensor of ``count`` values). It is taken as
+    def keep_array(self, start: int, count: int, probability: float | np.ndarray) -> np.ndarray:
+        """A Bernoulli boolean mask (numpy) for elements [start, start + count).
+
+        ``probability`` is one number, or one per element (an array of ``count`` values). It is taken as
         T / 2**32 with T = round(probability * 2**32) (exact to 2**-33), and element j is kept when a
         32-bit random number is below T. Its high 16 bits come from the block's PCG64 stream (four
         elements per raw draw: the generator is most of the cost); only where they equal T's high 16
         bits (one element in 65536) do the low 16 bits matter, and those come from a hash of the
         element's index.
         """
-        if isinstance(probability, torch.Tensor):
-            scaled = probability.detach().reshape(-1).cpu().double().clamp_(0.0, 1.0).mul_(2.0**32).round_()
-            threshold = scaled.numpy().astype(np.uint64)
+        if isinstance(probability, np.ndarray):
+            scaled = np.round(np.clip(probability.astype(np.float64).reshape(-1), 0.0, 1.0) * 2.0**32)
+            threshold = scaled.astype(np.uint64)
             if len(threshold) != count:
                 raise ValueError(f"{len(threshold)} probabilities for {count} elements")
         else:
             threshold = round(min(max(probability, 0.0), 1.0) * 2.0**32)
             if threshold >= 1 << 32:
-                return torch.ones(count, dtype=torch.bool)
+                return np.ones(count, dtype=np.bool_)
         every = isinstance(threshold, np.ndarray)
         t_hi = threshold >> 16
         t_lo = threshold & 0xFFFF
@@ -87,4 +94,4 @@ class RandomStream:
                 bound = t_lo[window][ties] if every else t_lo
                 part[ties] = self._tie_bits16(b, ties + off) < bound
             pos += n
-        return torch.from_numpy(out)
+        return out

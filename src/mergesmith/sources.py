@@ -12,8 +12,9 @@ from mergesmith.model import ModelSource
 
 def open_source(ref: str) -> ModelSource:
     """Open the model that ``ref`` names, reading headers only; fails now, naming the model."""
-    from mergesmith.lora.source import LoraModelSource, split_lora_ref
+    if "+" in ref:  # only then can it be a LoRA reference (the LoRA code imports torch)
+        from mergesmith.lora.source import LoraModelSource, split_lora_ref
 
-    if split_lora_ref(ref)[1] is not None:
-        return LoraModelSource.open(ref)
+        if split_lora_ref(ref)[1] is not None:
+            return LoraModelSource.open(ref)
     return ModelSource.open(ref)

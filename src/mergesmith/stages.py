@@ -244,7 +244,7 @@ class PlannedModelSource(ModelSource):
         self.__dict__["config"] = copy.deepcopy(plan.out_config)
         target = path / "model.safetensors"
         self.__dict__["tensors"] = {
-            t.name: TensorInfo(t.name, t.out_dtype, t.shape, target, 0) for t in plan.tensors
+            t.name: TensorInfo(t.name, t.out_code, t.shape, target, 0) for t in plan.tensors
         }
 
     def read(self, name: str, rows: tuple[int, int] | None = None):

@@ -17,11 +17,12 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import torch
+import numpy as np
 
+from mergesmith import dtypes
 from mergesmith.errors import MergeError
-from mergesmith.model import DTYPE_CODES
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -48,13 +49,23 @@ def parse_size(text: str | int) -> int:
 
 @dataclass(frozen=True)
 class TensorSpec:
+    """An output tensor's name, dtype (a safetensors code; a torch dtype is converted) and shape."""
+
     name: str
-    dtype: torch.dtype
+    code: str
     shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "code", dtypes.code_of(self.code))
+
+    @property
+    def dtype(self):
+        """The torch dtype (imports torch)."""
+        return dtypes.torch_dtype(self.code)
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
+        n = dtypes.itemsize(self.code)
         for d in self.shape:
             n *= d
         return n
@@ -88,7 +99,7 @@ class ShardedWriter:
                 if spec.name in self.where or spec.name in header:
                     raise MergeError(f"output tensor {spec.name!r} is planned twice")
                 header[spec.name] = {
-                    "dtype": DTYPE_CODES[spec.dtype],
+                    "dtype": spec.code,
                     "shape": list(spec.shape),
                     "data_offsets": [offset, offset + spec.nbytes],
                 }
@@ -106,10 +117,16 @@ class ShardedWriter:
                 self.pending[spec.name] = spec.nbytes
             self.total_size += offset
 
-    def write(self, name: str, tensor: torch.Tensor, byte_offset: int = 0) -> None:
-        """Write ``tensor`` (already in the output dtype) at ``byte_offset`` inside tensor ``name``."""
+    def write(self, name: str, tensor: Any, byte_offset: int = 0) -> None:
+        """Write ``tensor`` (a torch tensor or numpy array, already in the output dtype) at
+        ``byte_offset`` inside tensor ``name``."""
         fi, start, nbytes = self.where[name]
-        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        if isinstance(tensor, np.ndarray):
+            data = np.ascontiguousarray(tensor).reshape(-1).view(np.uint8)
+        else:
+            import torch
+
+            data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
         if byte_offset + data.nbytes > nbytes:
             raise MergeError(f"internal error: write past the end of tensor {name!r}")
         view = memoryview(data)

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mergesmith.dtypes import code_of
 from mergesmith.errors import MergeError
 
 if TYPE_CHECKING:
@@ -100,7 +101,7 @@ def write_hf_stream(folder: Path, source: TensorSource, plan: HfPlan, shard_byte
         for tensors, stat, _ in iter_hf_tensors(source, plan):
             for name, tensor in tensors.items():
                 spec = specs[name]
-                if (tensor.dtype, tuple(tensor.shape)) != (spec.dtype, spec.shape):
+                if (code_of(tensor.dtype), tuple(tensor.shape)) != (spec.code, spec.shape):
                     raise MergeError(f"internal error: {name} does not match its planned dtype and shape")
                 writer.write(name, tensor)
             if stat is not None:

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-import torch
-
+from mergesmith._torch import torch
 from mergesmith.errors import MergeError
 from mergesmith.rng import RandomStream
 
@@ -59,7 +58,11 @@ class Chunk:
     models: list[torch.Tensor]
     start: int
     rng: list[RandomStream] | None = None
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype = None  # type: ignore[assignment]  # float32 when not given
+
+    def __post_init__(self) -> None:
+        if self.dtype is None:
+            self.dtype = torch.float32
 
 
 class Kernel:
@@ -111,6 +114,9 @@ class Method:
     # the kernel accepts inputs in their stored floating dtype and converts while computing, which saves
     # a conversion pass over every input
     raw_inputs: bool = False
+    # the kernel does all its array work through methods.arrays, so the native backend (numpy, no
+    # torch) can run it on float32 arrays with the same results
+    native: bool = False
     summary: str = ""
     param_index: dict[str, ParamSpec] = field(init=False, repr=False, compare=False)
 

@@ -19,8 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
+from mergesmith._torch import torch
 from mergesmith.errors import MergeError
 from mergesmith.methods import BaseRule, Chunk, Method, ParamSpec, register
 from mergesmith.methods.sparsify import rank_keep_probability

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-
+from mergesmith._torch import torch
 from mergesmith.errors import MergeError
-from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, register
+from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, arrays, register
 
 
 class LinearKernel(Kernel):
@@ -13,22 +12,22 @@ class LinearKernel(Kernel):
 
     def apply(self, chunk: Chunk) -> torch.Tensor:
         weights = self.p["weight"]
-        out = chunk.models[0].to(chunk.dtype).mul_(weights[0])
-        scratch = None
+        first = chunk.models[0]
+        out = arrays.mul(first if arrays.is_numpy(first) else first.to(chunk.dtype), weights[0])
+        scratch = arrays.empty_like(out) if len(weights) > 1 else None
         for w, t in zip(weights[1:], chunk.models[1:]):
-            if t.dtype != out.dtype:
-                # t is bf16/fp16 (raw input): convert into a reused buffer first; torch's mixed-dtype
-                # add with alpha takes a slow path, 4x slower than the copy and the add together
-                scratch = torch.empty_like(out) if scratch is None else scratch
+            if not arrays.is_numpy(t) and t.dtype != out.dtype:
+                # t is bf16/fp16 (raw input): convert into the scratch buffer first; torch's mixed-dtype
+                # arithmetic takes a slow path, 4x slower than the copy and the operation together
                 t = scratch.copy_(t)
-            out.add_(t, alpha=w)
+            arrays.axpy(out, w, t, scratch)
         if self.p["normalize"]:
             total = sum(weights)
             if abs(total) < 1e-8:
                 raise MergeError(
                     f"linear: the weights {list(weights)} sum to 0; set normalize: false or change them"
                 )
-            out.div_(total)
+            arrays.div(out, total)
         return out
 
 
@@ -45,6 +44,7 @@ register(
         base=BaseRule.INPUT,
         scratch=1,
         raw_inputs=True,
+        native=True,
         summary="weighted average of the models",
     )
 )

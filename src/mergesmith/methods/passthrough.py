@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
+from mergesmith._torch import torch
 from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, register
 
 

@@ -13,8 +13,7 @@ updates is not implemented.)
 
 from __future__ import annotations
 
-import torch
-
+from mergesmith._torch import torch
 from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, register
 
 

@@ -18,8 +18,7 @@ pass over the selected deltas.
 
 from __future__ import annotations
 
-import torch
-
+from mergesmith._torch import torch
 from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, register
 from mergesmith.methods.sparsify import OrderStatistics, keep_count, magnitude_bits
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import math
 
-import torch
-
-from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, register
+from mergesmith._torch import torch
+from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, arrays, register
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -46,16 +45,16 @@ class SlerpKernel(Kernel):
     def observe(self, pass_index: int, chunk: Chunk) -> None:
         v0, v1 = chunk.base.reshape(-1), chunk.models[0].reshape(-1)
         # float32 dot products of blocks, summed in float64: accurate without float64 copies
-        for i in range(0, v0.numel(), SUM_BLOCK):
+        for i in range(0, v0.shape[0], SUM_BLOCK):
             a, b = v0[i : i + SUM_BLOCK], v1[i : i + SUM_BLOCK]
-            self.dot += float(a @ b)
-            self.sq0 += float(a @ a)
-            self.sq1 += float(b @ b)
+            self.dot += arrays.dot(a, b)
+            self.sq0 += arrays.dot(a, a)
+            self.sq1 += arrays.dot(b, b)
 
     def apply(self, chunk: Chunk) -> torch.Tensor:
         c0, c1 = slerp_coefficients(self.p["t"], self.dot, math.sqrt(self.sq0), math.sqrt(self.sq1))
-        out = chunk.base.mul_(c0)
-        return out.add_(chunk.models[0], alpha=c1)
+        other = chunk.models[0]
+        return arrays.axpy(arrays.mul(chunk.base, c0), c1, other, other)
 
 
 register(
@@ -69,6 +68,7 @@ register(
         min_models=1,
         max_models=1,
         scratch=1,
+        native=True,
         summary="spherical interpolation between the base model and one other",
     )
 )

@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
+
+from mergesmith._torch import torch
 
 HI_BINS = 1 << 15  # non-negative float32: sign bit 0, so the top 16 bits fit in 15 bits
 LO_BINS = 1 << 16

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import math
 
-import torch
-
+from mergesmith._torch import torch
 from mergesmith.errors import MergeError
 from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, register
 from mergesmith.methods.model_stock import normalized_weights

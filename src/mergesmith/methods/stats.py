@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
+import numpy as np
+
+from mergesmith._torch import torch
+from mergesmith.methods import arrays
 
 SUM_BLOCK = 1 << 20  # elements per block of a float64 reduction, to bound scratch memory
 
@@ -55,7 +58,19 @@ class RowL1:
     def __init__(self) -> None:
         self._rows: list[float] = []
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x) -> None:
+        """Add the rows of ``x`` (a torch tensor or numpy array). CPU data is summed by numpy, so both
+        backends get the same bits."""
+        xn = arrays.host_numpy(x)
+        if xn is not None:
+            rows_np = xn.reshape(xn.shape[0], -1) if xn.ndim >= 2 else xn.reshape(1, -1)
+            step = max(1, SUM_BLOCK // max(1, rows_np.shape[1]))
+            buf = np.empty((min(step, rows_np.shape[0]), rows_np.shape[1]), dtype=rows_np.dtype)
+            for start in range(0, rows_np.shape[0], step):
+                block = rows_np[start : start + step]
+                absolute = np.abs(block, out=buf[: block.shape[0]])
+                self._rows.extend(absolute.sum(axis=1).tolist())
+            return
         rows = x.reshape(x.shape[0], -1) if x.dim() >= 2 else x.reshape(1, -1)
         step = max(1, SUM_BLOCK // max(1, rows.shape[1]))
         scratch = torch.empty((min(step, rows.shape[0]), rows.shape[1]), dtype=rows.dtype, device=rows.device)

@@ -19,9 +19,10 @@ are elected); then it is multiplied by ``lambda`` and added to the base.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, register
+from mergesmith._torch import torch
+from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, arrays, register
+from mergesmith.methods.arrays import mask_in_place
 from mergesmith.methods.sparsify import TopKThreshold, keep_count
 from mergesmith.methods.stats import RowL1
 
@@ -52,9 +53,9 @@ class TaskArithmeticKernel(Kernel):
 
     # --- statistics over chunks -------------------------------------------------------------------
     def observe(self, pass_index: int, chunk: Chunk) -> None:
-        base = chunk.base.to(chunk.dtype)
+        _compute_base(chunk)
         for i, model in enumerate(chunk.models):
-            delta = model.to(base.dtype, copy=True).sub_(base)  # a new tensor: apply reads model again
+            delta = _delta_copy(model, chunk.base)  # a new tensor: apply reads model again
             if pass_index < self.threshold_passes:
                 sel = self.selectors[i]
                 if sel is not None:
@@ -74,9 +75,10 @@ class TaskArithmeticKernel(Kernel):
             else:
                 sel.ties_seen = 0  # the L1 pass trimmed every chunk once; apply starts over
 
-    def _random_keep(self, chunk: Chunk, i: int, like: torch.Tensor) -> torch.Tensor:
-        keep = chunk.rng[i].keep(chunk.start, like.numel(), self.p["density"][i])
-        return keep.reshape(like.shape).to(like.device)
+    def _random_keep(self, chunk: Chunk, i: int, like) -> np.ndarray:
+        return chunk.rng[i].keep_array(
+            chunk.start, like.size if arrays.is_numpy(like) else like.numel(), self.p["density"][i]
+        )
 
     # --- output -----------------------------------------------------------------------------------
     def _drop(self, chunk: Chunk, i: int, delta: torch.Tensor) -> torch.Tensor:
@@ -84,7 +86,7 @@ class TaskArithmeticKernel(Kernel):
         density = self.p["density"][i]
         if self.sparsify == "magnitude":
             if keep_count(density, self.numel) == 0:
-                return torch.zeros_like(delta)
+                return arrays.zeros_like(delta)
             sel = self.selectors[i]
             return sel.trim(delta) if sel is not None else delta
         if self.sparsify == "random" and density < 1.0:
@@ -95,7 +97,7 @@ class TaskArithmeticKernel(Kernel):
         """Scale a sparsified task vector back to the L1 norm it had before dropping."""
         full, kept = self.l1_full[i].value, self.l1_kept[i].value
         if self.rescaling and full > RESCALE_EPS and kept > RESCALE_EPS and full != kept:
-            dropped.mul_(full / kept)
+            arrays.mul(dropped, full / kept)
         return dropped
 
     def run_whole(self, chunk: Chunk) -> torch.Tensor:
@@ -128,53 +130,54 @@ class TaskArithmeticKernel(Kernel):
         weights = self.p["weight"]
         for w, d in zip(weights, deltas):
             if w != 1.0:
-                d.mul_(w)
+                arrays.mul(d, w)
         if self.consensus:
             mixed = _disjoint_sum(deltas, weights, self.p["normalize"])
         else:
             mixed = deltas[0]
             for d in deltas[1:]:
-                mixed.add_(d)
+                arrays.add(mixed, d)
             total = float(sum(weights))
             if self.p["normalize"] and abs(total) >= 1e-8:
-                mixed.div_(total)
+                arrays.div(mixed, total)
         lam = self.p["lambda"]
         if lam != 1.0:
-            mixed.mul_(lam)
-        return mixed.add_(chunk.base)
-
-
-def mask_in_place(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """x * keep for a boolean ``keep``, in place. On the CPU through numpy: torch's float-by-bool
-    multiply runs 2-5x slower than numpy's here."""
-    if x.device.type == "cpu" and x.is_contiguous() and keep.is_contiguous():
-        xn = x.numpy()
-        np.multiply(xn, keep.numpy(), out=xn)
-        return x
-    return x.mul_(keep)
+            arrays.mul(mixed, lam)
+        return arrays.add(mixed, chunk.base)
 
 
 def _compute_base(chunk: Chunk) -> None:
-    """Make the chunk's base the compute dtype (inputs may arrive in their stored dtype: raw_inputs)."""
-    chunk.base = chunk.base.to(chunk.dtype)
+    """Make the chunk's base the compute dtype (inputs may arrive in their stored dtype: raw_inputs;
+    the native backend's chunks are float32 already)."""
+    if not arrays.is_numpy(chunk.base):
+        chunk.base = chunk.base.to(chunk.dtype)
 
 
-def _delta(chunk: Chunk, i: int) -> torch.Tensor:
+def _delta_copy(model, base):
+    """model - base as a new array in base's dtype (model is left as it is)."""
+    if arrays.is_numpy(model):
+        return np.subtract(model, base)
+    return model.to(base.dtype, copy=True).sub_(base)
+
+
+def _delta(chunk: Chunk, i: int):
     """theta_i - theta_base in the compute dtype, reusing model i's buffer when it already has that dtype."""
     model = chunk.models[i]
-    if model.dtype == chunk.dtype:
-        return model.sub_(chunk.base)
+    if arrays.is_numpy(model) or model.dtype == chunk.dtype:
+        return arrays.sub(model, chunk.base)
     # convert, then subtract in place: torch's mixed-dtype sub takes a slow path (several times slower)
     return model.to(chunk.dtype).sub_(chunk.base)
 
 
-def _disjoint_sum(weighted: list[torch.Tensor], weights, normalize: bool) -> torch.Tensor:
+def _disjoint_sum(weighted: list, weights, normalize: bool):
     """Sign election by weighted mass, then the (normalised) sum of the entries that agree.
 
     gamma = sign(sum_i w_i delta_i), with 0 counting as +. Entry i agrees where w_i delta_i has sign gamma
     (zero never agrees). With e = +-1 the elected sign, w_i delta_i [agree] = e * relu(e * w_i delta_i).
     Returns sum_i w_i delta_i [agree], divided per element by sum_i w_i [agree] (0 -> 1) if normalize.
     """
+    if arrays.is_numpy(weighted[0]):
+        return _disjoint_sum_numpy(weighted, weights, normalize)
     total = torch.add(weighted[0], weighted[1]) if len(weighted) > 1 else weighted[0].clone()
     for d in weighted[2:]:
         total.add_(d)
@@ -202,6 +205,37 @@ def _disjoint_sum(weighted: list[torch.Tensor], weights, normalize: bool) -> tor
         else:
             divisor.masked_fill_(divisor == 0, 1.0)
         mixed.div_(divisor)
+    return mixed
+
+
+def _disjoint_sum_numpy(weighted: list[np.ndarray], weights, normalize: bool) -> np.ndarray:
+    """_disjoint_sum on float32 numpy arrays, step for step as the torch version (the same bits)."""
+    total = np.add(weighted[0], weighted[1]) if len(weighted) > 1 else weighted[0].copy()
+    for d in weighted[2:]:
+        np.add(total, d, out=total)
+    one = total.dtype.type(1.0)
+    elected = np.copysign(one, total)
+    mixed = divisor = None
+    agreeing = total
+    zero = total.dtype.type(0.0)
+    for w, d in zip(weights, weighted):
+        np.multiply(d, elected, out=agreeing)
+        np.maximum(agreeing, zero, out=agreeing)
+        if mixed is None:
+            mixed = agreeing.copy()
+            divisor = np.multiply(np.sign(agreeing), total.dtype.type(w)) if normalize else None
+            continue
+        np.add(mixed, agreeing, out=mixed)
+        if divisor is not None:
+            np.sign(agreeing, out=agreeing)
+            np.add(divisor, np.multiply(agreeing, total.dtype.type(w), out=agreeing), out=divisor)
+    np.multiply(mixed, elected, out=mixed)
+    if divisor is not None:
+        if all(w > 0 for w in weights):
+            np.maximum(divisor, np.finfo(divisor.dtype).tiny, out=divisor)
+        else:
+            divisor[divisor == 0] = 1.0
+        np.divide(mixed, divisor, out=mixed)
     return mixed
 
 
@@ -261,5 +295,6 @@ for _name, _kernel, _norm, _rescale, _random, _summary in (
             scratch=4 if _kernel.consensus else 1,
             summary=_summary,
             raw_inputs=True,
+            native=_kernel is not TiesKernel,
         )
     )

@@ -17,8 +17,7 @@ tuning). Needs each whole matrix (not chunked), and an SVD per task per matrix.
 
 from __future__ import annotations
 
-import torch
-
+from mergesmith._torch import torch
 from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, register
 
 
