@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -17,23 +18,26 @@ from mergesmith.rng import RandomStream
 @given(
     numel=st.integers(1, 5000),
     cut=st.integers(0, 5000),
-    block=st.sampled_from([7, 64, 1000, 1 << 20]),
+    first=st.sampled_from([0, 7, (1 << 32) - 3000, 5 << 32]),
     p=st.floats(0.0, 1.0),
 )
-def test_keep_mask_is_the_same_however_it_is_cut(numel, cut, block, p):
-    import mergesmith.rng as rng
-
-    old = rng.BLOCK
-    rng.BLOCK = block
-    try:
-        stream = RandomStream(3, "w", 1, numel)
-        whole = stream.keep(0, numel, p)
-        cut = min(cut, numel)
-        parts = torch.cat([stream.keep(0, cut, p), stream.keep(cut, numel - cut, p)])
-    finally:
-        rng.BLOCK = old
+def test_keep_mask_is_the_same_however_it_is_cut(numel, cut, first, p):
+    """Also across the 2**32 boundary, where the high half of the element index changes."""
+    stream = RandomStream(3, "w", 1)
+    whole = stream.keep(first, numel, p)
+    cut = min(cut, numel)
+    parts = torch.cat([stream.keep(first, cut, p), stream.keep(first + cut, numel - cut, p)])
     assert whole.dtype == torch.bool and whole.shape == (numel,)
     assert torch.equal(whole, parts)
+    # the fused mask-and-multiply keeps exactly the same elements
+    x = np.linspace(1.0, 2.0, numel, dtype=np.float32)
+    assert np.array_equal(stream.mask(x.copy(), first, p), x * whole.numpy())
+
+
+def test_keep_mask_streams_differ_above_2_to_the_32():
+    """Indices that differ only in their high half get unrelated draws."""
+    stream = RandomStream(0, "w", 0)
+    assert not torch.equal(stream.keep(0, 4096, 0.5), stream.keep(1 << 32, 4096, 0.5))
 
 
 def test_keep_mask_probability_and_edges():
@@ -89,8 +93,7 @@ def test_keep_mask_with_one_probability_per_element():
 
 
 def test_keep_mask_resolves_probabilities_finer_than_16_bits():
-    """Only the rare elements whose first 16 bits tie with the threshold draw 16 more: the probability
-    is exact to 2**-32, not 2**-16."""
+    """Every element draws 32 bits: the probability is exact to 2**-32, not 2**-16."""
     n = 1 << 24
     tiny = 3.5 / 65536  # halfway between two 16-bit steps
     kept = int(RandomStream(9, "w", 0, n).keep(0, n, tiny).sum())

@@ -24,9 +24,12 @@ from mergesmith.execute import (
     Executor,
     OutputHook,
     baseline_rss,
+    choose_backend,
     default_workers,
     fit_budget,
+    make_backend,
 )
+from mergesmith.native import BACKENDS
 from mergesmith.plan import MergePlan, build_plan
 from mergesmith.write import OutputFolder, ShardedWriter, TensorSpec, copy_files, parse_size, write_json
 
@@ -53,6 +56,7 @@ def exec_options(
     workers: int | None = None,
     device: str = "cpu",
     random_seed: int | None = None,
+    backend: str = "auto",
 ) -> ExecOptions:
     workers = workers or default_workers()
     if workers < 1:
@@ -68,7 +72,9 @@ def exec_options(
                 f"--memory-limit {memory_limit} is below the {baseline // 2**20} MiB that Python and torch "
                 "need before any tensor is read"
             )
-    return ExecOptions(workers=workers, budget=budget, device=device, seed=random_seed or 0)
+    if backend not in BACKENDS:
+        raise MergeError(f"unknown backend {backend!r}; use one of: {', '.join(BACKENDS)}")
+    return ExecOptions(workers=workers, budget=budget, device=device, seed=random_seed or 0, backend=backend)
 
 
 def make_plan(config: str | Path | dict | MergeConfig) -> MergePlan:
@@ -86,6 +92,7 @@ def merge(
     memory_limit: str | int | None = None,
     workers: int | None = None,
     device: str = "cpu",
+    backend: str = "auto",
     quiet: bool = False,
     copy_tokenizer: bool = True,
     write_model_card: bool = True,
@@ -100,7 +107,8 @@ def merge(
     stages go to ``intermediate_dir`` (default ``OUT_DIR.stages`` beside ``out_dir``), which a single merge
     ignores. ``before_commit`` is called with the finished temporary folder just before it is renamed to
     ``out_dir``, to add files that must only exist in a complete output (a stage's marker).
-    ``out_format="bitnet"`` ternarises the merged linear weights of the decoder layers and writes them
+    ``backend``: "auto" (native where it can run the merge, else torch), "native" or "torch" (see
+    :mod:`mergesmith.native`; both give the same bytes). ``out_format="bitnet"`` ternarises the merged linear weights of the decoder layers and writes them
     packed, as transformers' ``quant_method: bitnet`` checkpoints hold them (see docs/bitnet.md).
     """
     from mergesmith.stages import is_multi_stage, run_stages
@@ -126,6 +134,7 @@ def merge(
             memory_limit=memory_limit,
             workers=workers,
             device=device,
+            backend=backend,
         )
     start = time.perf_counter()
     text = config_text(config)
@@ -133,7 +142,9 @@ def merge(
     shard_bytes = parse_size(out_shard_size)
     if shard_bytes <= 0:
         raise MergeError("--out-shard-size must be positive")
-    options = exec_options(memory_limit=memory_limit, workers=workers, device=device, random_seed=random_seed)
+    options = exec_options(
+        memory_limit=memory_limit, workers=workers, device=device, random_seed=random_seed, backend=backend
+    )
     dest = Path(out_dir)
     if dest.exists() and not overwrite:
         raise MergeError(f"output folder {dest} already exists; pass --overwrite to replace it")
@@ -205,7 +216,8 @@ def _run(
         bar.update(t.nbytes)
 
     try:
-        Executor(plan, writer, options, hook).run(progress)
+        backend, _ = choose_backend(plan, options, transformed_output=hook is not None)
+        Executor(plan, writer, options, hook, make_backend(backend, plan, options)).run(progress)
     finally:
         bar.close()
 

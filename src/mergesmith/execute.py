@@ -15,13 +15,15 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
 
+from mergesmith import dtypes
 from mergesmith._torch import torch
 from mergesmith.errors import MergeError
-from mergesmith.methods import Chunk, Method, get_method
-from mergesmith.plan import MergePlan, OutputTensor
+from mergesmith.methods import Chunk, Kernel, Method, get_method
+from mergesmith.plan import MergePlan, OutputTensor, TensorSource
 from mergesmith.rng import RandomStream
 from mergesmith.write import ShardedWriter
 
@@ -41,16 +43,18 @@ class ExecOptions:
     device: str = "cpu"
     seed: int = 0
     check_finite: bool = True
+    backend: str = "auto"  # auto | native | torch
 
 
 def bytes_per_element(t: OutputTensor, method: Method) -> int:
     """Working memory per output element: raw inputs, compute copies, the method's scratch, the output."""
     n_in = len(t.sources)
-    csize = t.compute_dtype.itemsize
+    csize = dtypes.itemsize(t.compute_code)
+    osize = dtypes.itemsize(t.out_code)
     if t.copy:
-        return t.out_dtype.itemsize
+        return osize
     raw = n_in * 4  # stored dtype (at most 4 bytes for the float formats read)
-    return int(ALLOCATOR_OVERHEAD * (raw + n_in * csize + method.scratch * csize + t.out_dtype.itemsize + 1))
+    return int(ALLOCATOR_OVERHEAD * (raw + n_in * csize + method.scratch * csize + osize + 1))
 
 
 def baseline_rss() -> int:
@@ -126,30 +130,115 @@ class OutputHook(Protocol):
     def write(self, t: OutputTensor, data: torch.Tensor, span: Span) -> None: ...
 
 
+class Backend(Protocol):
+    """Where the maths runs: reads inputs as arrays, makes the method's kernel, finishes outputs."""
+
+    def kernel(self, method: Method, t: OutputTensor) -> Kernel: ...
+
+    def read(self, t: OutputTensor, src: TensorSource, span: Span, raw: bool) -> Any:
+        """One input's rows, in the compute dtype (or its stored float dtype when ``raw``)."""
+        ...
+
+    def read_copy(self, t: OutputTensor, span: Span) -> Any:
+        """The rows of a verbatim copy (``t.copy``), as stored."""
+        ...
+
+    def finish(self, t: OutputTensor, out: Any) -> tuple[Any, bool]:
+        """The output chunk in the output dtype, and whether all its values are finite."""
+        ...
+
+    def chunk_dtype(self, t: OutputTensor) -> Any: ...
+
+    def threads(self) -> AbstractContextManager: ...
+
+
+class TorchBackend:
+    """torch tensors on ``device``; runs every method."""
+
+    def __init__(self, plan: MergePlan, device: str):
+        self.plan = plan
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise MergeError("--device cuda was given but no CUDA GPU is available to torch")
+
+    def kernel(self, method: Method, t: OutputTensor) -> Kernel:
+        return method.kernel(dict(t.params), t.numel)
+
+    def read(self, t: OutputTensor, src: TensorSource, span: Span, raw: bool):
+        x = self.plan.models[src.model].read(src.tensor, span)
+        if t.cast_code is not None and x.dtype != t.cast_dtype:
+            x = x.to(t.cast_dtype)
+        if raw and x.is_floating_point() and x.dtype.itemsize <= dtypes.itemsize(t.compute_code):
+            return x.to(self.device)  # the kernel converts as it computes
+        return x.to(self.device, t.compute_dtype)  # read() returned a buffer we own: in-place is safe
+
+    def read_copy(self, t: OutputTensor, span: Span):
+        src = t.inputs[0]
+        return self.plan.models[src.model].read(src.tensor, span)
+
+    def finish(self, t: OutputTensor, out):
+        out = out.to(t.out_dtype)
+        return out, _all_finite(out)
+
+    def chunk_dtype(self, t: OutputTensor):
+        return t.compute_dtype
+
+    @contextmanager
+    def threads(self):
+        threads = torch.get_num_threads()
+        # one torch thread per worker: the workers are the parallelism, and intra-op threads on a busy
+        # machine mostly wait for each other
+        torch.set_num_threads(1 if self.device.type == "cpu" else threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
+def choose_backend(plan: MergePlan, options: ExecOptions, transformed_output: bool) -> tuple[str, str | None]:
+    """("native" or "torch", why not native when torch). ``--backend native`` on a merge it cannot run
+    is an error."""
+    from mergesmith.native import backend_problem
+
+    if options.backend == "torch":
+        return "torch", "--backend torch"
+    problem = backend_problem(plan, options.device, transformed_output)
+    if problem is None:
+        return "native", None
+    if options.backend == "native":
+        raise MergeError(f"--backend native cannot run this merge: {problem}")
+    return "torch", problem
+
+
+def make_backend(name: str, plan: MergePlan, options: ExecOptions) -> Backend:
+    if name == "native":
+        from mergesmith.native.backend import NativeBackend
+
+        return NativeBackend(plan)
+    return TorchBackend(plan, options.device)
+
+
 class Executor:
     def __init__(
-        self, plan: MergePlan, writer: ShardedWriter, options: ExecOptions, hook: OutputHook | None = None
+        self,
+        plan: MergePlan,
+        writer: ShardedWriter,
+        options: ExecOptions,
+        hook: OutputHook | None = None,
+        backend: Backend | None = None,
     ):
         self.plan = plan
         self.writer = writer
         self.options = options
         self.hook = hook
         self.share = options.budget // max(1, options.workers)
-        self.device = torch.device(options.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise MergeError("--device cuda was given but no CUDA GPU is available to torch")
+        self.backend = backend if backend is not None else TorchBackend(plan, options.device)
         self._cancel = threading.Event()
 
     def run(self, progress: Callable[[OutputTensor], None] | None = None) -> None:
         _tune_allocator()
-        threads = torch.get_num_threads()
-        # one torch thread per worker: the workers are the parallelism, and intra-op threads on a busy
-        # machine mostly wait for each other
-        torch.set_num_threads(1 if self.device.type == "cpu" else threads)
-        try:
+        with self.backend.threads():
             self._run(progress)
-        finally:
-            torch.set_num_threads(threads)
 
     def _run(self, progress) -> None:
         tensors = self.plan.tensors
@@ -196,9 +285,8 @@ class Executor:
         """A function that yields ``(span, output chunk)`` for every span, each call anew; the
         method's statistic passes run once, here."""
         if t.copy:
-            src = t.inputs[0]
-            return lambda: ((span, self.plan.models[src.model].read(src.tensor, span)) for span in spans)
-        kernel = method.kernel(dict(t.params), t.numel)
+            return lambda: ((span, self.backend.read_copy(t, span)) for span in spans)
+        kernel = self.backend.kernel(method, t)
         rng = (
             [RandomStream(self.options.seed, t.name, i, t.numel) for i in range(len(t.inputs))]
             if method.random
@@ -213,24 +301,17 @@ class Executor:
             kernel.end_pass(p)
         return lambda: ((span, self._finish(t, kernel.apply(self._load(t, span, rng)))) for span in spans)
 
-    def _read(self, t: OutputTensor, src, span, raw: bool) -> torch.Tensor:
-        x = self.plan.models[src.model].read(src.tensor, span)
-        if t.cast_dtype is not None and x.dtype != t.cast_dtype:
-            x = x.to(t.cast_dtype)
-        if raw and x.is_floating_point() and x.dtype.itemsize <= t.compute_dtype.itemsize:
-            return x.to(self.device)  # the kernel converts as it computes
-        return x.to(self.device, t.compute_dtype)  # read() returned a buffer we own: in-place is safe
-
     def _load(self, t: OutputTensor, span, rng) -> Chunk:
         raw = get_method(t.method).raw_inputs
-        base = self._read(t, t.base, span, raw) if t.base is not None else None
-        models = [self._read(t, s, span, raw) for s in t.inputs]
+        read = self.backend.read
+        base = read(t, t.base, span, raw) if t.base is not None else None
+        models = [read(t, s, span, raw) for s in t.inputs]
         start = span[0] * row_elems(t) if span else 0
-        return Chunk(base, models, start, rng, t.compute_dtype)
+        return Chunk(base, models, start, rng, self.backend.chunk_dtype(t))
 
-    def _finish(self, t: OutputTensor, out: torch.Tensor) -> torch.Tensor:
-        out = out.to(t.out_dtype)
-        if self.options.check_finite and not _all_finite(out):
+    def _finish(self, t: OutputTensor, out):
+        out, finite = self.backend.finish(t, out)
+        if self.options.check_finite and not finite:
             models = ", ".join(s.model for s in t.sources)
             raise MergeError(
                 f"tensor {t.name!r}: the merged values contain NaN or Inf (models: {models}); check the inputs "
@@ -238,11 +319,11 @@ class Executor:
             )
         return out
 
-    def _write(self, t: OutputTensor, data: torch.Tensor, span) -> None:
+    def _write(self, t: OutputTensor, data, span) -> None:
         if self.hook is not None:
             self.hook.write(t, data, span)
             return
-        offset = span[0] * row_elems(t) * t.out_dtype.itemsize if span else 0
+        offset = span[0] * row_elems(t) * dtypes.itemsize(t.out_code) if span else 0
         self.writer.write(t.name, data, offset)
 
 

@@ -1,9 +1,14 @@
 """Reproducible randomness: keep masks addressed by (seed, tensor name, model index, element index).
 
-Random bits come in fixed blocks of ``min(BLOCK, numel)`` elements, each from a generator seeded by a hash
-of (seed, tensor name, model index, block number). Element ``j`` of a tensor therefore always gets the
-same draw, however the tensor is chunked, in whatever order tensors run, on however many threads, and on
-any device (the bits are drawn on the CPU, by numpy's PCG64, read little-endian).
+Element ``j`` of a tensor gets the 32-bit number ``h(j)``, a hash of its index under a key derived from
+(seed, tensor name, model index): two rounds of a 32-bit integer hash with good avalanche (Wellons'
+"lowbias32"), over the low and the high half of ``j``. A draw depends on nothing but its address, so a
+mask is the same however the tensor is chunked, in whatever order tensors run, on however many threads,
+and on any device (the numbers are made on the CPU). The loops are compiled by numba and vectorise: the
+stream costs less than reading the mask's tensor.
+
+``probability`` p is taken as T / 2**32 with T = round(p * 2**32), and element j is kept when
+h(j) < T: P(keep) is T / 2**32 exactly.
 """
 
 from __future__ import annotations
@@ -11,10 +16,9 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+from numba import njit
 
 from mergesmith._torch import torch
-
-BLOCK = 1 << 20
 
 
 def derive_seed(*parts: object) -> int:
@@ -22,31 +26,56 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+@njit(inline="always")
+def _lowbias32(x):  # pragma: no cover - compiled
+    # every step is cast back to uint32: numba widens integer arithmetic
+    x = np.uint32(x ^ (x >> np.uint32(16)))
+    x = np.uint32(x * np.uint32(0x7FEB352D))
+    x = np.uint32(x ^ (x >> np.uint32(15)))
+    x = np.uint32(x * np.uint32(0x846CA68B))
+    return np.uint32(x ^ (x >> np.uint32(16)))
+
+
+@njit(inline="always")
+def draw(index, k0, k1):  # pragma: no cover - compiled
+    """The 32-bit number of element ``index`` (uint64) under the key (k0, k1)."""
+    lo = np.uint32(index & np.uint64(0xFFFFFFFF))
+    hi = np.uint32(index >> np.uint64(32))
+    hi_mix = np.uint32(np.uint32(hi * np.uint32(0x9E3779B9)) ^ k1)
+    return _lowbias32(np.uint32(_lowbias32(np.uint32(lo ^ k0)) ^ hi_mix))
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _keep_const(start, k0, k1, threshold, out):  # pragma: no cover - compiled
+    for i in range(out.shape[0]):
+        out[i] = np.uint64(draw(start + np.uint64(i), k0, k1)) < threshold
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _keep_each(start, k0, k1, thresholds, out):  # pragma: no cover - compiled
+    for i in range(out.shape[0]):
+        out[i] = np.uint64(draw(start + np.uint64(i), k0, k1)) < thresholds[i]
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def mask_const(start, k0, k1, threshold, x):  # pragma: no cover - compiled
+    """x *= keep (1.0 or 0.0, as a multiply by a boolean mask does), in place."""
+    for i in range(x.shape[0]):
+        x[i] *= np.float32(np.uint64(draw(start + np.uint64(i), k0, k1)) < threshold)
+
+
+def threshold_of(probability: float) -> int:
+    """T = round(p * 2**32), p clamped to [0, 1]."""
+    return round(min(max(float(probability), 0.0), 1.0) * 2.0**32)
+
+
 class RandomStream:
     """Random keep masks for the flat element range of one (tensor, model) pair."""
 
-    def __init__(self, seed: int, tensor_name: str, model_index: int, numel: int):
-        self.key = (seed, tensor_name, model_index)
-        self.block = max(1, min(BLOCK, numel))
-
-    def _generator(self, b: int) -> np.random.Generator:
-        # numpy's PCG64 has a bit stream that is stable across platforms and releases, and its draws are
-        # faster than torch.rand's on the CPU
-        return np.random.Generator(np.random.PCG64(derive_seed(*self.key, b)))
-
-    def _bits16(self, b: int) -> np.ndarray:
-        """16 random bits per element of block ``b``: each raw 64-bit output cut in four."""
-        raw = self._generator(b).bit_generator.random_raw((self.block + 3) // 4).astype("<u8", copy=False)
-        return raw.view("<u2")[: self.block]
-
-    def _tie_bits16(self, b: int, index: np.ndarray) -> np.ndarray:
-        """Another 16 independent bits for the elements ``index`` of block ``b`` (a splitmix64 hash)."""
-        z = index.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(
-            derive_seed(*self.key, b, "tie")
-        )
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return ((z ^ (z >> np.uint64(31))) >> np.uint64(48)).astype(np.uint16)
+    def __init__(self, seed: int, tensor_name: str, model_index: int, numel: int = 0):
+        key = derive_seed(seed, tensor_name, model_index)
+        self.k0 = np.uint32(key & 0xFFFFFFFF)
+        self.k1 = np.uint32((key >> 32) & 0xFFFFFFFF)
 
     def keep(self, start: int, count: int, probability: float | torch.Tensor) -> torch.Tensor:
         """keep_array as a torch tensor; ``probability`` may be a tensor of one value per element."""
@@ -57,41 +86,20 @@ class RandomStream:
     def keep_array(self, start: int, count: int, probability: float | np.ndarray) -> np.ndarray:
         """A Bernoulli boolean mask (numpy) for elements [start, start + count).
 
-        ``probability`` is one number, or one per element (an array of ``count`` values). It is taken as
-        T / 2**32 with T = round(probability * 2**32) (exact to 2**-33), and element j is kept when a
-        32-bit random number is below T. Its high 16 bits come from the block's PCG64 stream (four
-        elements per raw draw: the generator is most of the cost); only where they equal T's high 16
-        bits (one element in 65536) do the low 16 bits matter, and those come from a hash of the
-        element's index.
+        ``probability`` is one number, or one per element (an array of ``count`` values).
         """
+        out = np.empty(count, dtype=np.bool_)
         if isinstance(probability, np.ndarray):
             scaled = np.round(np.clip(probability.astype(np.float64).reshape(-1), 0.0, 1.0) * 2.0**32)
-            threshold = scaled.astype(np.uint64)
-            if len(threshold) != count:
-                raise ValueError(f"{len(threshold)} probabilities for {count} elements")
-        else:
-            threshold = round(min(max(probability, 0.0), 1.0) * 2.0**32)
-            if threshold >= 1 << 32:
-                return np.ones(count, dtype=np.bool_)
-        every = isinstance(threshold, np.ndarray)
-        t_hi = threshold >> 16
-        t_lo = threshold & 0xFFFF
-        if every:  # T = 2**32 (probability 1) has t_hi 65536: above any 16-bit draw, so always kept
-            t_hi = t_hi.astype(np.uint32)
-            t_lo = t_lo.astype(np.uint16)
-        out = np.empty(count, dtype=np.bool_)
-        pos = start
-        while pos < start + count:
-            b, off = divmod(pos, self.block)
-            n = min(self.block - off, start + count - pos)
-            window = slice(pos - start, pos - start + n)
-            hi_t = t_hi[window] if every else t_hi
-            hi = self._bits16(b)[off : off + n]
-            part = out[window]
-            np.less(hi, hi_t, out=part)
-            if every or t_lo:
-                ties = np.flatnonzero(hi == hi_t)
-                bound = t_lo[window][ties] if every else t_lo
-                part[ties] = self._tie_bits16(b, ties + off) < bound
-            pos += n
+            thresholds = scaled.astype(np.uint64)
+            if len(thresholds) != count:
+                raise ValueError(f"{len(thresholds)} probabilities for {count} elements")
+            _keep_each(np.uint64(start), self.k0, self.k1, thresholds, out)
+            return out
+        _keep_const(np.uint64(start), self.k0, self.k1, np.uint64(threshold_of(probability)), out)
         return out
+
+    def mask(self, x: np.ndarray, start: int, probability: float) -> np.ndarray:
+        """x * keep_array(start, x.size, probability) for a contiguous float32 array, in place."""
+        mask_const(np.uint64(start), self.k0, self.k1, np.uint64(threshold_of(probability)), x.reshape(-1))
+        return x

@@ -23,6 +23,13 @@ def _add_exec_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--random-seed", type=int, default=0, metavar="N", help="seed for DARE's random masks (default 0)"
     )
+    p.add_argument(
+        "--backend",
+        choices=("auto", "native", "torch"),
+        default="auto",
+        help="auto (default): native (numpy, no torch import) where the method and dtypes allow, else "
+        "torch; both give the same bytes",
+    )
 
 
 def register(sub) -> None:
@@ -92,6 +99,7 @@ def _merge(args: argparse.Namespace) -> int:
         memory_limit=args.memory_limit,
         workers=args.workers,
         device=args.device,
+        backend=args.backend,
         quiet=args.quiet,
         copy_tokenizer=not args.no_copy_tokenizer,
         write_model_card=not args.no_model_card,
@@ -113,7 +121,11 @@ def _plan(args: argparse.Namespace) -> int:
         print("mergesmith plan: error: CONFIG.yml is required", file=sys.stderr)
         return 2
     options = exec_options(
-        memory_limit=args.memory_limit, workers=args.workers, device=args.device, random_seed=args.random_seed
+        memory_limit=args.memory_limit,
+        workers=args.workers,
+        device=args.device,
+        random_seed=args.random_seed,
+        backend=args.backend,
     )
     if not is_multi_stage(args.config):
         plan = make_plan(args.config)
@@ -136,7 +148,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _print_plan(plan: MergePlan, options: ExecOptions, summary_only: bool) -> None:
     """One line per output tensor (unless ``summary_only``), warnings, and the totals with peak memory."""
-    from mergesmith.execute import estimate_peak, fit_budget
+    from mergesmith.execute import choose_backend, estimate_peak, fit_budget
 
     if not summary_only:
         for t in plan.tensors:
@@ -145,7 +157,9 @@ def _print_plan(plan: MergePlan, options: ExecOptions, summary_only: bool) -> No
         print(f"warning: {w}")
     options = fit_budget(plan, options)
     peak = estimate_peak(plan, options)
+    backend, why = choose_backend(plan, options, transformed_output=False)
     print(
         f"# {len(plan.tensors)} tensors, {plan.num_layers} layers, {plan.total_bytes / 1e9:.3f} GB of output; "
-        f"estimated peak memory {peak / 2**20:.0f} MiB with {options.workers} workers"
+        f"estimated peak memory {peak / 2**20:.0f} MiB with {options.workers} workers; "
+        f"{backend} backend" + (f" ({why})" if why else "")
     )

@@ -29,6 +29,8 @@ from mergesmith.methods.task_arithmetic import TaskArithmeticKernel, _params
 class DellaKernel(TaskArithmeticKernel):
     """DARE's kernel with rank-based keep probabilities in place of a constant ``density``."""
 
+    constant_density = False
+
     sparsify, consensus = "random", True
 
     def __init__(self, params, numel):

@@ -13,8 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from numba import njit
 
 from mergesmith._torch import torch
+from mergesmith.methods import arrays
 
 HI_BINS = 1 << 15  # non-negative float32: sign bit 0, so the top 16 bits fit in 15 bits
 LO_BINS = 1 << 16
@@ -53,6 +55,65 @@ def _low_bits_in_bin(x: torch.Tensor, hi: torch.Tensor, b: int) -> torch.Tensor:
     return torch.bitwise_and(x.float().reshape(-1).view(torch.int32).index_select(0, where), 0xFFFF)
 
 
+def _host_f32(x) -> np.ndarray | None:
+    """A flat float32 numpy view (or float32 copy) of CPU data, or None for data on a device."""
+    xn = arrays.host_numpy(x)
+    if xn is None:
+        return None
+    return xn.reshape(-1) if xn.dtype == np.float32 else xn.astype(np.float32).reshape(-1)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _count_hi(bits, counts):  # pragma: no cover - compiled
+    """counts[top 16 bits of |x|] += 1 over float32 bit patterns ``bits`` (uint32), in four
+    interleaved histograms (neighbouring values often share a bin)."""
+    c = np.zeros((4, counts.shape[0]), dtype=np.int64)
+    n = bits.shape[0]
+    j = 0
+    while j + 4 <= n:
+        c[0, (bits[j] >> np.uint32(16)) & np.uint32(0x7FFF)] += 1
+        c[1, (bits[j + 1] >> np.uint32(16)) & np.uint32(0x7FFF)] += 1
+        c[2, (bits[j + 2] >> np.uint32(16)) & np.uint32(0x7FFF)] += 1
+        c[3, (bits[j + 3] >> np.uint32(16)) & np.uint32(0x7FFF)] += 1
+        j += 4
+    while j < n:
+        c[0, (bits[j] >> np.uint32(16)) & np.uint32(0x7FFF)] += 1
+        j += 1
+    for b in range(counts.shape[0]):
+        counts[b] += c[0, b] + c[1, b] + c[2, b] + c[3, b]
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _count_lo(bits, b, counts):  # pragma: no cover - compiled
+    """counts[low 16 bits] += 1 for the |x| whose top 16 bits are ``b``."""
+    for j in range(bits.shape[0]):
+        u = bits[j] & np.uint32(0x7FFFFFFF)
+        if (u >> np.uint32(16)) == b:
+            counts[u & np.uint32(0xFFFF)] += 1
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _trim_kernel(x, lam, shrink, tie_bits, budget, out):  # pragma: no cover - compiled
+    """out = x, with 0 where -lam <= x <= lam when ``shrink`` (torch's hardshrink; NaN stays), and
+    with 0 at the first ``budget`` elements whose |x| as float32 has the bits ``tie_bits``.
+    Returns how many of those it zeroed."""
+    zero = x.dtype.type(0)
+    if shrink:
+        for j in range(x.shape[0]):
+            v = x[j]
+            out[j] = zero if (v >= -lam and v <= lam) else v
+    else:
+        out[:] = x
+    seen = 0
+    j = 0
+    while seen < budget and j < x.shape[0]:
+        if (np.float32(x[j]).view(np.uint32) & np.uint32(0x7FFFFFFF)) == tie_bits:
+            out[j] = zero
+            seen += 1
+        j += 1
+    return seen
+
+
 class TopKThreshold:
     """Keeps exactly the k largest |x| of a tensor seen whole or in row chunks (TIES's trim).
 
@@ -85,7 +146,7 @@ class TopKThreshold:
 
     def find_in(self, x: torch.Tensor) -> None:
         """Both passes over one in-memory tensor, computing its high bits once."""
-        hi = _high_bits(x) if x.numel() > SMALL else None
+        hi = _high_bits(x) if arrays.host_numpy(x) is None and x.numel() > SMALL else None
         self.stats.observe_hi(x, hi)
         self.end_hi()
         self.stats.observe_lo(x, hi)
@@ -99,6 +160,9 @@ class TopKThreshold:
     def trim(self, x: torch.Tensor) -> torch.Tensor:
         """x with all but the k largest magnitudes set to 0 (a new tensor). Chunks must come in order."""
         assert self.threshold_bits is not None
+        xn = arrays.host_numpy(x)
+        if xn is not None:
+            return self._trim_host(x, xn)
         if self.threshold_bits == 0:
             out = x.clone()  # T = 0: every nonzero entry is kept, zeros stay zero
         else:
@@ -109,6 +173,17 @@ class TopKThreshold:
             if dropped is not None:
                 out.view(-1).index_fill_(0, dropped, 0.0)
         return out
+
+    def _trim_host(self, x, xn: np.ndarray):
+        """trim on CPU data (numpy array or CPU tensor), in the same steps as the torch version."""
+        flat = np.ascontiguousarray(xn).reshape(-1)
+        out = np.empty_like(flat)
+        shrink = self.threshold_bits != 0  # T = 0: every nonzero entry is kept, zeros stay zero
+        lam = flat.dtype.type(_float_of_bits(self.threshold_bits - 1) if shrink else 0.0)
+        budget = max(0, self.ties_to_drop - self.ties_seen)
+        self.ties_seen += _trim_kernel(flat, lam, shrink, np.uint32(self.threshold_bits), budget, out)
+        out = out.reshape(xn.shape)
+        return out if arrays.is_numpy(x) else torch.from_numpy(out)
 
     def _dropped_ties(self, x: torch.Tensor) -> torch.Tensor | None:
         """Flat positions of the entries equal to T that are among the first ``ties_to_drop`` of them
@@ -151,45 +226,58 @@ class OrderStatistics:
         self.ranks = tuple(int(k) for k in ranks)
         if any(k < 1 for k in self.ranks):
             raise ValueError(f"ranks start at 1, got {self.ranks}")
-        self.hi_counts: torch.Tensor | None = None
+        self.hi_counts: np.ndarray | None = None
         self.bins: list[int] = []
         self.rank_in_bin: list[int] = []
-        self.lo_counts: dict[int, torch.Tensor] = {}
-        self._small: list[torch.Tensor] | None = []
+        self.lo_counts: dict[int, np.ndarray] = {}
+        self._small: list[np.ndarray] | None = []
         self._small_count = 0
         self._bits: list[int] = []
         self._above: list[int] = []  # how many values are strictly larger than each wanted one
         self._equal: list[int] = []  # how many values equal each wanted one
 
     def observe_hi(self, x: torch.Tensor, hi: torch.Tensor | None = None) -> None:
-        """First pass over a chunk; ``hi`` may pass in ``_high_bits(x)`` when the caller has it."""
+        """First pass over a chunk (a torch tensor or numpy array); ``hi`` may pass in
+        ``_high_bits(x)`` of a device tensor when the caller has it. CPU data is counted by compiled
+        loops, data on a device by torch; the counts are the same."""
+        xf = _host_f32(x)
         if self._small is not None:
-            if self._small_count + x.numel() <= SMALL:
-                self._small.append(magnitude_bits(x).reshape(-1))  # magnitude_bits made a new tensor
-                self._small_count += x.numel()
+            n = x.size if arrays.is_numpy(x) else x.numel()
+            if self._small_count + n <= SMALL:
+                bits = (
+                    np.abs(xf).view(np.int32)
+                    if xf is not None
+                    else magnitude_bits(x).reshape(-1).cpu().numpy()
+                )
+                self._small.append(bits.reshape(-1))
+                self._small_count += n
                 return
             earlier, self._small = self._small, None
-            self.hi_counts = torch.zeros(HI_BINS, dtype=torch.int64)
+            self.hi_counts = np.zeros(HI_BINS, dtype=np.int64)
             for bits in earlier:
-                self.hi_counts += torch.bincount(torch.bitwise_right_shift(bits, 16), minlength=HI_BINS)
-        self.hi_counts += torch.bincount(_high_bits(x) if hi is None else hi, minlength=HI_BINS)
+                _count_hi(bits.view(np.uint32), self.hi_counts)
+        if xf is not None:
+            _count_hi(xf.view(np.uint32), self.hi_counts)
+        else:
+            counts = torch.bincount(_high_bits(x) if hi is None else hi, minlength=HI_BINS)
+            self.hi_counts += counts.cpu().numpy()
 
     def end_hi(self) -> None:
         if self._small is not None:
-            ordered = torch.cat(self._small).sort(descending=True).values if self._small else torch.empty(0)
-            self._check(ordered.numel())
+            ordered = np.sort(np.concatenate(self._small))[::-1] if self._small else np.empty(0, np.int32)
+            self._check(ordered.size)
             self._bits = [int(ordered[k - 1]) for k in self.ranks]
             self._above = [int((ordered > b).sum()) for b in self._bits]
             self._equal = [int((ordered == b).sum()) for b in self._bits]
             return
-        at_or_above = torch.flip(torch.cumsum(torch.flip(self.hi_counts, [0]), 0), [0])
+        at_or_above = np.cumsum(self.hi_counts[::-1])[::-1]
         self._check(int(at_or_above[0]))
         for k in self.ranks:
             b = int((at_or_above >= k).sum()) - 1  # non-increasing: the last bin still holding k values
             above = int(at_or_above[b + 1]) if b + 1 < HI_BINS else 0
             self.bins.append(b)
             self.rank_in_bin.append(k - above)
-        self.lo_counts = {b: torch.zeros(LO_BINS, dtype=torch.int64) for b in set(self.bins)}
+        self.lo_counts = {b: np.zeros(LO_BINS, dtype=np.int64) for b in set(self.bins)}
 
     def _check(self, total: int) -> None:
         if any(k > total for k in self.ranks):
@@ -198,13 +286,18 @@ class OrderStatistics:
     def observe_lo(self, x: torch.Tensor, hi: torch.Tensor | None = None) -> None:
         if not self.lo_counts:
             return
+        xf = _host_f32(x)
+        if xf is not None:
+            for b, counts in self.lo_counts.items():
+                _count_lo(xf.view(np.uint32), np.uint32(b), counts)
+            return
         hi = _high_bits(x) if hi is None else hi
         for b, counts in self.lo_counts.items():
-            counts += torch.bincount(_low_bits_in_bin(x, hi, b), minlength=LO_BINS)
+            counts += torch.bincount(_low_bits_in_bin(x, hi, b), minlength=LO_BINS).cpu().numpy()
 
     def end_lo(self) -> None:
         for k, b, r in zip(self.ranks, self.bins, self.rank_in_bin):
-            at_or_above = torch.flip(torch.cumsum(torch.flip(self.lo_counts[b], [0]), 0), [0])
+            at_or_above = np.cumsum(self.lo_counts[b][::-1])[::-1]
             lo = int((at_or_above >= r).sum()) - 1
             self._bits.append((b << 16) | lo)
             in_bin_above = int(at_or_above[lo + 1]) if lo + 1 < LO_BINS else 0

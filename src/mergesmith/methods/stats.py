@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from numba import njit
 
 from mergesmith._torch import torch
 from mergesmith.methods import arrays
@@ -46,38 +47,67 @@ def unit_gram(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return norms, cos.clamp(-1.0, 1.0)
 
 
+@njit(inline="always")
+def abs_sum(x, start, end):  # pragma: no cover - compiled
+    """sum |x[start:end]| in float64, in eight interleaved partial sums (a fixed order that vectorises)."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
+    j = start
+    while j + 8 <= end:
+        a0 += abs(np.float64(x[j]))
+        a1 += abs(np.float64(x[j + 1]))
+        a2 += abs(np.float64(x[j + 2]))
+        a3 += abs(np.float64(x[j + 3]))
+        a4 += abs(np.float64(x[j + 4]))
+        a5 += abs(np.float64(x[j + 5]))
+        a6 += abs(np.float64(x[j + 6]))
+        a7 += abs(np.float64(x[j + 7]))
+        j += 8
+    tail = 0.0
+    while j < end:
+        tail += abs(np.float64(x[j]))
+        j += 1
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)) + tail
+
+
+@njit(nogil=True, boundscheck=False)
+def row_abs_sum(row):  # pragma: no cover - compiled
+    """sum |row| in float64 (a compiled function of its own, so that its loop vectorises)."""
+    return abs_sum(row, 0, row.shape[0])
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def row_abs_sums(x, row_len, out):  # pragma: no cover - compiled
+    """out[r] = sum |row r| of the flat rows of ``x``."""
+    for r in range(out.shape[0]):
+        out[r] = row_abs_sum(x[r * row_len : (r + 1) * row_len])
+
+
 class RowL1:
     """sum |x| over a tensor seen whole or in row chunks, the same to the last bit either way.
 
-    Each row's L1 norm is summed in float32 from |x| of a block of rows (a bounded scratch buffer:
-    abs then sum is twice as fast as torch.linalg.vector_norm on the CPU); rows are never split between
-    chunks, and the row sums are added exactly (math.fsum), so the grouping into chunks cannot change
-    the result.
+    Each row's L1 norm is summed in float64 (CPU data: ``row_abs_sums``, compiled, in a fixed order; so
+    both backends get the same bits); rows are never split between chunks, and the row sums are added
+    exactly (math.fsum), so the grouping into chunks cannot change the result.
     """
 
     def __init__(self) -> None:
         self._rows: list[float] = []
 
     def add(self, x) -> None:
-        """Add the rows of ``x`` (a torch tensor or numpy array). CPU data is summed by numpy, so both
-        backends get the same bits."""
+        """Add the rows of ``x`` (a torch tensor or numpy array)."""
         xn = arrays.host_numpy(x)
         if xn is not None:
-            rows_np = xn.reshape(xn.shape[0], -1) if xn.ndim >= 2 else xn.reshape(1, -1)
-            step = max(1, SUM_BLOCK // max(1, rows_np.shape[1]))
-            buf = np.empty((min(step, rows_np.shape[0]), rows_np.shape[1]), dtype=rows_np.dtype)
-            for start in range(0, rows_np.shape[0], step):
-                block = rows_np[start : start + step]
-                absolute = np.abs(block, out=buf[: block.shape[0]])
-                self._rows.extend(absolute.sum(axis=1).tolist())
+            n_rows = xn.shape[0] if xn.ndim >= 2 else 1
+            sums = np.empty(n_rows, dtype=np.float64)
+            row_abs_sums(xn.reshape(-1), xn.size // max(1, n_rows), sums)
+            self.add_rows(sums)
             return
         rows = x.reshape(x.shape[0], -1) if x.dim() >= 2 else x.reshape(1, -1)
-        step = max(1, SUM_BLOCK // max(1, rows.shape[1]))
-        scratch = torch.empty((min(step, rows.shape[0]), rows.shape[1]), dtype=rows.dtype, device=rows.device)
-        for start in range(0, rows.shape[0], step):
-            block = rows[start : start + step]
-            absolute = torch.abs(block, out=scratch[: block.shape[0]])
-            self._rows.extend(absolute.sum(dim=1).tolist())
+        self._rows.extend(rows.abs().sum(dim=1, dtype=torch.float64).tolist())
+
+    def add_rows(self, sums: np.ndarray) -> None:
+        """Add rows whose L1 norms are already summed (``row_abs_sums``)."""
+        self._rows.extend(sums.tolist())
 
     @property
     def value(self) -> float:

@@ -19,12 +19,14 @@ are elected); then it is multiplied by ``lambda`` and added to the base.
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from mergesmith._torch import torch
 from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, arrays, register
 from mergesmith.methods.arrays import mask_in_place
 from mergesmith.methods.sparsify import TopKThreshold, keep_count
-from mergesmith.methods.stats import RowL1
+from mergesmith.methods.stats import RowL1, row_abs_sum
+from mergesmith.rng import mask_const, threshold_of
 
 RESCALE_EPS = 1e-7
 
@@ -32,6 +34,7 @@ RESCALE_EPS = 1e-7
 class TaskArithmeticKernel(Kernel):
     sparsify: str = "none"  # none | magnitude | random
     consensus: bool = False
+    constant_density: bool = True  # random keep masks with one probability per model (not DELLA's)
 
     def __init__(self, params, numel):
         super().__init__(params, numel)
@@ -61,8 +64,7 @@ class TaskArithmeticKernel(Kernel):
                 if sel is not None:
                     (sel.observe_hi if pass_index == 0 else sel.observe_lo)(delta)
             else:
-                self.l1_full[i].add(delta)
-                self.l1_kept[i].add(self._drop(chunk, i, delta))
+                self._drop_measured(chunk, i, delta)
 
     def end_pass(self, pass_index: int) -> None:
         for sel in self.selectors:
@@ -90,8 +92,44 @@ class TaskArithmeticKernel(Kernel):
             sel = self.selectors[i]
             return sel.trim(delta) if sel is not None else delta
         if self.sparsify == "random" and density < 1.0:
+            flat = arrays.host_numpy(delta)
+            if self.constant_density and flat is not None and flat.dtype == np.float32:
+                chunk.rng[i].mask(flat, chunk.start, density)  # the mask drawn and applied in one pass
+                return delta
             return mask_in_place(delta, self._random_keep(chunk, i, delta))
         return delta
+
+    def _drop_measured(self, chunk: Chunk, i: int, delta):
+        """_drop, adding the L1 norms of the task vector before and after to the rescale statistics."""
+        flat = arrays.host_numpy(delta)
+        if (
+            self.sparsify == "random"
+            and self.constant_density
+            and self.p["density"][i] < 1.0
+            and flat is not None
+            and flat.dtype == np.float32
+        ):
+            # one pass: each row's L1 norm, its random mask, its L1 norm again
+            n_rows = flat.shape[0] if flat.ndim >= 2 else 1
+            full, kept = np.empty(n_rows), np.empty(n_rows)
+            rng, threshold = chunk.rng[i], np.uint64(threshold_of(self.p["density"][i]))
+            _drop_rows(
+                flat.reshape(-1),
+                flat.size // max(1, n_rows),
+                np.uint64(chunk.start),
+                rng.k0,
+                rng.k1,
+                threshold,
+                full,
+                kept,
+            )
+            self.l1_full[i].add_rows(full)
+            self.l1_kept[i].add_rows(kept)
+            return delta
+        self.l1_full[i].add(delta)  # before _drop, which may change delta in place
+        dropped = self._drop(chunk, i, delta)
+        self.l1_kept[i].add(dropped)
+        return dropped
 
     def _rescale(self, i: int, dropped: torch.Tensor) -> torch.Tensor:
         """Scale a sparsified task vector back to the L1 norm it had before dropping."""
@@ -110,11 +148,7 @@ class TaskArithmeticKernel(Kernel):
             delta = _delta(chunk, i)
             if self.selectors and self.selectors[i] is not None:
                 self.selectors[i].find_in(delta)
-            if self.rescaling:
-                self.l1_full[i].add(delta)  # before _drop, which may change delta in place
-            dropped = self._drop(chunk, i, delta)
-            if self.rescaling:
-                self.l1_kept[i].add(dropped)
+            dropped = self._drop_measured(chunk, i, delta) if self.rescaling else self._drop(chunk, i, delta)
             sparse.append(self._rescale(i, dropped))
         return self._combine(chunk, sparse)
 
@@ -144,6 +178,17 @@ class TaskArithmeticKernel(Kernel):
         if lam != 1.0:
             arrays.mul(mixed, lam)
         return arrays.add(mixed, chunk.base)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _drop_rows(x, row_len, start, k0, k1, threshold, full, kept):  # pragma: no cover - compiled
+    """Per row of the flat float32 rows ``x``: full[r] = its L1 norm, then the random keep mask of
+    elements start + j (as RandomStream.mask), then kept[r] = its L1 norm. Same order as RowL1."""
+    for r in range(full.shape[0]):
+        row = x[r * row_len : (r + 1) * row_len]
+        full[r] = row_abs_sum(row)
+        mask_const(start + np.uint64(r * row_len), k0, k1, threshold, row)
+        kept[r] = row_abs_sum(row)
 
 
 def _compute_base(chunk: Chunk) -> None:
@@ -176,8 +221,10 @@ def _disjoint_sum(weighted: list, weights, normalize: bool):
     (zero never agrees). With e = +-1 the elected sign, w_i delta_i [agree] = e * relu(e * w_i delta_i).
     Returns sum_i w_i delta_i [agree], divided per element by sum_i w_i [agree] (0 -> 1) if normalize.
     """
-    if arrays.is_numpy(weighted[0]):
-        return _disjoint_sum_numpy(weighted, weights, normalize)
+    hosted = [arrays.host_numpy(d) for d in weighted]
+    if all(h is not None and h.dtype == np.float32 for h in hosted):
+        mixed = _disjoint_sum_numpy(hosted, weights, normalize)
+        return mixed if arrays.is_numpy(weighted[0]) else torch.from_numpy(mixed)
     total = torch.add(weighted[0], weighted[1]) if len(weighted) > 1 else weighted[0].clone()
     for d in weighted[2:]:
         total.add_(d)
@@ -209,34 +256,41 @@ def _disjoint_sum(weighted: list, weights, normalize: bool):
 
 
 def _disjoint_sum_numpy(weighted: list[np.ndarray], weights, normalize: bool) -> np.ndarray:
-    """_disjoint_sum on float32 numpy arrays, step for step as the torch version (the same bits)."""
-    total = np.add(weighted[0], weighted[1]) if len(weighted) > 1 else weighted[0].copy()
-    for d in weighted[2:]:
-        np.add(total, d, out=total)
-    one = total.dtype.type(1.0)
-    elected = np.copysign(one, total)
-    mixed = divisor = None
-    agreeing = total
-    zero = total.dtype.type(0.0)
-    for w, d in zip(weights, weighted):
-        np.multiply(d, elected, out=agreeing)
-        np.maximum(agreeing, zero, out=agreeing)
-        if mixed is None:
-            mixed = agreeing.copy()
-            divisor = np.multiply(np.sign(agreeing), total.dtype.type(w)) if normalize else None
-            continue
-        np.add(mixed, agreeing, out=mixed)
-        if divisor is not None:
-            np.sign(agreeing, out=agreeing)
-            np.add(divisor, np.multiply(agreeing, total.dtype.type(w), out=agreeing), out=divisor)
-    np.multiply(mixed, elected, out=mixed)
-    if divisor is not None:
-        if all(w > 0 for w in weights):
-            np.maximum(divisor, np.finfo(divisor.dtype).tiny, out=divisor)
-        else:
-            divisor[divisor == 0] = 1.0
-        np.divide(mixed, divisor, out=mixed)
-    return mixed
+    """_disjoint_sum on float32 arrays in one compiled pass, operation for operation as the torch version."""
+    out = np.empty_like(weighted[0])
+    w = np.asarray(weights, dtype=np.float32)
+    flat = tuple(d.reshape(-1) for d in weighted)
+    _disjoint_sum_kernel(flat, w, normalize, all(x > 0 for x in weights), out.reshape(-1))
+    return out
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _disjoint_sum_kernel(ds, w, normalize, positive, out):  # pragma: no cover - compiled
+    tiny = np.float32(np.finfo(np.float32).tiny)
+    one, zero = np.float32(1.0), np.float32(0.0)
+    for j in range(out.shape[0]):
+        total = ds[0][j]
+        for i in range(1, len(ds)):
+            total = np.float32(total + ds[i][j])
+        elected = -one if np.signbit(total) else one
+        mixed = zero
+        divisor = zero
+        for i in range(len(ds)):
+            agree = np.float32(ds[i][j] * elected)
+            if agree < zero:  # clamp at 0; NaN stays NaN
+                agree = zero
+            mixed = agree if i == 0 else np.float32(mixed + agree)
+            if normalize:
+                step = w[i] if agree > zero else zero
+                divisor = step if i == 0 else np.float32(divisor + step)
+        mixed = np.float32(mixed * elected)
+        if normalize:
+            if positive:
+                divisor = max(divisor, tiny)
+            elif divisor == zero:
+                divisor = one
+            mixed = np.float32(mixed / divisor)
+        out[j] = mixed
 
 
 class TiesKernel(TaskArithmeticKernel):
@@ -295,6 +349,6 @@ for _name, _kernel, _norm, _rescale, _random, _summary in (
             scratch=4 if _kernel.consensus else 1,
             summary=_summary,
             raw_inputs=True,
-            native=_kernel is not TiesKernel,
+            native=True,
         )
     )

@@ -1,0 +1,43 @@
+"""The native backend's arrays: inputs read into numpy, converted to float32, outputs rounded back."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import numpy as np
+
+from mergesmith.execute import Span
+from mergesmith.methods import Kernel, Method
+from mergesmith.native.convert import from_float32, round_to, to_float32
+from mergesmith.plan import MergePlan, OutputTensor, TensorSource
+
+
+class NativeBackend:
+    """float32 numpy arrays; the kernels are the methods' own (``Method.native``)."""
+
+    def __init__(self, plan: MergePlan):
+        self.plan = plan
+
+    def kernel(self, method: Method, t: OutputTensor) -> Kernel:
+        return method.kernel(dict(t.params), t.numel)
+
+    def read(self, t: OutputTensor, src: TensorSource, span: Span, raw: bool) -> np.ndarray:
+        model = self.plan.models[src.model]
+        code = model.tensors[src.tensor].code
+        x = to_float32(model.read_array(src.tensor, span), code)
+        if t.cast_code is not None and t.cast_code != code:
+            x = round_to(x, t.cast_code)
+        return x
+
+    def read_copy(self, t: OutputTensor, span: Span) -> np.ndarray:
+        src = t.inputs[0]
+        return self.plan.models[src.model].read_array(src.tensor, span)
+
+    def finish(self, t: OutputTensor, out: np.ndarray) -> tuple[np.ndarray, bool]:
+        return from_float32(out, t.out_code)
+
+    def chunk_dtype(self, t: OutputTensor) -> str:
+        return t.compute_code
+
+    def threads(self):
+        return nullcontext()
