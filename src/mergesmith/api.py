@@ -20,6 +20,7 @@ from mergesmith.defaults import DEFAULT_SHARD_SIZE, OUT_FORMATS
 from mergesmith.errors import MergeError
 from mergesmith.execute import (
     DEFAULT_BUDGET,
+    Backend,
     ExecOptions,
     Executor,
     OutputHook,
@@ -152,6 +153,8 @@ def merge(
     try:
         options = fit_budget(plan, options)
         ternary = _ternary_output(plan) if out_format == "bitnet" else None
+        chosen, _ = choose_backend(plan, options, transformed_output=ternary is not None)
+        backend = make_backend(chosen, plan, options)
         with OutputFolder(dest, overwrite=overwrite) as out:
             specs = (
                 ternary.specs()
@@ -160,7 +163,7 @@ def merge(
             )
             writer = ShardedWriter(out.path, specs, shard_bytes)
             try:
-                _run(plan, writer, options, quiet, ternary.hook(writer) if ternary else None)
+                _run(plan, writer, options, backend, quiet, ternary.hook(writer) if ternary else None)
                 writer.finish()
             finally:
                 writer.close()
@@ -205,7 +208,12 @@ def byte_progress(total: int, desc: str, quiet: bool) -> tqdm:
 
 
 def _run(
-    plan: MergePlan, writer: ShardedWriter, options: ExecOptions, quiet: bool, hook: OutputHook | None = None
+    plan: MergePlan,
+    writer: ShardedWriter,
+    options: ExecOptions,
+    backend: Backend,
+    quiet: bool,
+    hook: OutputHook | None = None,
 ) -> None:
     bar = byte_progress(plan.total_bytes, f"merging ({plan.method.name})", quiet)
     done = [0]
@@ -216,8 +224,7 @@ def _run(
         bar.update(t.nbytes)
 
     try:
-        backend, _ = choose_backend(plan, options, transformed_output=hook is not None)
-        Executor(plan, writer, options, hook, make_backend(backend, plan, options)).run(progress)
+        Executor(plan, writer, options, hook, backend).run(progress)
     finally:
         bar.close()
 

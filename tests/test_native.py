@@ -1,0 +1,221 @@
+"""The native backend (numpy + compiled loops, no torch): the same bytes as the torch backend."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mergesmith.api import merge
+from mergesmith.errors import MergeError
+from mergesmith.methods.stats import RowL1, row_abs_sums
+from mergesmith.methods.task_arithmetic import TaskArithmeticKernel
+from mergesmith.native.convert import from_float32, to_float32
+from mergesmith.rng import RandomStream
+
+CONFIGS = {
+    "linear": "merge_method: linear\nmodels:\n  - model: {b}\n    parameters: {{weight: 0.4}}\n"
+    "  - model: {f1}\n    parameters: {{weight: 0.35}}\n  - model: {f2}\n    parameters: {{weight: 0.25}}\n",
+    "slerp": "merge_method: slerp\nbase_model: {b}\nmodels:\n  - model: {b}\n  - model: {f1}\n"
+    "parameters:\n  t: [0, 0.3, 0.8]\n",
+    "task_arithmetic": "merge_method: task_arithmetic\nbase_model: {b}\nmodels:\n  - model: {f1}\n"
+    "    parameters: {{weight: 0.7}}\n  - model: {f2}\n    parameters: {{weight: 0.4}}\nparameters:\n"
+    "  lambda: 1.3\n",
+    "ties": "merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {f1}\n"
+    "    parameters: {{weight: 0.6, density: 0.4}}\n  - model: {f2}\n    parameters: {{weight: 0.5, density: 0.7}}\n",
+    "dare_ties": "merge_method: dare_ties\nbase_model: {b}\nmodels:\n  - model: {f1}\n"
+    "    parameters: {{weight: 0.6, density: 0.4}}\n  - model: {f2}\n    parameters: {{weight: 0.5, density: 0.7}}\n",
+    "dare_linear": "merge_method: dare_linear\nbase_model: {b}\nmodels:\n  - model: {f1}\n"
+    "    parameters: {{weight: 1.0, density: 0.5}}\n  - model: {f2}\n    parameters: {{weight: 0.5, density: 0.3}}\n"
+    "parameters:\n  normalize: true\n",
+}
+
+
+@pytest.fixture(scope="module")
+def trios(llama_trio, tmp_path_factory) -> dict[str, tuple[Path, Path, Path]]:
+    """The tiny Llama trio stored as float32 (as made), bfloat16 and float16."""
+    out = {"float32": llama_trio}
+    for name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        root = tmp_path_factory.mktemp(name)
+        folders = []
+        for src in llama_trio:
+            dst = root / src.name
+            dst.mkdir()
+            for f in src.iterdir():
+                if f.suffix == ".safetensors":
+                    save_file({k: v.to(dtype) for k, v in load_file(f).items()}, dst / f.name)
+                else:
+                    dst.joinpath(f.name).write_bytes(f.read_bytes())
+            folders.append(dst)
+        out[name] = tuple(folders)
+    return out
+
+
+def _write_config(tmp_path: Path, method: str, trio, extra: str = "") -> Path:
+    b, f1, f2 = trio
+    cfg = tmp_path / f"{method}.yml"
+    cfg.write_text(CONFIGS[method].format(b=b, f1=f1, f2=f2) + extra)
+    return cfg
+
+
+def _tensor_bytes(folder: Path) -> dict[str, bytes]:
+    return {
+        k: v.view(torch.uint8).numpy().tobytes() for k, v in load_file(folder / "model.safetensors").items()
+    }
+
+
+def _both(tmp_path: Path, cfg: Path, **kw) -> tuple[dict, dict]:
+    native = merge(cfg, tmp_path / "native", backend="native", quiet=True, **kw)
+    reference = merge(cfg, tmp_path / "torch", backend="torch", quiet=True, **kw)
+    return _tensor_bytes(native), _tensor_bytes(reference)
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_native_writes_the_same_bytes_as_torch(trios, tmp_path, method, dtype):
+    native, reference = _both(tmp_path, _write_config(tmp_path, method, trios[dtype]))
+    assert native.keys() == reference.keys()
+    differ = [k for k in native if native[k] != reference[k]]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[0]}"
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_native_chunked_writes_the_same_bytes_as_torch(trios, tmp_path, method, fixed_baseline):
+    """Row chunks with statistic passes (a memory limit far below a whole embedding)."""
+    cfg = _write_config(tmp_path, method, trios["bfloat16"])
+    native, reference = _both(tmp_path, cfg, memory_limit=fixed_baseline + 60_000, workers=1)
+    whole = _tensor_bytes(merge(cfg, tmp_path / "whole", backend="native", quiet=True))
+    assert native == reference
+    if method not in ("linear", "task_arithmetic"):  # no passes: chunking cannot matter at all
+        assert native == whole
+
+
+@pytest.mark.parametrize(
+    ("cast", "out"), [("bfloat16", "float16"), ("float16", "float32"), ("float32", "bfloat16")]
+)
+def test_native_casts_like_torch(trios, tmp_path, cast, out):
+    """A config ``dtype`` that rounds the inputs, and an ``out_dtype``."""
+    cfg = _write_config(tmp_path, "task_arithmetic", trios["float32"], f"dtype: {cast}\nout_dtype: {out}\n")
+    native, reference = _both(tmp_path, cfg)
+    assert native == reference
+
+
+def test_native_merge_does_not_import_torch(trios, tmp_path):
+    cfg = _write_config(tmp_path, "dare_ties", trios["bfloat16"])
+    code = (
+        "import sys\n"
+        "from mergesmith.cli import main\n"
+        f"main(['merge', {str(cfg)!r}, {str(tmp_path / 'out')!r}, '--quiet'])\n"
+        "print('TORCH', 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "TORCH False" in out
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_backend_native_refuses_what_it_cannot_run(trios, tmp_path):
+    b, f1, f2 = trios["bfloat16"]
+    cfg = tmp_path / "della.yml"
+    cfg.write_text(
+        f"merge_method: della\nbase_model: {b}\nmodels:\n  - model: {f1}\n    parameters: {{weight: 1.0}}\n"
+    )
+    with pytest.raises(MergeError, match="della' has no native kernel"):
+        merge(cfg, tmp_path / "out", backend="native", quiet=True)
+    assert not (tmp_path / "out").exists()
+    merge(cfg, tmp_path / "out", quiet=True)  # auto: torch runs it
+
+
+def test_cli_backend_errors_are_one_line(trios, tmp_path):
+    cfg = _write_config(tmp_path, "ties", trios["float32"])
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mergesmith",
+            "merge",
+            str(cfg),
+            str(tmp_path / "o"),
+            "--backend",
+            "native",
+            "--device",
+            "cuda",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "--backend native cannot run this merge" in bad.stderr
+    plan = subprocess.run(
+        [sys.executable, "-m", "mergesmith", "plan", str(cfg), "--summary"], capture_output=True, text=True
+    )
+    assert plan.returncode == 0 and "native backend" in plan.stdout
+
+
+# --- the compiled pieces -----------------------------------------------------------------------------
+
+
+def test_bfloat16_rounding_golden_values():
+    bits = np.array(
+        [
+            0x3F800000,  # 1.0 -> 0x3F80
+            0x3F808000,  # halfway, even below -> stays 0x3F80
+            0x3F818000,  # halfway, odd below -> rounds up to 0x3F82
+            0x3F80C000,  # above halfway -> 0x3F81
+            0xBF807FFF,  # just below halfway, negative -> 0xBF80
+            0x7F7FFFFF,  # largest float32 -> rounds to infinity 0x7F80
+            0x7FC00001,  # NaN -> torch's vectorised NaN 0xFFFF
+            0x00000001,  # smallest subnormal -> 0
+        ],
+        dtype=np.uint32,
+    )
+    out, finite = from_float32(bits.view(np.float32), "BF16")
+    assert out.tolist() == [0x3F80, 0x3F80, 0x3F82, 0x3F81, 0xBF80, 0x7F80, 0xFFFF, 0x0000]
+    assert not finite
+    assert from_float32(np.array([1.5, -2.0], np.float32), "BF16")[1]
+    widened = to_float32(np.array([0x3F80, 0xC040, 0x0001], np.uint16), "BF16")
+    assert widened.tolist() == [1.0, -3.0, float(np.array([0x00010000], np.uint32).view(np.float32)[0])]
+
+
+def test_float32_to_bfloat16_matches_torch_on_random_bits():
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2**32, 1 << 16, dtype=np.uint64).astype(np.uint32)
+    x = bits.view(np.float32)
+    x = x[np.isfinite(x)]
+    ours, _ = from_float32(x, "BF16")
+    theirs = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(ours, theirs)
+
+
+def test_fused_dare_rows_equal_the_separate_steps():
+    """One pass per row (L1, mask, L1) gives what RowL1 + RandomStream.mask + RowL1 give."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((37, 53), dtype=np.float32)
+    stream = RandomStream(7, "w", 1)
+    kernel = TaskArithmeticKernel.__new__(TaskArithmeticKernel)
+    kernel.sparsify, kernel.p = "random", {"density": (0.3,)}
+    kernel.l1_full, kernel.l1_kept = [RowL1()], [RowL1()]
+
+    class _Chunk:
+        start, rng = 53 * 5, [stream]
+
+    fused = kernel._drop_measured(_Chunk, 0, x.copy())
+    full, kept = RowL1(), RowL1()
+    ref = x.copy()
+    full.add(ref)
+    stream.mask(ref, 53 * 5, 0.3)
+    kept.add(ref)
+    assert np.array_equal(fused, ref)
+    assert kernel.l1_full[0].value == full.value and kernel.l1_kept[0].value == kept.value
+    assert kept.value < full.value
+
+
+def test_row_abs_sums_golden():
+    x = np.array([[1.0, -2.0, 3.0, -4.0, 5.0, -6.0, 7.0, -8.0, 9.0], [0.5] * 9], dtype=np.float32)
+    out = np.empty(2)
+    row_abs_sums(x.reshape(-1), 9, out)
+    assert out.tolist() == [45.0, 4.5]
