@@ -31,6 +31,35 @@ def host_numpy(x: Array) -> np.ndarray | None:
     return None
 
 
+def host_stored(x: Array) -> np.ndarray | None:
+    """A flat numpy view of CPU data as the compiled loops read it (methods.fused): bfloat16 as its
+    uint16 bits, float32 as is; None for other dtypes and for data on a device. In the native backend a
+    uint16 array *is* bfloat16 (merged tensors are floats)."""
+    if isinstance(x, np.ndarray):
+        return x.reshape(-1) if x.dtype in (np.uint16, np.float32) and x.flags.c_contiguous else None
+    if x.device.type != "cpu" or not x.is_contiguous():
+        return None
+    if x.dtype == torch.bfloat16:
+        return x.view(torch.int16).numpy().view(np.uint16).reshape(-1)
+    if x.dtype == torch.float32:
+        return x.numpy().reshape(-1)
+    return None
+
+
+def as_compute(x: Array, dtype: Any) -> Array:
+    """``x`` in the compute dtype: a stored numpy array (bfloat16 bits, float16) becomes float32 (a new
+    array); a torch tensor goes through ``.to(dtype)``."""
+    if isinstance(x, np.ndarray):
+        if x.dtype == np.uint16:
+            from mergesmith.methods.fused import widen
+
+            out = np.empty(x.shape, dtype=np.float32)
+            widen(x.reshape(-1), out.reshape(-1))
+            return out
+        return x if x.dtype == np.float32 else x.astype(np.float32)
+    return x.to(dtype)
+
+
 def mul(x: Array, s: float) -> Array:
     """x *= s (s rounded to x's dtype first, as torch does with a Python number)."""
     if is_numpy(x):

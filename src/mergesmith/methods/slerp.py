@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from mergesmith._torch import torch
-from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, arrays, register
+from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, arrays, fused, register
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
-SUM_BLOCK = 1 << 16
 
 
 def slerp_coefficients(t: float, dot: float, norm0: float, norm1: float) -> tuple[float, float]:
@@ -33,28 +34,51 @@ def slerp_coefficients(t: float, dot: float, norm0: float, norm1: float) -> tupl
 class SlerpKernel(Kernel):
     """out = slerp(base, other, t); t = 0 gives the base model, t = 1 the other model.
 
-    One statistics pass gathers <v0, v1>, |v0|^2 and |v1|^2 in float64 over all chunks.
+    One statistics pass gathers <v0, v1>, |v0|^2 and |v1|^2 per row in float64 over all chunks.
     """
 
     passes = 1
 
     def __init__(self, params, numel):
         super().__init__(params, numel)
-        self.dot = self.sq0 = self.sq1 = 0.0
+        self.rows: list[np.ndarray] = []  # per row: <v0, v1>, |v0|^2, |v1|^2
+
+    @property
+    def sums(self) -> tuple[float, float, float]:
+        """<v0, v1>, |v0|^2, |v1|^2: the rows' float64 sums added exactly, so the same however the
+        tensor is chunked."""
+        if not self.rows:
+            return 0.0, 0.0, 0.0
+        rows = np.concatenate(self.rows)
+        return tuple(math.fsum(rows[:, k].tolist()) for k in range(3))  # type: ignore[return-value]
 
     def observe(self, pass_index: int, chunk: Chunk) -> None:
-        v0, v1 = chunk.base.reshape(-1), chunk.models[0].reshape(-1)
-        # float32 dot products of blocks, summed in float64: accurate without float64 copies
-        for i in range(0, v0.shape[0], SUM_BLOCK):
-            a, b = v0[i : i + SUM_BLOCK], v1[i : i + SUM_BLOCK]
-            self.dot += arrays.dot(a, b)
-            self.sq0 += arrays.dot(a, a)
-            self.sq1 += arrays.dot(b, b)
+        n_rows = chunk.base.shape[0] if chunk.base.ndim >= 2 else 1
+        stored = [arrays.host_stored(x) for x in (chunk.base, chunk.models[0])]
+        if all(x is not None for x in stored) and stored[0].dtype == stored[1].dtype:
+            out = np.empty((n_rows, 3))
+            fused.row_products(stored[0], stored[1], stored[0].shape[0] // n_rows, out)
+            self.rows.append(out)
+            return
+        v0 = arrays.as_compute(chunk.base, chunk.dtype).reshape(n_rows, -1)
+        v1 = arrays.as_compute(chunk.models[0], chunk.dtype).reshape(n_rows, -1)
+        if arrays.is_numpy(v0):
+            v0, v1 = torch.from_numpy(v0), torch.from_numpy(v1)
+        sums = [(a * b).sum(-1, dtype=torch.float64) for a, b in ((v0, v1), (v0, v0), (v1, v1))]
+        self.rows.append(torch.stack(sums, -1).cpu().numpy())
 
     def apply(self, chunk: Chunk) -> torch.Tensor:
-        c0, c1 = slerp_coefficients(self.p["t"], self.dot, math.sqrt(self.sq0), math.sqrt(self.sq1))
-        other = chunk.models[0]
-        return arrays.axpy(arrays.mul(chunk.base, c0), c1, other, other)
+        dot, sq0, sq1 = self.sums
+        c0, c1 = slerp_coefficients(self.p["t"], dot, math.sqrt(sq0), math.sqrt(sq1))
+        stored = [arrays.host_stored(x) for x in (chunk.base, chunk.models[0])]
+        if all(x is not None for x in stored) and stored[0].dtype == stored[1].dtype:
+            out = np.empty(stored[0].shape, dtype=np.float32)
+            fused.interpolate(stored[0], stored[1], np.float32(c0), np.float32(c1), out)
+            out = out.reshape(chunk.base.shape)
+            return out if arrays.is_numpy(chunk.base) else torch.from_numpy(out)
+        base = arrays.as_compute(chunk.base, chunk.dtype)
+        other = arrays.as_compute(chunk.models[0], chunk.dtype)
+        return arrays.axpy(arrays.mul(base, c0), c1, other, other)
 
 
 register(
@@ -68,6 +92,7 @@ register(
         min_models=1,
         max_models=1,
         scratch=1,
+        raw_inputs=True,
         native=True,
         summary="spherical interpolation between the base model and one other",
     )

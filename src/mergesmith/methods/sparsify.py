@@ -83,13 +83,17 @@ def _count_hi(bits, counts):  # pragma: no cover - compiled
         counts[b] += c[0, b] + c[1, b] + c[2, b] + c[3, b]
 
 
+SCAN_BLOCK = 4096  # elements the trim counts the ties of at once, before zeroing them
+
+
 @njit(cache=True, nogil=True, boundscheck=False)
 def _count_lo(bits, b, counts):  # pragma: no cover - compiled
-    """counts[low 16 bits] += 1 for the |x| whose top 16 bits are ``b``."""
+    """counts[low 16 bits] += 1 for the |x| whose top 16 bits are ``b``; ``counts`` has one more slot
+    at the end that takes every other value (no branch to mispredict)."""
     for j in range(bits.shape[0]):
         u = bits[j] & np.uint32(0x7FFFFFFF)
-        if (u >> np.uint32(16)) == b:
-            counts[u & np.uint32(0xFFFF)] += 1
+        slot = np.int64(u & np.uint32(0xFFFF)) if (u >> np.uint32(16)) == b else np.int64(LO_BINS)
+        counts[slot] += 1
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
@@ -105,12 +109,24 @@ def _trim_kernel(x, lam, shrink, tie_bits, budget, out):  # pragma: no cover - c
     else:
         out[:] = x
     seen = 0
-    j = 0
-    while seen < budget and j < x.shape[0]:
-        if (np.float32(x[j]).view(np.uint32) & np.uint32(0x7FFFFFFF)) == tie_bits:
-            out[j] = zero
-            seen += 1
-        j += 1
+    n = x.shape[0]
+    for s in range(0, n, SCAN_BLOCK):
+        if seen >= budget:
+            break
+        e = min(n, s + SCAN_BLOCK)
+        hits = 0
+        for j in range(s, e):
+            hits += (np.float32(x[j]).view(np.uint32) & np.uint32(0x7FFFFFFF)) == tie_bits
+        if hits and seen + hits <= budget:  # every tie in the block goes: a loop that vectorises
+            for j in range(s, e):
+                if (np.float32(x[j]).view(np.uint32) & np.uint32(0x7FFFFFFF)) == tie_bits:
+                    out[j] = zero
+            seen += hits
+        elif hits:  # the block where the budget runs out
+            for j in range(s, e):
+                if seen < budget and (np.float32(x[j]).view(np.uint32) & np.uint32(0x7FFFFFFF)) == tie_bits:
+                    out[j] = zero
+                    seen += 1
     return seen
 
 
@@ -277,7 +293,8 @@ class OrderStatistics:
             above = int(at_or_above[b + 1]) if b + 1 < HI_BINS else 0
             self.bins.append(b)
             self.rank_in_bin.append(k - above)
-        self.lo_counts = {b: np.zeros(LO_BINS, dtype=np.int64) for b in set(self.bins)}
+        # one spare slot at the end: _count_lo's catch-all
+        self.lo_counts = {b: np.zeros(LO_BINS + 1, dtype=np.int64) for b in set(self.bins)}
 
     def _check(self, total: int) -> None:
         if any(k > total for k in self.ranks):
@@ -293,11 +310,11 @@ class OrderStatistics:
             return
         hi = _high_bits(x) if hi is None else hi
         for b, counts in self.lo_counts.items():
-            counts += torch.bincount(_low_bits_in_bin(x, hi, b), minlength=LO_BINS).cpu().numpy()
+            counts[:LO_BINS] += torch.bincount(_low_bits_in_bin(x, hi, b), minlength=LO_BINS).cpu().numpy()
 
     def end_lo(self) -> None:
         for k, b, r in zip(self.ranks, self.bins, self.rank_in_bin):
-            at_or_above = np.cumsum(self.lo_counts[b][::-1])[::-1]
+            at_or_above = np.cumsum(self.lo_counts[b][:LO_BINS][::-1])[::-1]
             lo = int((at_or_above >= r).sum()) - 1
             self._bits.append((b << 16) | lo)
             in_bin_above = int(at_or_above[lo + 1]) if lo + 1 < LO_BINS else 0

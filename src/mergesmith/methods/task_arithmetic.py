@@ -22,7 +22,7 @@ import numpy as np
 from numba import njit
 
 from mergesmith._torch import torch
-from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, arrays, register
+from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, arrays, fused, register
 from mergesmith.methods.arrays import mask_in_place
 from mergesmith.methods.sparsify import TopKThreshold, keep_count
 from mergesmith.methods.stats import RowL1, row_abs_sum
@@ -138,8 +138,24 @@ class TaskArithmeticKernel(Kernel):
             arrays.mul(dropped, full / kept)
         return dropped
 
+    def _fused(self, chunk: Chunk):
+        """Plain task arithmetic on CPU data in compiled passes (methods.fused), else None."""
+        if self.sparsify != "none" or self.consensus:
+            return None
+        stored = [arrays.host_stored(x) for x in (chunk.base, *chunk.models)]
+        if not all(x is not None and x.dtype == stored[0].dtype for x in stored):
+            return None
+        weights = self.p["weight"]
+        total = float(sum(weights))
+        divide = total if self.p["normalize"] and abs(total) >= 1e-8 else None
+        out = fused.task_arithmetic(stored[0], stored[1:], weights, divide, self.p["lambda"])
+        out = out.reshape(chunk.base.shape)
+        return out if arrays.is_numpy(chunk.base) else torch.from_numpy(out)
+
     def run_whole(self, chunk: Chunk) -> torch.Tensor:
         """Whole tensor in memory: each task vector is computed and sparsified once."""
+        if (out := self._fused(chunk)) is not None:
+            return out
         if self.sparsify not in ("none", "magnitude", "random"):  # subclasses with their own sparsifier
             return super().run_whole(chunk)
         _compute_base(chunk)
@@ -153,6 +169,8 @@ class TaskArithmeticKernel(Kernel):
         return self._combine(chunk, sparse)
 
     def apply(self, chunk: Chunk) -> torch.Tensor:
+        if (out := self._fused(chunk)) is not None:
+            return out
         _compute_base(chunk)
         return self._combine(chunk, [self._sparse_delta(chunk, i) for i in range(len(chunk.models))])
 
@@ -192,24 +210,34 @@ def _drop_rows(x, row_len, start, k0, k1, threshold, full, kept):  # pragma: no 
 
 
 def _compute_base(chunk: Chunk) -> None:
-    """Make the chunk's base the compute dtype (inputs may arrive in their stored dtype: raw_inputs;
-    the native backend's chunks are float32 already)."""
-    if not arrays.is_numpy(chunk.base):
-        chunk.base = chunk.base.to(chunk.dtype)
+    """Make the chunk's base the compute dtype (inputs may arrive in their stored dtype: raw_inputs)."""
+    chunk.base = arrays.as_compute(chunk.base, chunk.dtype)
 
 
 def _delta_copy(model, base):
     """model - base as a new array in base's dtype (model is left as it is)."""
+    stored, flat_base = arrays.host_stored(model), arrays.host_stored(base)
+    if stored is not None and flat_base is not None and flat_base.dtype == np.float32:
+        out = np.empty(flat_base.shape, dtype=np.float32)
+        fused.difference(stored, flat_base, out)  # converted as read: one pass
+        out = out.reshape(base.shape)
+        return out if arrays.is_numpy(base) else torch.from_numpy(out)
     if arrays.is_numpy(model):
-        return np.subtract(model, base)
+        return np.subtract(arrays.as_compute(model, base.dtype), base)
     return model.to(base.dtype, copy=True).sub_(base)
 
 
 def _delta(chunk: Chunk, i: int):
     """theta_i - theta_base in the compute dtype, reusing model i's buffer when it already has that dtype."""
     model = chunk.models[i]
-    if arrays.is_numpy(model) or model.dtype == chunk.dtype:
-        return arrays.sub(model, chunk.base)
+    if arrays.is_numpy(model):
+        if model.dtype == np.float32:
+            return arrays.sub(model, chunk.base)
+        return _delta_copy(model, chunk.base)
+    if model.dtype == chunk.dtype:
+        return model.sub_(chunk.base)
+    if arrays.host_stored(model) is not None and arrays.host_stored(chunk.base) is not None:
+        return _delta_copy(model, chunk.base)
     # convert, then subtract in place: torch's mixed-dtype sub takes a slow path (several times slower)
     return model.to(chunk.dtype).sub_(chunk.base)
 
