@@ -2,9 +2,9 @@
 
 Kernels of methods that the native backend runs (``Method.native``) do their element-wise work through
 these helpers, which take torch tensors or float32 numpy arrays. Each step is one IEEE operation per
-element in the same order on either backend, so both give the same bits: ``axpy`` rounds the product
-before the sum (torch's ``add_(alpha=)`` fuses them into one rounding, numpy cannot), and the statistics
-(row L1 norms, dot products) of CPU tensors are computed by numpy for both.
+element in the same order on either backend, so both give the same bits: ``axpy`` is a fused
+multiply-add (one rounding) on both, as torch's ``add_(alpha=)`` is; numpy has none, so numpy arrays go
+through a compiled loop (methods.fused).
 """
 
 from __future__ import annotations
@@ -87,14 +87,14 @@ def sub(x: Array, y: Array) -> Array:
     return x.sub_(y)
 
 
-def axpy(x: Array, a: float, y: Array, scratch: Array | None = None) -> Array:
-    """x += round(a * y): the product is rounded, then added (two roundings on either backend).
-    ``scratch`` (same shape and dtype as x) is used for the product when given."""
+def axpy(x: Array, a: float, y: Array) -> Array:
+    """x += a * y with one rounding (a fused multiply-add), in place."""
     if is_numpy(x):
-        prod = np.multiply(y, x.dtype.type(a), out=scratch)
-        return np.add(x, prod, out=x)
-    prod = torch.mul(y, a, out=scratch) if scratch is not None else y * a
-    return x.add_(prod)
+        from mergesmith.methods.fused import fma_into
+
+        fma_into(np.ascontiguousarray(y, dtype=np.float32).reshape(-1), np.float32(a), x.reshape(-1))
+        return x
+    return x.add_(y, alpha=a)
 
 
 def copy_of(x: Array) -> Array:
@@ -120,11 +120,3 @@ def mask_in_place(x: Array, keep: Any) -> Array:
     if isinstance(keep, np.ndarray):
         keep = torch.from_numpy(keep)
     return x.mul_(keep.reshape(x.shape).to(x.device))
-
-
-def dot(a: Array, b: Array) -> float:
-    """<a, b> of two flat float32 blocks (numpy's for CPU data, so both backends agree)."""
-    an, bn = host_numpy(a), host_numpy(b)
-    if an is not None and bn is not None:
-        return float(np.dot(an, bn))
-    return float(a @ b)

@@ -1,16 +1,31 @@
 """Compiled loops for the element-wise methods, reading inputs as stored (bfloat16 as uint16, or float32).
 
 Used by both backends on CPU data: each loop reads every input once and converts it as it goes, instead
-of converting whole tensors first and making one pass per operation. Every element still goes through
-the same float32 operations, in the same order, as the step-by-step kernels (each product and sum
-rounded on its own, never fused), so the results are the same to the bit.
+of converting whole tensors first and making one pass per operation. Every element goes through the
+same float32 operations, in the same order, as the step-by-step kernels, so the results are the same to
+the bit. ``fma`` is a fused multiply-add (one rounding), as torch's ``add(alpha=)`` and ``addcmul`` on
+the CPU compute it; every other product and sum is rounded on its own.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
+
+
+@intrinsic
+def fma(typingctx, a, b, c):  # pragma: no cover - compiled
+    """a * b + c in float32 with one rounding (LLVM's llvm.fma)."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        fn = builder.module.declare_intrinsic("llvm.fma", [f32], ir.FunctionType(f32, [f32, f32, f32]))
+        return builder.call(fn, args)
+
+    return sig, codegen
 
 
 def load(x, j):  # pragma: no cover - replaced in compiled code by the overload below
@@ -48,9 +63,10 @@ def _scaled(x, w, out):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def _add_scaled(x, w, out):  # pragma: no cover - compiled
+def fma_into(x, w, out):  # pragma: no cover - compiled
+    """out = fma(x, w, out): out + x * w with one rounding."""
     for j in range(out.shape[0]):
-        out[j] = np.float32(out[j] + np.float32(load(x, j) * w))
+        out[j] = fma(load(x, j), w, out[j])
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
@@ -80,9 +96,9 @@ def _scale_add(out, lam, base):  # pragma: no cover - compiled
 
 @njit(cache=True, nogil=True, boundscheck=False)
 def interpolate(a, b, c0, c1, out):  # pragma: no cover - compiled
-    """out = round(a * c0) + round(b * c1)."""
+    """out = fma(b, c1, round(a * c0))."""
     for j in range(out.shape[0]):
-        out[j] = np.float32(np.float32(load(a, j) * c0) + np.float32(load(b, j) * c1))
+        out[j] = fma(load(b, j), c1, np.float32(load(a, j) * c0))
 
 
 @njit(nogil=True, boundscheck=False)
@@ -141,11 +157,11 @@ def row_products(a, b, row_len, out):  # pragma: no cover - compiled
 
 
 def linear(models: list[np.ndarray], weights, normalize: bool, total: float) -> np.ndarray:
-    """LinearKernel's sum on flat stored arrays: m0 * w0, + round(m_i * w_i) ..., / total."""
+    """LinearKernel's sum on flat stored arrays: round(m0 * w0), then fma(m_i, w_i, .) ..., / total."""
     out = np.empty(models[0].shape[0], dtype=np.float32)
     _scaled(models[0], np.float32(weights[0]), out)
     for m, w in zip(models[1:], weights[1:]):
-        _add_scaled(m, np.float32(w), out)
+        fma_into(m, np.float32(w), out)
     if normalize:
         _divide(out, np.float32(total))
     return out

@@ -8,7 +8,10 @@ from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, array
 
 
 class LinearKernel(Kernel):
-    """out = sum_i w_i theta_i / sum_i w_i   (plain sum_i w_i theta_i when normalize is false)."""
+    """out = sum_i w_i theta_i / sum_i w_i   (plain sum_i w_i theta_i when normalize is false).
+
+    In float32: round(w_0 theta_0), then each further term by a fused multiply-add, as mergekit's
+    ``addcmul`` computes it on the CPU; then the division."""
 
     def apply(self, chunk: Chunk) -> torch.Tensor:
         weights = self.p["weight"]
@@ -21,15 +24,16 @@ class LinearKernel(Kernel):
             return out if arrays.is_numpy(chunk.models[0]) else torch.from_numpy(out)
         first = chunk.models[0]
         out = arrays.mul(arrays.as_compute(first, chunk.dtype), weights[0])
-        scratch = arrays.empty_like(out) if len(weights) > 1 else None
+        scratch = None
         for w, t in zip(weights[1:], chunk.models[1:]):
             if arrays.is_numpy(t):
                 t = arrays.as_compute(t, chunk.dtype)
             elif t.dtype != out.dtype:
-                # t is bf16/fp16 (raw input): convert into the scratch buffer first; torch's mixed-dtype
-                # arithmetic takes a slow path, 4x slower than the copy and the operation together
+                # t is bf16/fp16 (raw input): convert into a reused buffer first; torch's mixed-dtype
+                # add with alpha takes a slow path, 4x slower than the copy and the add together
+                scratch = arrays.empty_like(out) if scratch is None else scratch
                 t = scratch.copy_(t)
-            arrays.axpy(out, w, t, scratch)
+            arrays.axpy(out, w, t)
         if self.p["normalize"]:
             self._check_total(weights)
             arrays.div(out, sum(weights))

@@ -78,7 +78,7 @@ class SlerpKernel(Kernel):
             return out if arrays.is_numpy(chunk.base) else torch.from_numpy(out)
         base = arrays.as_compute(chunk.base, chunk.dtype)
         other = arrays.as_compute(chunk.models[0], chunk.dtype)
-        return arrays.axpy(arrays.mul(base, c0), c1, other, other)
+        return arrays.axpy(arrays.mul(base, c0), c1, other)
 
 
 register(
