@@ -102,55 +102,52 @@ def interpolate(a, b, c0, c1, out):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, boundscheck=False)
-def _row_products(a, b):  # pragma: no cover - compiled
-    """(<a, b>, |a|^2, |b|^2) of one row in float64, in four interleaved partial sums each."""
+def _row_products(x, y):  # pragma: no cover - compiled
+    """(<x, y>, |x|^2, |y|^2) of two float32 rows in float64, in four interleaved partial sums each."""
     d0 = d1 = d2 = d3 = 0.0
     p0 = p1 = p2 = p3 = 0.0
     q0 = q1 = q2 = q3 = 0.0
-    n = a.shape[0]
+    n = x.shape[0]
     j = 0
     while j + 4 <= n:
-        x0, x1, x2, x3 = (
-            np.float64(load(a, j)),
-            np.float64(load(a, j + 1)),
-            np.float64(load(a, j + 2)),
-            np.float64(load(a, j + 3)),
-        )
-        y0, y1, y2, y3 = (
-            np.float64(load(b, j)),
-            np.float64(load(b, j + 1)),
-            np.float64(load(b, j + 2)),
-            np.float64(load(b, j + 3)),
-        )
-        d0 += x0 * y0
-        d1 += x1 * y1
-        d2 += x2 * y2
-        d3 += x3 * y3
-        p0 += x0 * x0
-        p1 += x1 * x1
-        p2 += x2 * x2
-        p3 += x3 * x3
-        q0 += y0 * y0
-        q1 += y1 * y1
-        q2 += y2 * y2
-        q3 += y3 * y3
+        a0, a1, a2, a3 = np.float64(x[j]), np.float64(x[j + 1]), np.float64(x[j + 2]), np.float64(x[j + 3])
+        b0, b1, b2, b3 = np.float64(y[j]), np.float64(y[j + 1]), np.float64(y[j + 2]), np.float64(y[j + 3])
+        d0 += a0 * b0
+        d1 += a1 * b1
+        d2 += a2 * b2
+        d3 += a3 * b3
+        p0 += a0 * a0
+        p1 += a1 * a1
+        p2 += a2 * a2
+        p3 += a3 * a3
+        q0 += b0 * b0
+        q1 += b1 * b1
+        q2 += b2 * b2
+        q3 += b3 * b3
         j += 4
     dt = pt = qt = 0.0
     while j < n:
-        x, y = np.float64(load(a, j)), np.float64(load(b, j))
-        dt += x * y
-        pt += x * x
-        qt += y * y
+        a, b = np.float64(x[j]), np.float64(y[j])
+        dt += a * b
+        pt += a * a
+        qt += b * b
         j += 1
     return (d0 + d1) + (d2 + d3) + dt, (p0 + p1) + (p2 + p3) + pt, (q0 + q1) + (q2 + q3) + qt
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
 def row_products(a, b, row_len, out):  # pragma: no cover - compiled
-    """out[r] = (<a_r, b_r>, |a_r|^2, |b_r|^2) for the rows of the flat stored arrays a and b."""
+    """out[r] = (<a_r, b_r>, |a_r|^2, |b_r|^2) for the rows of the flat stored arrays a and b (each row
+    is widened to float32 in a small buffer first, which lets the sums vectorise better)."""
+    x = np.empty(row_len, dtype=np.float32)
+    y = np.empty(row_len, dtype=np.float32)
     for r in range(out.shape[0]):
         s = r * row_len
-        d, p, q = _row_products(a[s : s + row_len], b[s : s + row_len])
+        for j in range(row_len):
+            x[j] = load(a, s + j)
+        for j in range(row_len):
+            y[j] = load(b, s + j)
+        d, p, q = _row_products(x, y)
         out[r, 0] = d
         out[r, 1] = p
         out[r, 2] = q

@@ -42,6 +42,8 @@ class SlerpKernel(Kernel):
     def __init__(self, params, numel):
         super().__init__(params, numel)
         self.rows: list[np.ndarray] = []  # per row: <v0, v1>, |v0|^2, |v1|^2
+        # t = 0 and t = 1 give the coefficients (1, 0) and (0, 1) whatever the angle: no statistics
+        self.passes = 0 if params["t"] in (0.0, 1.0) else 1
 
     @property
     def sums(self) -> tuple[float, float, float]:
@@ -68,8 +70,12 @@ class SlerpKernel(Kernel):
         self.rows.append(torch.stack(sums, -1).cpu().numpy())
 
     def apply(self, chunk: Chunk) -> torch.Tensor:
-        dot, sq0, sq1 = self.sums
-        c0, c1 = slerp_coefficients(self.p["t"], dot, math.sqrt(sq0), math.sqrt(sq1))
+        t = self.p["t"]
+        if self.passes:
+            dot, sq0, sq1 = self.sums
+            c0, c1 = slerp_coefficients(t, dot, math.sqrt(sq0), math.sqrt(sq1))
+        else:
+            c0, c1 = 1.0 - t, t
         stored = [arrays.host_stored(x) for x in (chunk.base, chunk.models[0])]
         if all(x is not None for x in stored) and stored[0].dtype == stored[1].dtype:
             out = np.empty(stored[0].shape, dtype=np.float32)
