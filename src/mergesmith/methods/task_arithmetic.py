@@ -24,6 +24,7 @@ from numba import njit
 from mergesmith._torch import torch
 from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, arrays, fused, register
 from mergesmith.methods.arrays import mask_in_place
+from mergesmith.methods.fused import load
 from mergesmith.methods.sparsify import TopKThreshold, keep_count
 from mergesmith.methods.stats import RowL1, row_abs_sum
 from mergesmith.rng import mask_const, threshold_of
@@ -180,6 +181,12 @@ class TaskArithmeticKernel(Kernel):
 
     def _combine(self, chunk: Chunk, deltas: list[torch.Tensor]) -> torch.Tensor:
         weights = self.p["weight"]
+        hosted = [arrays.host_numpy(d) for d in deltas]
+        base = arrays.host_stored(chunk.base)
+        if base is not None and all(h is not None and h.dtype == np.float32 for h in hosted):
+            out = _combine_host(hosted, weights, self.consensus, self.p["normalize"], self.p["lambda"], base)
+            out = out.reshape(chunk.base.shape)
+            return out if arrays.is_numpy(chunk.base) else torch.from_numpy(out)
         for w, d in zip(weights, deltas):
             if w != 1.0:
                 arrays.mul(d, w)
@@ -249,10 +256,6 @@ def _disjoint_sum(weighted: list, weights, normalize: bool):
     (zero never agrees). With e = +-1 the elected sign, w_i delta_i [agree] = e * relu(e * w_i delta_i).
     Returns sum_i w_i delta_i [agree], divided per element by sum_i w_i [agree] (0 -> 1) if normalize.
     """
-    hosted = [arrays.host_numpy(d) for d in weighted]
-    if all(h is not None and h.dtype == np.float32 for h in hosted):
-        mixed = _disjoint_sum_numpy(hosted, weights, normalize)
-        return mixed if arrays.is_numpy(weighted[0]) else torch.from_numpy(mixed)
     total = torch.add(weighted[0], weighted[1]) if len(weighted) > 1 else weighted[0].clone()
     for d in weighted[2:]:
         total.add_(d)
@@ -283,42 +286,55 @@ def _disjoint_sum(weighted: list, weights, normalize: bool):
     return mixed
 
 
-def _disjoint_sum_numpy(weighted: list[np.ndarray], weights, normalize: bool) -> np.ndarray:
-    """_disjoint_sum on float32 arrays in one compiled pass, operation for operation as the torch version."""
-    out = np.empty_like(weighted[0])
+def _combine_host(deltas: list[np.ndarray], weights, consensus: bool, normalize: bool, lam: float, base):
+    """_combine on CPU data in one compiled pass: the same float32 steps, in the same order."""
+    total = float(sum(weights))
+    divide = np.float32(total if normalize and abs(total) >= 1e-8 else 0.0)
+    out = np.empty(base.shape[0], dtype=np.float32)
+    flat = tuple(d.reshape(-1) for d in deltas)
     w = np.asarray(weights, dtype=np.float32)
-    flat = tuple(d.reshape(-1) for d in weighted)
-    _disjoint_sum_kernel(flat, w, normalize, all(x > 0 for x in weights), out.reshape(-1))
+    positive = all(x > 0 for x in weights)
+    _combine_kernel(flat, w, consensus, normalize, positive, divide, np.float32(lam), base, out)
     return out
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def _disjoint_sum_kernel(ds, w, normalize, positive, out):  # pragma: no cover - compiled
+def _combine_kernel(ds, w, consensus, normalize, positive, divide, lam, base, out):  # pragma: no cover
+    """Per element: v_i = d_i * w_i; with ``consensus`` the sign election and (normalised) disjoint
+    sum of _disjoint_sum, else sum_i v_i (divided by ``divide`` unless it is 0); then * lam + base."""
     tiny = np.float32(np.finfo(np.float32).tiny)
     one, zero = np.float32(1.0), np.float32(0.0)
+    k = len(ds)
     for j in range(out.shape[0]):
-        total = ds[0][j]
-        for i in range(1, len(ds)):
-            total = np.float32(total + ds[i][j])
-        elected = -one if np.signbit(total) else one
-        mixed = zero
-        divisor = zero
-        for i in range(len(ds)):
-            agree = np.float32(ds[i][j] * elected)
-            if agree < zero:  # clamp at 0; NaN stays NaN
-                agree = zero
-            mixed = agree if i == 0 else np.float32(mixed + agree)
+        if consensus:
+            total = np.float32(ds[0][j] * w[0])
+            for i in range(1, k):
+                total = np.float32(total + np.float32(ds[i][j] * w[i]))
+            elected = -one if np.signbit(total) else one
+            mixed = zero
+            divisor = zero
+            for i in range(k):
+                agree = np.float32(np.float32(ds[i][j] * w[i]) * elected)
+                if agree < zero:  # clamp at 0; NaN stays NaN
+                    agree = zero
+                mixed = agree if i == 0 else np.float32(mixed + agree)
+                if normalize:
+                    step = w[i] if agree > zero else zero
+                    divisor = step if i == 0 else np.float32(divisor + step)
+            mixed = np.float32(mixed * elected)
             if normalize:
-                step = w[i] if agree > zero else zero
-                divisor = step if i == 0 else np.float32(divisor + step)
-        mixed = np.float32(mixed * elected)
-        if normalize:
-            if positive:
-                divisor = max(divisor, tiny)
-            elif divisor == zero:
-                divisor = one
-            mixed = np.float32(mixed / divisor)
-        out[j] = mixed
+                if positive:
+                    divisor = max(divisor, tiny)
+                elif divisor == zero:
+                    divisor = one
+                mixed = np.float32(mixed / divisor)
+        else:
+            mixed = np.float32(ds[0][j] * w[0])
+            for i in range(1, k):
+                mixed = np.float32(mixed + np.float32(ds[i][j] * w[i]))
+            if divide != zero:
+                mixed = np.float32(mixed / divide)
+        out[j] = np.float32(np.float32(mixed * lam) + load(base, j))
 
 
 class TiesKernel(TaskArithmeticKernel):
