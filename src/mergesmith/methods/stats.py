@@ -91,7 +91,8 @@ class RowL1:
     """
 
     def __init__(self) -> None:
-        self._rows: list[float] = []
+        self._rows: list[np.ndarray] = []
+        self._value: float | None = None
 
     def add(self, x) -> None:
         """Add the rows of ``x`` (a torch tensor or numpy array)."""
@@ -103,12 +104,17 @@ class RowL1:
             self.add_rows(sums)
             return
         rows = x.reshape(x.shape[0], -1) if x.dim() >= 2 else x.reshape(1, -1)
-        self._rows.extend(rows.abs().sum(dim=1, dtype=torch.float64).tolist())
+        self.add_rows(rows.abs().sum(dim=1, dtype=torch.float64).cpu().numpy())
 
     def add_rows(self, sums: np.ndarray) -> None:
         """Add rows whose L1 norms are already summed (``row_abs_sums``)."""
-        self._rows.extend(sums.tolist())
+        self._rows.append(sums)
+        self._value = None
 
     @property
     def value(self) -> float:
-        return math.fsum(self._rows)
+        """The exact sum of the rows' norms, rounded once (computed once per change: the kernels ask
+        for it for every chunk)."""
+        if self._value is None:
+            self._value = math.fsum(np.concatenate(self._rows)) if self._rows else 0.0
+        return self._value
