@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from mergesmith.api import merge
 from mergesmith.errors import MergeError
-from mergesmith.methods.stats import RowL1, row_abs_sums
-from mergesmith.methods.task_arithmetic import TaskArithmeticKernel
+from mergesmith.kernels import dare_norms, dare_rows, row_abs_sums
+from mergesmith.methods.stats import RowL1
 from mergesmith.native.convert import from_float32, to_float32
 from mergesmith.rng import RandomStream
 
@@ -192,26 +193,47 @@ def test_float32_to_bfloat16_matches_torch_on_random_bits():
 
 
 def test_fused_dare_rows_equal_the_separate_steps():
-    """One pass per row (L1, mask, L1) gives what RowL1 + RandomStream.mask + RowL1 give."""
+    """One pass per row (difference, L1, mask, L1) gives what the steps give one by one: a float32
+    subtraction, RowL1, RandomStream.mask, RowL1; dare_norms gives the same norms without an output."""
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((37, 53), dtype=np.float32)
+    base = rng.standard_normal((37, 53), dtype=np.float32)
+    model = base + rng.standard_normal((37, 53), dtype=np.float32)
     stream = RandomStream(7, "w", 1)
-    kernel = TaskArithmeticKernel.__new__(TaskArithmeticKernel)
-    kernel.sparsify, kernel.p = "random", {"density": (0.3,)}
-    kernel.l1_full, kernel.l1_kept = [RowL1()], [RowL1()]
-
-    class _Chunk:
-        start, rng = 53 * 5, [stream]
-
-    fused = kernel._drop_measured(_Chunk, 0, x.copy())
-    full, kept = RowL1(), RowL1()
-    ref = x.copy()
-    full.add(ref)
-    stream.mask(ref, 53 * 5, 0.3)
-    kept.add(ref)
-    assert np.array_equal(fused, ref)
-    assert kernel.l1_full[0].value == full.value and kernel.l1_kept[0].value == kept.value
-    assert kept.value < full.value
+    start, threshold = 53 * 5, np.uint64(round(0.3 * 2**32))
+    out, full, kept = np.empty(37 * 53, np.float32), np.empty(37), np.empty(37)
+    dare_rows(
+        model.reshape(-1),
+        base.reshape(-1),
+        53,
+        np.uint64(start),
+        stream.k0,
+        stream.k1,
+        threshold,
+        out,
+        full,
+        kept,
+    )
+    ref = model - base
+    ref_full, ref_kept = RowL1(), RowL1()
+    ref_full.add(ref)
+    stream.mask(ref, start, 0.3)
+    ref_kept.add(ref)
+    assert np.array_equal(out.reshape(37, 53), ref)
+    assert math.fsum(full) == ref_full.value and math.fsum(kept) == ref_kept.value
+    assert ref_kept.value < ref_full.value
+    full2, kept2 = np.empty(37), np.empty(37)
+    dare_norms(
+        model.reshape(-1),
+        base.reshape(-1),
+        53,
+        np.uint64(start),
+        stream.k0,
+        stream.k1,
+        threshold,
+        full2,
+        kept2,
+    )
+    assert np.array_equal(full2, full) and np.array_equal(kept2, kept)
 
 
 def test_row_abs_sums_golden():

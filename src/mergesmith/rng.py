@@ -16,52 +16,14 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-from numba import njit
 
 from mergesmith._torch import torch
+from mergesmith.kernels import keep_const, keep_each, mask_const
 
 
 def derive_seed(*parts: object) -> int:
     digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-@njit(inline="always")
-def _lowbias32(x):  # pragma: no cover - compiled
-    # every step is cast back to uint32: numba widens integer arithmetic
-    x = np.uint32(x ^ (x >> np.uint32(16)))
-    x = np.uint32(x * np.uint32(0x7FEB352D))
-    x = np.uint32(x ^ (x >> np.uint32(15)))
-    x = np.uint32(x * np.uint32(0x846CA68B))
-    return np.uint32(x ^ (x >> np.uint32(16)))
-
-
-@njit(inline="always")
-def draw(index, k0, k1):  # pragma: no cover - compiled
-    """The 32-bit number of element ``index`` (uint64) under the key (k0, k1)."""
-    lo = np.uint32(index & np.uint64(0xFFFFFFFF))
-    hi = np.uint32(index >> np.uint64(32))
-    hi_mix = np.uint32(np.uint32(hi * np.uint32(0x9E3779B9)) ^ k1)
-    return _lowbias32(np.uint32(_lowbias32(np.uint32(lo ^ k0)) ^ hi_mix))
-
-
-@njit(cache=True, nogil=True, boundscheck=False)
-def _keep_const(start, k0, k1, threshold, out):  # pragma: no cover - compiled
-    for i in range(out.shape[0]):
-        out[i] = np.uint64(draw(start + np.uint64(i), k0, k1)) < threshold
-
-
-@njit(cache=True, nogil=True, boundscheck=False)
-def _keep_each(start, k0, k1, thresholds, out):  # pragma: no cover - compiled
-    for i in range(out.shape[0]):
-        out[i] = np.uint64(draw(start + np.uint64(i), k0, k1)) < thresholds[i]
-
-
-@njit(cache=True, nogil=True, boundscheck=False)
-def mask_const(start, k0, k1, threshold, x):  # pragma: no cover - compiled
-    """x *= keep (1.0 or 0.0, as a multiply by a boolean mask does), in place."""
-    for i in range(x.shape[0]):
-        x[i] *= np.float32(np.uint64(draw(start + np.uint64(i), k0, k1)) < threshold)
 
 
 def threshold_of(probability: float) -> int:
@@ -94,9 +56,9 @@ class RandomStream:
             thresholds = scaled.astype(np.uint64)
             if len(thresholds) != count:
                 raise ValueError(f"{len(thresholds)} probabilities for {count} elements")
-            _keep_each(np.uint64(start), self.k0, self.k1, thresholds, out)
+            keep_each(np.uint64(start), self.k0, self.k1, thresholds, out)
             return out
-        _keep_const(np.uint64(start), self.k0, self.k1, np.uint64(threshold_of(probability)), out)
+        keep_const(np.uint64(start), self.k0, self.k1, np.uint64(threshold_of(probability)), out)
         return out
 
     def mask(self, x: np.ndarray, start: int, probability: float) -> np.ndarray:

@@ -4,7 +4,7 @@ Kernels of methods that the native backend runs (``Method.native``) do their ele
 these helpers, which take torch tensors or float32 numpy arrays. Each step is one IEEE operation per
 element in the same order on either backend, so both give the same bits: ``axpy`` is a fused
 multiply-add (one rounding) on both, as torch's ``add_(alpha=)`` is; numpy has none, so numpy arrays go
-through a compiled loop (methods.fused).
+through a compiled loop (mergesmith.kernels).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def host_numpy(x: Array) -> np.ndarray | None:
 
 
 def host_stored(x: Array) -> np.ndarray | None:
-    """A flat numpy view of CPU data as the compiled loops read it (methods.fused): bfloat16 as its
+    """A flat numpy view of CPU data as the compiled loops read it (mergesmith.kernels): bfloat16 as its
     uint16 bits, float32 as is; None for other dtypes and for data on a device. In the native backend a
     uint16 array *is* bfloat16 (merged tensors are floats)."""
     if isinstance(x, np.ndarray):
@@ -51,7 +51,7 @@ def as_compute(x: Array, dtype: Any) -> Array:
     array); a torch tensor goes through ``.to(dtype)``."""
     if isinstance(x, np.ndarray):
         if x.dtype == np.uint16:
-            from mergesmith.methods.fused import widen
+            from mergesmith.kernels import widen
 
             out = np.empty(x.shape, dtype=np.float32)
             widen(x.reshape(-1), out.reshape(-1))
@@ -90,7 +90,7 @@ def sub(x: Array, y: Array) -> Array:
 def axpy(x: Array, a: float, y: Array) -> Array:
     """x += a * y with one rounding (a fused multiply-add), in place."""
     if is_numpy(x):
-        from mergesmith.methods.fused import fma_into
+        from mergesmith.kernels import fma_into
 
         fma_into(np.ascontiguousarray(y, dtype=np.float32).reshape(-1), np.float32(a), x.reshape(-1))
         return x

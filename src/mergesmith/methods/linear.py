@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from mergesmith import kernels
 from mergesmith._torch import torch
 from mergesmith.errors import MergeError
-from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, arrays, fused, register
+from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, arrays, register
 
 
 class LinearKernel(Kernel):
@@ -19,7 +20,7 @@ class LinearKernel(Kernel):
         if all(x is not None and x.dtype == stored[0].dtype for x in stored):
             # CPU data: one compiled pass per input, the same steps as below
             self._check_total(weights)
-            out = fused.linear(stored, weights, self.p["normalize"], sum(weights))
+            out = kernels.linear(stored, weights, self.p["normalize"], sum(weights))
             out = out.reshape(chunk.models[0].shape)
             return out if arrays.is_numpy(chunk.models[0]) else torch.from_numpy(out)
         first = chunk.models[0]

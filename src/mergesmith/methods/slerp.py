@@ -6,8 +6,9 @@ import math
 
 import numpy as np
 
+from mergesmith import kernels
 from mergesmith._torch import torch
-from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, arrays, fused, register
+from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, arrays, register
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -59,7 +60,7 @@ class SlerpKernel(Kernel):
         stored = [arrays.host_stored(x) for x in (chunk.base, chunk.models[0])]
         if all(x is not None for x in stored) and stored[0].dtype == stored[1].dtype:
             out = np.empty((n_rows, 3))
-            fused.row_products(stored[0], stored[1], stored[0].shape[0] // n_rows, out)
+            kernels.row_products(stored[0], stored[1], stored[0].shape[0] // n_rows, out)
             self.rows.append(out)
             return
         v0 = arrays.as_compute(chunk.base, chunk.dtype).reshape(n_rows, -1)
@@ -79,7 +80,7 @@ class SlerpKernel(Kernel):
         stored = [arrays.host_stored(x) for x in (chunk.base, chunk.models[0])]
         if all(x is not None for x in stored) and stored[0].dtype == stored[1].dtype:
             out = np.empty(stored[0].shape, dtype=np.float32)
-            fused.interpolate(stored[0], stored[1], np.float32(c0), np.float32(c1), out)
+            kernels.interpolate(stored[0], stored[1], np.float32(c0), np.float32(c1), out)
             out = out.reshape(chunk.base.shape)
             return out if arrays.is_numpy(chunk.base) else torch.from_numpy(out)
         base = arrays.as_compute(chunk.base, chunk.dtype)

@@ -6,9 +6,9 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from numba import njit
 
 from mergesmith._torch import torch
+from mergesmith.kernels import row_abs_sums
 from mergesmith.methods import arrays
 
 SUM_BLOCK = 1 << 20  # elements per block of a float64 reduction, to bound scratch memory
@@ -45,41 +45,6 @@ def unit_gram(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     safe = torch.where(norms > 0, norms, torch.ones_like(norms))
     cos = gram / (safe.unsqueeze(-1) * safe.unsqueeze(-2))
     return norms, cos.clamp(-1.0, 1.0)
-
-
-@njit(inline="always")
-def abs_sum(x, start, end):  # pragma: no cover - compiled
-    """sum |x[start:end]| in float64, in eight interleaved partial sums (a fixed order that vectorises)."""
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
-    j = start
-    while j + 8 <= end:
-        a0 += abs(np.float64(x[j]))
-        a1 += abs(np.float64(x[j + 1]))
-        a2 += abs(np.float64(x[j + 2]))
-        a3 += abs(np.float64(x[j + 3]))
-        a4 += abs(np.float64(x[j + 4]))
-        a5 += abs(np.float64(x[j + 5]))
-        a6 += abs(np.float64(x[j + 6]))
-        a7 += abs(np.float64(x[j + 7]))
-        j += 8
-    tail = 0.0
-    while j < end:
-        tail += abs(np.float64(x[j]))
-        j += 1
-    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)) + tail
-
-
-@njit(nogil=True, boundscheck=False)
-def row_abs_sum(row):  # pragma: no cover - compiled
-    """sum |row| in float64 (a compiled function of its own, so that its loop vectorises)."""
-    return abs_sum(row, 0, row.shape[0])
-
-
-@njit(cache=True, nogil=True, boundscheck=False)
-def row_abs_sums(x, row_len, out):  # pragma: no cover - compiled
-    """out[r] = sum |row r| of the flat rows of ``x``."""
-    for r in range(out.shape[0]):
-        out[r] = row_abs_sum(x[r * row_len : (r + 1) * row_len])
 
 
 class RowL1:

@@ -19,15 +19,14 @@ are elected); then it is multiplied by ``lambda`` and added to the base.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
+from mergesmith import kernels
 from mergesmith._torch import torch
-from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, arrays, fused, register
+from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, arrays, register
 from mergesmith.methods.arrays import mask_in_place
-from mergesmith.methods.fused import load
 from mergesmith.methods.sparsify import TopKThreshold, keep_count
-from mergesmith.methods.stats import RowL1, row_abs_sum
-from mergesmith.rng import mask_const, threshold_of
+from mergesmith.methods.stats import RowL1
+from mergesmith.rng import threshold_of
 
 RESCALE_EPS = 1e-7
 
@@ -57,6 +56,8 @@ class TaskArithmeticKernel(Kernel):
 
     # --- statistics over chunks -------------------------------------------------------------------
     def observe(self, pass_index: int, chunk: Chunk) -> None:
+        if pass_index >= self.threshold_passes and self._host_norms(chunk):
+            return
         _compute_base(chunk)
         for i, model in enumerate(chunk.models):
             delta = _delta_copy(model, chunk.base)  # a new tensor: apply reads model again
@@ -102,60 +103,80 @@ class TaskArithmeticKernel(Kernel):
 
     def _drop_measured(self, chunk: Chunk, i: int, delta):
         """_drop, adding the L1 norms of the task vector before and after to the rescale statistics."""
-        flat = arrays.host_numpy(delta)
-        if (
-            self.sparsify == "random"
-            and self.constant_density
-            and self.p["density"][i] < 1.0
-            and flat is not None
-            and flat.dtype == np.float32
-        ):
-            # one pass: each row's L1 norm, its random mask, its L1 norm again
-            n_rows = flat.shape[0] if flat.ndim >= 2 else 1
-            full, kept = np.empty(n_rows), np.empty(n_rows)
-            rng, threshold = chunk.rng[i], np.uint64(threshold_of(self.p["density"][i]))
-            _drop_rows(
-                flat.reshape(-1),
-                flat.size // max(1, n_rows),
-                np.uint64(chunk.start),
-                rng.k0,
-                rng.k1,
-                threshold,
-                full,
-                kept,
-            )
-            self.l1_full[i].add_rows(full)
-            self.l1_kept[i].add_rows(kept)
-            return delta
         self.l1_full[i].add(delta)  # before _drop, which may change delta in place
         dropped = self._drop(chunk, i, delta)
         self.l1_kept[i].add(dropped)
         return dropped
 
-    def _rescale(self, i: int, dropped: torch.Tensor) -> torch.Tensor:
-        """Scale a sparsified task vector back to the L1 norm it had before dropping."""
+    def _scale(self, i: int) -> float:
+        """The factor that brings task vector i back to the L1 norm it had before dropping (or 1)."""
         full, kept = self.l1_full[i].value, self.l1_kept[i].value
         if self.rescaling and full > RESCALE_EPS and kept > RESCALE_EPS and full != kept:
-            arrays.mul(dropped, full / kept)
-        return dropped
+            return full / kept
+        return 1.0
 
-    def _fused(self, chunk: Chunk):
-        """Plain task arithmetic on CPU data in compiled passes (methods.fused), else None."""
-        if self.sparsify != "none" or self.consensus:
+    def _rescale(self, i: int, dropped: torch.Tensor) -> torch.Tensor:
+        """Scale a sparsified task vector back to the L1 norm it had before dropping."""
+        scale = self._scale(i)
+        return arrays.mul(dropped, scale) if scale != 1.0 else dropped
+
+    def _host(self, chunk: Chunk, measure: bool):
+        """Plain task arithmetic and DARE on CPU data, in compiled passes over the stored inputs
+        (mergesmith.kernels); None where the step-by-step route below must run. ``measure``: gather
+        DARE's L1 norms here (a whole tensor; chunks had a statistics pass)."""
+        stored = _stored_inputs(chunk)
+        if stored is None:
             return None
-        stored = [arrays.host_stored(x) for x in (chunk.base, *chunk.models)]
-        if not all(x is not None and x.dtype == stored[0].dtype for x in stored):
+        base, models = stored[0], stored[1:]
+        weights, lam = self.p["weight"], self.p["lambda"]
+        if self.sparsify == "none" and not self.consensus:
+            total = float(sum(weights))
+            divide = total if self.p["normalize"] and abs(total) >= 1e-8 else None
+            out = kernels.task_arithmetic(base, models, weights, divide, lam)
+        elif self.sparsify == "random" and self.constant_density:
+            deltas = []
+            for i, model in enumerate(models):
+                delta = np.empty(base.shape[0], dtype=np.float32)
+                full, kept = self._dare_pass(chunk, i, model, base, delta)
+                if measure and self.rescaling:
+                    self.l1_full[i].add_rows(full)
+                    self.l1_kept[i].add_rows(kept)
+                deltas.append(delta)
+            scales = [self._scale(i) for i in range(len(models))]
+            out = kernels.combine(deltas, weights, self.consensus, self.p["normalize"], lam, base, scales)
+        else:
             return None
-        weights = self.p["weight"]
-        total = float(sum(weights))
-        divide = total if self.p["normalize"] and abs(total) >= 1e-8 else None
-        out = fused.task_arithmetic(stored[0], stored[1:], weights, divide, self.p["lambda"])
         out = out.reshape(chunk.base.shape)
         return out if arrays.is_numpy(chunk.base) else torch.from_numpy(out)
 
+    def _dare_pass(self, chunk: Chunk, i: int, model, base, out):
+        """Task vector i masked into ``out`` (None: only its rows' L1 norms), and those norms before
+        and after the mask."""
+        n_rows = chunk.base.shape[0] if chunk.base.ndim >= 2 else 1
+        full, kept = np.empty(n_rows), np.empty(n_rows)
+        rng = chunk.rng[i]
+        args = (base.shape[0] // n_rows, np.uint64(chunk.start), rng.k0, rng.k1)
+        threshold = np.uint64(threshold_of(self.p["density"][i]))  # density >= 1: 2**32, all kept
+        if out is None:
+            kernels.dare_norms(model, base, *args, threshold, full, kept)
+        else:
+            kernels.dare_rows(model, base, *args, threshold, out, full, kept)
+        return full, kept
+
+    def _host_norms(self, chunk: Chunk) -> bool:
+        """DARE's statistics pass on CPU data (compiled, no task vectors kept); False if not possible."""
+        stored = _stored_inputs(chunk)
+        if stored is None or self.sparsify != "random" or not self.constant_density:
+            return False
+        for i, model in enumerate(stored[1:]):
+            full, kept = self._dare_pass(chunk, i, model, stored[0], None)
+            self.l1_full[i].add_rows(full)
+            self.l1_kept[i].add_rows(kept)
+        return True
+
     def run_whole(self, chunk: Chunk) -> torch.Tensor:
         """Whole tensor in memory: each task vector is computed and sparsified once."""
-        if (out := self._fused(chunk)) is not None:
+        if (out := self._host(chunk, measure=True)) is not None:
             return out
         if self.sparsify not in ("none", "magnitude", "random"):  # subclasses with their own sparsifier
             return super().run_whole(chunk)
@@ -170,7 +191,7 @@ class TaskArithmeticKernel(Kernel):
         return self._combine(chunk, sparse)
 
     def apply(self, chunk: Chunk) -> torch.Tensor:
-        if (out := self._fused(chunk)) is not None:
+        if (out := self._host(chunk, measure=False)) is not None:
             return out
         _compute_base(chunk)
         return self._combine(chunk, [self._sparse_delta(chunk, i) for i in range(len(chunk.models))])
@@ -184,7 +205,9 @@ class TaskArithmeticKernel(Kernel):
         hosted = [arrays.host_numpy(d) for d in deltas]
         base = arrays.host_stored(chunk.base)
         if base is not None and all(h is not None and h.dtype == np.float32 for h in hosted):
-            out = _combine_host(hosted, weights, self.consensus, self.p["normalize"], self.p["lambda"], base)
+            out = kernels.combine(
+                hosted, weights, self.consensus, self.p["normalize"], self.p["lambda"], base
+            )
             out = out.reshape(chunk.base.shape)
             return out if arrays.is_numpy(chunk.base) else torch.from_numpy(out)
         for w, d in zip(weights, deltas):
@@ -205,15 +228,12 @@ class TaskArithmeticKernel(Kernel):
         return arrays.add(mixed, chunk.base)
 
 
-@njit(cache=True, nogil=True, boundscheck=False)
-def _drop_rows(x, row_len, start, k0, k1, threshold, full, kept):  # pragma: no cover - compiled
-    """Per row of the flat float32 rows ``x``: full[r] = its L1 norm, then the random keep mask of
-    elements start + j (as RandomStream.mask), then kept[r] = its L1 norm. Same order as RowL1."""
-    for r in range(full.shape[0]):
-        row = x[r * row_len : (r + 1) * row_len]
-        full[r] = row_abs_sum(row)
-        mask_const(start + np.uint64(r * row_len), k0, k1, threshold, row)
-        kept[r] = row_abs_sum(row)
+def _stored_inputs(chunk: Chunk) -> list[np.ndarray] | None:
+    """Flat stored views of the base and the models when all are CPU data of one stored dtype."""
+    stored = [arrays.host_stored(x) for x in (chunk.base, *chunk.models)]
+    if all(x is not None and x.dtype == stored[0].dtype for x in stored):
+        return stored
+    return None
 
 
 def _compute_base(chunk: Chunk) -> None:
@@ -226,7 +246,7 @@ def _delta_copy(model, base):
     stored, flat_base = arrays.host_stored(model), arrays.host_stored(base)
     if stored is not None and flat_base is not None and flat_base.dtype == np.float32:
         out = np.empty(flat_base.shape, dtype=np.float32)
-        fused.difference(stored, flat_base, out)  # converted as read: one pass
+        kernels.difference(stored, flat_base, out)  # converted as read: one pass
         out = out.reshape(base.shape)
         return out if arrays.is_numpy(base) else torch.from_numpy(out)
     if arrays.is_numpy(model):
@@ -284,57 +304,6 @@ def _disjoint_sum(weighted: list, weights, normalize: bool):
             divisor.masked_fill_(divisor == 0, 1.0)
         mixed.div_(divisor)
     return mixed
-
-
-def _combine_host(deltas: list[np.ndarray], weights, consensus: bool, normalize: bool, lam: float, base):
-    """_combine on CPU data in one compiled pass: the same float32 steps, in the same order."""
-    total = float(sum(weights))
-    divide = np.float32(total if normalize and abs(total) >= 1e-8 else 0.0)
-    out = np.empty(base.shape[0], dtype=np.float32)
-    flat = tuple(d.reshape(-1) for d in deltas)
-    w = np.asarray(weights, dtype=np.float32)
-    positive = all(x > 0 for x in weights)
-    _combine_kernel(flat, w, consensus, normalize, positive, divide, np.float32(lam), base, out)
-    return out
-
-
-@njit(cache=True, nogil=True, boundscheck=False)
-def _combine_kernel(ds, w, consensus, normalize, positive, divide, lam, base, out):  # pragma: no cover
-    """Per element: v_i = d_i * w_i; with ``consensus`` the sign election and (normalised) disjoint
-    sum of _disjoint_sum, else sum_i v_i (divided by ``divide`` unless it is 0); then * lam + base."""
-    tiny = np.float32(np.finfo(np.float32).tiny)
-    one, zero = np.float32(1.0), np.float32(0.0)
-    k = len(ds)
-    for j in range(out.shape[0]):
-        if consensus:
-            total = np.float32(ds[0][j] * w[0])
-            for i in range(1, k):
-                total = np.float32(total + np.float32(ds[i][j] * w[i]))
-            elected = -one if np.signbit(total) else one
-            mixed = zero
-            divisor = zero
-            for i in range(k):
-                agree = np.float32(np.float32(ds[i][j] * w[i]) * elected)
-                if agree < zero:  # clamp at 0; NaN stays NaN
-                    agree = zero
-                mixed = agree if i == 0 else np.float32(mixed + agree)
-                if normalize:
-                    step = w[i] if agree > zero else zero
-                    divisor = step if i == 0 else np.float32(divisor + step)
-            mixed = np.float32(mixed * elected)
-            if normalize:
-                if positive:
-                    divisor = max(divisor, tiny)
-                elif divisor == zero:
-                    divisor = one
-                mixed = np.float32(mixed / divisor)
-        else:
-            mixed = np.float32(ds[0][j] * w[0])
-            for i in range(1, k):
-                mixed = np.float32(mixed + np.float32(ds[i][j] * w[i]))
-            if divide != zero:
-                mixed = np.float32(mixed / divide)
-        out[j] = np.float32(np.float32(mixed * lam) + load(base, j))
 
 
 class TiesKernel(TaskArithmeticKernel):

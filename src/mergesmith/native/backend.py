@@ -26,7 +26,7 @@ class NativeBackend:
         code = model.tensors[src.tensor].code
         stored = model.read_array(src.tensor, span)
         if raw and code in ("BF16", "F32") and t.cast_code in (None, code):
-            return stored  # the kernel converts as it reads (methods.fused); uint16 holds bfloat16
+            return stored  # the kernel converts as it reads (mergesmith.kernels); uint16 holds bfloat16
         x = to_float32(stored, code)
         if t.cast_code is not None and t.cast_code != code:
             x = round_to(x, t.cast_code)

@@ -1,34 +1,13 @@
-"""Float conversions between storage dtypes and float32, compiled by numba (cached on disk after the first
-run). bfloat16 is held as uint16: widening is a shift; narrowing rounds to nearest even, as torch does."""
+"""Float conversions between storage dtypes and float32 for the native backend. bfloat16 is held as uint16:
+widening is a shift; narrowing rounds to nearest even, as torch does (compiled loops in kernels.py)."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from numba import njit
 
-BF16_NAN = np.uint16(0xFFFF)  # what torch's vectorised float32 -> bfloat16 conversion gives for NaN
-
-
-@njit(cache=True, nogil=True, boundscheck=False)
-def _widen_bf16(src, dst):  # pragma: no cover - compiled
-    for j in range(src.shape[0]):
-        dst[j] = np.uint32(src[j]) << np.uint32(16)
-
-
-@njit(cache=True, nogil=True, boundscheck=False)
-def _narrow_bf16(src, dst):  # pragma: no cover - compiled
-    """Round float32 bits ``src`` to bfloat16 bits ``dst``; returns how many results are Inf or NaN."""
-    bad = 0
-    for j in range(src.shape[0]):
-        u = src[j]
-        r = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-        if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-            r = BF16_NAN
-        dst[j] = r
-        bad += (r & np.uint16(0x7F80)) == np.uint16(0x7F80)
-    return bad
+from mergesmith.kernels import narrow_bf16, widen
 
 
 def to_float32(x: np.ndarray, code: str) -> np.ndarray:
@@ -36,9 +15,9 @@ def to_float32(x: np.ndarray, code: str) -> np.ndarray:
     if code == "F32":
         return x
     if code == "BF16":
-        out = np.empty(x.shape, dtype=np.uint32)
-        _widen_bf16(x.reshape(-1), out.reshape(-1))
-        return out.view(np.float32)
+        out = np.empty(x.shape, dtype=np.float32)
+        widen(x.reshape(-1), out.reshape(-1))
+        return out
     if code == "F16":
         return x.astype(np.float32)
     raise ValueError(f"no native conversion from {code}")
@@ -48,7 +27,7 @@ def from_float32(x: np.ndarray, code: str) -> tuple[np.ndarray, bool]:
     """``x`` rounded to ``code`` (stored as numpy holds it), and whether every result is finite."""
     if code == "BF16":
         out = np.empty(x.shape, dtype=np.uint16)
-        bad = _narrow_bf16(np.ascontiguousarray(x).reshape(-1).view(np.uint32), out.reshape(-1))
+        bad = narrow_bf16(np.ascontiguousarray(x).reshape(-1).view(np.uint32), out.reshape(-1))
         return out, bad == 0
     if code == "F16":
         out = x.astype(np.float16)

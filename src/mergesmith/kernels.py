@@ -1,0 +1,376 @@
+"""Every numba-compiled loop that another compiled loop calls, in one module.
+
+numba caches compiled functions on disk and recompiles one when its own source file changes, but not when
+a function it calls changes in another file: loops that call each other live here so that their caches
+are invalidated together. The loops work on CPU data for both backends; they read inputs as stored
+(bfloat16 as uint16 bits, or float32) and do each element's float32 operations in the order the
+step-by-step kernels do them (``fma`` where torch and mergekit fuse a multiply-add), so results do not
+depend on which path ran.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+
+@intrinsic
+def fma(typingctx, a, b, c):  # pragma: no cover - compiled
+    """a * b + c in float32 with one rounding (LLVM's llvm.fma)."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        fn = builder.module.declare_intrinsic("llvm.fma", [f32], ir.FunctionType(f32, [f32, f32, f32]))
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+def load(x, j):  # pragma: no cover - replaced in compiled code by the overload below
+    raise NotImplementedError
+
+
+@overload(load, inline="always")
+def _load(x, j):  # pragma: no cover - compiled
+    """Element j of a stored array as float32: bfloat16 bits (uint16) are widened, float32 read."""
+    if isinstance(x, types.Array) and x.dtype == types.uint16:
+        return lambda x, j: np.uint32(np.uint32(x[j]) << np.uint32(16)).view(np.float32)
+    if isinstance(x, types.Array) and x.dtype == types.float32:
+        return lambda x, j: x[j]
+    return None
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def widen(x, out):  # pragma: no cover - compiled
+    """out = x as float32."""
+    for j in range(out.shape[0]):
+        out[j] = load(x, j)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def difference(x, base, out):  # pragma: no cover - compiled
+    """out = x - base (both as stored)."""
+    for j in range(out.shape[0]):
+        out[j] = np.float32(load(x, j) - load(base, j))
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _scaled(x, w, out):  # pragma: no cover - compiled
+    for j in range(out.shape[0]):
+        out[j] = np.float32(load(x, j) * w)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def fma_into(x, w, out):  # pragma: no cover - compiled
+    """out = fma(x, w, out): out + x * w with one rounding."""
+    for j in range(out.shape[0]):
+        out[j] = fma(load(x, j), w, out[j])
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _scaled_difference(x, base, w, out):  # pragma: no cover - compiled
+    for j in range(out.shape[0]):
+        out[j] = np.float32(np.float32(load(x, j) - load(base, j)) * w)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _add_scaled_difference(x, base, w, out):  # pragma: no cover - compiled
+    for j in range(out.shape[0]):
+        out[j] = np.float32(out[j] + np.float32(np.float32(load(x, j) - load(base, j)) * w))
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _divide(out, total):  # pragma: no cover - compiled
+    for j in range(out.shape[0]):
+        out[j] = np.float32(out[j] / total)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _scale_add(out, lam, base):  # pragma: no cover - compiled
+    """out = out * lam + base, rounded after each step."""
+    for j in range(out.shape[0]):
+        out[j] = np.float32(np.float32(out[j] * lam) + load(base, j))
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def interpolate(a, b, c0, c1, out):  # pragma: no cover - compiled
+    """out = fma(b, c1, round(a * c0))."""
+    for j in range(out.shape[0]):
+        out[j] = fma(load(b, j), c1, np.float32(load(a, j) * c0))
+
+
+@njit(nogil=True, boundscheck=False)
+def _row_products(x, y):  # pragma: no cover - compiled
+    """(<x, y>, |x|^2, |y|^2) of two float32 rows in float64, in four interleaved partial sums each."""
+    d0 = d1 = d2 = d3 = 0.0
+    p0 = p1 = p2 = p3 = 0.0
+    q0 = q1 = q2 = q3 = 0.0
+    n = x.shape[0]
+    j = 0
+    while j + 4 <= n:
+        a0, a1, a2, a3 = np.float64(x[j]), np.float64(x[j + 1]), np.float64(x[j + 2]), np.float64(x[j + 3])
+        b0, b1, b2, b3 = np.float64(y[j]), np.float64(y[j + 1]), np.float64(y[j + 2]), np.float64(y[j + 3])
+        d0 += a0 * b0
+        d1 += a1 * b1
+        d2 += a2 * b2
+        d3 += a3 * b3
+        p0 += a0 * a0
+        p1 += a1 * a1
+        p2 += a2 * a2
+        p3 += a3 * a3
+        q0 += b0 * b0
+        q1 += b1 * b1
+        q2 += b2 * b2
+        q3 += b3 * b3
+        j += 4
+    dt = pt = qt = 0.0
+    while j < n:
+        a, b = np.float64(x[j]), np.float64(y[j])
+        dt += a * b
+        pt += a * a
+        qt += b * b
+        j += 1
+    return (d0 + d1) + (d2 + d3) + dt, (p0 + p1) + (p2 + p3) + pt, (q0 + q1) + (q2 + q3) + qt
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def row_products(a, b, row_len, out):  # pragma: no cover - compiled
+    """out[r] = (<a_r, b_r>, |a_r|^2, |b_r|^2) for the rows of the flat stored arrays a and b (each row
+    is widened to float32 in a small buffer first, which lets the sums vectorise better)."""
+    x = np.empty(row_len, dtype=np.float32)
+    y = np.empty(row_len, dtype=np.float32)
+    for r in range(out.shape[0]):
+        s = r * row_len
+        for j in range(row_len):
+            x[j] = load(a, s + j)
+        for j in range(row_len):
+            y[j] = load(b, s + j)
+        d, p, q = _row_products(x, y)
+        out[r, 0] = d
+        out[r, 1] = p
+        out[r, 2] = q
+
+
+# --- bfloat16 rounding ---------------------------------------------------------------------------
+
+BF16_NAN = np.uint16(0xFFFF)  # what torch's vectorised float32 -> bfloat16 conversion gives for NaN
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def narrow_bf16(src, dst):  # pragma: no cover - compiled
+    """Round float32 bits ``src`` to bfloat16 bits ``dst``; returns how many results are Inf or NaN."""
+    bad = 0
+    for j in range(src.shape[0]):
+        u = src[j]
+        r = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+        if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+            r = BF16_NAN
+        dst[j] = r
+        bad += (r & np.uint16(0x7F80)) == np.uint16(0x7F80)
+    return bad
+
+
+# --- row statistics ------------------------------------------------------------------------------
+
+
+@njit(inline="always")
+def abs_sum(x, start, end):  # pragma: no cover - compiled
+    """sum |x[start:end]| in float64, in eight interleaved partial sums (a fixed order that vectorises)."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
+    j = start
+    while j + 8 <= end:
+        a0 += abs(np.float64(x[j]))
+        a1 += abs(np.float64(x[j + 1]))
+        a2 += abs(np.float64(x[j + 2]))
+        a3 += abs(np.float64(x[j + 3]))
+        a4 += abs(np.float64(x[j + 4]))
+        a5 += abs(np.float64(x[j + 5]))
+        a6 += abs(np.float64(x[j + 6]))
+        a7 += abs(np.float64(x[j + 7]))
+        j += 8
+    tail = 0.0
+    while j < end:
+        tail += abs(np.float64(x[j]))
+        j += 1
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)) + tail
+
+
+@njit(nogil=True, boundscheck=False)
+def row_abs_sum(row):  # pragma: no cover - compiled
+    """sum |row| in float64 (a compiled function of its own, so that its loop vectorises)."""
+    return abs_sum(row, 0, row.shape[0])
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def row_abs_sums(x, row_len, out):  # pragma: no cover - compiled
+    """out[r] = sum |row r| of the flat rows of ``x``."""
+    for r in range(out.shape[0]):
+        out[r] = row_abs_sum(x[r * row_len : (r + 1) * row_len])
+
+
+# --- DARE's random stream (rng.py) ---------------------------------------------------------------
+
+
+@njit(inline="always")
+def _lowbias32(x):  # pragma: no cover - compiled
+    # every step is cast back to uint32: numba widens integer arithmetic
+    x = np.uint32(x ^ (x >> np.uint32(16)))
+    x = np.uint32(x * np.uint32(0x7FEB352D))
+    x = np.uint32(x ^ (x >> np.uint32(15)))
+    x = np.uint32(x * np.uint32(0x846CA68B))
+    return np.uint32(x ^ (x >> np.uint32(16)))
+
+
+@njit(inline="always")
+def draw(index, k0, k1):  # pragma: no cover - compiled
+    """The 32-bit number of element ``index`` (uint64) under the key (k0, k1)."""
+    lo = np.uint32(index & np.uint64(0xFFFFFFFF))
+    hi = np.uint32(index >> np.uint64(32))
+    hi_mix = np.uint32(np.uint32(hi * np.uint32(0x9E3779B9)) ^ k1)
+    return _lowbias32(np.uint32(_lowbias32(np.uint32(lo ^ k0)) ^ hi_mix))
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def keep_const(start, k0, k1, threshold, out):  # pragma: no cover - compiled
+    for i in range(out.shape[0]):
+        out[i] = np.uint64(draw(start + np.uint64(i), k0, k1)) < threshold
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def keep_each(start, k0, k1, thresholds, out):  # pragma: no cover - compiled
+    for i in range(out.shape[0]):
+        out[i] = np.uint64(draw(start + np.uint64(i), k0, k1)) < thresholds[i]
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def mask_const(start, k0, k1, threshold, x):  # pragma: no cover - compiled
+    """x *= keep (1.0 or 0.0, as a multiply by a boolean mask does), in place."""
+    for i in range(x.shape[0]):
+        x[i] *= np.float32(np.uint64(draw(start + np.uint64(i), k0, k1)) < threshold)
+
+
+# --- task vectors (methods/task_arithmetic.py) ---------------------------------------------------
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def drop_rows(x, row_len, start, k0, k1, threshold, full, kept):  # pragma: no cover - compiled
+    """Per row of the flat float32 rows ``x``: full[r] = its L1 norm, then the random keep mask of
+    elements start + j (as RandomStream.mask), then kept[r] = its L1 norm. Same order as RowL1."""
+    for r in range(full.shape[0]):
+        row = x[r * row_len : (r + 1) * row_len]
+        full[r] = row_abs_sum(row)
+        mask_const(start + np.uint64(r * row_len), k0, k1, threshold, row)
+        kept[r] = row_abs_sum(row)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def dare_rows(x, base, row_len, start, k0, k1, threshold, out, full, kept):  # pragma: no cover - compiled
+    """Per row of the flat stored arrays x and base: out = x - base, full[r] = its L1 norm, then the
+    random keep mask of elements start + j, then kept[r] = its L1 norm (difference + drop_rows)."""
+    for r in range(full.shape[0]):
+        s = r * row_len
+        row = out[s : s + row_len]
+        difference(x[s : s + row_len], base[s : s + row_len], row)
+        full[r] = row_abs_sum(row)
+        mask_const(start + np.uint64(s), k0, k1, threshold, row)
+        kept[r] = row_abs_sum(row)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def dare_norms(x, base, row_len, start, k0, k1, threshold, full, kept):  # pragma: no cover - compiled
+    """dare_rows' norms without its output: one row of scratch."""
+    row = np.empty(row_len, dtype=np.float32)
+    for r in range(full.shape[0]):
+        s = r * row_len
+        difference(x[s : s + row_len], base[s : s + row_len], row)
+        full[r] = row_abs_sum(row)
+        mask_const(start + np.uint64(s), k0, k1, threshold, row)
+        kept[r] = row_abs_sum(row)
+
+
+def combine(
+    deltas: list[np.ndarray], weights, consensus: bool, normalize: bool, lam: float, base, scales=None
+):
+    """TaskArithmeticKernel._combine on CPU data in one compiled pass: the same float32 steps in the same
+    order. ``scales`` (one per task vector, default 1) multiply each task vector first (DARE's rescale)."""
+    total = float(sum(weights))
+    divide = np.float32(total if normalize and abs(total) >= 1e-8 else 0.0)
+    out = np.empty(base.shape[0], dtype=np.float32)
+    flat = tuple(d.reshape(-1) for d in deltas)
+    w = np.asarray(weights, dtype=np.float32)
+    positive = all(x > 0 for x in weights)
+    sc = np.ones(len(deltas), dtype=np.float32) if scales is None else np.asarray(scales, dtype=np.float32)
+    combine_kernel(flat, sc, w, consensus, normalize, positive, divide, np.float32(lam), base, out)
+    return out
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def combine_kernel(ds, sc, w, consensus, normalize, positive, divide, lam, base, out):  # pragma: no cover
+    """Per element: v_i = (d_i * sc_i) * w_i; with ``consensus`` the sign election and (normalised)
+    disjoint sum of _disjoint_sum, else sum_i v_i (divided by ``divide`` unless it is 0); then * lam +
+    base. Multiplying by 1 changes nothing, so unit scales and weights need no special case."""
+    tiny = np.float32(np.finfo(np.float32).tiny)
+    one, zero = np.float32(1.0), np.float32(0.0)
+    k = len(ds)
+    for j in range(out.shape[0]):
+        if consensus:
+            total = np.float32(np.float32(ds[0][j] * sc[0]) * w[0])
+            for i in range(1, k):
+                total = np.float32(total + np.float32(np.float32(ds[i][j] * sc[i]) * w[i]))
+            elected = -one if np.signbit(total) else one
+            mixed = zero
+            divisor = zero
+            for i in range(k):
+                agree = np.float32(np.float32(np.float32(ds[i][j] * sc[i]) * w[i]) * elected)
+                if agree < zero:  # clamp at 0; NaN stays NaN
+                    agree = zero
+                mixed = agree if i == 0 else np.float32(mixed + agree)
+                if normalize:
+                    step = w[i] if agree > zero else zero
+                    divisor = step if i == 0 else np.float32(divisor + step)
+            mixed = np.float32(mixed * elected)
+            if normalize:
+                if positive:
+                    divisor = max(divisor, tiny)
+                elif divisor == zero:
+                    divisor = one
+                mixed = np.float32(mixed / divisor)
+        else:
+            mixed = np.float32(np.float32(ds[0][j] * sc[0]) * w[0])
+            for i in range(1, k):
+                mixed = np.float32(mixed + np.float32(np.float32(ds[i][j] * sc[i]) * w[i]))
+            if divide != zero:
+                mixed = np.float32(mixed / divide)
+        out[j] = np.float32(np.float32(mixed * lam) + load(base, j))
+
+
+# --- whole operations, called from Python ----------------------------------------------------------
+
+
+def linear(models: list[np.ndarray], weights, normalize: bool, total: float) -> np.ndarray:
+    """LinearKernel's sum on flat stored arrays: round(m0 * w0), then fma(m_i, w_i, .) ..., / total."""
+    out = np.empty(models[0].shape[0], dtype=np.float32)
+    _scaled(models[0], np.float32(weights[0]), out)
+    for m, w in zip(models[1:], weights[1:]):
+        fma_into(m, np.float32(w), out)
+    if normalize:
+        _divide(out, np.float32(total))
+    return out
+
+
+def task_arithmetic(
+    base: np.ndarray, models: list[np.ndarray], weights, divide_by: float | None, lam: float
+) -> np.ndarray:
+    """TaskArithmeticKernel's sum without sparsification on flat stored arrays:
+    sum_i round((m_i - base) * w_i), / divide_by (if given), * lambda, + base."""
+    out = np.empty(base.shape[0], dtype=np.float32)
+    _scaled_difference(models[0], base, np.float32(weights[0]), out)
+    for m, w in zip(models[1:], weights[1:]):
+        _add_scaled_difference(m, base, np.float32(w), out)
+    if divide_by is not None:
+        _divide(out, np.float32(divide_by))
+    _scale_add(out, np.float32(lam), base)
+    return out
