@@ -256,17 +256,6 @@ def mask_const(start, k0, k1, threshold, x):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def drop_rows(x, row_len, start, k0, k1, threshold, full, kept):  # pragma: no cover - compiled
-    """Per row of the flat float32 rows ``x``: full[r] = its L1 norm, then the random keep mask of
-    elements start + j (as RandomStream.mask), then kept[r] = its L1 norm. Same order as RowL1."""
-    for r in range(full.shape[0]):
-        row = x[r * row_len : (r + 1) * row_len]
-        full[r] = row_abs_sum(row)
-        mask_const(start + np.uint64(r * row_len), k0, k1, threshold, row)
-        kept[r] = row_abs_sum(row)
-
-
-@njit(cache=True, nogil=True, boundscheck=False)
 def dare_rows(x, base, row_len, start, k0, k1, threshold, out, full, kept):  # pragma: no cover - compiled
     """Per row of the flat stored arrays x and base: out = x - base, full[r] = its L1 norm, then the
     random keep mask of elements start + j, then kept[r] = its L1 norm (difference + drop_rows)."""
@@ -374,3 +363,11 @@ def task_arithmetic(
         _divide(out, np.float32(divide_by))
     _scale_add(out, np.float32(lam), base)
     return out
+
+
+def warm_up() -> None:
+    """Make numba ready: its first call in a process sets up the compiler and loads the cache (about
+    0.15 s); the native backend calls this on a thread of its own while the first tensors are read."""
+    out = np.empty(8, dtype=np.float32)
+    widen(np.zeros(8, dtype=np.uint16), out)
+    narrow_bf16(out.view(np.uint32), np.empty(8, dtype=np.uint16))

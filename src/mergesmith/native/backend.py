@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import threading
+from contextlib import contextmanager
 
 import numpy as np
 
+from mergesmith import kernels
 from mergesmith.execute import Span
 from mergesmith.methods import Kernel, Method
 from mergesmith.native.convert import from_float32, round_to, to_float32
@@ -42,5 +44,13 @@ class NativeBackend:
     def chunk_dtype(self, t: OutputTensor) -> str:
         return t.compute_code
 
+    @contextmanager
     def threads(self):
-        return nullcontext()
+        """While the merge runs: numba's one-time set-up on a thread of its own, overlapping the workers'
+        first reads (they wait for it at their first compiled call)."""
+        warm = threading.Thread(target=kernels.warm_up, name="mergesmith-warm-up", daemon=True)
+        warm.start()
+        try:
+            yield
+        finally:
+            warm.join()
