@@ -245,11 +245,33 @@ def keep_each(start, k0, k1, thresholds, out):  # pragma: no cover - compiled
         out[i] = np.uint64(draw(start + np.uint64(i), k0, k1)) < thresholds[i]
 
 
+@njit(nogil=True, boundscheck=False)
+def _mask_run(lo, hi_mix, k0, t, x):  # pragma: no cover - compiled
+    """x[i] *= (draw of element lo + i <= t), for indices sharing one high half (mixed: hi_mix)."""
+    for i in range(x.shape[0]):
+        h = _lowbias32(np.uint32(_lowbias32(np.uint32(np.uint32(lo + np.uint32(i)) ^ k0)) ^ hi_mix))
+        x[i] *= np.float32(h <= t)
+
+
 @njit(cache=True, nogil=True, boundscheck=False)
 def mask_const(start, k0, k1, threshold, x):  # pragma: no cover - compiled
-    """x *= keep (1.0 or 0.0, as a multiply by a boolean mask does), in place."""
-    for i in range(x.shape[0]):
-        x[i] *= np.float32(np.uint64(draw(start + np.uint64(i), k0, k1)) < threshold)
+    """x *= keep (1.0 or 0.0, as a multiply by a boolean mask does), in place: element start + i is kept
+    when draw(start + i) < threshold. The high half of the index is mixed once per run of 2**32."""
+    if threshold == np.uint64(0):
+        for i in range(x.shape[0]):
+            x[i] *= np.float32(0.0)
+        return
+    t = np.uint32(min(threshold, np.uint64(1) << np.uint64(32)) - np.uint64(1))  # h < T  <=>  h <= T - 1
+    done = 0
+    n = x.shape[0]
+    while done < n:
+        index = start + np.uint64(done)
+        lo = np.uint32(index & np.uint64(0xFFFFFFFF))
+        hi = np.uint32(index >> np.uint64(32))
+        run = min(n - done, np.int64(np.uint64(1) << np.uint64(32)) - np.int64(lo))
+        hi_mix = np.uint32(np.uint32(hi * np.uint32(0x9E3779B9)) ^ k1)
+        _mask_run(lo, hi_mix, k0, t, x[done : done + run])
+        done += run
 
 
 # --- task vectors (methods/task_arithmetic.py) ---------------------------------------------------
