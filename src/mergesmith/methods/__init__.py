@@ -146,7 +146,14 @@ def methods() -> dict[str, Method]:
     return dict(REGISTRY)
 
 
+_loaded = False
+
+
 def _load_all() -> None:
+    """Import every method module (each registers itself); once, as workers ask for every tensor."""
+    global _loaded
+    if _loaded:
+        return
     from mergesmith.methods import (  # noqa: F401
         arcee_fusion,
         breadcrumbs,
@@ -164,6 +171,8 @@ def _load_all() -> None:
         task_arithmetic,
         tsv,
     )
+
+    _loaded = True
 
 
 def run_kernel(method: Method, params: Mapping[str, Any], chunk: Chunk) -> torch.Tensor:

@@ -97,10 +97,6 @@ def axpy(x: Array, a: float, y: Array) -> Array:
     return x.add_(y, alpha=a)
 
 
-def copy_of(x: Array) -> Array:
-    return x.copy() if is_numpy(x) else x.clone()
-
-
 def empty_like(x: Array) -> Array:
     return np.empty_like(x) if is_numpy(x) else torch.empty_like(x)
 
