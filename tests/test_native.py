@@ -200,19 +200,9 @@ def test_fused_dare_rows_equal_the_separate_steps():
     model = base + rng.standard_normal((37, 53), dtype=np.float32)
     stream = RandomStream(7, "w", 1)
     start, threshold = 53 * 5, np.uint64(round(0.3 * 2**32))
+    args = (model.reshape(-1), base.reshape(-1), 53, np.uint64(start), stream.k0, stream.k1, threshold)
     out, full, kept = np.empty(37 * 53, np.float32), np.empty(37), np.empty(37)
-    dare_rows(
-        model.reshape(-1),
-        base.reshape(-1),
-        53,
-        np.uint64(start),
-        stream.k0,
-        stream.k1,
-        threshold,
-        out,
-        full,
-        kept,
-    )
+    dare_rows(*args, out, full, kept)
     ref = model - base
     ref_full, ref_kept = RowL1(), RowL1()
     ref_full.add(ref)
@@ -222,17 +212,7 @@ def test_fused_dare_rows_equal_the_separate_steps():
     assert math.fsum(full) == ref_full.value and math.fsum(kept) == ref_kept.value
     assert ref_kept.value < ref_full.value
     full2, kept2 = np.empty(37), np.empty(37)
-    dare_norms(
-        model.reshape(-1),
-        base.reshape(-1),
-        53,
-        np.uint64(start),
-        stream.k0,
-        stream.k1,
-        threshold,
-        full2,
-        kept2,
-    )
+    dare_norms(*args, full2, kept2)
     assert np.array_equal(full2, full) and np.array_equal(kept2, kept)
 
 

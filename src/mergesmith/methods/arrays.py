@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from mergesmith import kernels
 from mergesmith._torch import torch
 
 Array = Any  # a torch.Tensor or a numpy float32 array
@@ -51,10 +52,8 @@ def as_compute(x: Array, dtype: Any) -> Array:
     array); a torch tensor goes through ``.to(dtype)``."""
     if isinstance(x, np.ndarray):
         if x.dtype == np.uint16:
-            from mergesmith.kernels import widen
-
             out = np.empty(x.shape, dtype=np.float32)
-            widen(x.reshape(-1), out.reshape(-1))
+            kernels.widen(x.reshape(-1), out.reshape(-1))
             return out
         return x if x.dtype == np.float32 else x.astype(np.float32)
     return x.to(dtype)
@@ -90,9 +89,7 @@ def sub(x: Array, y: Array) -> Array:
 def axpy(x: Array, a: float, y: Array) -> Array:
     """x += a * y with one rounding (a fused multiply-add), in place."""
     if is_numpy(x):
-        from mergesmith.kernels import fma_into
-
-        fma_into(np.ascontiguousarray(y, dtype=np.float32).reshape(-1), np.float32(a), x.reshape(-1))
+        kernels.fma_into(np.ascontiguousarray(y, dtype=np.float32).reshape(-1), np.float32(a), x.reshape(-1))
         return x
     return x.add_(y, alpha=a)
 
