@@ -58,41 +58,10 @@ def difference(x, base, out):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def _scaled(x, w, out):  # pragma: no cover - compiled
-    for j in range(out.shape[0]):
-        out[j] = np.float32(load(x, j) * w)
-
-
-@njit(cache=True, nogil=True, boundscheck=False)
 def fma_into(x, w, out):  # pragma: no cover - compiled
     """out = fma(x, w, out): out + x * w with one rounding."""
     for j in range(out.shape[0]):
         out[j] = fma(load(x, j), w, out[j])
-
-
-@njit(cache=True, nogil=True, boundscheck=False)
-def _scaled_difference(x, base, w, out):  # pragma: no cover - compiled
-    for j in range(out.shape[0]):
-        out[j] = np.float32(np.float32(load(x, j) - load(base, j)) * w)
-
-
-@njit(cache=True, nogil=True, boundscheck=False)
-def _add_scaled_difference(x, base, w, out):  # pragma: no cover - compiled
-    for j in range(out.shape[0]):
-        out[j] = np.float32(out[j] + np.float32(np.float32(load(x, j) - load(base, j)) * w))
-
-
-@njit(cache=True, nogil=True, boundscheck=False)
-def _divide(out, total):  # pragma: no cover - compiled
-    for j in range(out.shape[0]):
-        out[j] = np.float32(out[j] / total)
-
-
-@njit(cache=True, nogil=True, boundscheck=False)
-def _scale_add(out, lam, base):  # pragma: no cover - compiled
-    """out = out * lam + base, rounded after each step."""
-    for j in range(out.shape[0]):
-        out[j] = np.float32(np.float32(out[j] * lam) + load(base, j))
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
@@ -361,29 +330,47 @@ def combine_kernel(ds, sc, w, consensus, normalize, positive, divide, lam, base,
 # --- whole operations, called from Python ----------------------------------------------------------
 
 
+@njit(cache=True, nogil=True, boundscheck=False)
+def _linear(models, w, divide, out):  # pragma: no cover - compiled
+    """out = round(m_0 w_0), then fma(m_i, w_i, .) for each further model, then / divide (unless 0)."""
+    for j in range(out.shape[0]):
+        acc = np.float32(load(models[0], j) * w[0])
+        for i in range(1, len(models)):
+            acc = fma(load(models[i], j), w[i], acc)
+        if divide != np.float32(0.0):
+            acc = np.float32(acc / divide)
+        out[j] = acc
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _task_arithmetic(base, models, w, divide, lam, out):  # pragma: no cover - compiled
+    """out = (sum_i round((m_i - base) w_i)) / divide (unless 0) * lam + base, rounded step by step."""
+    for j in range(out.shape[0]):
+        b = load(base, j)
+        acc = np.float32(np.float32(load(models[0], j) - b) * w[0])
+        for i in range(1, len(models)):
+            acc = np.float32(acc + np.float32(np.float32(load(models[i], j) - b) * w[i]))
+        if divide != np.float32(0.0):
+            acc = np.float32(acc / divide)
+        out[j] = np.float32(np.float32(acc * lam) + b)
+
+
 def linear(models: list[np.ndarray], weights, normalize: bool, total: float) -> np.ndarray:
-    """LinearKernel's sum on flat stored arrays: round(m0 * w0), then fma(m_i, w_i, .) ..., / total."""
+    """LinearKernel's sum on flat stored arrays of one dtype, in one pass."""
     out = np.empty(models[0].shape[0], dtype=np.float32)
-    _scaled(models[0], np.float32(weights[0]), out)
-    for m, w in zip(models[1:], weights[1:]):
-        fma_into(m, np.float32(w), out)
-    if normalize:
-        _divide(out, np.float32(total))
+    divide = np.float32(total if normalize else 0.0)
+    _linear(tuple(models), np.asarray(weights, dtype=np.float32), divide, out)
     return out
 
 
 def task_arithmetic(
     base: np.ndarray, models: list[np.ndarray], weights, divide_by: float | None, lam: float
 ) -> np.ndarray:
-    """TaskArithmeticKernel's sum without sparsification on flat stored arrays:
-    sum_i round((m_i - base) * w_i), / divide_by (if given), * lambda, + base."""
+    """TaskArithmeticKernel's sum without sparsification on flat stored arrays of one dtype, in one
+    pass: sum_i round((m_i - base) * w_i), / divide_by (if given), * lambda, + base."""
     out = np.empty(base.shape[0], dtype=np.float32)
-    _scaled_difference(models[0], base, np.float32(weights[0]), out)
-    for m, w in zip(models[1:], weights[1:]):
-        _add_scaled_difference(m, base, np.float32(w), out)
-    if divide_by is not None:
-        _divide(out, np.float32(divide_by))
-    _scale_add(out, np.float32(lam), base)
+    divide = np.float32(divide_by if divide_by is not None else 0.0)
+    _task_arithmetic(base, tuple(models), np.asarray(weights, dtype=np.float32), divide, np.float32(lam), out)
     return out
 
 
