@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from mergesmith import dtypes
 from mergesmith._torch import torch
 from mergesmith.errors import MergeError
-from mergesmith.methods import Chunk, Kernel, Method, get_method
+from mergesmith.methods import Chunk, Method, get_method
 from mergesmith.plan import MergePlan, OutputTensor, TensorSource
 from mergesmith.rng import RandomStream
 from mergesmith.write import ShardedWriter
@@ -131,9 +131,8 @@ class OutputHook(Protocol):
 
 
 class Backend(Protocol):
-    """Where the maths runs: reads inputs as arrays, makes the method's kernel, finishes outputs."""
-
-    def kernel(self, method: Method, t: OutputTensor) -> Kernel: ...
+    """Where the maths runs: reads inputs as arrays (which the method's kernel computes on), finishes
+    outputs."""
 
     def read(self, t: OutputTensor, src: TensorSource, span: Span, raw: bool) -> Any:
         """One input's rows, in the compute dtype (or its stored float dtype when ``raw``)."""
@@ -160,9 +159,6 @@ class TorchBackend:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise MergeError("--device cuda was given but no CUDA GPU is available to torch")
-
-    def kernel(self, method: Method, t: OutputTensor) -> Kernel:
-        return method.kernel(dict(t.params), t.numel)
 
     def read(self, t: OutputTensor, src: TensorSource, span: Span, raw: bool):
         x = self.plan.models[src.model].read(src.tensor, span)
@@ -286,7 +282,7 @@ class Executor:
         method's statistic passes run once, here."""
         if t.copy:
             return lambda: ((span, self.backend.read_copy(t, span)) for span in spans)
-        kernel = self.backend.kernel(method, t)
+        kernel = method.kernel(dict(t.params), t.numel)
         rng = (
             [RandomStream(self.options.seed, t.name, i, t.numel) for i in range(len(t.inputs))]
             if method.random

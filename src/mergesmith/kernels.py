@@ -194,12 +194,22 @@ def _lowbias32(x):  # pragma: no cover - compiled
 
 
 @njit(inline="always")
+def _hi_mix(index, k1):  # pragma: no cover - compiled
+    """The key for the high half of element ``index`` (uint64)."""
+    hi = np.uint32(index >> np.uint64(32))
+    return np.uint32(np.uint32(hi * np.uint32(0x9E3779B9)) ^ k1)
+
+
+@njit(inline="always")
+def _draw_lo(lo, k0, hi_mix):  # pragma: no cover - compiled
+    """The 32-bit number of the element whose index has low half ``lo`` (uint32), high half mixed."""
+    return _lowbias32(np.uint32(_lowbias32(np.uint32(lo ^ k0)) ^ hi_mix))
+
+
+@njit(inline="always")
 def draw(index, k0, k1):  # pragma: no cover - compiled
     """The 32-bit number of element ``index`` (uint64) under the key (k0, k1)."""
-    lo = np.uint32(index & np.uint64(0xFFFFFFFF))
-    hi = np.uint32(index >> np.uint64(32))
-    hi_mix = np.uint32(np.uint32(hi * np.uint32(0x9E3779B9)) ^ k1)
-    return _lowbias32(np.uint32(_lowbias32(np.uint32(lo ^ k0)) ^ hi_mix))
+    return _draw_lo(np.uint32(index & np.uint64(0xFFFFFFFF)), k0, _hi_mix(index, k1))
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
@@ -218,8 +228,7 @@ def keep_each(start, k0, k1, thresholds, out):  # pragma: no cover - compiled
 def _mask_run(lo, hi_mix, k0, t, x):  # pragma: no cover - compiled
     """x[i] *= (draw of element lo + i <= t), for indices sharing one high half (mixed: hi_mix)."""
     for i in range(x.shape[0]):
-        h = _lowbias32(np.uint32(_lowbias32(np.uint32(np.uint32(lo + np.uint32(i)) ^ k0)) ^ hi_mix))
-        x[i] *= np.float32(h <= t)
+        x[i] *= np.float32(_draw_lo(np.uint32(lo + np.uint32(i)), k0, hi_mix) <= t)
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
@@ -236,27 +245,34 @@ def mask_const(start, k0, k1, threshold, x):  # pragma: no cover - compiled
     while done < n:
         index = start + np.uint64(done)
         lo = np.uint32(index & np.uint64(0xFFFFFFFF))
-        hi = np.uint32(index >> np.uint64(32))
         run = min(n - done, np.int64(np.uint64(1) << np.uint64(32)) - np.int64(lo))
-        hi_mix = np.uint32(np.uint32(hi * np.uint32(0x9E3779B9)) ^ k1)
-        _mask_run(lo, hi_mix, k0, t, x[done : done + run])
+        _mask_run(lo, _hi_mix(index, k1), k0, t, x[done : done + run])
         done += run
 
 
 # --- task vectors (methods/task_arithmetic.py) ---------------------------------------------------
 
 
+@njit(nogil=True, boundscheck=False)
+def _dare_row(x, base, start, k0, k1, threshold, row):  # pragma: no cover - compiled
+    """row = x - base (a row of the stored inputs); its L1 norm, then its random keep mask (elements
+    start + j), then its L1 norm again: returns (full, kept)."""
+    difference(x, base, row)
+    full = row_abs_sum(row)
+    mask_const(start, k0, k1, threshold, row)
+    return full, row_abs_sum(row)
+
+
 @njit(cache=True, nogil=True, boundscheck=False)
 def dare_rows(x, base, row_len, start, k0, k1, threshold, out, full, kept):  # pragma: no cover - compiled
-    """Per row of the flat stored arrays x and base: out = x - base, full[r] = its L1 norm, then the
-    random keep mask of elements start + j, then kept[r] = its L1 norm (difference + drop_rows)."""
+    """DARE's task vector rows of the flat stored arrays x and base into ``out`` (_dare_row per row),
+    with each row's L1 norm before and after the mask in full and kept."""
     for r in range(full.shape[0]):
         s = r * row_len
         row = out[s : s + row_len]
-        difference(x[s : s + row_len], base[s : s + row_len], row)
-        full[r] = row_abs_sum(row)
-        mask_const(start + np.uint64(s), k0, k1, threshold, row)
-        kept[r] = row_abs_sum(row)
+        full[r], kept[r] = _dare_row(
+            x[s : s + row_len], base[s : s + row_len], start + np.uint64(s), k0, k1, threshold, row
+        )
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
@@ -265,10 +281,9 @@ def dare_norms(x, base, row_len, start, k0, k1, threshold, full, kept):  # pragm
     row = np.empty(row_len, dtype=np.float32)
     for r in range(full.shape[0]):
         s = r * row_len
-        difference(x[s : s + row_len], base[s : s + row_len], row)
-        full[r] = row_abs_sum(row)
-        mask_const(start + np.uint64(s), k0, k1, threshold, row)
-        kept[r] = row_abs_sum(row)
+        full[r], kept[r] = _dare_row(
+            x[s : s + row_len], base[s : s + row_len], start + np.uint64(s), k0, k1, threshold, row
+        )
 
 
 def combine(
@@ -287,6 +302,12 @@ def combine(
     return out
 
 
+@njit(inline="always")
+def _weighted(ds, sc, w, i, j):  # pragma: no cover - compiled
+    """Task vector i's element j, scaled, then weighted: round(round(d * sc_i) * w_i)."""
+    return np.float32(np.float32(ds[i][j] * sc[i]) * w[i])
+
+
 @njit(cache=True, nogil=True, boundscheck=False)
 def combine_kernel(ds, sc, w, consensus, normalize, positive, divide, lam, base, out):  # pragma: no cover
     """Per element: v_i = (d_i * sc_i) * w_i; with ``consensus`` the sign election and (normalised)
@@ -297,14 +318,14 @@ def combine_kernel(ds, sc, w, consensus, normalize, positive, divide, lam, base,
     k = len(ds)
     for j in range(out.shape[0]):
         if consensus:
-            total = np.float32(np.float32(ds[0][j] * sc[0]) * w[0])
+            total = _weighted(ds, sc, w, 0, j)
             for i in range(1, k):
-                total = np.float32(total + np.float32(np.float32(ds[i][j] * sc[i]) * w[i]))
+                total = np.float32(total + _weighted(ds, sc, w, i, j))
             elected = -one if np.signbit(total) else one
             mixed = zero
             divisor = zero
             for i in range(k):
-                agree = np.float32(np.float32(np.float32(ds[i][j] * sc[i]) * w[i]) * elected)
+                agree = np.float32(_weighted(ds, sc, w, i, j) * elected)
                 if agree < zero:  # clamp at 0; NaN stays NaN
                     agree = zero
                 mixed = agree if i == 0 else np.float32(mixed + agree)
@@ -319,9 +340,9 @@ def combine_kernel(ds, sc, w, consensus, normalize, positive, divide, lam, base,
                     divisor = one
                 mixed = np.float32(mixed / divisor)
         else:
-            mixed = np.float32(np.float32(ds[0][j] * sc[0]) * w[0])
+            mixed = _weighted(ds, sc, w, 0, j)
             for i in range(1, k):
-                mixed = np.float32(mixed + np.float32(np.float32(ds[i][j] * sc[i]) * w[i]))
+                mixed = np.float32(mixed + _weighted(ds, sc, w, i, j))
             if divide != zero:
                 mixed = np.float32(mixed / divide)
         out[j] = np.float32(np.float32(mixed * lam) + load(base, j))

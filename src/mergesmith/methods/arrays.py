@@ -23,6 +23,20 @@ def is_numpy(x: Array) -> bool:
     return isinstance(x, np.ndarray)
 
 
+def like(out: np.ndarray, ref: Array) -> Array:
+    """A numpy result shaped as ``ref``: a numpy array, or a CPU tensor sharing its memory when ``ref``
+    is a tensor."""
+    out = out.reshape(ref.shape)
+    return out if is_numpy(ref) else torch.from_numpy(out)
+
+
+def rows(x: Array) -> tuple[int, int]:
+    """(number of rows, elements per row) of ``x`` seen as rows; a 0-D or 1-D array is one row."""
+    n = x.shape[0] if x.ndim >= 2 else 1
+    size = x.size if is_numpy(x) else x.numel()
+    return n, size // max(1, n)
+
+
 def host_numpy(x: Array) -> np.ndarray | None:
     """A numpy view of ``x`` when it is a numpy array or a contiguous CPU tensor, else None."""
     if isinstance(x, np.ndarray):
@@ -92,10 +106,6 @@ def axpy(x: Array, a: float, y: Array) -> Array:
         kernels.fma_into(np.ascontiguousarray(y, dtype=np.float32).reshape(-1), np.float32(a), x.reshape(-1))
         return x
     return x.add_(y, alpha=a)
-
-
-def empty_like(x: Array) -> Array:
-    return np.empty_like(x) if is_numpy(x) else torch.empty_like(x)
 
 
 def zeros_like(x: Array) -> Array:

@@ -16,14 +16,12 @@ class LinearKernel(Kernel):
 
     def apply(self, chunk: Chunk) -> torch.Tensor:
         weights = self.p["weight"]
+        first = chunk.models[0]
         stored = [arrays.host_stored(m) for m in chunk.models]
         if all(x is not None and x.dtype == stored[0].dtype for x in stored):
-            # CPU data: one compiled pass per input, the same steps as below
+            # CPU data: one compiled pass over all inputs, the same steps as below
             self._check_total(weights)
-            out = kernels.linear(stored, weights, self.p["normalize"], sum(weights))
-            out = out.reshape(chunk.models[0].shape)
-            return out if arrays.is_numpy(chunk.models[0]) else torch.from_numpy(out)
-        first = chunk.models[0]
+            return arrays.like(kernels.linear(stored, weights, self.p["normalize"], sum(weights)), first)
         out = arrays.mul(arrays.as_compute(first, chunk.dtype), weights[0])
         scratch = None
         for w, t in zip(weights[1:], chunk.models[1:]):
@@ -32,7 +30,7 @@ class LinearKernel(Kernel):
             elif t.dtype != out.dtype:
                 # t is bf16/fp16 (raw input): convert into a reused buffer first; torch's mixed-dtype
                 # add with alpha takes a slow path, 4x slower than the copy and the add together
-                scratch = arrays.empty_like(out) if scratch is None else scratch
+                scratch = torch.empty_like(out) if scratch is None else scratch
                 t = scratch.copy_(t)
             arrays.axpy(out, w, t)
         if self.p["normalize"]:

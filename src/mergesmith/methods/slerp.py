@@ -35,32 +35,24 @@ def slerp_coefficients(t: float, dot: float, norm0: float, norm1: float) -> tupl
 class SlerpKernel(Kernel):
     """out = slerp(base, other, t); t = 0 gives the base model, t = 1 the other model.
 
-    One statistics pass gathers <v0, v1>, |v0|^2 and |v1|^2 per row in float64 over all chunks.
+    One statistics pass gathers <v0, v1>, |v0|^2 and |v1|^2 per row in float64 over all chunks; the
+    coefficients follow from them once, at the end of the pass.
     """
-
-    passes = 1
 
     def __init__(self, params, numel):
         super().__init__(params, numel)
         self.rows: list[np.ndarray] = []  # per row: <v0, v1>, |v0|^2, |v1|^2
+        t = params["t"]
         # t = 0 and t = 1 give the coefficients (1, 0) and (0, 1) whatever the angle: no statistics
-        self.passes = 0 if params["t"] in (0.0, 1.0) else 1
-
-    @property
-    def sums(self) -> tuple[float, float, float]:
-        """<v0, v1>, |v0|^2, |v1|^2: the rows' float64 sums added exactly, so the same however the
-        tensor is chunked."""
-        if not self.rows:
-            return 0.0, 0.0, 0.0
-        rows = np.concatenate(self.rows)
-        return tuple(math.fsum(rows[:, k].tolist()) for k in range(3))  # type: ignore[return-value]
+        self.passes = 0 if t in (0.0, 1.0) else 1
+        self.coefficients = (1.0 - t, t)
 
     def observe(self, pass_index: int, chunk: Chunk) -> None:
-        n_rows = chunk.base.shape[0] if chunk.base.ndim >= 2 else 1
+        n_rows, row_len = arrays.rows(chunk.base)
         stored = [arrays.host_stored(x) for x in (chunk.base, chunk.models[0])]
         if all(x is not None for x in stored) and stored[0].dtype == stored[1].dtype:
             out = np.empty((n_rows, 3))
-            kernels.row_products(stored[0], stored[1], stored[0].shape[0] // n_rows, out)
+            kernels.row_products(stored[0], stored[1], row_len, out)
             self.rows.append(out)
             return
         v0 = arrays.as_compute(chunk.base, chunk.dtype).reshape(n_rows, -1)
@@ -70,19 +62,20 @@ class SlerpKernel(Kernel):
         sums = [(a * b).sum(-1, dtype=torch.float64) for a, b in ((v0, v1), (v0, v0), (v1, v1))]
         self.rows.append(torch.stack(sums, -1).cpu().numpy())
 
+    def end_pass(self, pass_index: int) -> None:
+        """The coefficients from the rows' float64 sums, added exactly: the same however the tensor
+        is chunked."""
+        rows = np.concatenate(self.rows) if self.rows else np.zeros((0, 3))
+        dot, sq0, sq1 = (math.fsum(rows[:, k].tolist()) for k in range(3))
+        self.coefficients = slerp_coefficients(self.p["t"], dot, math.sqrt(sq0), math.sqrt(sq1))
+
     def apply(self, chunk: Chunk) -> torch.Tensor:
-        t = self.p["t"]
-        if self.passes:
-            dot, sq0, sq1 = self.sums
-            c0, c1 = slerp_coefficients(t, dot, math.sqrt(sq0), math.sqrt(sq1))
-        else:
-            c0, c1 = 1.0 - t, t
+        c0, c1 = self.coefficients
         stored = [arrays.host_stored(x) for x in (chunk.base, chunk.models[0])]
         if all(x is not None for x in stored) and stored[0].dtype == stored[1].dtype:
             out = np.empty(stored[0].shape, dtype=np.float32)
             kernels.interpolate(stored[0], stored[1], np.float32(c0), np.float32(c1), out)
-            out = out.reshape(chunk.base.shape)
-            return out if arrays.is_numpy(chunk.base) else torch.from_numpy(out)
+            return arrays.like(out, chunk.base)
         base = arrays.as_compute(chunk.base, chunk.dtype)
         other = arrays.as_compute(chunk.models[0], chunk.dtype)
         return arrays.axpy(arrays.mul(base, c0), c1, other)

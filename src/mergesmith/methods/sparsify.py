@@ -96,6 +96,12 @@ def _count_lo(bits, b, counts):  # pragma: no cover - compiled
         counts[slot] += 1
 
 
+@njit(inline="always")
+def _is_tie(v, tie_bits):  # pragma: no cover - compiled
+    """Whether |v| as float32 has the bit pattern ``tie_bits``."""
+    return (np.float32(v).view(np.uint32) & np.uint32(0x7FFFFFFF)) == tie_bits
+
+
 @njit(cache=True, nogil=True, boundscheck=False)
 def _trim_kernel(x, lam, shrink, tie_bits, budget, out):  # pragma: no cover - compiled
     """out = x, with 0 where -lam <= x <= lam when ``shrink`` (torch's hardshrink; NaN stays), and
@@ -116,15 +122,15 @@ def _trim_kernel(x, lam, shrink, tie_bits, budget, out):  # pragma: no cover - c
         e = min(n, s + SCAN_BLOCK)
         hits = 0
         for j in range(s, e):
-            hits += (np.float32(x[j]).view(np.uint32) & np.uint32(0x7FFFFFFF)) == tie_bits
+            hits += _is_tie(x[j], tie_bits)
         if hits and seen + hits <= budget:  # every tie in the block goes: a loop that vectorises
             for j in range(s, e):
-                if (np.float32(x[j]).view(np.uint32) & np.uint32(0x7FFFFFFF)) == tie_bits:
+                if _is_tie(x[j], tie_bits):
                     out[j] = zero
             seen += hits
         elif hits:  # the block where the budget runs out
             for j in range(s, e):
-                if seen < budget and (np.float32(x[j]).view(np.uint32) & np.uint32(0x7FFFFFFF)) == tie_bits:
+                if seen < budget and _is_tie(x[j], tie_bits):
                     out[j] = zero
                     seen += 1
     return seen
@@ -198,8 +204,7 @@ class TopKThreshold:
         lam = flat.dtype.type(_float_of_bits(self.threshold_bits - 1) if shrink else 0.0)
         budget = max(0, self.ties_to_drop - self.ties_seen)
         self.ties_seen += _trim_kernel(flat, lam, shrink, np.uint32(self.threshold_bits), budget, out)
-        out = out.reshape(xn.shape)
-        return out if arrays.is_numpy(x) else torch.from_numpy(out)
+        return arrays.like(out, x)
 
     def _dropped_ties(self, x: torch.Tensor) -> torch.Tensor | None:
         """Flat positions of the entries equal to T that are among the first ``ties_to_drop`` of them

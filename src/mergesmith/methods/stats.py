@@ -63,9 +63,9 @@ class RowL1:
         """Add the rows of ``x`` (a torch tensor or numpy array)."""
         xn = arrays.host_numpy(x)
         if xn is not None:
-            n_rows = xn.shape[0] if xn.ndim >= 2 else 1
+            n_rows, row_len = arrays.rows(xn)
             sums = np.empty(n_rows, dtype=np.float64)
-            row_abs_sums(xn.reshape(-1), xn.size // max(1, n_rows), sums)
+            row_abs_sums(xn.reshape(-1), row_len, sums)
             self.add_rows(sums)
             return
         rows = x.reshape(x.shape[0], -1) if x.dim() >= 2 else x.reshape(1, -1)

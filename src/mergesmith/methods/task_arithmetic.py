@@ -146,16 +146,15 @@ class TaskArithmeticKernel(Kernel):
             out = kernels.combine(deltas, weights, self.consensus, self.p["normalize"], lam, base, scales)
         else:
             return None
-        out = out.reshape(chunk.base.shape)
-        return out if arrays.is_numpy(chunk.base) else torch.from_numpy(out)
+        return arrays.like(out, chunk.base)
 
     def _dare_pass(self, chunk: Chunk, i: int, model, base, out):
         """Task vector i masked into ``out`` (None: only its rows' L1 norms), and those norms before
         and after the mask."""
-        n_rows = chunk.base.shape[0] if chunk.base.ndim >= 2 else 1
+        n_rows, row_len = arrays.rows(chunk.base)
         full, kept = np.empty(n_rows), np.empty(n_rows)
         rng = chunk.rng[i]
-        args = (base.shape[0] // n_rows, np.uint64(chunk.start), rng.k0, rng.k1)
+        args = (row_len, np.uint64(chunk.start), rng.k0, rng.k1)
         threshold = np.uint64(threshold_of(self.p["density"][i]))  # density >= 1: 2**32, all kept
         if out is None:
             kernels.dare_norms(model, base, *args, threshold, full, kept)
@@ -208,8 +207,7 @@ class TaskArithmeticKernel(Kernel):
             out = kernels.combine(
                 hosted, weights, self.consensus, self.p["normalize"], self.p["lambda"], base
             )
-            out = out.reshape(chunk.base.shape)
-            return out if arrays.is_numpy(chunk.base) else torch.from_numpy(out)
+            return arrays.like(out, chunk.base)
         for w, d in zip(weights, deltas):
             if w != 1.0:
                 arrays.mul(d, w)
@@ -247,26 +245,20 @@ def _delta_copy(model, base):
     if stored is not None and flat_base is not None and flat_base.dtype == np.float32:
         out = np.empty(flat_base.shape, dtype=np.float32)
         kernels.difference(stored, flat_base, out)  # converted as read: one pass
-        out = out.reshape(base.shape)
-        return out if arrays.is_numpy(base) else torch.from_numpy(out)
+        return arrays.like(out, base)
     if arrays.is_numpy(model):
         return np.subtract(arrays.as_compute(model, base.dtype), base)
     return model.to(base.dtype, copy=True).sub_(base)
 
 
 def _delta(chunk: Chunk, i: int):
-    """theta_i - theta_base in the compute dtype, reusing model i's buffer when it already has that dtype."""
+    """theta_i - theta_base in the compute dtype, reusing model i's buffer when it already has that dtype
+    (else a new array, converted as read: _delta_copy; torch's mixed-dtype sub is several times slower)."""
     model = chunk.models[i]
-    if arrays.is_numpy(model):
-        if model.dtype == np.float32:
-            return arrays.sub(model, chunk.base)
-        return _delta_copy(model, chunk.base)
-    if model.dtype == chunk.dtype:
-        return model.sub_(chunk.base)
-    if arrays.host_stored(model) is not None and arrays.host_stored(chunk.base) is not None:
-        return _delta_copy(model, chunk.base)
-    # convert, then subtract in place: torch's mixed-dtype sub takes a slow path (several times slower)
-    return model.to(chunk.dtype).sub_(chunk.base)
+    compute = np.float32 if arrays.is_numpy(model) else chunk.dtype
+    if model.dtype == compute:
+        return arrays.sub(model, chunk.base)
+    return _delta_copy(model, chunk.base)
 
 
 def _disjoint_sum(weighted: list, weights, normalize: bool):

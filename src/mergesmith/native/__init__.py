@@ -1,5 +1,5 @@
-"""The native backend: merges run on numpy arrays, with numba-compiled dtype conversions, and never import
-torch (about a second of every run). It runs the methods whose kernels do their work through
+"""The native backend: merges run on numpy arrays, with numba-compiled loops (kernels.py), and never
+import torch (about a second of every run). It runs the methods whose kernels do their work through
 ``methods.arrays`` (``Method.native``) on CPU merges of plain safetensors models in bfloat16, float16
 and float32, and gives the same bytes as the torch backend. ``backend_problem`` says why a merge cannot
 use it; the executor then uses torch.
@@ -7,8 +7,6 @@ use it; the executor then uses torch.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from typing import TYPE_CHECKING
 
 from mergesmith.methods import get_method
@@ -23,8 +21,6 @@ BACKENDS = ("auto", "native", "torch")
 
 def backend_problem(plan: MergePlan, device: str, transformed_output: bool) -> str | None:
     """Why the native backend cannot run this merge, or None when it can."""
-    if os.environ.get("MERGESMITH_BACKEND") == "torch":
-        return "MERGESMITH_BACKEND=torch is set"
     if device != "cpu":
         return f"it runs on the CPU only (--device {device})"
     if transformed_output:
@@ -44,6 +40,4 @@ def backend_problem(plan: MergePlan, device: str, transformed_output: bool) -> s
         }
         if not codes <= NATIVE_CODES:
             return f"tensor {t.name!r} has a dtype other than bfloat16, float16 and float32"
-    if importlib.util.find_spec("numba") is None:
-        return "numba is not installed"
     return None

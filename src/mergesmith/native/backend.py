@@ -9,7 +9,6 @@ import numpy as np
 
 from mergesmith import kernels
 from mergesmith.execute import Span
-from mergesmith.methods import Kernel, Method
 from mergesmith.native.convert import from_float32, round_to, to_float32
 from mergesmith.plan import MergePlan, OutputTensor, TensorSource
 
@@ -19,9 +18,6 @@ class NativeBackend:
 
     def __init__(self, plan: MergePlan):
         self.plan = plan
-
-    def kernel(self, method: Method, t: OutputTensor) -> Kernel:
-        return method.kernel(dict(t.params), t.numel)
 
     def read(self, t: OutputTensor, src: TensorSource, span: Span, raw: bool) -> np.ndarray:
         model = self.plan.models[src.model]

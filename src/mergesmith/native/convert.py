@@ -23,18 +23,25 @@ def to_float32(x: np.ndarray, code: str) -> np.ndarray:
     raise ValueError(f"no native conversion from {code}")
 
 
-def from_float32(x: np.ndarray, code: str) -> tuple[np.ndarray, bool]:
-    """``x`` rounded to ``code`` (stored as numpy holds it), and whether every result is finite."""
+def _narrow(x: np.ndarray, code: str) -> tuple[np.ndarray, int | None]:
+    """float32 ``x`` rounded to ``code`` (stored as numpy holds it), and for bfloat16 the count of
+    non-finite results (None: not counted)."""
     if code == "BF16":
         out = np.empty(x.shape, dtype=np.uint16)
         bad = narrow_bf16(np.ascontiguousarray(x).reshape(-1).view(np.uint32), out.reshape(-1))
-        return out, bad == 0
+        return out, bad
     if code == "F16":
-        out = x.astype(np.float16)
-    elif code == "F32":
-        out = x
-    else:
-        raise ValueError(f"no native conversion to {code}")
+        return x.astype(np.float16), None
+    if code == "F32":
+        return x, None
+    raise ValueError(f"no native conversion to {code}")
+
+
+def from_float32(x: np.ndarray, code: str) -> tuple[np.ndarray, bool]:
+    """``x`` rounded to ``code`` (stored as numpy holds it), and whether every result is finite."""
+    out, bad = _narrow(x, code)
+    if bad is not None:
+        return out, bad == 0
     # a sum is NaN or Inf if any element is; only then (or on overflow of the sum) look closer
     finite = math.isfinite(float(out.sum(dtype=np.float32))) or bool(np.isfinite(out).all())
     return out, finite
@@ -42,6 +49,4 @@ def from_float32(x: np.ndarray, code: str) -> tuple[np.ndarray, bool]:
 
 def round_to(x: np.ndarray, code: str) -> np.ndarray:
     """float32 ``x`` rounded to ``code`` and back to float32 (the config's ``dtype`` for inputs)."""
-    if code == "F32":
-        return x
-    return to_float32(from_float32(x, code)[0], code)
+    return to_float32(_narrow(x, code)[0], code)
