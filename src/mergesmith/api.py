@@ -32,7 +32,8 @@ from mergesmith.execute import (
 )
 from mergesmith.native import BACKENDS
 from mergesmith.plan import MergePlan, build_plan
-from mergesmith.write import OutputFolder, ShardedWriter, TensorSpec, copy_files, parse_size, write_json
+from mergesmith.sizes import parse_size
+from mergesmith.write import OutputFolder, ShardedWriter, TensorSpec, copy_files, write_json
 
 if TYPE_CHECKING:
     from mergesmith.bitnet.merge_output import TernaryOutput

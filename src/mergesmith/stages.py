@@ -41,7 +41,8 @@ from mergesmith.defaults import DEFAULT_SHARD_SIZE
 from mergesmith.errors import ConfigError, MergeError
 from mergesmith.model import ModelSource, TensorInfo, resolve_model_dir
 from mergesmith.plan import MergePlan, build_plan
-from mergesmith.write import parse_size, write_json
+from mergesmith.sizes import parse_size
+from mergesmith.write import write_json
 
 MARKER = "mergesmith_stage.json"
 MARKER_FORMAT = 1

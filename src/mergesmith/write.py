@@ -23,28 +23,9 @@ import numpy as np
 
 from mergesmith import dtypes
 from mergesmith.errors import MergeError
+from mergesmith.sizes import parse_size  # noqa: F401  (re-exported: older imports)
 
 INDEX_NAME = "model.safetensors.index.json"
-
-
-def parse_size(text: str | int) -> int:
-    """'5G', '500M', '2.5GB', '1024' -> bytes (K/M/G/T are powers of 1000, KiB/MiB/GiB of 1024)."""
-    if isinstance(text, int):
-        return text
-    s = str(text).strip().upper().removesuffix("B")
-    units = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-    binary = {"KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
-    try:
-        for suffix, mult in binary.items():
-            if s.endswith(suffix):
-                return int(float(s[:-2]) * mult)
-        if s and s[-1] in units:
-            return int(float(s[:-1]) * units[s[-1]])
-        return int(float(s))
-    except ValueError:
-        raise MergeError(
-            f"cannot read size {text!r}; use a number with an optional K, M or G suffix"
-        ) from None
 
 
 @dataclass(frozen=True)

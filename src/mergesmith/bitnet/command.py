@@ -216,7 +216,8 @@ def _write_hf(
     tensor written at its offset as soon as it exists."""
     from mergesmith.bitnet.convert import plan_hf_export
     from mergesmith.bitnet.io import extra_files, write_hf_stream
-    from mergesmith.write import copy_files, parse_size, write_json
+    from mergesmith.sizes import parse_size
+    from mergesmith.write import copy_files, write_json
 
     shard_bytes = parse_size(args.out_shard_size)
     if shard_bytes <= 0:

@@ -34,8 +34,9 @@ from mergesmith.moe.families import Family, choose_family, expected_tensors, tra
 from mergesmith.moe.gates import LayerReport, Routers, build_routers
 from mergesmith.plan import dtype_name, parse_dtype
 from mergesmith.rng import derive_seed
+from mergesmith.sizes import parse_size
 from mergesmith.sources import open_source
-from mergesmith.write import OutputFolder, ShardedWriter, TensorSpec, copy_files, parse_size
+from mergesmith.write import OutputFolder, ShardedWriter, TensorSpec, copy_files
 
 log = logging.getLogger("mergesmith.moe")
 CONFIG_FILE = "mergesmith_moe_config.yml"
