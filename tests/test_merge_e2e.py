@@ -247,7 +247,10 @@ def test_overwrite_rules(llama_trio, tmp_path):
     with pytest.raises(mergesmith.MergeError, match="already exists"):
         mergesmith.merge(cfg, dest, quiet=True)
     assert (dest / "keep.txt").read_text() == "precious"
-    mergesmith.merge(cfg, dest, quiet=True, overwrite=True)
+    with pytest.raises(mergesmith.MergeError, match="does not hold a model.*--force"):
+        mergesmith.merge(cfg, dest, quiet=True, overwrite=True)
+    assert (dest / "keep.txt").read_text() == "precious"
+    mergesmith.merge(cfg, dest, quiet=True, overwrite=True, force=True)
     assert not (dest / "keep.txt").exists() and (dest / "model.safetensors").exists()
 
 

@@ -33,7 +33,7 @@ from mergesmith.execute import (
 from mergesmith.native import BACKENDS
 from mergesmith.plan import MergePlan, build_plan
 from mergesmith.sizes import parse_size
-from mergesmith.write import OutputFolder, ShardedWriter, TensorSpec, copy_files, write_json
+from mergesmith.write import OutputFolder, ShardedWriter, TensorSpec, copy_files, input_paths, write_json
 
 if TYPE_CHECKING:
     from mergesmith.bitnet.merge_output import TernaryOutput
@@ -79,6 +79,16 @@ def exec_options(
     return ExecOptions(workers=workers, budget=budget, device=device, seed=random_seed or 0, backend=backend)
 
 
+def config_refs(cfg: MergeConfig) -> list[str]:
+    """Every model reference a merge config reads (models, slice sources, base models, tokenizer)."""
+    refs = [m.model for m in cfg.models or []]
+    refs += [s.model for sl in cfg.slices or [] for s in sl.sources]
+    refs += [r for r in [cfg.base_model, *(sl.base_model for sl in cfg.slices or [])] if r]
+    if cfg.tokenizer_choice not in ("base", "union"):
+        refs.append(cfg.tokenizer_choice)
+    return refs
+
+
 def make_plan(config: str | Path | dict | MergeConfig) -> MergePlan:
     """Parse the config, open the models (headers only) and plan every output tensor."""
     return build_plan(load_config(config))
@@ -89,6 +99,7 @@ def merge(
     out_dir: str | Path,
     *,
     overwrite: bool = False,
+    force: bool = False,
     random_seed: int | None = None,
     out_shard_size: str | int = DEFAULT_SHARD_SIZE,
     memory_limit: str | int | None = None,
@@ -104,7 +115,10 @@ def merge(
 ) -> Path:
     """Merge the models that ``config`` describes into a new model folder ``out_dir``; returns its path.
 
-    Nothing is written to ``out_dir`` unless the whole merge succeeds. A config with several YAML
+    Nothing is written to ``out_dir`` unless the whole merge succeeds, and only one run writes it at a
+    time. ``overwrite`` replaces an existing ``out_dir`` that holds a model (never the current folder, a
+    parent of it or an input); ``force`` as well replaces one that does not (see
+    :class:`mergesmith.write.OutputFolder`). A config with several YAML
     documents (or a list of dicts) is a multi-stage merge (see :mod:`mergesmith.stages`); its intermediate
     stages go to ``intermediate_dir`` (default ``OUT_DIR.stages`` beside ``out_dir``), which a single merge
     ignores. ``before_commit`` is called with the finished temporary folder just before it is renamed to
@@ -128,6 +142,7 @@ def merge(
             out_dir,
             intermediate_dir=intermediate_dir,
             overwrite=overwrite,
+            force=force,
             quiet=quiet,
             random_seed=random_seed,
             out_shard_size=out_shard_size,
@@ -147,33 +162,28 @@ def merge(
     options = exec_options(
         memory_limit=memory_limit, workers=workers, device=device, random_seed=random_seed, backend=backend
     )
-    dest = Path(out_dir)
-    if dest.exists() and not overwrite:
-        raise MergeError(f"output folder {dest} already exists; pass --overwrite to replace it")
-    plan = build_plan(cfg)
-    try:
-        options = fit_budget(plan, options)
-        ternary = _ternary_output(plan) if out_format == "bitnet" else None
-        chosen, _ = choose_backend(plan, options, transformed_output=ternary is not None)
-        backend = make_backend(chosen, plan, options)
-        with OutputFolder(dest, overwrite=overwrite) as out:
+    inputs = input_paths(config_refs(cfg))
+    with OutputFolder(out_dir, overwrite, force=force, inputs=inputs, quiet=quiet) as out:
+        plan = build_plan(cfg)
+        try:
+            options = fit_budget(plan, options)
+            ternary = _ternary_output(plan) if out_format == "bitnet" else None
+            chosen, _ = choose_backend(plan, options, transformed_output=ternary is not None)
+            backend = make_backend(chosen, plan, options)
             specs = (
                 ternary.specs()
                 if ternary
                 else [TensorSpec(t.name, t.out_code, t.shape) for t in plan.tensors]
             )
-            writer = ShardedWriter(out.path, specs, shard_bytes)
-            try:
+            with ShardedWriter(out.path, specs, shard_bytes) as writer:
                 _run(plan, writer, options, backend, quiet, ternary.hook(writer) if ternary else None)
                 writer.finish()
-            finally:
-                writer.close()
             _write_metadata(plan, out.path, text, copy_tokenizer, write_model_card)
             if before_commit is not None:
                 before_commit(out.path)
             final = out.commit()
-    finally:
-        plan.close()
+        finally:
+            plan.close()
     if not quiet:
         gb = plan.total_bytes / 1e9
         secs = time.perf_counter() - start

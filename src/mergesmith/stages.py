@@ -42,7 +42,8 @@ from mergesmith.errors import ConfigError, MergeError
 from mergesmith.model import ModelSource, TensorInfo, resolve_model_dir
 from mergesmith.plan import MergePlan, build_plan
 from mergesmith.sizes import parse_size
-from mergesmith.write import write_json
+from mergesmith.write import MARKER as PARTIAL_MARKER
+from mergesmith.write import check_destination, input_paths, output_lock, write_json
 
 MARKER = "mergesmith_stage.json"
 MARKER_FORMAT = 1
@@ -350,7 +351,7 @@ def _written_files(folder: Path) -> dict[str, list[int]]:
     return {
         p.name: [p.stat().st_size, p.stat().st_mtime_ns]
         for p in sorted(folder.iterdir())
-        if p.is_file() and p.name != MARKER
+        if p.is_file() and p.name not in (MARKER, PARTIAL_MARKER)
     }
 
 
@@ -397,6 +398,7 @@ def run_stages(
     *,
     intermediate_dir: str | Path | None = None,
     overwrite: bool = False,
+    force: bool = False,
     quiet: bool = False,
     random_seed: int | None = None,
     out_shard_size: str | int = DEFAULT_SHARD_SIZE,
@@ -407,12 +409,44 @@ def run_stages(
     """Run a multi-stage file: every stage that is not up to date, in dependency order; returns OUT_DIR.
 
     Intermediate stages go to ``intermediate_dir/<name>`` (default ``OUT_DIR.stages``), the final one to
-    ``out_dir``. ``overwrite`` is needed to replace an ``out_dir`` that holds something else; stage folders
-    that a previous run wrote (they carry a marker) are replaced when stale.
+    ``out_dir``. ``overwrite`` (and ``force``, see :func:`mergesmith.write.check_destination`) is needed to
+    replace an ``out_dir`` that holds something else; stage folders that a previous run wrote (they carry a
+    marker) are replaced when stale. ``out_dir`` is locked for the whole run.
     """
+    out = Path(out_dir).expanduser().absolute()
+    with output_lock(out):
+        return _run_stages(
+            config,
+            out,
+            intermediate_dir,
+            overwrite,
+            force,
+            quiet,
+            random_seed,
+            out_shard_size,
+            copy_tokenizer,
+            write_model_card,
+            exec_options,
+        )
+
+
+def _run_stages(
+    config: str | Path | Sequence[dict],
+    out: Path,
+    intermediate_dir: str | Path | None,
+    overwrite: bool,
+    force: bool,
+    quiet: bool,
+    random_seed: int | None,
+    out_shard_size: str | int,
+    copy_tokenizer: bool,
+    write_model_card: bool,
+    exec_options: dict[str, Any],
+) -> Path:
+    from mergesmith.api import config_refs
+
     stages = load_stages(config)
     order, final = stage_order(stages), final_stage(stages)
-    out = Path(out_dir).expanduser().absolute()
     inter = (
         Path(intermediate_dir).expanduser().absolute() if intermediate_dir else default_intermediate_dir(out)
     )
@@ -437,7 +471,11 @@ def run_stages(
         if reason is None:
             _say(quiet, f"stage {st.label}: up to date, skipped ({dests[st.index]})")
             continue
-        _check_replaceable(dests[st.index], st is final, overwrite)
+        if st is final:
+            refs = [r for s in stages for r in config_refs(s.config) if stage_of(r, names) is None]
+            check_destination(out, overwrite=overwrite, force=force, inputs=[*input_paths(refs), inter])
+        else:
+            _check_stage_folder(dests[st.index])
         todo.append((st, identity, reason))
     merge_options = dict(
         quiet=quiet,
@@ -451,7 +489,7 @@ def run_stages(
         dest = dests[st.index]
         _say(quiet, f"stage {n}/{len(todo)} {st.label} ({reason}) -> {dest}")
         doc = rewrite_refs(st.doc, lambda ref: _to_path(ref, names, inter))
-        _run_stage(doc, dest, identity, merge_options)
+        _run_stage(doc, dest, identity, {**merge_options, "force": force and st is final})
     if not todo:
         _say(quiet, f"all {len(order)} stages up to date; {out} unchanged")
     return out
@@ -467,15 +505,9 @@ def _check_folders(out: Path, inter: Path) -> None:
         raise MergeError(f"intermediate folder {inter} exists and is not a folder")
 
 
-def _check_replaceable(dest: Path, final: bool, overwrite: bool) -> None:
-    """Only replace what a stage wrote (it has a marker), and the final output only with ``overwrite``."""
-    if not dest.exists():
-        return
-    if final and not overwrite:
-        raise MergeError(
-            f"output folder {dest} already exists and is not up to date; pass --overwrite to replace it"
-        )
-    if not final and read_marker(dest) is None:
+def _check_stage_folder(dest: Path) -> None:
+    """Only replace an intermediate folder that a stage wrote (it has a marker)."""
+    if dest.exists() and read_marker(dest) is None:
         raise MergeError(
             f"stage folder {dest} exists but was not written by a mergesmith stage; remove it or choose another "
             "--intermediate-dir"

@@ -95,9 +95,11 @@ def test_expected_failures_leave_nothing_behind(saved, tmp_path):
         _run(saved, tmp_path / "o2", "--include", "nothing-matches")
     with pytest.raises(MergeError, match="invalid tensor pattern"):
         _run(saved, tmp_path / "o3", "--exclude", "(")
-    with pytest.raises(MergeError, match="must not be MODEL"):
+    before = sorted(p.name for p in saved.iterdir())
+    with pytest.raises(MergeError, match="is inside the input"):
         _run(saved, saved / "inside")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert sorted(p.name for p in saved.iterdir()) == before
 
 
 def _word_tokenizer(path, vocab_size=100):

@@ -100,7 +100,12 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--heal-lr", type=float, default=1e-3, help="AdamW learning rate for --heal")
     p.add_argument("--heal-seq", type=int, default=64, help="tokens per sequence for --heal")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and holds a model")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --overwrite, also replace an OUT_DIR that does not hold a model",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     p.set_defaults(func=run)
 
@@ -116,12 +121,6 @@ def _selector(args: argparse.Namespace) -> TensorSelector:
         return TensorSelector.from_patterns(args.include, args.exclude)
     except ValueError as exc:
         raise MergeError(str(exc)) from exc
-
-
-def _check_paths(model: Path, out: Path) -> None:
-    m, o = model.resolve(), out.resolve()
-    if o == m or m.is_relative_to(o) or o.is_relative_to(m):
-        raise MergeError(f"OUT_DIR {out} must not be MODEL or be inside it (or contain it)")
 
 
 def warn_if_float(source: TensorSource, selector: TensorSelector, model: str, err: TextIO) -> None:
@@ -278,17 +277,17 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     """Run the command; returns 0. Expected failures raise MergeError."""
     from mergesmith.bitnet.io import dir_size
     from mergesmith.sources import open_source
-    from mergesmith.write import OutputFolder
+    from mergesmith.write import OutputFolder, input_paths
 
     out = out or sys.stdout
     err = err or sys.stderr
     selector = _selector(args)
-    source = open_source(args.model)
-    try:
-        _check_paths(source.path, Path(args.out_dir))
-        if not args.heal:
-            warn_if_float(source, selector, args.model, err)
-        with OutputFolder(args.out_dir, overwrite=args.overwrite) as folder:
+    inputs = input_paths([args.model])
+    with OutputFolder(args.out_dir, args.overwrite, force=args.force, inputs=inputs) as folder:
+        source = open_source(args.model)
+        try:
+            if not args.heal:
+                warn_if_float(source, selector, args.model, err)
             data = _heal_source(source, args, selector, out, err) if args.heal else source
             if args.format == "hf":
                 stats, kept = _write_hf(data, source, selector, args, folder.path)
@@ -296,9 +295,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
                 stats, kept = _write_gguf(data, source, selector, args, folder.path, err)
             size_after = dir_size(folder.path)
             folder.commit()
-        before = _bytes_on_disk(source)
-    finally:
-        source.close()
+            before = _bytes_on_disk(source)
+        finally:
+            source.close()
     print(f"{len(stats)} weights ternarised:", file=out)
     _report(stats, kept, out)
     print(

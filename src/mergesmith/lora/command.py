@@ -63,7 +63,12 @@ def register(subparsers: Any) -> None:
         help="dtype of the saved factors (default: the fine-tuned model's)",
     )
     p.add_argument("--device", default="cpu", help="where the SVDs run: cpu (default) or cuda")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and holds a model")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --overwrite, also replace an OUT_DIR that does not hold a model",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or table")
     p.set_defaults(func=_run)
 
@@ -83,6 +88,7 @@ def _run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         overwrite=args.overwrite,
+        force=args.force,
         quiet=args.quiet,
     )
     if not args.quiet:

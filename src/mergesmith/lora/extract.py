@@ -33,7 +33,7 @@ from mergesmith.lora.modules import ModuleKind, module_kinds
 from mergesmith.model import FLOAT_DTYPES, ModelSource
 from mergesmith.plan import dtype_name, parse_dtype
 from mergesmith.sources import open_source
-from mergesmith.write import OutputFolder, ShardedWriter, TensorSpec, write_json
+from mergesmith.write import OutputFolder, ShardedWriter, TensorSpec, input_paths, write_json
 
 REPORT_NAME = "lora_report.json"
 ONE_FILE = 1 << 62  # shard size that keeps the adapter in one file, as PEFT expects
@@ -86,6 +86,7 @@ def extract_lora(
     dtype: str | None = None,
     device: str = "cpu",
     overwrite: bool = False,
+    force: bool = False,
     quiet: bool = False,
 ) -> list[ModuleReport]:
     """Write a PEFT LoRA adapter approximating ``model - base`` at rank ``rank`` to ``out_dir``.
@@ -98,18 +99,21 @@ def extract_lora(
     if rank < 1:
         raise MergeError(f"--rank must be at least 1, got {rank}")
     keep, drop = _compile(include, "--include"), _compile(exclude, "--exclude")
-    dest = Path(out_dir)
-    if dest.exists() and not overwrite:
-        raise MergeError(f"output folder {dest} already exists; pass --overwrite to replace it")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MergeError("--device cuda was given but no CUDA GPU is available to torch")
-    src_base, src_model = open_source(base), open_source(model)
-    try:
-        targets = select_targets(src_base, src_model, rank, include_embeddings, keep, drop)
-        out_dtype = parse_dtype(dtype, "--dtype") if dtype else _common_dtype(src_model, targets)
-        saved = changed_norms(src_base, src_model, targets) if save_norms else {}
-        with OutputFolder(dest, overwrite=overwrite) as out:
+    inputs = input_paths([base, model])
+    with OutputFolder(out_dir, overwrite, force=force, inputs=inputs, quiet=quiet) as out:
+        src_base = open_source(base)
+        try:
+            src_model = open_source(model)
+        except BaseException:
+            src_base.close()
+            raise
+        try:
+            targets = select_targets(src_base, src_model, rank, include_embeddings, keep, drop)
+            out_dtype = parse_dtype(dtype, "--dtype") if dtype else _common_dtype(src_model, targets)
+            saved = changed_norms(src_base, src_model, targets) if save_norms else {}
             reports = _write_adapter(src_base, src_model, targets, saved, out.path, out_dtype, dev, quiet)
             write_json(out.path / ADAPTER_CONFIG, adapter_config(base, src_model, targets, sorted(saved)))
             in_adapter = {t.tensor for t in targets} | {n for names in saved.values() for n in names}
@@ -117,9 +121,9 @@ def extract_lora(
             report = _report(base, model, rank, out_dtype, reports, sorted(saved), skipped)
             write_json(out.path / REPORT_NAME, report)
             out.commit()
-    finally:
-        src_base.close()
-        src_model.close()
+        finally:
+            src_base.close()
+            src_model.close()
     if skipped and not quiet:
         print(f"mergesmith: {summarise_skipped(skipped)}; see {REPORT_NAME}", file=sys.stderr)
     return reports

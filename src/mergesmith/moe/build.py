@@ -36,7 +36,7 @@ from mergesmith.plan import dtype_name, parse_dtype
 from mergesmith.rng import derive_seed
 from mergesmith.sizes import parse_size
 from mergesmith.sources import open_source
-from mergesmith.write import OutputFolder, ShardedWriter, TensorSpec, copy_files
+from mergesmith.write import OutputFolder, ShardedWriter, TensorSpec, copy_files, input_paths
 
 log = logging.getLogger("mergesmith.moe")
 CONFIG_FILE = "mergesmith_moe_config.yml"
@@ -146,6 +146,11 @@ def _out_dtype(cfg: MoEConfig, base: ModelSource) -> torch.dtype:
                 pass
     floats = [i.dtype for i in base.tensors.values() if i.dtype in FLOAT_DTYPES]
     return floats[0] if floats else torch.float32
+
+
+def moe_refs(cfg: MoEConfig) -> list[str]:
+    """Every model reference an MoE config reads: the base, the experts and the shared expert."""
+    return [cfg.base_model, *(e.source_model for e in [*cfg.experts, *(cfg.shared_experts or [])])]
 
 
 def make_moe_plan(config: str | Path | dict | MoEConfig, fused: bool = False) -> MoEPlan:
@@ -447,6 +452,7 @@ def build_moe(
     out_dir: str | Path,
     *,
     overwrite: bool = False,
+    force: bool = False,
     random_seed: int = 0,
     out_shard_size: str | int = DEFAULT_SHARD_SIZE,
     device: str = "cpu",
@@ -465,36 +471,30 @@ def build_moe(
         raise MergeError("--out-shard-size must be positive")
     if batch_size < 1:
         raise MergeError("--batch-size must be at least 1")
-    dest = Path(out_dir)
-    if dest.exists() and not overwrite:
-        raise MergeError(f"output folder {dest} already exists; pass --overwrite to replace it")
-    plan = make_moe_plan(config, fused=fused_experts)
-    try:
-        routers = build_routers(
-            plan.config,
-            plan.base,
-            plan.base_layout.num_layers,
-            plan.base_layout.hidden_size,
-            seed=random_seed,
-            runner=_runner(plan, batch_size, device),
-            router_name=lambda layer: plan.family.router_tensor(
-                plan.base_layout.layer_prefixes[layer], fused_experts
-            ),
-            expert_mlps=lambda e: _expert_mlps(plan, e),
-        )
-        with OutputFolder(dest, overwrite=overwrite) as out:
-            writer = ShardedWriter(
-                out.path, [TensorSpec(t.name, t.dtype, t.shape) for t in plan.tensors], shard_bytes
+    cfg = load_moe_config(config)
+    with OutputFolder(out_dir, overwrite, force=force, inputs=input_paths(moe_refs(cfg)), quiet=quiet) as out:
+        plan = make_moe_plan(cfg, fused=fused_experts)
+        try:
+            routers = build_routers(
+                plan.config,
+                plan.base,
+                plan.base_layout.num_layers,
+                plan.base_layout.hidden_size,
+                seed=random_seed,
+                runner=_runner(plan, batch_size, device),
+                router_name=lambda layer: plan.family.router_tensor(
+                    plan.base_layout.layer_prefixes[layer], fused_experts
+                ),
+                expert_mlps=lambda e: _expert_mlps(plan, e),
             )
-            try:
+            specs = [TensorSpec(t.name, t.dtype, t.shape) for t in plan.tensors]
+            with ShardedWriter(out.path, specs, shard_bytes) as writer:
                 _stream(plan, writer, routers, random_seed, workers, quiet)
                 writer.finish()
-            finally:
-                writer.close()
             _write_metadata(plan, out.path, text, copy_tokenizer, write_model_card)
             final = out.commit()
-    finally:
-        plan.close()
+        finally:
+            plan.close()
     if not quiet:
         print(
             f"mergesmith: wrote a {plan.family.name} model with {len(plan.experts)} experts "

@@ -30,7 +30,12 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("config", metavar="CONFIG.yml")
     p.add_argument("out_dir", metavar="OUT_DIR")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and holds a model")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --overwrite, also replace an OUT_DIR that does not hold a model",
+    )
     p.add_argument(
         "--out-shard-size",
         default=DEFAULT_SHARD_SIZE,
@@ -69,6 +74,7 @@ def _moe(args: argparse.Namespace) -> int:
         args.config,
         args.out_dir,
         overwrite=args.overwrite,
+        force=args.force,
         random_seed=args.random_seed,
         out_shard_size=args.out_shard_size,
         device=args.device,
