@@ -176,7 +176,8 @@ def test_output_files_and_card(llama_trio, tmp_path):
     card = (out / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
     assert front["tags"] == ["merge", "mergesmith"] and front["library_name"] == "transformers"
-    assert str(base) in front["base_model"]
+    assert "base_model" not in front  # local folders are named in the text, not in the Hub metadata
+    assert str(base) not in card and f"`{base.name}` (a local folder)" in card and "# out\n" in card
     assert (out / "mergesmith_config.yml").read_text() == cfg_path.read_text()
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert all(t.dtype == torch.bfloat16 for t in load_tensors(out).values())

@@ -178,7 +178,7 @@ def merge(
             with ShardedWriter(out.path, specs, shard_bytes) as writer:
                 _run(plan, writer, options, backend, quiet, ternary.hook(writer) if ternary else None)
                 writer.finish()
-            _write_metadata(plan, out.path, text, copy_tokenizer, write_model_card)
+            _write_metadata(plan, out.path, text, copy_tokenizer, write_model_card, out.dest.name)
             if before_commit is not None:
                 before_commit(out.path)
             final = out.commit()
@@ -240,7 +240,9 @@ def _run(
         bar.close()
 
 
-def _write_metadata(plan: MergePlan, folder: Path, text: str, copy_tokenizer: bool, card: bool) -> None:
+def _write_metadata(
+    plan: MergePlan, folder: Path, text: str, copy_tokenizer: bool, card: bool, name: str
+) -> None:
     write_json(folder / "config.json", plan.out_config)
     config_model = plan.models[plan.config_model]
     gen = config_model.path / "generation_config.json"
@@ -259,5 +261,5 @@ def _write_metadata(plan: MergePlan, folder: Path, text: str, copy_tokenizer: bo
                 if data.pop("chat_template", None) is not None:
                     write_json(tok_cfg, data)
     if card:
-        (folder / "README.md").write_text(model_card(plan, text))
+        (folder / "README.md").write_text(model_card(plan, text, name))
         (folder / "mergesmith_config.yml").write_text(text if text.endswith("\n") else text + "\n")

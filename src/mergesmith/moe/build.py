@@ -491,7 +491,7 @@ def build_moe(
             with ShardedWriter(out.path, specs, shard_bytes) as writer:
                 _stream(plan, writer, routers, random_seed, workers, quiet)
                 writer.finish()
-            _write_metadata(plan, out.path, text, copy_tokenizer, write_model_card)
+            _write_metadata(plan, out.path, text, copy_tokenizer, write_model_card, out.dest.name)
             final = out.commit()
         finally:
             plan.close()
@@ -504,7 +504,9 @@ def build_moe(
     return MoEResult(final, plan.family.name, len(plan.experts), plan.config.mode, routers.reports)
 
 
-def _write_metadata(plan: MoEPlan, folder: Path, text: str, copy_tokenizer: bool, card: bool) -> None:
+def _write_metadata(
+    plan: MoEPlan, folder: Path, text: str, copy_tokenizer: bool, card: bool, name: str
+) -> None:
     plan.hf_config.to_json_file(folder / "config.json", use_diff=True)
     gen = plan.base.path / "generation_config.json"
     if gen.is_file():
@@ -512,5 +514,5 @@ def _write_metadata(plan: MoEPlan, folder: Path, text: str, copy_tokenizer: bool
     if copy_tokenizer:
         copy_files(plan.base.tokenizer_files(), folder)
     if card:
-        (folder / "README.md").write_text(moe_card(plan, text))
+        (folder / "README.md").write_text(moe_card(plan, text, name))
         (folder / CONFIG_FILE).write_text(text if text.endswith("\n") else text + "\n")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mergesmith.card import config_section, front_matter
+from mergesmith.card import code, config_section, display_name, front_matter, model_line, title
 
 if TYPE_CHECKING:
     from mergesmith.moe.build import MoEPlan
@@ -23,35 +23,44 @@ GATE_SUMMARIES = {
 }
 
 
-def moe_card(plan: MoEPlan, config_text: str) -> str:
+def moe_card(plan: MoEPlan, config_text: str, name: str = "Mixture of experts") -> str:
     cfg = plan.config
     refs = list(dict.fromkeys([cfg.base_model, *(e.source_model for e in cfg.experts)]))
     if cfg.shared_expert is not None:
         refs = list(dict.fromkeys([*refs, cfg.shared_expert.source_model]))
-    experts = [f"{i}. `{e.source_model}`" for i, e in enumerate(cfg.experts)]
+    experts = [f"{i}. {code(display_name(e.source_model))}" for i, e in enumerate(cfg.experts)]
     shared = (
-        [f"Shared expert (always active, sigmoid-gated): `{cfg.shared_expert.source_model}`.", ""]
+        [
+            "Shared expert (always active, sigmoid-gated): "
+            f"{code(display_name(cfg.shared_expert.source_model))}.",
+            "",
+        ]
         if cfg.shared_expert is not None
         else []
     )
     lines = [
         *front_matter(refs, ["moe", "merge", "mergesmith"]),
-        "# Mixture of experts",
+        title(name),
         "",
-        f"A {plan.family.name} model ({plan.family.architecture}) made with "
+        f"A mixture of experts: a {plan.family.name} model ({plan.family.architecture}) made with "
         "[mergesmith](https://pypi.org/project/mergesmith/) from dense models without training: the "
         f"feed-forward blocks of {len(cfg.experts)} models are the experts, attention, norms and embeddings "
-        f"come from `{cfg.base_model}`, and each token is routed to {cfg.experts_per_token} of the experts.",
+        f"come from {code(display_name(cfg.base_model))}, and each token is routed to "
+        f"{cfg.experts_per_token} of the experts.",
         "",
         "## Routers",
         "",
-        f"`gate_mode: {cfg.gate_mode}`: {GATE_SUMMARIES[cfg.mode]}.",
+        f"{code('gate_mode: ' + cfg.gate_mode)}: {GATE_SUMMARIES[cfg.mode]}.",
         "",
         "## Experts",
         "",
         *experts,
         "",
         *shared,
-        *config_section(config_text),
+        "## Models",
+        "",
+        *[model_line(r) for r in refs],
+        "",
+        *config_section(config_text, refs),
     ]
     return "\n".join(lines)
