@@ -382,10 +382,9 @@ def is_model_folder(folder: Path) -> bool:
     return empty or any(n in MODEL_FILES or n.endswith(MODEL_SUFFIXES) for n in names)
 
 
-def check_destination(
-    dest: Path, *, overwrite: bool, force: bool = False, inputs: Iterable[str | Path] = ()
-) -> None:
-    """Refuse, in one line, every OUT_DIR this run must not write or replace (see the module's doc)."""
+def check_relations(dest: Path, inputs: Iterable[str | Path] = ()) -> None:
+    """Refuse an OUT_DIR that is, contains or is inside an input of the run, or is the current folder or
+    a parent of it. Paths only: this runs before anything is created beside OUT (not even the lock)."""
     real = _absolute(dest)
     for given in inputs:
         inp = Path(os.path.realpath(Path(given).expanduser()))
@@ -394,6 +393,18 @@ def check_destination(
             raise MergeError(
                 f"output folder {dest} {how} the input {given} of this run; choose another OUT_DIR"
             )
+    cwd = Path(os.path.realpath(os.getcwd()))
+    if real == cwd or real in cwd.parents:
+        what = "the current folder" if real == cwd else "a parent of the current folder"
+        raise MergeError(f"output folder {dest} is {what}; it is never replaced, choose another OUT_DIR")
+
+
+def check_destination(
+    dest: Path, *, overwrite: bool, force: bool = False, inputs: Iterable[str | Path] = ()
+) -> None:
+    """Refuse, in one line, every OUT_DIR this run must not write or replace (see the module's doc)."""
+    check_relations(dest, inputs)
+    real = _absolute(dest)
     if not os.path.lexists(real):
         return
     if real.is_symlink():
@@ -404,10 +415,6 @@ def check_destination(
         raise MergeError(
             f"output path {dest} exists and is not a folder; remove it or choose another OUT_DIR"
         )
-    cwd = Path(os.path.realpath(os.getcwd()))
-    if real == cwd or real in cwd.parents:
-        what = "the current folder" if real == cwd else "a parent of the current folder"
-        raise MergeError(f"output folder {dest} is {what}; it is never replaced, choose another OUT_DIR")
     if not overwrite:
         raise MergeError(f"output folder {dest} already exists; pass --overwrite to replace it")
     if not force and not is_model_folder(real):
@@ -550,11 +557,13 @@ class OutputFolder:
         self.given = Path(dest)
         self.dest = _absolute(dest)
         self.committed = False
+        inputs = list(inputs)
+        check_relations(self.given, inputs)  # before anything is created beside (or inside) an input
         _make_parent(self.dest)
         acquire_lock(self.dest)
         try:
             recover_leftovers(self.dest, quiet)  # first: it may put a moved-aside OUT back
-            check_destination(self.given, overwrite=overwrite, force=force, inputs=list(inputs))
+            check_destination(self.given, overwrite=overwrite, force=force, inputs=inputs)
             self.path = self._make_partial()
         except BaseException as exc:
             release_lock(self.dest)
@@ -607,12 +616,23 @@ class OutputFolder:
     def _replace(self) -> None:
         # marked first, so that a kill after the swap leaves the old tree recognisable as ours
         _write_marker(self.dest, {"replaced_by": self.path.name})
-        if _exchange(self.path, self.dest):
-            old = self.path
-        else:  # two renames; a kill between them is undone by the next run (recover_leftovers)
-            old = self.path.with_name(self.path.name.removesuffix(".partial") + ".old")
-            os.rename(self.dest, old)
-            os.rename(self.path, self.dest)
+        try:
+            if _exchange(self.path, self.dest):
+                old = self.path
+            else:  # two renames; a kill between them is undone by the next run (recover_leftovers)
+                old = self.path.with_name(self.path.name.removesuffix(".partial") + ".old")
+                os.rename(self.dest, old)
+                try:
+                    os.rename(self.path, self.dest)
+                except BaseException:
+                    os.rename(old, self.dest)
+                    raise
+        except BaseException:
+            try:  # the old output stays as it was
+                os.unlink(self.dest / MARKER)
+            except OSError:
+                pass
+            raise
         self.committed = True
         try:  # the new output is in place; what is left here is removed by the next run
             os.unlink(self.dest / MARKER)
