@@ -590,3 +590,37 @@ def test_card_front_matter_lists_only_hub_ids(tmp_path, monkeypatch):
     assert display_name(str(local)) == "my-ft" and display_name("org/name") == "org/name"
     assert public_text(f"model: {local}\nbase: {local}/\n", refs) == "model: my-ft\nbase: my-ft/\n"
     assert code("a`b") == "``a`b``" and code("`x") == "`` `x ``"
+
+
+def test_leftovers_of_a_similarly_named_output_are_not_touched(llama_trio, tmp_path):
+    other = tmp_path / ".out.b.0123abcd.partial"  # a live partial of OUT "out.b", not of OUT "out"
+    other.mkdir()
+    (other / write.MARKER).write_text("{}")
+    mergesmith.merge(passthrough(llama_trio[0]), tmp_path / "out", quiet=True)
+    assert (other / write.MARKER).is_file()
+
+
+@pytest.mark.parametrize("command", ["extract-lora", "moe"])
+def test_other_commands_close_their_files_and_leave_nothing_on_a_full_disk(
+    llama_trio, tmp_path, monkeypatch, command
+):
+    base, ft1, ft2 = llama_trio
+    fds = open_fds()
+    if command == "extract-lora":
+        from mergesmith.lora.extract import extract_lora
+
+        monkeypatch.setattr("mergesmith.lora.extract.write_json", _enospc)
+        run = lambda: extract_lora(str(base), str(ft1), tmp_path / "out", rank=2, quiet=True)  # noqa: E731
+    else:
+        from mergesmith.moe import build_moe
+
+        monkeypatch.setattr("mergesmith.moe.build.copy_files", _enospc)
+        cfg = {
+            "base_model": str(base),
+            "gate_mode": "random",
+            "experts": [{"source_model": str(ft1)}, {"source_model": str(ft2)}],
+        }
+        run = lambda: build_moe(cfg, tmp_path / "out", quiet=True)  # noqa: E731
+    with pytest.raises(MergeError, match="disk full") as info:
+        run()
+    assert "\n" not in str(info.value) and open_fds() == fds and list(tmp_path.iterdir()) == []

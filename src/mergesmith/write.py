@@ -33,6 +33,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -504,12 +505,13 @@ def recover_leftovers(dest: Path, quiet: bool = False) -> None:
     - a marker inside OUT: a kill fell just after the exchange (or just before it); OUT is complete.
     - every other marked ``.OUT.*.partial`` / ``.OUT.*.old``: a dead run's folder, removed.
     """
-    prefix = f".{dest.name}."
+    # exactly our names (".a.b.<token>.partial" belongs to OUT "a.b", never to OUT "a"), and our marker
+    ours = re.compile(rf"\.{re.escape(dest.name)}\.[0-9a-f]{{8}}\.(partial|old)")
     try:
         names = sorted(os.listdir(dest.parent))
     except OSError:
         return
-    found = {n: dest.parent / n for n in names if n.startswith(prefix) and n.endswith((".partial", ".old"))}
+    found = {n: dest.parent / n for n in names if ours.fullmatch(n)}
     markers = {n: m for n, p in found.items() if (m := _read_marker(p)) is not None}
     if not os.path.lexists(dest):
         for n, m in markers.items():
