@@ -624,3 +624,10 @@ def test_other_commands_close_their_files_and_leave_nothing_on_a_full_disk(
     with pytest.raises(MergeError, match="disk full") as info:
         run()
     assert "\n" not in str(info.value) and open_fds() == fds and list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_run_removes_the_parent_folders_it_created(llama_trio, tmp_path, monkeypatch):
+    monkeypatch.setattr("mergesmith.api.copy_files", _enospc)
+    with pytest.raises(MergeError, match="disk full"):
+        mergesmith.merge(passthrough(llama_trio[0]), tmp_path / "a" / "b" / "out", quiet=True)
+    assert list(tmp_path.iterdir()) == []

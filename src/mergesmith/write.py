@@ -117,7 +117,7 @@ class ShardedWriter:
                 fd = os.open(folder / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
                 self.fds.append(fd)
                 _pwrite_all(fd, raw, 0)
-                _preallocate(fd, len(raw) + data_bytes, folder)
+                _preallocate(fd, len(raw) + data_bytes, folder, self.planned_bytes)
                 offset = len(raw)
                 for spec in group:
                     self.where[spec.name] = (fi, offset, spec.nbytes)
@@ -210,20 +210,20 @@ def check_free_space(folder: Path, needed: int) -> None:
         )
 
 
-def _preallocate(fd: int, size: int, folder: Path) -> None:
+def _preallocate(fd: int, size: int, folder: Path, planned: int) -> None:
     """Reserve the file's blocks up front: writes into allocated space are several times faster than
     into a sparse file, and a full disk fails here, before any merging, rather than halfway."""
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as exc:
         if exc.errno in DISK_ERRNOS:
-            raise disk_error(exc, folder, size) from None
+            raise disk_error(exc, folder, planned) from None
         os.ftruncate(fd, size)  # file systems without fallocate
     except AttributeError:  # platforms without posix_fallocate
         os.ftruncate(fd, size)
 
 
-def disk_error(exc: OSError, folder: Path, needed: int | None = None) -> MergeError:
+def disk_error(exc: OSError, folder: Path, needed: int | None = None, at_least: bool = False) -> MergeError:
     """The one-line message for a write that the file system refused."""
     where = folder.parent
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -232,7 +232,8 @@ def disk_error(exc: OSError, folder: Path, needed: int | None = None) -> MergeEr
         except OSError:
             free = "unknown"
         what = "disk quota exceeded" if exc.errno == errno.EDQUOT else "disk full"
-        need = f"needed {human_size(needed)}" if needed is not None else "needed more"
+        more = "more than " if at_least else ""
+        need = f"needed {more}{human_size(needed)}" if needed is not None else "needed more"
         return MergeError(
             f"{what} while writing the output in {where}: {need}, {free} free; free some space or choose "
             "another OUT_DIR (nothing was written)"
@@ -324,12 +325,14 @@ class output_lock:  # noqa: N801 - used as a context manager, like open()
         self.dest = _absolute(dest)
 
     def __enter__(self) -> Path:
-        _make_parent(self.dest)
+        self.created = _make_parent(self.dest)
         acquire_lock(self.dest)
         return self.dest
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type, *exc: object) -> None:
         release_lock(self.dest)
+        if exc_type is not None:
+            _remove_created(self.created)
 
 
 # --- what may be replaced -------------------------------------------------------------------------------
@@ -341,13 +344,25 @@ def _absolute(dest: str | Path) -> Path:
     return Path(os.path.realpath(p.parent)) / p.name
 
 
-def _make_parent(dest: Path) -> None:
+def _make_parent(dest: Path) -> list[Path]:
+    """Create OUT's missing parent folders; returns them, outermost first, for :func:`_remove_created`."""
+    missing = [p for p in [dest.parent, *dest.parent.parents] if not p.exists()][::-1]
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
+        return missing
     except OSError as exc:
         if exc.errno in DISK_ERRNOS:
             raise disk_error(exc, dest) from None
         raise MergeError(f"cannot create the folder {dest.parent}: {exc.strerror}") from None
+
+
+def _remove_created(folders: list[Path]) -> None:
+    """A failed run leaves no folder it created: remove those of ``folders`` that are still empty."""
+    for p in reversed(folders):
+        try:
+            p.rmdir()
+        except OSError:
+            return
 
 
 def input_paths(refs: Iterable[str | Path | None]) -> list[Path]:
@@ -561,14 +576,19 @@ class OutputFolder:
         self.committed = False
         inputs = list(inputs)
         check_relations(self.given, inputs)  # before anything is created beside (or inside) an input
-        _make_parent(self.dest)
-        acquire_lock(self.dest)
+        self.created = _make_parent(self.dest)
+        try:
+            acquire_lock(self.dest)
+        except BaseException:
+            _remove_created(self.created)
+            raise
         try:
             recover_leftovers(self.dest, quiet)  # first: it may put a moved-aside OUT back
             check_destination(self.given, overwrite=overwrite, force=force, inputs=inputs)
             self.path = self._make_partial()
         except BaseException as exc:
             release_lock(self.dest)
+            _remove_created(self.created)
             if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
                 raise disk_error(exc, self.dest) from None
             raise
@@ -580,7 +600,11 @@ class OutputFolder:
                 os.mkdir(path, 0o777)  # the umask applies, as for save_pretrained's folders
             except FileExistsError:
                 continue
-            _write_marker(path, {"pid": os.getpid()})
+            try:
+                _write_marker(path, {"pid": os.getpid(), "out": self.dest.name})
+            except BaseException:
+                shutil.rmtree(path, ignore_errors=True)
+                raise
             return path
 
     def __enter__(self) -> OutputFolder:
@@ -594,8 +618,10 @@ class OutputFolder:
                 _remove_tree(self.path)
         finally:
             release_lock(self.dest)
+            if not self.committed:
+                _remove_created(self.created)
         if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
-            raise disk_error(exc, self.dest, written or None) from None
+            raise disk_error(exc, self.dest, written or None, at_least=True) from None
 
     def commit(self) -> Path:
         """Put the finished folder in place of OUT in one step (the old OUT, if any, is removed after)."""
