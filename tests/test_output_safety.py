@@ -631,3 +631,21 @@ def test_a_failed_run_removes_the_parent_folders_it_created(llama_trio, tmp_path
     with pytest.raises(MergeError, match="disk full"):
         mergesmith.merge(passthrough(llama_trio[0]), tmp_path / "a" / "b" / "out", quiet=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_paper_in_the_methods_doc_is_linked_from_the_card():
+    import re
+
+    from mergesmith.card import PAPERS
+    from mergesmith.methods import get_method
+
+    doc = (Path(__file__).parents[1] / "docs" / "methods.md").read_text()
+    cited = {}
+    for heading, body in re.findall(r"^#{2,3} ([a-z_, ]+)\n(.*?)(?=^#{2,3} |\Z)", doc, flags=re.M | re.S):
+        found = re.search(r"arXiv:(\d{4}\.\d{4,5})", body)
+        if found:
+            for name in heading.split(", "):
+                cited[name.strip()] = found.group(1)
+    assert len(cited) >= 15
+    assert {name: PAPERS[name][1].rsplit("/", 1)[1] for name in cited} == cited
+    assert all(get_method(name).name == name for name in PAPERS)
