@@ -241,6 +241,9 @@ def workspace(llama_trio, tmp_path):
 REFUSALS = {
     "cwd": ("work", "work", "is the current folder"),
     "parent_of_cwd": ("work", "work/sub", "a parent of the current folder"),
+    "dot": (".", "work", "is the current folder"),
+    "dotdot": ("..", "work/sub", "a parent of the current folder"),
+    "root": ("/", "work", "contains the input"),
     "input_base": ("models/base", None, "is the input"),
     "input_ft": ("models/ft", None, "is the input"),
     "contains_input": ("models", None, "contains the input"),
@@ -259,7 +262,7 @@ def test_overwrite_refusals_are_one_line_and_touch_nothing(workspace, monkeypatc
     cfg = root / "c.yml"
     cfg.write_text(yaml.safe_dump(linear(base, ft)))
     before = snapshot(root)
-    code, err = cli(["merge", cfg, root / dest, "--overwrite"], capsys)
+    code, err = cli(["merge", cfg, dest if dest in (".", "..", "/") else root / dest, "--overwrite"], capsys)
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert snapshot(root) == before
 

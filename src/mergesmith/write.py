@@ -340,7 +340,7 @@ class output_lock:  # noqa: N801 - used as a context manager, like open()
 
 def _absolute(dest: str | Path) -> Path:
     """The destination with its parent's symbolic links resolved; its own name is kept (never followed)."""
-    p = Path(dest).expanduser().absolute()
+    p = Path(os.path.abspath(Path(dest).expanduser()))  # "." and ".." resolved: the name is a real name
     return Path(os.path.realpath(p.parent)) / p.name
 
 
