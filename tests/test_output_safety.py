@@ -652,3 +652,48 @@ def test_every_paper_in_the_methods_doc_is_linked_from_the_card():
     assert len(cited) >= 15
     assert {name: PAPERS[name][1].rsplit("/", 1)[1] for name in cited} == cited
     assert all(get_method(name).name == name for name in PAPERS)
+
+
+def test_a_multi_stage_merge_follows_the_same_output_rules(llama_trio, tmp_path):
+    base, ft1, ft2 = llama_trio
+    stages = [
+        {"name": "soup", **linear(ft1, ft2)},
+        {
+            "merge_method": "slerp",
+            "base_model": str(base),
+            "models": [{"model": str(base)}, {"model": "soup"}],
+            "parameters": {"t": 0.5},
+        },
+    ]
+    out = tmp_path / "junk"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(MergeError, match="does not hold a model"):
+        mergesmith.merge(stages, out, quiet=True, overwrite=True)
+    with pytest.raises(MergeError, match="is the input"):
+        mergesmith.merge(stages, ft1, quiet=True, overwrite=True, force=True)
+    assert (out / "notes.txt").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["junk"]
+    write.acquire_lock(write._absolute(out))  # another thread's (or process's) run holds OUT
+    try:
+        import threading
+
+        errors = []
+        t = threading.Thread(
+            target=lambda: errors.append(_catch(lambda: mergesmith.merge(stages, out, quiet=True)))
+        )
+        t.start()
+        t.join()
+        assert "being written by another mergesmith run" in errors[0]
+    finally:
+        write.release_lock(write._absolute(out))
+    mergesmith.merge(stages, out, quiet=True, overwrite=True, force=True)
+    assert (out / "config.json").is_file() and not (out / "notes.txt").exists()
+    assert hidden(tmp_path) == []
+
+
+def _catch(fn) -> str:
+    try:
+        fn()
+    except MergeError as exc:
+        return str(exc)
+    return ""

@@ -10,7 +10,7 @@ __all__ = ["ConfigError", "MergeError", "__version__", "merge"]
 def merge(config, out_dir, **options):
     """Merge models as described by ``config`` (a path, a YAML string or a dict) into ``out_dir``.
 
-    Options are those of ``mergesmith merge`` (``overwrite``, ``random_seed``, ``out_shard_size``, ...).
+    Options are those of ``mergesmith merge`` (``overwrite``, ``force``, ``random_seed``, ``out_shard_size``, ...).
     """
     from mergesmith.api import merge as _merge
 

@@ -43,7 +43,7 @@ from mergesmith.model import ModelSource, TensorInfo, resolve_model_dir
 from mergesmith.plan import MergePlan, build_plan
 from mergesmith.sizes import parse_size
 from mergesmith.write import MARKER as PARTIAL_MARKER
-from mergesmith.write import check_destination, input_paths, output_lock, write_json
+from mergesmith.write import check_destination, check_relations, input_paths, output_lock, write_json
 
 MARKER = "mergesmith_stage.json"
 MARKER_FORMAT = 1
@@ -413,10 +413,18 @@ def run_stages(
     replace an ``out_dir`` that holds something else; stage folders that a previous run wrote (they carry a
     marker) are replaced when stale. ``out_dir`` is locked for the whole run.
     """
+    from mergesmith.api import config_refs
+
     out = Path(out_dir).expanduser().absolute()
+    stages = load_stages(config)
+    names = {s.name for s in stages if s.name}
+    refs = [r for s in stages for r in config_refs(s.config) if stage_of(r, names) is None]
+    inputs = input_paths(refs)
+    check_relations(out, inputs)  # before the lock file is created, which could be inside an input
     with output_lock(out):
         return _run_stages(
-            config,
+            stages,
+            inputs,
             out,
             intermediate_dir,
             overwrite,
@@ -431,7 +439,8 @@ def run_stages(
 
 
 def _run_stages(
-    config: str | Path | Sequence[dict],
+    stages: list[Stage],
+    inputs: list[Path],
     out: Path,
     intermediate_dir: str | Path | None,
     overwrite: bool,
@@ -443,9 +452,6 @@ def _run_stages(
     write_model_card: bool,
     exec_options: dict[str, Any],
 ) -> Path:
-    from mergesmith.api import config_refs
-
-    stages = load_stages(config)
     order, final = stage_order(stages), final_stage(stages)
     inter = (
         Path(intermediate_dir).expanduser().absolute() if intermediate_dir else default_intermediate_dir(out)
@@ -472,8 +478,7 @@ def _run_stages(
             _say(quiet, f"stage {st.label}: up to date, skipped ({dests[st.index]})")
             continue
         if st is final:
-            refs = [r for s in stages for r in config_refs(s.config) if stage_of(r, names) is None]
-            check_destination(out, overwrite=overwrite, force=force, inputs=[*input_paths(refs), inter])
+            check_destination(out, overwrite=overwrite, force=force, inputs=[*inputs, inter])
         else:
             _check_stage_folder(dests[st.index])
         todo.append((st, identity, reason))
