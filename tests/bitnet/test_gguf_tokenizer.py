@@ -180,12 +180,51 @@ def test_unknown_pre_tokenizer_regex_is_refused():
     assert "matches no llama.cpp pre-tokenizer" in note and "\n" not in note
 
 
-def test_wordlevel_is_refused_with_a_note(tmp_path, tiny):
-    tok = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "a": 3}, unk_token="<unk>"))
+def test_word_level_with_words_is_refused_with_a_note(tmp_path, tiny):
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
     reader, _, err = _export(tmp_path, tiny, tok)
     assert _field(reader, "tokenizer.ggml.model") == "none"
     assert _field(reader, "tokenizer.ggml.tokens") is None
-    assert "'WordLevel'" in err and "token ids only" in err
+    assert "WordLevel is exported only for a character-level tokenizer" in err
+    assert "token ids only" in err and err.count("note:") == 1
+
+
+def test_character_level_word_level_is_byte_level_bpe(tmp_path, tiny):
+    """The shipped skill models' tokenizer: one token per character (Split on '.'), bos prepended."""
+    chars = ["a", "b", " ", "=", "\u00e9", "\u4e2d"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: 3 + i for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.add_special_tokens(SPECIALS)
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
+    )
+    reader, _, err = _export(tmp_path, tiny, tok)
+    assert (
+        _field(reader, "tokenizer.ggml.model") == "gpt2" and _field(reader, "tokenizer.ggml.pre") == "gpt-2"
+    )
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    # byte-level text: " " is U+0120, "é" its two UTF-8 bytes, "中" its three
+    assert tokens[:9] == [
+        "<unk>",
+        "<s>",
+        "</s>",
+        "a",
+        "b",
+        "\u0120",
+        "=",
+        "\u00c3\u00a9",
+        "\u00e4\u00b8\u0143",
+    ]
+    assert _field(reader, "tokenizer.ggml.merges") == [
+        "\u00c3 \u00a9",
+        "\u00e4 \u00b8",
+        "\u00e4\u00b8 \u0143",
+    ]
+    assert _field(reader, "tokenizer.ggml.add_bos_token") is True
+    assert _field(reader, "tokenizer.ggml.bos_token_id") == 1
+    assert "drops characters that are not in the vocabulary" in err
 
 
 def _spm_reference(text: str, tokens: list[str], scores: list[float], add_space_prefix: bool) -> list[int]:

@@ -101,8 +101,17 @@ def _metadata(
 ) -> tuple[list[tuple[str, Any, Any]], str | None]:
     model = tj.get("model") or {}
     kind = model.get("type")
+    if kind == "WordLevel" and isinstance(model.get("vocab"), Mapping):
+        try:
+            steps = _pre_steps(tj.get("pre_tokenizer"))
+        except Refused:
+            steps = []  # refused just below, with the WordLevel message
+        body, note = _char_level(tj, model, steps, vocab_size)
+        return body + _special_ids(tj, tc, mc, model["vocab"], vocab_size), note
     if kind != "BPE" or not isinstance(model.get("vocab"), Mapping):
-        raise Refused(f"tokenizer model {kind!r} has no llama.cpp equivalent here (BPE only)")
+        raise Refused(
+            f"tokenizer model {kind!r} has no llama.cpp equivalent here (BPE, or character-level WordLevel)"
+        )
     for option in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
         if model.get(option):
             raise Refused(f"BPE option {option}={model[option]!r} is not supported by llama.cpp")
@@ -228,6 +237,58 @@ def _gpt2(
     return [
         ("tokenizer.ggml.model", "gpt2", vt.STRING),
         ("tokenizer.ggml.pre", pre, vt.STRING),
+        ("tokenizer.ggml.tokens", tokens, vt.ARRAY),
+        ("tokenizer.ggml.token_type", types, vt.ARRAY),
+        ("tokenizer.ggml.merges", merges, vt.ARRAY),
+    ], note
+
+
+def byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> character table of byte-level BPE: printable Latin-1 bytes stand for
+    themselves, the others (space, control bytes...) for the characters from U+0100 on, in order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table = {b: chr(b) for b in printable}
+    extra = (b for b in range(256) if b not in table)
+    for n, b in enumerate(extra):
+        table[b] = chr(256 + n)
+    return table
+
+
+def _char_level(
+    tj: Mapping[str, Any], model: Mapping[str, Any], steps: list[tuple[str, str]], vocab_size: int
+) -> tuple[list[tuple[str, Any, Any]], str | None]:
+    """A character-level WordLevel tokenizer (``Split(".")``, one character per token) as a byte-level
+    BPE with no merges but those that rebuild each multi-byte character from its UTF-8 bytes: llama.cpp
+    then finds every character's token as transformers does."""
+    vt = _vt()
+    if steps != [("split", ".")] or tj.get("normalizer"):
+        raise Refused(
+            "WordLevel is exported only for a character-level tokenizer (Split on '.', no normalizer)"
+        )
+    added = {a.get("content") for a in tj.get("added_tokens") or []}
+    alphabet = byte_level_alphabet()
+    vocab: dict[str, int] = {}
+    merges: list[str] = []
+    for piece, idx in model["vocab"].items():
+        if piece in added:
+            vocab[piece] = idx
+            continue
+        if len(piece) != 1:
+            raise Refused(f"WordLevel token {piece!r} is not one character")
+        chars = [alphabet[b] for b in piece.encode()]
+        merges += [f"{''.join(chars[:n])} {chars[n]}" for n in range(1, len(chars))]
+        vocab["".join(chars)] = idx
+    # llama.cpp needs a merges array and gguf cannot write an empty one: "▁ ▁" never applies, as "▁"
+    # (U+2581) is not a character of byte-level text.
+    merges = merges or [f"{SPM_SPACE} {SPM_SPACE}"]
+    tokens, types = _tokens(tj, vocab, vocab_size)
+    note = (
+        "character-level tokenizer written as byte-level BPE: llama.cpp drops characters that are not "
+        f"in the vocabulary, where transformers gives {model.get('unk_token')!r}"
+    )
+    return [
+        ("tokenizer.ggml.model", "gpt2", vt.STRING),
+        ("tokenizer.ggml.pre", "gpt-2", vt.STRING),
         ("tokenizer.ggml.tokens", tokens, vt.ARRAY),
         ("tokenizer.ggml.token_type", types, vt.ARRAY),
         ("tokenizer.ggml.merges", merges, vt.ARRAY),
