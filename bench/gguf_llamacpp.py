@@ -2,9 +2,9 @@
 
 Three checks, each printed as a small table:
 
-1. **Tokenizer**: for tokenizers of each kind the exporter handles (byte-level BPE with the GPT-2
-   regex and with the Llama-3 regex, SentencePiece-style BPE with byte fallback, the skill models'
-   character-level WordLevel), trained here on the repository's docs, a tiny model is exported to
+1. **Tokenizer**: for tokenizers of each kind the exporter handles (byte-level BPE with the GPT-2,
+   Llama-3, Qwen2 and StarCoder pre-tokenizers, SentencePiece-style BPE with byte fallback, the skill models'
+   character-level WordLevel), trained here on a few standard-library sources, a tiny model is exported to
    GGUF and the sample texts are tokenised by llama.cpp (``Llama.tokenize``, BOS as the file says)
    and by transformers (``AutoTokenizer``, special tokens as its post-processor says). The ids must
    be identical for every text.
@@ -13,7 +13,7 @@ Three checks, each printed as a small table:
    transformers on the hf export (BitNet: int8 activations per token), and from the float model
    carrying the same ``W~ * fp16(gamma)`` weights (transformers' GGUF loader). llama.cpp quantises
    activations to 8 bits per block of 256 values (Q8_K), transformers per token, so the two
-   ternary runs differ by a few percent of the logit range; llama.cpp against the float weights
+   ternary runs differ by a small fraction of the logit range; llama.cpp against the float weights
    shows the same size of difference.
 3. **Skill prompts**: shipped skill experts (``examples/skills/models``) exported with
    ``--include 'mlp\\.down_proj'`` in both formats (only ``down_proj`` has rows that fit 256-wide TQ
@@ -68,25 +68,51 @@ def run_cli(*argv: str) -> str:
 
 
 def corpus() -> list[str]:
-    return [p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))] + SAMPLES
+    """Training text for the tokenizers: a few standard-library sources (fixed for a Python version,
+    unlike this repository's docs, which quote this script's output) and the samples."""
+    import argparse as a
+    import json as j
+    import textwrap as t
+
+    return [Path(m.__file__).read_text() for m in (a, j, t)] + SAMPLES
 
 
 # --------------------------------------------------------------------------- tokenizers
 
 
 def byte_level(regex: str | None) -> object:
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    """Byte-level BPE trained on the docs, with the pre-tokenizer of GPT-2 (``None``), Llama-3
+    (``"llama3"``, with ``ignore_merges``), Qwen2 (``"qwen2"``, NFC normalizer) or StarCoder
+    (``"starcoder"``, single digits first)."""
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
-    from mergesmith.bitnet.gguf_tokenizer import LLAMA3_REGEX
+    from mergesmith.bitnet.gguf_tokenizer import LLAMA3_REGEX, QWEN2_REGEX
 
     tok = Tokenizer(models.BPE(ignore_merges=regex == "llama3"))
-    if regex == "llama3":
-        split = pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated")
+    plain = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    if regex in ("llama3", "qwen2"):
+        split = pre_tokenizers.Split(
+            Regex(LLAMA3_REGEX if regex == "llama3" else QWEN2_REGEX), behavior="isolated"
+        )
+        tok.pre_tokenizer = pre_tokenizers.Sequence([split, plain])
+    elif regex == "starcoder":
+        digits = pre_tokenizers.Digits(individual_digits=True)
         tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+            [digits, pre_tokenizers.ByteLevel(add_prefix_space=False)]
         )
     else:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if regex == "qwen2":
+        tok.normalizer = normalizers.NFC()
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=1500, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
@@ -175,6 +201,14 @@ def check_tokenizers(work: Path) -> bool:
     kinds: list[tuple[str, Callable[[], Path]]] = [
         ("byte-level BPE, GPT-2 regex", lambda: save_model(work / "t-gpt2", byte_level(None), 1536)),
         ("byte-level BPE, Llama-3 regex", lambda: save_model(work / "t-llama3", byte_level("llama3"), 1536)),
+        (
+            "byte-level BPE, Qwen2 regex + NFC",
+            lambda: save_model(work / "t-qwen2", byte_level("qwen2"), 1536),
+        ),
+        (
+            "byte-level BPE, digits + GPT-2 regex",
+            lambda: save_model(work / "t-star", byte_level("starcoder"), 1536),
+        ),
         ("SentencePiece-style BPE", lambda: save_model(work / "t-spm", sentencepiece_style(), 1536)),
         (
             "character-level WordLevel (skill rev)",
