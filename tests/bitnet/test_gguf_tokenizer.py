@@ -370,3 +370,18 @@ def test_file_type_names_the_type_holding_most_matrix_weights(tmp_path, tiny):
     assert "general.file_type = MOSTLY_F16" in out.getvalue()
     reader = gguf.GGUFReader(tmp_path / "o.gguf")
     assert reader.fields["general.file_type"].parts[-1][0] == gguf.LlamaFileType.MOSTLY_F16
+
+
+def test_failed_gguf_file_export_leaves_nothing(tmp_path, tiny):
+    model, _ = tiny()  # hidden 64: no matrix fits a 256-wide TQ block, so the export fails
+    src = tmp_path / "model"
+    model.save_pretrained(src)
+    parser = argparse.ArgumentParser()
+    command.register(parser.add_subparsers())
+    args = parser.parse_args(["bitnet", str(src), str(tmp_path / "o.gguf"), "--format", "gguf"])
+    with pytest.raises(command.MergeError, match="no weight"):
+        args.func(args, out=io.StringIO(), err=io.StringIO())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    args = parser.parse_args(["bitnet", str(src), str(src / "x.gguf"), "--format", "gguf"])
+    with pytest.raises(command.MergeError, match="must not be MODEL or be inside it"):
+        args.func(args, out=io.StringIO(), err=io.StringIO())
