@@ -132,6 +132,7 @@ def test_bpe_tokenizer_metadata():
     tj = {
         "model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": [["a", "b"]]},
         "added_tokens": [{"id": 3, "content": "<eos>", "special": True}],
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
     }
     kv, note = tokenizer_metadata(tj, {"eos_token": "<eos>"}, vocab_size=5)
     meta = {k: v for k, v, _ in kv}
@@ -141,3 +142,4 @@ def test_bpe_tokenizer_metadata():
         and len(meta["tokenizer.ggml.tokens"]) == 5
     )
     assert meta["tokenizer.ggml.merges"] == ["a b"] and meta["tokenizer.ggml.eos_token_id"] == 3
+    assert meta["tokenizer.ggml.pre"] == "gpt-2" and meta["tokenizer.ggml.add_bos_token"] is False

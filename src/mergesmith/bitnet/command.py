@@ -13,7 +13,11 @@ only when complete (:class:`mergesmith.write.OutputFolder`).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -30,8 +34,9 @@ DESCRIPTION = """\
 Turn a model into BitNet b1.58 form: the linear layers of the decoder blocks become ternary
 ({-1, 0, +1} times one absmean scale per matrix); embeddings, lm_head and norms stay in high
 precision. --format hf writes a transformers checkpoint (quant_method "bitnet", 4 weights per byte)
-that AutoModelForCausalLM.from_pretrained loads; --format gguf writes OUT_DIR/model.gguf with TQ2_0
-(or TQ1_0) matrices for llama.cpp (llama-architecture models).
+that AutoModelForCausalLM.from_pretrained loads; --format gguf writes OUT_DIR/model.gguf (or OUT
+itself when it ends in .gguf) with TQ2_0 (or TQ1_0) matrices for llama.cpp (llama-architecture
+models).
 
 Ternarising a model that was trained in floating point destroys its quality: BitNet models are
 trained ternary. Use this on BitNet-trained weights (latent or packed), or as the starting point of a
@@ -52,7 +57,12 @@ def register(subparsers: Any) -> None:
         metavar="MODEL",
         help="model folder (config.json and *.safetensors), hub id, or MODEL+ADAPTER (a PEFT LoRA applied on read)",
     )
-    p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (created; see --overwrite)")
+    p.add_argument(
+        "out_dir",
+        metavar="OUT_DIR",
+        help="output folder (created; see --overwrite); with --format gguf, a path ending in .gguf is "
+        "the file to write",
+    )
     p.add_argument("--format", choices=("hf", "gguf"), default="hf", help="output format (default: hf)")
     p.add_argument(
         "--linear-class",
@@ -100,7 +110,11 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--heal-lr", type=float, default=1e-3, help="AdamW learning rate for --heal")
     p.add_argument("--heal-seq", type=int, default=64, help="tokens per sequence for --heal")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and holds a model")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT_DIR (or the .gguf file) if it exists and holds a model",
+    )
     p.add_argument(
         "--force",
         action="store_true",
@@ -237,12 +251,13 @@ def _write_gguf(
     source: ModelSource,
     selector: TensorSelector,
     args: argparse.Namespace,
-    folder: Path,
+    path: Path,
     err: TextIO,
-) -> tuple[list[LayerStat], dict[str, str]]:
-    """Stream the GGUF export into ``folder / "model.gguf"``: header from the plan, then each tensor."""
+) -> tuple[list[LayerStat], dict[str, str], str]:
+    """Stream the GGUF export into the file ``path``: header from the plan, then each tensor.
+    Returns the stats, the selected matrices kept in high precision, and a summary line."""
     from mergesmith.bitnet.convert import iter_gguf_tensors, plan_gguf_export
-    from mergesmith.bitnet.gguf_export import llama_metadata, tokenizer_metadata
+    from mergesmith.bitnet.gguf_export import gguf_file_type, llama_metadata, tokenizer_metadata
     from mergesmith.bitnet.io import read_json, write_gguf_stream
 
     plan = plan_gguf_export(data, selector, args.gguf_type)
@@ -253,10 +268,12 @@ def _write_gguf(
         read_json(source.path / "tokenizer.json"),
         read_json(source.path / "tokenizer_config.json"),
         int(config["vocab_size"]),
+        config,
     )
     if note:
         print(f"mergesmith: note: {note}", file=err)
-    meta = llama_metadata(config, args.gguf_type, source.path.resolve().name) + tok_kv
+    file_type, counts = gguf_file_type(plan.layouts)
+    meta = llama_metadata(config, args.gguf_type, source.path.resolve().name, file_type) + tok_kv
     stats: list[LayerStat] = []
 
     def tensors() -> Any:
@@ -265,8 +282,55 @@ def _write_gguf(
                 stats.append(stat)
             yield tensor
 
-    write_gguf_stream(folder / "model.gguf", "llama", meta, plan.layouts, tensors())
-    return stats, plan.kept
+    write_gguf_stream(path, "llama", meta, plan.layouts, tensors())
+    return stats, plan.kept, _gguf_summary(args.gguf_type, plan, counts, file_type)
+
+
+def _gguf_summary(qtype: str, plan: Any, counts: dict[str, int], file_type: Any) -> str:
+    """One line: how many selected matrices are ternary, how many stayed high precision and why, and
+    the share of matrix weights behind ``general.file_type``."""
+    ternary = qtype.upper()
+    share = counts.get(ternary, 0) / max(sum(counts.values()), 1)
+    kept = (
+        f", {len(plan.kept)} kept in high precision (in_features not a multiple of 256, the width "
+        "of a TQ block)"
+        if plan.kept
+        else ""
+    )
+    return (
+        f"GGUF: {len(plan.chosen)} of {len(plan.chosen) + len(plan.kept)} selected matrices are {ternary}"
+        f"{kept}; {ternary} holds {100 * share:.1f}% of the matrix weights, general.file_type = "
+        f"{file_type.name}"
+    )
+
+
+@contextmanager
+def _gguf_file(target: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary file beside ``target`` that replaces it (``os.replace``, after fsync) when the
+    block ends without an error, and is removed otherwise. The caller holds ``target``'s output lock
+    and has checked it against the inputs (:func:`mergesmith.write.check_relations`)."""
+    if target.is_dir():
+        raise MergeError(f"OUT {target} is a folder; a path ending in .gguf names the file to write")
+    if target.exists() and not overwrite:
+        raise MergeError(f"output file {target} already exists; pass --overwrite to replace it")
+    if not target.parent.is_dir():
+        raise MergeError(f"folder {target.parent} of OUT {target} does not exist")
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    except OSError as exc:
+        raise MergeError(f"cannot create a file next to {target}: {exc.strerror}") from None
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _bytes_on_disk(source: ModelSource) -> int:
@@ -277,29 +341,50 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     """Run the command; returns 0. Expected failures raise MergeError."""
     from mergesmith.bitnet.io import dir_size
     from mergesmith.sources import open_source
-    from mergesmith.write import OutputFolder, input_paths
+    from mergesmith.write import OutputFolder, check_relations, input_paths, output_lock
 
     out = out or sys.stdout
     err = err or sys.stderr
     selector = _selector(args)
-    inputs = input_paths([args.model])
-    with OutputFolder(args.out_dir, args.overwrite, force=args.force, inputs=inputs) as folder:
-        source = open_source(args.model)
-        try:
-            if not args.heal:
-                warn_if_float(source, selector, args.model, err)
-            data = _heal_source(source, args, selector, out, err) if args.heal else source
-            if args.format == "hf":
-                stats, kept = _write_hf(data, source, selector, args, folder.path)
-            else:
-                stats, kept = _write_gguf(data, source, selector, args, folder.path, err)
-            size_after = dir_size(folder.path)
-            folder.commit()
-            before = _bytes_on_disk(source)
-        finally:
-            source.close()
+    if args.out_dir.endswith(".gguf") and args.format != "gguf":
+        raise MergeError(f"OUT {args.out_dir} ends in .gguf: add --format gguf, or name a folder")
+    inputs = input_paths([args.model, args.heal_data])
+    summary = None
+    if args.format == "gguf" and args.out_dir.endswith(".gguf"):
+        target = Path(args.out_dir)
+        check_relations(target, inputs)  # before the lock file is created beside it
+        with output_lock(target), _gguf_file(target, args.overwrite) as path:
+            source = open_source(args.model)
+            try:
+                if not args.heal:
+                    warn_if_float(source, selector, args.model, err)
+                data = _heal_source(source, args, selector, out, err) if args.heal else source
+                stats, kept, summary = _write_gguf(data, source, selector, args, path, err)
+                before = _bytes_on_disk(source)
+            finally:
+                source.close()
+        size_after = target.stat().st_size
+    else:
+        with OutputFolder(args.out_dir, args.overwrite, force=args.force, inputs=inputs) as folder:
+            source = open_source(args.model)
+            try:
+                if not args.heal:
+                    warn_if_float(source, selector, args.model, err)
+                data = _heal_source(source, args, selector, out, err) if args.heal else source
+                if args.format == "hf":
+                    stats, kept = _write_hf(data, source, selector, args, folder.path)
+                else:
+                    gguf_path = folder.path / "model.gguf"
+                    stats, kept, summary = _write_gguf(data, source, selector, args, gguf_path, err)
+                size_after = dir_size(folder.path)
+                folder.commit()
+                before = _bytes_on_disk(source)
+            finally:
+                source.close()
     print(f"{len(stats)} weights ternarised:", file=out)
     _report(stats, kept, out)
+    if summary:
+        print(summary, file=out)
     print(
         f"size: {_mib(before)} -> {_mib(size_after)} ({before / max(size_after, 1):.2f}x smaller), "
         f"written to {args.out_dir}",

@@ -22,7 +22,7 @@ transformers' GGUF loader undoes when it reads llama files.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from mergesmith.bitnet.constants import QTYPES
+from mergesmith.bitnet.gguf_tokenizer import tokenizer_metadata as tokenizer_metadata  # re-export
 from mergesmith.bitnet.quant import Ternary
 
 BLOCK = 256
@@ -77,12 +78,16 @@ def _rope_theta(config: Mapping[str, Any]) -> float:
     return float(config.get("rope_theta", 10000.0))
 
 
-def llama_metadata(config: Mapping[str, Any], qtype: str, name: str = "model") -> list[tuple[str, Any, Any]]:
+def llama_metadata(
+    config: Mapping[str, Any], qtype: str, name: str = "model", file_type: Any = None
+) -> list[tuple[str, Any, Any]]:
     """Key/value metadata (``(key, value, GGUFValueType)``) of a llama GGUF; ``general.architecture``
-    itself is written by ``GGUFWriter``."""
+    itself is written by ``GGUFWriter``. ``file_type`` (a ``LlamaFileType``, see
+    :func:`gguf_file_type`) defaults to ``MOSTLY_<qtype>``."""
     gguf = _gguf()
     vt = gguf.GGUFValueType
-    file_type = gguf.LlamaFileType[f"MOSTLY_{qtype.upper()}"]
+    if file_type is None:
+        file_type = gguf.LlamaFileType[f"MOSTLY_{qtype.upper()}"]
     heads = int(config["num_attention_heads"])
     head_dim = _head_dim(config)
     kv: list[tuple[str, Any, Any]] = [
@@ -104,56 +109,6 @@ def llama_metadata(config: Mapping[str, Any], qtype: str, name: str = "model") -
         kv.append(("llama.attention.key_length", head_dim, vt.UINT32))
         kv.append(("llama.attention.value_length", head_dim, vt.UINT32))
     return kv
-
-
-def tokenizer_metadata(
-    tokenizer_json: Mapping[str, Any] | None,
-    tokenizer_config: Mapping[str, Any] | None,
-    vocab_size: int,
-) -> tuple[list[tuple[str, Any, Any]], str | None]:
-    """Tokenizer metadata from a Hugging Face ``tokenizer.json`` with a byte-level BPE model
-    (llama.cpp's ``gpt2`` tokenizer model). Returns ``(metadata, note)``; without a usable tokenizer
-    it writes ``tokenizer.ggml.model = "none"`` (accepted by llama.cpp: no vocabulary, token ids only)
-    and ``note`` says why."""
-    gguf = _gguf()
-    vt = gguf.GGUFValueType
-    none = [("tokenizer.ggml.model", "none", vt.STRING)]
-    if not tokenizer_json:
-        return none, "no tokenizer.json: GGUF written without a vocabulary (token ids only)"
-    model = tokenizer_json.get("model") or {}
-    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), Mapping):
-        return none, f"tokenizer type {model.get('type')!r} is not exported to GGUF yet (BPE only)"
-    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
-    types = [int(gguf.TokenType.UNUSED)] * vocab_size
-    for piece, idx in model["vocab"].items():
-        if 0 <= idx < vocab_size:
-            tokens[idx], types[idx] = piece, int(gguf.TokenType.NORMAL)
-    specials: dict[str, int] = {}
-    for added in tokenizer_json.get("added_tokens") or []:
-        idx = added.get("id", -1)
-        if 0 <= idx < vocab_size:
-            tokens[idx] = added["content"]
-            types[idx] = int(gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED)
-            specials[added["content"]] = idx
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    kv: list[tuple[str, Any, Any]] = [
-        ("tokenizer.ggml.model", "gpt2", vt.STRING),
-        ("tokenizer.ggml.pre", "default", vt.STRING),
-        ("tokenizer.ggml.tokens", tokens, vt.ARRAY),
-        ("tokenizer.ggml.token_type", types, vt.ARRAY),
-        ("tokenizer.ggml.merges", merges, vt.ARRAY),
-    ]
-    tc = tokenizer_config or {}
-    for role in ("bos", "eos", "unk", "pad"):
-        tok = tc.get(f"{role}_token")
-        if isinstance(tok, Mapping):
-            tok = tok.get("content")
-        idx = specials.get(tok) if isinstance(tok, str) else None
-        if idx is None and isinstance(tok, str):
-            idx = model["vocab"].get(tok)
-        if idx is not None:
-            kv.append((f"tokenizer.ggml.{role}_token_id", int(idx), vt.UINT32))
-    return kv, None
 
 
 def gguf_tensor_name(hf_name: str, n_blocks: int, arch: str = "llama") -> str:
@@ -221,6 +176,7 @@ class GgufLayout:
     np_dtype: Any
     nbytes: int
     ggml_type: Any
+    weights: int = 0  # elements of a 2-D tensor (0 for 1-D ones), for :func:`gguf_file_type`
 
 
 def gguf_layout(
@@ -237,16 +193,34 @@ def gguf_layout(
     t = gguf.GGMLQuantizationType
     name = gguf_tensor_name(hf_name, int(config["num_hidden_layers"]), gguf_architecture(config))
     numel = math.prod(shape)
+    weights = numel if len(shape) == 2 else 0
     if ternary:
         kind = ggml_type(qtype)
     elif len(shape) <= 1 or dtype not in (torch.float16, torch.bfloat16):
-        return GgufLayout(name, tuple(shape), np.dtype(np.float32), 4 * numel, t.F32)
+        return GgufLayout(name, tuple(shape), np.dtype(np.float32), 4 * numel, t.F32, weights)
     elif dtype == torch.float16:
-        return GgufLayout(name, tuple(shape), np.dtype(np.float16), 2 * numel, t.F16)
+        return GgufLayout(name, tuple(shape), np.dtype(np.float16), 2 * numel, t.F16, weights)
     else:
         kind = t.BF16
     byte_shape = tuple(gguf.quants.quant_shape_to_byte_shape(shape, kind))
-    return GgufLayout(name, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), kind)
+    return GgufLayout(name, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), kind, weights)
+
+
+def gguf_file_type(layouts: Sequence[GgufLayout]) -> tuple[Any, dict[str, int]]:
+    """``general.file_type`` and the 2-D weights per storage type (``{"TQ2_0": n, "F16": m}``).
+
+    llama.cpp's file types say which type *most* weights have ("mostly F16, except 1-D tensors");
+    when llama.cpp finds no file type it names the most common tensor type. Here the type that holds
+    the most 2-D weights wins, so a model whose matrices mostly stayed high precision (rows not a
+    multiple of 256) is not labelled TQ2_0."""
+    gguf = _gguf()
+    counts: dict[str, int] = {}
+    for lay in layouts:
+        if lay.weights:
+            counts[lay.ggml_type.name] = counts.get(lay.ggml_type.name, 0) + lay.weights
+    names = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16"}
+    top = max(counts, key=lambda k: counts[k]) if counts else "F32"
+    return gguf.LlamaFileType[names.get(top, f"MOSTLY_{top}")], counts
 
 
 def gguf_tensor(
