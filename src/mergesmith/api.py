@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +38,8 @@ from mergesmith.write import OutputFolder, ShardedWriter, TensorSpec, copy_files
 
 if TYPE_CHECKING:
     from mergesmith.bitnet.merge_output import TernaryOutput
+
+log = logging.getLogger("mergesmith")
 
 
 def config_text(config: str | Path | dict | BaseModel) -> str:
@@ -79,9 +82,16 @@ def exec_options(
     return ExecOptions(workers=workers, budget=budget, device=device, seed=random_seed or 0, backend=backend)
 
 
-def make_plan(config: str | Path | dict | MergeConfig) -> MergePlan:
-    """Parse the config, open the models (headers only) and plan every output tensor."""
-    return build_plan(load_config(config))
+def make_plan(
+    config: str | Path | dict | MergeConfig, *, allow_crimes: bool = False, strict: bool = False
+) -> MergePlan:
+    """Parse the config, open the models (headers only) and plan every output tensor.
+
+    ``allow_crimes``: merge models of different architectures (mergekit's --allow-crimes); a tensor only
+    some models have is copied from one that has it. ``strict``: every warning (``plan.warnings``) is an
+    error instead.
+    """
+    return build_plan(load_config(config), allow_crimes=allow_crimes, strict=strict)
 
 
 def merge(
@@ -101,6 +111,8 @@ def merge(
     intermediate_dir: str | Path | None = None,
     before_commit: Callable[[Path], None] | None = None,
     out_format: str = "safetensors",
+    allow_crimes: bool = False,
+    strict: bool = False,
 ) -> Path:
     """Merge the models that ``config`` describes into a new model folder ``out_dir``; returns its path.
 
@@ -112,6 +124,8 @@ def merge(
     ``backend``: "auto" (native where it can run the merge, else torch), "native" or "torch" (see
     :mod:`mergesmith.native`; both give the same bytes). ``out_format="bitnet"`` ternarises the merged linear weights of the decoder layers and writes them
     packed, as transformers' ``quant_method: bitnet`` checkpoints hold them (see docs/bitnet.md).
+    ``allow_crimes``: merge models of different architectures (see :func:`make_plan`); ``strict``: every
+    warning of the plan is an error. Warnings are logged (logger ``mergesmith``) before the merge starts.
     """
     from mergesmith.stages import is_multi_stage, run_stages
 
@@ -137,6 +151,8 @@ def merge(
             workers=workers,
             device=device,
             backend=backend,
+            allow_crimes=allow_crimes,
+            strict=strict,
         )
     start = time.perf_counter()
     text = config_text(config)
@@ -150,7 +166,9 @@ def merge(
     dest = Path(out_dir)
     if dest.exists() and not overwrite:
         raise MergeError(f"output folder {dest} already exists; pass --overwrite to replace it")
-    plan = build_plan(cfg)
+    plan = build_plan(cfg, allow_crimes=allow_crimes, strict=strict)
+    for warning in plan.warnings:
+        log.warning("%s", warning)
     try:
         options = fit_budget(plan, options)
         ternary = _ternary_output(plan) if out_format == "bitnet" else None

@@ -32,6 +32,27 @@ def _add_exec_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_plan_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-crimes",
+        action="store_true",
+        help="merge models of different architectures (model_type / architectures in config.json); a "
+        "tensor only some models have is copied from one that has it, with a warning",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="make every warning an error (e.g. a parameter the method ignores where it is written)",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more detail: -v info (backend, budget, per-stage timing)",
+    )
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "merge",
@@ -64,12 +85,12 @@ def register(sub) -> None:
         "(transformers quant_method bitnet, autobitlinear); default: safetensors",
     )
     _add_exec_options(p)
+    _add_plan_options(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     p.add_argument("--no-copy-tokenizer", action="store_true", help="do not copy tokenizer files")
     p.add_argument(
         "--no-model-card", action="store_true", help="do not write README.md and mergesmith_config.yml"
     )
-    p.add_argument("-v", "--verbose", action="count", default=0)
     p.set_defaults(func=_merge)
 
     q = sub.add_parser(
@@ -80,6 +101,7 @@ def register(sub) -> None:
     )
     q.add_argument("config", metavar="CONFIG.yml", nargs="?")
     _add_exec_options(q)
+    _add_plan_options(q)
     q.add_argument("--json-schema", action="store_true", help="print the config's JSON schema instead")
     q.add_argument(
         "--summary", action="store_true", help="only the summary line (of each stage, for multi-stage files)"
@@ -105,6 +127,8 @@ def _merge(args: argparse.Namespace) -> int:
         write_model_card=not args.no_model_card,
         intermediate_dir=args.intermediate_dir,
         out_format=args.out_format,
+        allow_crimes=args.allow_crimes,
+        strict=args.strict,
     )
     return 0
 
@@ -128,13 +152,13 @@ def _plan(args: argparse.Namespace) -> int:
         backend=args.backend,
     )
     if not is_multi_stage(args.config):
-        plan = make_plan(args.config)
+        plan = make_plan(args.config, allow_crimes=args.allow_crimes, strict=args.strict)
         try:
             _print_plan(plan, options, args.summary)
         finally:
             plan.close()
         return 0
-    stages = plan_stages(args.config)
+    stages = plan_stages(args.config, allow_crimes=args.allow_crimes, strict=args.strict)
     try:
         for i, sp in enumerate(stages, 1):
             where = "OUT_DIR (final)" if sp.final else f"<intermediate-dir>/{sp.stage.name}"
