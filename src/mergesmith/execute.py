@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -246,14 +246,16 @@ class Executor:
             return
         pool = ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="mergesmith")
         try:
-            futures = {pool.submit(self._guarded, t): t for t in tensors}
+            futures = {pool.submit(self._guarded, t): (i, t) for i, t in enumerate(tensors)}
             pending = set(futures)
             while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for f in done:
+                # every finished tensor moves the progress bar at once (FIRST_EXCEPTION would return only
+                # when all are done); a failure is raised as soon as its tensor is seen finishing
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in sorted(done, key=lambda f: futures[f][0]):
                     f.result()  # re-raise the first failure
                     if progress:
-                        progress(futures[f])
+                        progress(futures[f][1])
         except BaseException:
             self._cancel.set()
             raise
