@@ -28,12 +28,13 @@ from mergesmith.execute import (
     baseline_rss,
     choose_backend,
     default_workers,
+    estimate_peak,
     fit_budget,
     make_backend,
 )
 from mergesmith.native import BACKENDS
 from mergesmith.plan import MergePlan, build_plan
-from mergesmith.sizes import parse_size
+from mergesmith.sizes import human_size, parse_size
 from mergesmith.write import OutputFolder, ShardedWriter, TensorSpec, copy_files, write_json
 
 if TYPE_CHECKING:
@@ -77,6 +78,12 @@ def exec_options(
                 f"--memory-limit {memory_limit} is below the {baseline // 2**20} MiB that Python and torch "
                 "need before any tensor is read"
             )
+        log.info(
+            "memory limit %s: %s for the process itself (measured now, with slack), %s for tensor data",
+            human_size(limit),
+            human_size(baseline),
+            human_size(budget),
+        )
     if backend not in BACKENDS:
         raise MergeError(f"unknown backend {backend!r}; use one of: {', '.join(BACKENDS)}")
     return ExecOptions(workers=workers, budget=budget, device=device, seed=random_seed or 0, backend=backend)
@@ -166,13 +173,22 @@ def merge(
     dest = Path(out_dir)
     if dest.exists() and not overwrite:
         raise MergeError(f"output folder {dest} already exists; pass --overwrite to replace it")
+    t0 = time.perf_counter()
     plan = build_plan(cfg, allow_crimes=allow_crimes, strict=strict)
     for warning in plan.warnings:
         log.warning("%s", warning)
+    log.info(
+        "plan: %d tensors (%s) from %d models in %.2f s",
+        len(plan.tensors),
+        human_size(plan.total_bytes),
+        len(plan.models),
+        time.perf_counter() - t0,
+    )
     try:
         options = fit_budget(plan, options)
         ternary = _ternary_output(plan) if out_format == "bitnet" else None
-        chosen, _ = choose_backend(plan, options, transformed_output=ternary is not None)
+        chosen, why = choose_backend(plan, options, transformed_output=ternary is not None)
+        log_choices(plan, options, chosen, why)
         backend = make_backend(chosen, plan, options)
         with OutputFolder(dest, overwrite=overwrite) as out:
             specs = (
@@ -182,14 +198,21 @@ def merge(
             )
             writer = ShardedWriter(out.path, specs, shard_bytes)
             try:
+                t0 = time.perf_counter()
                 _run(plan, writer, options, backend, quiet, ternary.hook(writer) if ternary else None)
                 writer.finish()
+                log.info("merge: tensors read, merged and written in %.2f s", time.perf_counter() - t0)
             finally:
                 writer.close()
+            t0 = time.perf_counter()
             _write_metadata(plan, out.path, text, copy_tokenizer, write_model_card)
             if before_commit is not None:
                 before_commit(out.path)
             final = out.commit()
+            log.info(
+                "finish: config, tokenizer and card written, output renamed in %.2f s",
+                time.perf_counter() - t0,
+            )
     finally:
         plan.close()
     if not quiet:
@@ -200,6 +223,21 @@ def merge(
             file=sys.stderr,
         )
     return final
+
+
+def log_choices(plan: MergePlan, options: ExecOptions, backend: str, why: str | None) -> None:
+    """INFO lines (-v): the backend and why, the memory budget and the workers."""
+    if backend == "native":
+        reason = "--backend native" if options.backend == "native" else "every tensor has a native kernel"
+    else:
+        reason = why or "--backend torch"
+    log.info("backend: %s (%s)", backend, reason)
+    log.info(
+        "memory: %s of tensor data in flight, %d worker(s); estimated peak %s",
+        human_size(options.budget),
+        options.workers,
+        human_size(estimate_peak(plan, options)),
+    )
 
 
 def _ternary_output(plan: MergePlan) -> TernaryOutput:

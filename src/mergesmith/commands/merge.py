@@ -179,9 +179,12 @@ def _print_plan(plan: MergePlan, options: ExecOptions, summary_only: bool) -> No
             print(t.describe())
     for w in plan.warnings:
         print(f"warning: {w}")
+    from mergesmith.api import log_choices
+
     options = fit_budget(plan, options)
     peak = estimate_peak(plan, options)
     backend, why = choose_backend(plan, options, transformed_output=False)
+    log_choices(plan, options, backend, why)
     print(
         f"# {len(plan.tensors)} tensors, {plan.num_layers} layers, {plan.total_bytes / 1e9:.3f} GB of output; "
         f"estimated peak memory {peak / 2**20:.0f} MiB with {options.workers} workers; "
