@@ -29,8 +29,8 @@ from mergesmith.execute import (
     choose_backend,
     default_workers,
     estimate_peak,
-    fit_budget,
     make_backend,
+    settle_budget,
 )
 from mergesmith.native import BACKENDS
 from mergesmith.plan import MergePlan, build_plan
@@ -67,26 +67,37 @@ def exec_options(
     workers = workers or default_workers()
     if workers < 1:
         raise MergeError("--workers must be at least 1")
-    if memory_limit is None:
-        budget = DEFAULT_BUDGET
-    else:
-        limit = parse_size(memory_limit)
-        baseline = baseline_rss()
-        budget = limit - baseline
-        if budget <= 0:
-            raise MergeError(
-                f"--memory-limit {memory_limit} is below the {baseline // 2**20} MiB that Python and torch "
-                "need before any tensor is read"
-            )
-        log.info(
-            "memory limit %s: %s for the process itself (measured now, with slack), %s for tensor data",
-            human_size(limit),
-            human_size(baseline),
-            human_size(budget),
-        )
+    limit = None if memory_limit is None else parse_size(memory_limit)
+    if limit is not None and limit <= 0:
+        raise MergeError(f"--memory-limit {memory_limit} must be positive")
     if backend not in BACKENDS:
         raise MergeError(f"unknown backend {backend!r}; use one of: {', '.join(BACKENDS)}")
-    return ExecOptions(workers=workers, budget=budget, device=device, seed=random_seed or 0, backend=backend)
+    # the budget under a limit is settled once the plan and the backend are known (settle)
+    return ExecOptions(
+        workers=workers,
+        budget=DEFAULT_BUDGET,
+        device=device,
+        seed=random_seed or 0,
+        backend=backend,
+        limit=limit,
+    )
+
+
+def settle(plan: MergePlan, options: ExecOptions, backend: str) -> ExecOptions:
+    """The options a merge runs with: the budget under --memory-limit measured now (call it after the
+    backend is made, so that its engine is loaded), workers fitted to it."""
+    baseline = baseline_rss(backend)
+    options = settle_budget(plan, options, baseline, backend)
+    if options.limit is not None:
+        log.info(
+            "memory limit %s: %s for the process itself (measured with the %s backend loaded, with slack), "
+            "%s for tensor data",
+            human_size(options.limit),
+            human_size(baseline),
+            backend,
+            human_size(options.budget),
+        )
+    return options
 
 
 def make_plan(
@@ -185,11 +196,11 @@ def merge(
         time.perf_counter() - t0,
     )
     try:
-        options = fit_budget(plan, options)
         ternary = _ternary_output(plan) if out_format == "bitnet" else None
         chosen, why = choose_backend(plan, options, transformed_output=ternary is not None)
+        backend = make_backend(chosen, plan, options)  # imports torch for the torch backend
+        options = settle(plan, options, chosen)
         log_choices(plan, options, chosen, why)
-        backend = make_backend(chosen, plan, options)
         with OutputFolder(dest, overwrite=overwrite) as out:
             specs = (
                 ternary.specs()
@@ -236,7 +247,7 @@ def log_choices(plan: MergePlan, options: ExecOptions, backend: str, why: str | 
         "memory: %s of tensor data in flight, %d worker(s); estimated peak %s",
         human_size(options.budget),
         options.workers,
-        human_size(estimate_peak(plan, options)),
+        human_size(estimate_peak(plan, options, backend)),
     )
 
 

@@ -172,18 +172,18 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _print_plan(plan: MergePlan, options: ExecOptions, summary_only: bool) -> None:
     """One line per output tensor (unless ``summary_only``), warnings, and the totals with peak memory."""
-    from mergesmith.execute import choose_backend, estimate_peak, fit_budget
+    from mergesmith.execute import choose_backend, estimate_peak
 
     if not summary_only:
         for t in plan.tensors:
             print(t.describe())
     for w in plan.warnings:
         print(f"warning: {w}")
-    from mergesmith.api import log_choices
+    from mergesmith.api import log_choices, settle
 
-    options = fit_budget(plan, options)
-    peak = estimate_peak(plan, options)
     backend, why = choose_backend(plan, options, transformed_output=False)
+    options = settle(plan, options, backend)
+    peak = estimate_peak(plan, options, backend)
     log_choices(plan, options, backend, why)
     print(
         f"# {len(plan.tensors)} tensors, {plan.num_layers} layers, {plan.total_bytes / 1e9:.3f} GB of output; "
