@@ -443,7 +443,7 @@ class _Planner:
         self.allow_crimes = allow_crimes
         self.cast = parse_code(config.dtype, "dtype")
         self.out = parse_code(config.out_dtype, "out_dtype")
-        # (models that have the tensor, models that lack it) -> output tensors copied from the first
+        # (models that have the tensor, models that lack it, the model it is copied from) -> tensor names
         self.carried: dict[tuple[tuple[str, ...], tuple[str, ...], str], list[str]] = {}
 
     def _find(self, ref: str, name: str) -> TensorInfo | None:
@@ -603,12 +603,14 @@ SIZE_KEYS = (
 
 def _config_differences(configs: dict[str, dict]) -> str:
     """``hidden_size 32 vs 48, ...``: the size keys of config.json whose values differ between models."""
+
+    def value(config: dict, key: str) -> Any:
+        text = config.get("text_config")
+        return config[key] if key in config else text.get(key) if isinstance(text, dict) else None
+
     out = []
     for key in SIZE_KEYS:
-        values = [
-            c.get(key, c.get("text_config", {}).get(key) if isinstance(c.get("text_config"), dict) else None)
-            for c in configs.values()
-        ]
+        values = [value(c, key) for c in configs.values()]
         if len({repr(v) for v in values}) > 1:
             out.append(f"{key} " + " vs ".join(str(v) for v in values))
     return ", ".join(out)
