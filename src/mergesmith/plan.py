@@ -481,7 +481,8 @@ class _Planner:
                 for s in others:
                     levels = [s.params, sl.params, self.config.parameters]
                     where = f"of model {s.model!r} for tensor {names[s.model]}"
-                    vals.append(resolve(spec, levels, names[s.model], position, where))
+                    hint = "; set it under that model's `parameters` (or the top-level ones, for every model)"
+                    vals.append(resolve(spec, levels, names[s.model], position, where, hint))
                 params[spec.name] = tuple(vals)
             else:
                 levels = [sl.params, self.config.parameters]
@@ -621,14 +622,14 @@ def _refs(refs: Sequence[str]) -> str:
 
 
 def _misplaced_hint(name: str, method: str, sl: _Slice) -> str:
-    """For a missing per-tensor parameter that a model's ``parameters`` sets: where it belongs."""
+    """For a missing per-tensor parameter: where it belongs, and where it was set instead if it was."""
     for s in sl.sources:
         if s.params and name in s.params:
             return (
                 f"; {name!r} is set under model {s.model!r}, but {method} reads it once per tensor: move it "
                 "to the top-level `parameters` (or the slice's)"
             )
-    return ""
+    return f"; set it under the top-level `parameters` (e.g. `parameters: {{{name}: ...}}`)"
 
 
 def _rewrite_config(
