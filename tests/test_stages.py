@@ -211,7 +211,7 @@ def _order(cfg: Path) -> None:
 def test_a_mistake_in_a_later_stage_stops_before_the_first_runs(models, tmp_path, capsys):
     base, ft1, ft2 = models
     docs = two_stages(base, ft1, ft2)
-    docs[1]["parameters"] = {"t": 0.5, "density": 0.3}  # slerp takes no density
+    docs[1]["parameters"] = {"t": 0.5, "dnsity": 0.3}  # no method takes this
     cfg = write_stages(tmp_path / "s.yml", docs)
     code, err = run(["merge", str(cfg), str(tmp_path / "out")], capsys)
     assert code == 2 and "stage final (unnamed document 2)" in err and "density" in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -27,16 +28,19 @@ from mergesmith.execute import (
     baseline_rss,
     choose_backend,
     default_workers,
-    fit_budget,
+    estimate_peak,
     make_backend,
+    settle_budget,
 )
 from mergesmith.native import BACKENDS
 from mergesmith.plan import MergePlan, build_plan
-from mergesmith.sizes import parse_size
+from mergesmith.sizes import human_size, parse_size
 from mergesmith.write import OutputFolder, ShardedWriter, TensorSpec, copy_files, input_paths, write_json
 
 if TYPE_CHECKING:
     from mergesmith.bitnet.merge_output import TernaryOutput
+
+log = logging.getLogger("mergesmith")
 
 
 def config_text(config: str | Path | dict | BaseModel) -> str:
@@ -63,20 +67,20 @@ def exec_options(
     workers = workers or default_workers()
     if workers < 1:
         raise MergeError("--workers must be at least 1")
-    if memory_limit is None:
-        budget = DEFAULT_BUDGET
-    else:
-        limit = parse_size(memory_limit)
-        baseline = baseline_rss()
-        budget = limit - baseline
-        if budget <= 0:
-            raise MergeError(
-                f"--memory-limit {memory_limit} is below the {baseline // 2**20} MiB that Python and torch "
-                "need before any tensor is read"
-            )
+    limit = None if memory_limit is None else parse_size(memory_limit)
+    if limit is not None and limit <= 0:
+        raise MergeError(f"--memory-limit {memory_limit} must be positive")
     if backend not in BACKENDS:
         raise MergeError(f"unknown backend {backend!r}; use one of: {', '.join(BACKENDS)}")
-    return ExecOptions(workers=workers, budget=budget, device=device, seed=random_seed or 0, backend=backend)
+    # the budget under a limit is settled once the plan and the backend are known (settle)
+    return ExecOptions(
+        workers=workers,
+        budget=DEFAULT_BUDGET,
+        device=device,
+        seed=random_seed or 0,
+        backend=backend,
+        limit=limit,
+    )
 
 
 def config_refs(cfg: MergeConfig) -> list[str]:
@@ -89,9 +93,33 @@ def config_refs(cfg: MergeConfig) -> list[str]:
     return refs
 
 
-def make_plan(config: str | Path | dict | MergeConfig) -> MergePlan:
-    """Parse the config, open the models (headers only) and plan every output tensor."""
-    return build_plan(load_config(config))
+def settle(plan: MergePlan, options: ExecOptions, backend: str) -> ExecOptions:
+    """The options a merge runs with: the budget under --memory-limit measured now (call it after the
+    backend is made, so that its engine is loaded), workers fitted to it."""
+    baseline = baseline_rss(backend)
+    options = settle_budget(plan, options, baseline, backend)
+    if options.limit is not None:
+        log.info(
+            "memory limit %s: %s for the process itself (measured with the %s backend loaded, with slack), "
+            "%s for tensor data",
+            human_size(options.limit),
+            human_size(baseline),
+            backend,
+            human_size(options.budget),
+        )
+    return options
+
+
+def make_plan(
+    config: str | Path | dict | MergeConfig, *, allow_crimes: bool = False, strict: bool = False
+) -> MergePlan:
+    """Parse the config, open the models (headers only) and plan every output tensor.
+
+    ``allow_crimes``: merge models of different architectures (mergekit's --allow-crimes); a tensor only
+    some models have is copied from one that has it. ``strict``: every warning (``plan.warnings``) is an
+    error instead.
+    """
+    return build_plan(load_config(config), allow_crimes=allow_crimes, strict=strict)
 
 
 def merge(
@@ -112,6 +140,8 @@ def merge(
     intermediate_dir: str | Path | None = None,
     before_commit: Callable[[Path], None] | None = None,
     out_format: str = "safetensors",
+    allow_crimes: bool = False,
+    strict: bool = False,
 ) -> Path:
     """Merge the models that ``config`` describes into a new model folder ``out_dir``; returns its path.
 
@@ -126,6 +156,8 @@ def merge(
     ``backend``: "auto" (native where it can run the merge, else torch), "native" or "torch" (see
     :mod:`mergesmith.native`; both give the same bytes). ``out_format="bitnet"`` ternarises the merged linear weights of the decoder layers and writes them
     packed, as transformers' ``quant_method: bitnet`` checkpoints hold them (see docs/bitnet.md).
+    ``allow_crimes``: merge models of different architectures (see :func:`make_plan`); ``strict``: every
+    warning of the plan is an error. Warnings are logged (logger ``mergesmith``) before the merge starts.
     """
     from mergesmith.stages import is_multi_stage, run_stages
 
@@ -152,6 +184,8 @@ def merge(
             workers=workers,
             device=device,
             backend=backend,
+            allow_crimes=allow_crimes,
+            strict=strict,
         )
     start = time.perf_counter()
     text = config_text(config)
@@ -162,26 +196,44 @@ def merge(
     options = exec_options(
         memory_limit=memory_limit, workers=workers, device=device, random_seed=random_seed, backend=backend
     )
+    t0 = time.perf_counter()
     inputs = input_paths(config_refs(cfg))
     with OutputFolder(out_dir, overwrite, force=force, inputs=inputs, quiet=quiet) as out:
-        plan = build_plan(cfg)
+        plan = build_plan(cfg, allow_crimes=allow_crimes, strict=strict)
         try:
-            options = fit_budget(plan, options)
+            for warning in plan.warnings:
+                log.warning("%s", warning)
+            log.info(
+                "plan: %d tensors (%s) from %d models in %.2f s",
+                len(plan.tensors),
+                human_size(plan.total_bytes),
+                len(plan.models),
+                time.perf_counter() - t0,
+            )
             ternary = _ternary_output(plan) if out_format == "bitnet" else None
-            chosen, _ = choose_backend(plan, options, transformed_output=ternary is not None)
-            backend = make_backend(chosen, plan, options)
+            chosen, why = choose_backend(plan, options, transformed_output=ternary is not None)
+            backend = make_backend(chosen, plan, options)  # imports torch for the torch backend
+            options = settle(plan, options, chosen)
+            log_choices(plan, options, chosen, why)
             specs = (
                 ternary.specs()
                 if ternary
                 else [TensorSpec(t.name, t.out_code, t.shape) for t in plan.tensors]
             )
             with ShardedWriter(out.path, specs, shard_bytes) as writer:
+                t0 = time.perf_counter()
                 _run(plan, writer, options, backend, quiet, ternary.hook(writer) if ternary else None)
                 writer.finish()
+                log.info("merge: tensors read, merged and written in %.2f s", time.perf_counter() - t0)
+            t0 = time.perf_counter()
             _write_metadata(plan, out.path, text, copy_tokenizer, write_model_card, out.dest.name)
             if before_commit is not None:
                 before_commit(out.path)
             final = out.commit()
+            log.info(
+                "finish: config, tokenizer and card written, output renamed in %.2f s",
+                time.perf_counter() - t0,
+            )
         finally:
             plan.close()
     if not quiet:
@@ -192,6 +244,21 @@ def merge(
             file=sys.stderr,
         )
     return final
+
+
+def log_choices(plan: MergePlan, options: ExecOptions, backend: str, why: str | None) -> None:
+    """INFO lines (-v): the backend and why, the memory budget and the workers."""
+    if backend == "native":
+        reason = "--backend native" if options.backend == "native" else "every tensor has a native kernel"
+    else:
+        reason = why or "--backend torch"
+    log.info("backend: %s (%s)", backend, reason)
+    log.info(
+        "memory: %s of tensor data in flight, %d worker(s); estimated peak %s",
+        human_size(options.budget),
+        options.workers,
+        human_size(estimate_peak(plan, options, backend)),
+    )
 
 
 def _ternary_output(plan: MergePlan) -> TernaryOutput:

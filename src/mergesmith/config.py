@@ -6,6 +6,7 @@ ignores unknown keys, which turns a typo into a wrong merge.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -101,7 +102,16 @@ def _format_validation_error(exc: ValidationError, source: str, docs: str = "doc
     loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "tagged-")))
     loc = loc.replace(".list[FilterEntry]", "").replace(".list[union[int,float]]", "")
     msg = err["msg"]
-    if err["type"] == "extra_forbidden":
+    parts = [str(p) for p in err["loc"]]
+    if "parameters" in parts and len(parts) > parts.index("parameters") + 1:
+        # a parameter value matches none of the forms; pydantic names the last form it tried
+        name = parts[parts.index("parameters") + 1]
+        loc = ".".join(parts[: parts.index("parameters") + 2])
+        msg = (
+            f"parameter {name!r} must be a number, true/false, a list of numbers (a gradient) or a list of "
+            "{filter, value} entries"
+        )
+    elif err["type"] == "extra_forbidden":
         msg = f"unknown key (check its spelling against {docs})"
     elif err["type"] == "missing":
         msg = "required key is missing"
@@ -109,9 +119,68 @@ def _format_validation_error(exc: ValidationError, source: str, docs: str = "doc
     return f"{source}: invalid config{where}: {msg}"
 
 
+# mergekit keys that mergesmith does not take, with what to do instead of a spelling suggestion
+UNSUPPORTED_KEYS = {
+    "modules": "mergekit's 'modules' (modular architectures) is not supported; use 'models' or 'slices'",
+    "residual_weight": "'residual_weight' has no effect (mergekit parses it but never uses it); remove it",
+}
+
+
+def _unknown_key(key: Any, known: list[str], where: str, source: str) -> ConfigError:
+    path = f"{where}.{key}" if where else str(key)
+    if key in UNSUPPORTED_KEYS:
+        return ConfigError(f"{source}: invalid config at '{path}': {UNSUPPORTED_KEYS[key]}")
+    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else f" (known keys here: {', '.join(known)})"
+    return ConfigError(f"{source}: invalid config at '{path}': unknown key{hint}")
+
+
+def _check_keys(data: Any, cls: type[BaseModel], where: str, source: str) -> None:
+    """Unknown keys anywhere in the config, with the nearest known key, before pydantic validates: its
+    first error would otherwise be a consequence of the typo ('merge_methd' -> "required key missing")."""
+    if not isinstance(data, dict):
+        return
+    known = list(cls.model_fields)
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in cls.model_fields:
+            raise _unknown_key(key, known, where, source)
+        if key == "parameters" and isinstance(value, dict):
+            _check_parameter_values(value, path, source)
+        child = _CHILDREN.get((cls.__name__, key))
+        if child is None:
+            continue
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                _check_keys(item, child, f"{path}.{i}", source)
+        else:
+            _check_keys(value, child, path, source)
+
+
+def _check_parameter_values(params: dict, where: str, source: str) -> None:
+    """Filter entries (``{filter, value}``) inside parameter values."""
+    known = list(FilterEntry.model_fields)
+    for name, value in params.items():
+        if isinstance(value, list):
+            for i, entry in enumerate(value):
+                if isinstance(entry, dict):
+                    for key in entry:
+                        if key not in FilterEntry.model_fields:
+                            raise _unknown_key(key, known, f"{where}.{name}.{i}", source)
+
+
+_CHILDREN: dict[tuple[str, str], type[BaseModel]] = {
+    ("MergeConfig", "models"): InputModel,
+    ("MergeConfig", "slices"): Slice,
+    ("MergeConfig", "tokenizer"): TokenizerConfig,
+    ("Slice", "sources"): SliceSource,
+}
+
+
 def parse_config(data: Any, source: str = "config") -> MergeConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a merge config must be a YAML mapping, got {type(data).__name__}")
+    _check_keys(data, MergeConfig, "", source)
     try:
         return MergeConfig.model_validate(data)
     except ValidationError as exc:

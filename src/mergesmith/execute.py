@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -25,11 +25,18 @@ from mergesmith.errors import MergeError
 from mergesmith.methods import Chunk, Method, get_method
 from mergesmith.plan import MergePlan, OutputTensor, TensorSource
 from mergesmith.rng import RandomStream
+from mergesmith.sizes import human_size
 from mergesmith.write import ShardedWriter
 
 DEFAULT_BUDGET = 768 * 2**20  # bytes of tensor data in flight when no --memory-limit is given
 BASELINE_RSS = 400 * 2**20  # Python, torch and the rest, when it cannot be measured (measured ~230 MiB)
-BASELINE_SLACK = 64 * 2**20  # what the process grows by besides tensors (index, progress bar, threads)
+# What the process grows by besides tensor data once the backend's engine is loaded: code pages of the
+# torch ops a merge touches first (~50 MiB), numba loading or compiling its kernels (~80 MiB without a
+# cache), threads, the index and the progress bar. Measured on TIES and linear merges of tiny models.
+BASELINE_SLACK = 96 * 2**20
+# Resident memory that importing torch adds (measured: 225 MiB with torch 2.x on Linux); counted in the
+# baseline of a merge that will run on torch before torch is imported (`mergesmith plan`)
+TORCH_IMPORT_RSS = 240 * 2**20
 # Peak RSS per byte of estimated working set, measured on TIES and SLERP merges of Qwen2-0.5B-shaped
 # models at several --memory-limit values: temporaries inside the kernels and allocator fragmentation.
 ALLOCATOR_OVERHEAD = 2.0
@@ -40,6 +47,7 @@ MIN_CHUNK_ELEMS = 1 << 16
 class ExecOptions:
     workers: int = 2
     budget: int = DEFAULT_BUDGET  # bytes of tensor data in flight, all workers together
+    limit: int | None = None  # --memory-limit in bytes: the budget is settled against it (settle_budget)
     device: str = "cpu"
     seed: int = 0
     check_finite: bool = True
@@ -57,12 +65,14 @@ def bytes_per_element(t: OutputTensor, method: Method) -> int:
     return int(ALLOCATOR_OVERHEAD * (raw + n_in * csize + method.scratch * csize + osize + 1))
 
 
-def baseline_rss() -> int:
-    """This process's resident memory now, plus slack: what a merge needs besides tensor data."""
+def baseline_rss(backend: str | None = None) -> int:
+    """This process's resident memory now, plus slack: what a merge needs besides tensor data. With
+    ``backend="torch"`` and torch not imported yet, what importing it will add is counted too."""
+    torch_to_come = TORCH_IMPORT_RSS if backend == "torch" and "torch" not in sys.modules else 0
     try:
         with open("/proc/self/statm") as f:
             resident_pages = int(f.read().split()[1])
-        return resident_pages * os.sysconf("SC_PAGE_SIZE") + BASELINE_SLACK
+        return resident_pages * os.sysconf("SC_PAGE_SIZE") + BASELINE_SLACK + torch_to_come
     except (OSError, ValueError, IndexError):
         return BASELINE_RSS
 
@@ -89,11 +99,31 @@ def task_bytes(t: OutputTensor, share: int) -> int:
     return elems * bytes_per_element(t, method)
 
 
-def estimate_peak(plan: MergePlan, options: ExecOptions) -> int:
-    """Peak memory estimate: baseline + the largest tasks that can be in flight at once."""
+def estimate_peak(plan: MergePlan, options: ExecOptions, backend: str | None = None) -> int:
+    """Peak memory estimate: baseline (with ``backend``'s engine) + the largest tasks in flight at once."""
     share = options.budget // max(1, options.workers)
     sizes = sorted((task_bytes(t, share) for t in plan.tensors), reverse=True)
-    return baseline_rss() + sum(sizes[: options.workers])
+    return baseline_rss(backend) + sum(sizes[: options.workers])
+
+
+def settle_budget(plan: MergePlan, options: ExecOptions, baseline: int, backend: str) -> ExecOptions:
+    """Under ``--memory-limit``: the tensor budget is what the limit leaves besides ``baseline`` (measured
+    once the backend is chosen and its engine loaded: torch alone is a quarter GiB, so a budget taken
+    before it was imported let merges overshoot the limit by that much); then :func:`fit_budget`. A limit
+    below the baseline plus one row chunk of the largest tensor is refused up front with the smallest
+    limit that works."""
+    if options.limit is None:
+        return fit_budget(plan, options)
+    need = max((task_bytes(t, 0) for t in plan.tensors), default=0)
+    if options.limit < baseline + need:
+        smallest = baseline + need
+        raise MergeError(
+            f"--memory-limit {human_size(options.limit)} is too small for this merge: the process needs "
+            f"{human_size(baseline)} with the {backend} backend before any tensor is read, and "
+            f"{human_size(need)} for the largest tensor in flight; the smallest limit that works is "
+            f"--memory-limit {math.ceil(smallest / 2**20)}MiB"
+        )
+    return fit_budget(plan, replace(options, budget=options.limit - baseline))
 
 
 def fit_budget(plan: MergePlan, options: ExecOptions) -> ExecOptions:
@@ -246,14 +276,16 @@ class Executor:
             return
         pool = ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="mergesmith")
         try:
-            futures = {pool.submit(self._guarded, t): t for t in tensors}
+            futures = {pool.submit(self._guarded, t): (i, t) for i, t in enumerate(tensors)}
             pending = set(futures)
             while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for f in done:
+                # every finished tensor moves the progress bar at once (FIRST_EXCEPTION would return only
+                # when all are done); a failure is raised as soon as its tensor is seen finishing
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in sorted(done, key=lambda f: futures[f][0]):
                     f.result()  # re-raise the first failure
                     if progress:
-                        progress(futures[f])
+                        progress(futures[f][1])
         except BaseException:
             self._cancel.set()
             raise

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from mergesmith.config import FilterEntry, Parameters
-from mergesmith.errors import ConfigError
-from mergesmith.methods import REQUIRED, ParamSpec
+from mergesmith.errors import ConfigError, MergeError
+from mergesmith.methods import REQUIRED, ParamSpec, check_domain
 
 _MISSING = object()
 
@@ -79,17 +79,19 @@ def resolve(
     tensor_name: str,
     position: float,
     where: str,
-    required: bool = True,
+    hint: str = "",
 ) -> Any:
+    """The value of ``spec`` for one tensor (``where`` says which model and tensor, for messages): the
+    first level that sets it, else the default; a missing required one, a wrong type or a value outside
+    the parameter's domain is a ConfigError. ``hint`` is added to the missing-parameter message."""
     value = lookup(spec.name, levels, tensor_name, position)
     if value is _MISSING:
         if spec.default is REQUIRED:
-            if not required:
-                return None
-            raise ConfigError(f"merge needs parameter {spec.name!r} {where} (tensor {tensor_name})")
+            raise ConfigError(f"merge needs parameter {spec.name!r} {where}{hint}")
         return spec.default
-    return coerce(spec, value, where)
-
-
-def known_parameter_names(params: Parameters | None) -> list[str]:
-    return list(params or {})
+    value = coerce(spec, value, where)
+    try:
+        check_domain(spec, value, where)
+    except MergeError as exc:
+        raise ConfigError(str(exc)) from None
+    return value

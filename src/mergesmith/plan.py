@@ -7,7 +7,9 @@ vocabulary sizes, dtypes, parameters), so a bad merge fails before anything is w
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import difflib
+import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -21,13 +23,15 @@ from mergesmith.arch import (
 )
 from mergesmith.config import MergeConfig, Parameters
 from mergesmith.errors import ConfigError, MergeError
-from mergesmith.methods import BaseRule, Method, get_method
+from mergesmith.methods import BaseRule, Method, all_parameter_names, get_method
 from mergesmith.model import ModelSource, TensorInfo
 from mergesmith.params import layer_position, resolve
 from mergesmith.sources import open_source
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger("mergesmith")
 
 DTYPE_NAMES: dict[str, str] = {  # config spelling -> safetensors code
     "float32": "F32",
@@ -178,13 +182,37 @@ class MergePlan:
             m.close()
 
 
-def build_plan(config: MergeConfig, models: dict[str, ModelSource] | None = None) -> MergePlan:
+class Warnings(list[str]):
+    """The plan's warnings (each once); under ``strict`` the first one is raised as a ConfigError."""
+
+    def __init__(self, strict: bool = False):
+        super().__init__()
+        self.strict = strict
+
+    def __call__(self, message: str) -> None:
+        if self.strict:
+            raise ConfigError(f"{message} (an error under --strict)")
+        if message not in self:
+            self.append(message)
+
+
+def build_plan(
+    config: MergeConfig,
+    models: dict[str, ModelSource] | None = None,
+    *,
+    allow_crimes: bool = False,
+    strict: bool = False,
+) -> MergePlan:
+    """Plan every output tensor. ``allow_crimes`` merges models of different architectures, copying a
+    tensor that only some models have from one that has it; ``strict`` makes every warning an error."""
     method = get_method(config.merge_method)
-    _check_parameter_names(config, method)
+    warn = Warnings(strict)
+    _check_parameter_names(config, method, warn)
     slices = _normalise_slices(config, method)
     refs = _unique(
         [s.model for sl in slices for s in sl.sources] + ([config.base_model] if config.base_model else [])
     )
+    inputs = list(refs)
     tok = config.tokenizer_choice
     if tok not in ("base", "union") and tok not in refs:
         refs.append(tok)
@@ -192,6 +220,7 @@ def build_plan(config: MergeConfig, models: dict[str, ModelSource] | None = None
     for ref in refs:
         if ref not in models:
             models[ref] = open_source(ref)
+    _check_architectures(inputs, models, allow_crimes)
     layouts = {ref: Layout.infer(ref, list(models[ref].tensors), models[ref].config) for ref in refs}
     _fill_ranges(slices, layouts)
     _check_slices(slices, layouts, method)
@@ -201,27 +230,26 @@ def build_plan(config: MergeConfig, models: dict[str, ModelSource] | None = None
     out_tied = tie_word_embeddings(out_config) and not any(
         n.endswith("lm_head.weight") for n in models[config_model].tensors
     )
-    planner = _Planner(config, method, models, layouts)
+    planner = _Planner(config, method, models, layouts, allow_crimes)
     tensors: list[OutputTensor] = []
     first, last = slices[0], slices[-1]
-    ref_layout = layouts[_name_model(first, config_model)]
-    for name in ref_layout.pre:
+    for name in _names(first, config_model, layouts, lambda lay: lay.pre):
         tensors.append(planner.plan_tensor(name, first, {s.model: name for s in first.sources}, 0.0))
     offset = 0
     for sl in slices:
-        lay = layouts[_name_model(sl, config_model)]
+        templates = _names(sl, config_model, layouts, lambda lay: lay.layer_templates)
         for j in range(sl.length):
             pos = layer_position(j, sl.length)
-            for template in lay.layer_templates:
+            for template in templates:
                 out_name = template.format(offset + j)
                 names = {s.model: template.format(s.start + j) for s in sl.sources}
                 tensors.append(planner.plan_tensor(out_name, sl, names, pos))
         offset += sl.length
-    last_layout = layouts[_name_model(last, config_model)]
-    for name in last_layout.post:
+    for name in _names(last, config_model, layouts, lambda lay: lay.post):
         if out_tied and name.endswith("lm_head.weight"):
             continue
         tensors.append(planner.plan_tensor(name, last, {s.model: name for s in last.sources}, 0.0))
+    planner.report_carried(warn)
 
     _rewrite_config(out_config, slices, layouts[config_model], offset, tensors, config)
     tokenizer_model = config_model if tok == "base" else tok
@@ -237,7 +265,7 @@ def build_plan(config: MergeConfig, models: dict[str, ModelSource] | None = None
         tokenizer_model=tokenizer_model,
         base_model=config.base_model,
         num_layers=offset,
-        warnings=planner.warnings,
+        warnings=list(warn),
     )
 
 
@@ -251,22 +279,94 @@ def _name_model(sl: _Slice, preferred: str) -> str:
     return preferred if preferred in models else (sl.base if sl.base in models else models[0])
 
 
-def _check_parameter_names(config: MergeConfig, method: Method) -> None:
-    def check(params: Parameters | None, where: str) -> None:
+def _names(sl: _Slice, preferred: str, layouts: dict[str, Layout], part) -> list[str]:
+    """The names (or layer templates) ``part`` of a layout gives, over every model of the slice: the
+    naming model's first, in its order, then those only other models have (they are not dropped)."""
+    first = _name_model(sl, preferred)
+    return _unique([*part(layouts[first]), *(n for s in sl.sources for n in part(layouts[s.model]))])
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``; did you mean 'x'?`` for the nearest of ``choices``, or an empty string."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _check_parameter_names(config: MergeConfig, method: Method, warn: Warnings) -> None:
+    """A name no method takes is an error. A name this method does not read where it is written is ignored,
+    as mergekit ignores it, with a warning that says where it belongs."""
+    known_any = all_parameter_names()
+    name = method.name
+
+    def check(params: Parameters | None, where: str, level: str) -> None:
         for key in params or {}:
-            if key not in method.param_index:
-                known = ", ".join(method.param_index) or "none"
-                raise ConfigError(
-                    f"parameter {key!r} {where} is not a parameter of merge_method {method.name!r} (it takes: {known})"
+            spec = method.param_index.get(key)
+            if spec is None:
+                takes = ", ".join(method.param_index) or "no parameters"
+                if key not in known_any:
+                    hint = did_you_mean(key, method.param_index) or did_you_mean(key, known_any)
+                    raise ConfigError(
+                        f"parameter {key!r} {where} is not a parameter of any merge method{hint} "
+                        f"({name} takes: {takes})"
+                    )
+                warn(
+                    f"parameter {key!r} {where} is ignored: merge_method {name!r} does not take it "
+                    f"(it takes: {takes}){did_you_mean(key, method.param_index)}"
+                )
+            elif not spec.per_model and level != "all":
+                warn(
+                    f"parameter {key!r} {where} is ignored: {name} reads {key!r} once per tensor, not per "
+                    "model; it belongs under the top-level `parameters` (or a slice's)"
+                )
+            elif level == "base":
+                warn(
+                    f"parameter {key!r} {where} is ignored: {name} takes per-model parameters from the "
+                    "models merged into the base model, not from the base model itself"
                 )
 
-    check(config.parameters, "in top-level parameters")
+    def level(model: str, base: str | None) -> str:
+        separate = method.base == BaseRule.REQUIRED or (method.base == BaseRule.OPTIONAL and bool(base))
+        return "base" if separate and model == base else "model"
+
+    check(config.parameters, "in top-level parameters", "all")
     for m in config.models or []:
-        check(m.parameters, f"of model {m.model!r}")
+        lv = level(m.model, config.base_model)
+        check(m.parameters, f"of {'base ' if lv == 'base' else ''}model {m.model!r}", lv)
     for i, sl in enumerate(config.slices or []):
-        check(sl.parameters, f"of slice {i}")
+        check(sl.parameters, f"of slice {i}", "all")
         for s in sl.sources:
-            check(s.parameters, f"of model {s.model!r} in slice {i}")
+            lv = level(s.model, sl.base_model or config.base_model)
+            check(s.parameters, f"of {'base ' if lv == 'base' else ''}model {s.model!r} in slice {i}", lv)
+
+
+def _architecture(config: dict) -> tuple[str | None, tuple[str, ...] | None]:
+    arch = config.get("architectures")
+    return config.get("model_type"), tuple(arch) if isinstance(arch, list) and arch else None
+
+
+def _check_architectures(refs: Sequence[str], models: dict[str, ModelSource], allow_crimes: bool) -> None:
+    """Models whose config.json disagree on model_type or architectures are an error unless the user opts
+    in (mergekit's --allow-crimes): their tensors may line up by name and shape and still mean different
+    things."""
+    kinds = {ref: _architecture(models[ref].config) for ref in refs}
+    types = {k[0] for k in kinds.values() if k[0] is not None}
+    archs = {k[1] for k in kinds.values() if k[1] is not None}
+    if len(types) <= 1 and len(archs) <= 1:
+        return
+    seen: dict[tuple, str] = {}
+    for ref, kind in kinds.items():
+        seen.setdefault(kind, ref)
+    detail = ", ".join(
+        f"{ref!r} is {'/'.join(arch or ('?',))} (model_type {mtype or '?'})"
+        for (mtype, arch), ref in seen.items()
+    )
+    if allow_crimes:
+        log.info("merging models of different architectures (--allow-crimes): %s", detail)
+        return
+    raise MergeError(
+        f"the models are of different architectures: {detail}; the result may not load or work. Merge "
+        "models of one architecture, or pass --allow-crimes (allow_crimes=True) to merge them anyway"
+    )
 
 
 def _normalise_slices(config: MergeConfig, method: Method) -> list[_Slice]:
@@ -333,16 +433,20 @@ def _separate_base(method: Method, sl: _Slice) -> bool:
 
 
 class _Planner:
-    def __init__(self, config: MergeConfig, method: Method, models: dict[str, ModelSource], layouts):
+    def __init__(
+        self, config: MergeConfig, method: Method, models: dict[str, ModelSource], layouts, allow_crimes: bool
+    ):
         self.config = config
         self.method = method
         self.models = models
         self.layouts = layouts
+        self.allow_crimes = allow_crimes
         self.cast = parse_code(config.dtype, "dtype")
         self.out = parse_code(config.out_dtype, "out_dtype")
-        self.warnings: list[str] = []
+        # (models that have the tensor, models that lack it, the model it is copied from) -> tensor names
+        self.carried: dict[tuple[tuple[str, ...], tuple[str, ...], str], list[str]] = {}
 
-    def _info(self, ref: str, name: str) -> TensorInfo:
+    def _find(self, ref: str, name: str) -> TensorInfo | None:
         model = self.models[ref]
         info = model.tensors.get(name)
         if info is None and name.endswith("lm_head.weight") and tie_word_embeddings(model.config):
@@ -352,15 +456,18 @@ class _Planner:
             embed = embed or [n for n in self.layouts[ref].pre if is_embedding(n)]
             if embed:
                 info = model.tensors[embed[0]]
-        if info is None:
-            raise MergeError(f"model {ref!r} has no tensor {name!r} (the other models have it)")
         return info
 
     def plan_tensor(self, out_name: str, sl: _Slice, names: dict[str, str], position: float) -> OutputTensor:
         method = self.method
         base_ref = sl.base if _separate_base(method, sl) else None
         others = [s for s in sl.sources if s.model != base_ref]
-        infos = {s.model: self._info(s.model, names[s.model]) for s in sl.sources}
+        found = {s.model: self._find(s.model, names[s.model]) for s in sl.sources}
+        have = [ref for ref, info in found.items() if info is not None]
+        lack = [ref for ref, info in found.items() if info is None]
+        if lack:
+            return self._carry(out_name, have, lack, base_ref, found)
+        infos: dict[str, TensorInfo] = {ref: info for ref, info in found.items() if info is not None}
         # the aliased lm_head of a tied model is read under its embedding name
         src = {ref: TensorSource(ref, infos[ref].name) for ref in infos}
         self._check_shapes(out_name, infos)
@@ -368,17 +475,19 @@ class _Planner:
         in_dtypes = {i.code for i in infos.values()}
 
         params: dict[str, Any] = {}
-        where = f"for tensor {out_name}"
         for spec in method.params:
             if spec.per_model:
                 vals = []
                 for s in others:
                     levels = [s.params, sl.params, self.config.parameters]
-                    vals.append(resolve(spec, levels, names[s.model], position, f"of model {s.model!r}"))
+                    where = f"of model {s.model!r} for tensor {names[s.model]}"
+                    hint = "; set it under that model's `parameters` (or the top-level ones, for every model)"
+                    vals.append(resolve(spec, levels, names[s.model], position, where, hint))
                 params[spec.name] = tuple(vals)
             else:
                 levels = [sl.params, self.config.parameters]
-                params[spec.name] = resolve(spec, levels, out_name, position, where)
+                hint = _misplaced_hint(spec.name, method.name, sl)
+                params[spec.name] = resolve(spec, levels, out_name, position, f"for tensor {out_name}", hint)
         try:
             method.kernel.check_params(params)
         except MergeError as e:
@@ -416,20 +525,111 @@ class _Planner:
             copy=copy_bytes,
         )
 
+    def _carry(
+        self,
+        out_name: str,
+        have: list[str],
+        lack: list[str],
+        base_ref: str | None,
+        found: dict[str, TensorInfo | None],
+    ) -> OutputTensor:
+        """A tensor that only some models have: an error, or with --allow-crimes a copy of it from the
+        base model if it has it, else from the first model that does (never dropped silently)."""
+        if not self.allow_crimes:
+            raise MergeError(
+                f"tensor {out_name!r} is in {_refs(have)} but not in {_refs(lack)}; merge models that have "
+                "the same tensors, or pass --allow-crimes to copy it from the model that has it"
+            )
+        ref = base_ref if base_ref in have else have[0]
+        info = found[ref]
+        assert info is not None
+        self.carried.setdefault((tuple(have), tuple(lack), ref), []).append(out_name)
+        out = self.out or self.cast or info.code
+        if info.code not in dtypes.FLOAT_CODES:
+            out = info.code
+        return OutputTensor(
+            name=out_name,
+            shape=info.shape,
+            out_code=out,
+            method="passthrough",
+            base=None,
+            inputs=(TensorSource(ref, info.name),),
+            params=(("scale", (None,)),),
+            cast_code=self.cast if info.code in dtypes.FLOAT_CODES else None,
+            compute_code="F64" if "F64" in (self.cast, info.code) else "F32",
+            copy=out == info.code and self.cast in (None, info.code),
+        )
+
+    def report_carried(self, warn: Warnings) -> None:
+        for (have, lack, source), names in self.carried.items():
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            warn(
+                f"{len(names)} tensor(s) are in {_refs(have)} but not in {_refs(lack)} ({shown}); copied "
+                f"unmerged from {source!r} (--allow-crimes)"
+            )
+
     def _check_shapes(self, out_name: str, infos: dict[str, TensorInfo]) -> None:
         shapes = {ref: info.shape for ref, info in infos.items()}
         if len(set(shapes.values())) <= 1:
             return
         detail = ", ".join(f"{ref}: {list(s)}" for ref, s in shapes.items())
-        if is_embedding(out_name):
+        rows = {s[0] for s in shapes.values() if s}
+        rest = {s[1:] for s in shapes.values()}
+        if is_embedding(out_name) and len(rows) > 1 and len(rest) == 1:
             raise MergeError(
                 f"tensor {out_name!r}: vocabulary sizes differ ({detail}); the models use different tokenizers "
                 "or padded vocabularies. Align them first (resize the embeddings of the models to one "
                 "tokenizer) or merge only models that share a tokenizer"
             )
+        differ = _config_differences({ref: self.models[ref].config for ref in infos})
+        why = f"config.json differs: {differ}" if differ else "the models are not the same size"
         raise MergeError(
-            f"tensor {out_name!r}: shapes differ between models ({detail}); they are not the same architecture size"
+            f"tensor {out_name!r}: shapes differ between models ({detail}); {why}. Tensors can only be merged "
+            "between models of the same architecture and size"
         )
+
+
+SIZE_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "n_embd",
+    "n_head",
+    "n_inner",
+)
+
+
+def _config_differences(configs: dict[str, dict]) -> str:
+    """``hidden_size 32 vs 48, ...``: the size keys of config.json whose values differ between models."""
+
+    def value(config: dict, key: str) -> Any:
+        text = config.get("text_config")
+        return config[key] if key in config else text.get(key) if isinstance(text, dict) else None
+
+    out = []
+    for key in SIZE_KEYS:
+        values = [value(c, key) for c in configs.values()]
+        if len({repr(v) for v in values}) > 1:
+            out.append(f"{key} " + " vs ".join(str(v) for v in values))
+    return ", ".join(out)
+
+
+def _refs(refs: Sequence[str]) -> str:
+    return ", ".join(repr(r) for r in refs)
+
+
+def _misplaced_hint(name: str, method: str, sl: _Slice) -> str:
+    """For a missing per-tensor parameter: where it belongs, and where it was set instead if it was."""
+    for s in sl.sources:
+        if s.params and name in s.params:
+            return (
+                f"; {name!r} is set under model {s.model!r}, but {method} reads it once per tensor: move it "
+                "to the top-level `parameters` (or the slice's)"
+            )
+    return f"; set it under the top-level `parameters` (e.g. `parameters: {{{name}: ...}}`)"
 
 
 def _rewrite_config(

@@ -257,15 +257,23 @@ class PlannedModelSource(ModelSource):
 
 
 def plan_stages(
-    config: str | Path | Sequence[dict], intermediate_dir: str | Path | None = None
+    config: str | Path | Sequence[dict],
+    intermediate_dir: str | Path | None = None,
+    *,
+    allow_crimes: bool = False,
+    strict: bool = False,
 ) -> list[StagePlan]:
     """Plan every stage in order, later ones against the planned outputs of earlier ones; nothing is read
-    but headers and nothing is written. Close each plan (``plan.close()``) when done."""
+    but headers and nothing is written. Close each plan (``plan.close()``) when done. ``allow_crimes`` and
+    ``strict`` apply to every stage (see :func:`mergesmith.plan.build_plan`)."""
     stages = load_stages(config)
-    return _plan_all(stage_order(stages), final_stage(stages), Path(intermediate_dir or "<intermediate-dir>"))
+    inter = Path(intermediate_dir or "<intermediate-dir>")
+    return _plan_all(stage_order(stages), final_stage(stages), inter, allow_crimes, strict)
 
 
-def _plan_all(order: Sequence[Stage], final: Stage, inter: Path) -> list[StagePlan]:
+def _plan_all(
+    order: Sequence[Stage], final: Stage, inter: Path, allow_crimes: bool = False, strict: bool = False
+) -> list[StagePlan]:
     from mergesmith.lora.source import LoraModelSource
 
     names = {s.name for s in order if s.name}
@@ -281,7 +289,7 @@ def _plan_all(order: Sequence[Stage], final: Stage, inter: Path) -> list[StagePl
                 upstream = planned[dep]
                 models[ref] = upstream if ref == dep else LoraModelSource.open(ref, base=upstream)
             try:
-                plan = build_plan(st.config, models)
+                plan = build_plan(st.config, models, allow_crimes=allow_crimes, strict=strict)
             except MergeError as exc:
                 raise type(exc)(f"stage {st.label}: {exc}") from None
             out.append(StagePlan(st, plan, st is final))
@@ -458,7 +466,8 @@ def _run_stages(
     )
     _check_folders(out, inter)
     dests = {st.index: out if st is final else inter / str(st.name) for st in order}
-    for sp in _plan_all(order, final, inter):  # every stage checked before the first one runs
+    crimes, strict = exec_options.get("allow_crimes", False), exec_options.get("strict", False)
+    for sp in _plan_all(order, final, inter, crimes, strict):  # every stage checked before the first one runs
         sp.plan.close()
     options = {
         "random_seed": random_seed or 0,
@@ -466,6 +475,8 @@ def _run_stages(
         "copy_tokenizer": copy_tokenizer,
         "write_model_card": write_model_card,
     }
+    if crimes:  # it changes what is written (tensors copied instead of refused); absent keeps old identities
+        options["allow_crimes"] = True
     names = {s.name for s in stages if s.name}
     ids: dict[str, str] = {}
     todo: list[tuple[Stage, dict[str, Any], str]] = []

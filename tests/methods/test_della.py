@@ -19,7 +19,7 @@ def _pair(rows: int = 200, cols: int = 50, seed: int = 0):
 @pytest.mark.parametrize(("density", "epsilon"), [(0.5, 0.5), (0.9, 0.1), (0.1, 0.2), (0.0, 0.0)])
 def test_probabilities_outside_the_open_interval_are_an_error(density, epsilon):
     base, model = _pair(4, 4)
-    with pytest.raises(MergeError, match="strictly between 0 and 1"):
+    with pytest.raises(MergeError, match=r"strictly between 0 and 1|must be in \(0, 1\]"):
         merge_tensors("della", [model], base=base, weight=[1.0], density=[density], epsilon=[epsilon])
 
 

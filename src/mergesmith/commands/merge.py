@@ -32,6 +32,27 @@ def _add_exec_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_plan_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-crimes",
+        action="store_true",
+        help="merge models of different architectures (model_type / architectures in config.json); a "
+        "tensor only some models have is copied from one that has it, with a warning",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="make every warning an error (e.g. a parameter the method ignores where it is written)",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more detail: -v info (backend, budget, per-stage timing)",
+    )
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "merge",
@@ -69,12 +90,12 @@ def register(sub) -> None:
         "(transformers quant_method bitnet, autobitlinear); default: safetensors",
     )
     _add_exec_options(p)
+    _add_plan_options(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     p.add_argument("--no-copy-tokenizer", action="store_true", help="do not copy tokenizer files")
     p.add_argument(
         "--no-model-card", action="store_true", help="do not write README.md and mergesmith_config.yml"
     )
-    p.add_argument("-v", "--verbose", action="count", default=0)
     p.set_defaults(func=_merge)
 
     q = sub.add_parser(
@@ -85,6 +106,7 @@ def register(sub) -> None:
     )
     q.add_argument("config", metavar="CONFIG.yml", nargs="?")
     _add_exec_options(q)
+    _add_plan_options(q)
     q.add_argument("--json-schema", action="store_true", help="print the config's JSON schema instead")
     q.add_argument(
         "--summary", action="store_true", help="only the summary line (of each stage, for multi-stage files)"
@@ -111,6 +133,8 @@ def _merge(args: argparse.Namespace) -> int:
         write_model_card=not args.no_model_card,
         intermediate_dir=args.intermediate_dir,
         out_format=args.out_format,
+        allow_crimes=args.allow_crimes,
+        strict=args.strict,
     )
     return 0
 
@@ -134,13 +158,13 @@ def _plan(args: argparse.Namespace) -> int:
         backend=args.backend,
     )
     if not is_multi_stage(args.config):
-        plan = make_plan(args.config)
+        plan = make_plan(args.config, allow_crimes=args.allow_crimes, strict=args.strict)
         try:
             _print_plan(plan, options, args.summary)
         finally:
             plan.close()
         return 0
-    stages = plan_stages(args.config)
+    stages = plan_stages(args.config, allow_crimes=args.allow_crimes, strict=args.strict)
     try:
         for i, sp in enumerate(stages, 1):
             where = "OUT_DIR (final)" if sp.final else f"<intermediate-dir>/{sp.stage.name}"
@@ -154,16 +178,19 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _print_plan(plan: MergePlan, options: ExecOptions, summary_only: bool) -> None:
     """One line per output tensor (unless ``summary_only``), warnings, and the totals with peak memory."""
-    from mergesmith.execute import choose_backend, estimate_peak, fit_budget
+    from mergesmith.execute import choose_backend, estimate_peak
 
     if not summary_only:
         for t in plan.tensors:
             print(t.describe())
     for w in plan.warnings:
         print(f"warning: {w}")
-    options = fit_budget(plan, options)
-    peak = estimate_peak(plan, options)
+    from mergesmith.api import log_choices, settle
+
     backend, why = choose_backend(plan, options, transformed_output=False)
+    options = settle(plan, options, backend)
+    peak = estimate_peak(plan, options, backend)
+    log_choices(plan, options, backend, why)
     print(
         f"# {len(plan.tensors)} tensors, {plan.num_layers} layers, {plan.total_bytes / 1e9:.3f} GB of output; "
         f"estimated peak memory {peak / 2**20:.0f} MiB with {options.workers} workers; "

@@ -9,6 +9,7 @@ code serves both cases, and ``merge_tensors`` runs any method on whole in-memory
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -37,12 +38,56 @@ class BaseRule(Enum):
 
 
 @dataclass(frozen=True)
+class Domain:
+    """The values a numeric parameter may take: an interval whose ends may be open or infinite."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low == -math.inf:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+FRACTION = Domain(0.0, 1.0, low_open=True)  # (0, 1]: a share of entries kept
+NON_NEGATIVE = Domain(0.0)
+POSITIVE = Domain(0.0, low_open=True)
+
+
+@dataclass(frozen=True)
 class ParamSpec:
     name: str
     per_model: bool  # one value per input model (weight, density) rather than one per tensor (t, lambda)
     default: Any = REQUIRED
     kind: type = float
     doc: str = ""
+    # the values for which the method is defined; None: any finite number (weights, lambda, t of slerp)
+    domain: Domain | None = None
+
+
+def check_domain(spec: ParamSpec, value: Any, where: str) -> None:
+    """A one-line MergeError if a resolved numeric value lies outside the parameter's domain."""
+    if spec.domain is None or value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    if value not in spec.domain:
+        what = f" ({spec.doc})" if spec.doc else ""
+        at = f" {where}" if where else ""
+        raise MergeError(f"parameter {spec.name!r}{at} is {value:g}; it must be {_in(spec.domain)}{what}")
+
+
+def _in(domain: Domain) -> str:
+    text = str(domain)
+    return text if text[0] in "<>" else f"in {text}"
 
 
 @dataclass
@@ -146,6 +191,11 @@ def methods() -> dict[str, Method]:
     return dict(REGISTRY)
 
 
+def all_parameter_names() -> set[str]:
+    """Every parameter name that some merge method takes."""
+    return {name for m in methods().values() for name in m.param_index}
+
+
 _loaded = False
 
 
@@ -219,6 +269,10 @@ def fill_defaults(method: Method, params: Mapping[str, Any], n_models: int) -> d
             raise MergeError(f"merge_method {method.name!r} needs parameter {spec.name!r}")
         if spec.per_model:
             value = tuple(value) if isinstance(value, list | tuple) else (value,) * n_models
+            for i, v in enumerate(value):
+                check_domain(spec, v, f"of model {i}")
+        else:
+            check_domain(spec, value, "")
         out[spec.name] = value
     return out
 

@@ -21,7 +21,7 @@ tensor with fewer than 1/gamma entries is not zeroed.
 from __future__ import annotations
 
 from mergesmith._torch import torch
-from mergesmith.methods import BaseRule, Chunk, Method, ParamSpec, register
+from mergesmith.methods import BaseRule, Chunk, Domain, Method, ParamSpec, register
 from mergesmith.methods.sparsify import MagnitudeBand, band_counts
 from mergesmith.methods.task_arithmetic import RESCALE_EPS, TaskArithmeticKernel, _params
 
@@ -76,7 +76,13 @@ class BreadcrumbsTiesKernel(BreadcrumbsKernel):
     consensus = True
 
 
-GAMMA = ParamSpec("gamma", per_model=True, default=0.01, doc="fraction of largest-magnitude entries dropped")
+GAMMA = ParamSpec(
+    "gamma",
+    per_model=True,
+    default=0.01,
+    doc="fraction of largest-magnitude entries dropped",
+    domain=Domain(0.0, 1.0, high_open=True),
+)
 
 for _name, _kernel, _summary in (
     ("breadcrumbs", BreadcrumbsKernel, "drop the largest and smallest task-vector entries, weighted sum"),

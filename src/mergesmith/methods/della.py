@@ -21,7 +21,7 @@ from typing import Any
 
 from mergesmith._torch import torch
 from mergesmith.errors import MergeError
-from mergesmith.methods import BaseRule, Chunk, Method, ParamSpec, register
+from mergesmith.methods import NON_NEGATIVE, BaseRule, Chunk, Method, ParamSpec, register
 from mergesmith.methods.sparsify import rank_keep_probability
 from mergesmith.methods.task_arithmetic import TaskArithmeticKernel, _params
 
@@ -57,7 +57,11 @@ class DellaLinearKernel(DellaKernel):
 
 
 EPSILON = ParamSpec(
-    "epsilon", per_model=True, default=0.15, doc="half-width of the keep probabilities around density"
+    "epsilon",
+    per_model=True,
+    default=0.15,
+    doc="half-width of the keep probabilities around density",
+    domain=NON_NEGATIVE,
 )
 
 for _name, _kernel, _normalize, _summary in (

@@ -23,7 +23,7 @@ default here (FusionBench's), larger values (about 1.3-1.5) are common.
 from __future__ import annotations
 
 from mergesmith._torch import torch
-from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, register
+from mergesmith.methods import BaseRule, Chunk, Domain, Kernel, Method, ParamSpec, register
 from mergesmith.methods.tsv import mean_task_vector, polar_factor
 
 
@@ -105,6 +105,7 @@ register(
                 per_model=False,
                 default=0.8,
                 doc="fraction of the rank given to the common subspace",
+                domain=Domain(0.0, 1.0),
             ),
         ),
         base=BaseRule.REQUIRED,

@@ -12,7 +12,7 @@ towards it. From alchemonaut's QuartetAnemoi-70B-t0.0001 (model card), as mergek
 from __future__ import annotations
 
 from mergesmith._torch import torch
-from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, register
+from mergesmith.methods import NON_NEGATIVE, BaseRule, Chunk, Kernel, Method, ParamSpec, register
 
 MIN_DISTANCE = 1e-6
 
@@ -29,7 +29,12 @@ register(
         name="nearswap",
         kernel=NearSwapKernel,
         params=(
-            ParamSpec("t", per_model=False, doc="distance below which the other model's value is taken"),
+            ParamSpec(
+                "t",
+                per_model=False,
+                doc="distance below which the other model's value is taken",
+                domain=NON_NEGATIVE,
+            ),
         ),
         base=BaseRule.REQUIRED,
         min_models=1,

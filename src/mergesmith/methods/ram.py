@@ -14,7 +14,7 @@ updates is not implemented.)
 from __future__ import annotations
 
 from mergesmith._torch import torch
-from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, register
+from mergesmith.methods import NON_NEGATIVE, BaseRule, Chunk, Kernel, Method, ParamSpec, register
 
 
 class RamKernel(Kernel):
@@ -34,7 +34,15 @@ register(
     Method(
         name="ram",
         kernel=RamKernel,
-        params=(ParamSpec("epsilon", per_model=False, default=1e-5, doc="smallest |change| that counts"),),
+        params=(
+            ParamSpec(
+                "epsilon",
+                per_model=False,
+                default=1e-5,
+                doc="smallest |change| that counts",
+                domain=NON_NEGATIVE,
+            ),
+        ),
         base=BaseRule.REQUIRED,
         scratch=3,
         summary="unique changes kept whole, shared changes averaged",

@@ -19,7 +19,7 @@ pass over the selected deltas.
 from __future__ import annotations
 
 from mergesmith._torch import torch
-from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, register
+from mergesmith.methods import FRACTION, BaseRule, Chunk, Kernel, Method, ParamSpec, register
 from mergesmith.methods.sparsify import OrderStatistics, keep_count, magnitude_bits
 
 
@@ -98,7 +98,11 @@ register(
         kernel=SceKernel,
         params=(
             ParamSpec(
-                "select_topk", per_model=False, default=1.0, doc="fraction of highest-variance positions kept"
+                "select_topk",
+                per_model=False,
+                default=1.0,
+                doc="fraction of highest-variance positions kept",
+                domain=FRACTION,
             ),
             ParamSpec(
                 "weight",

@@ -10,6 +10,7 @@ quantiles); MagnitudeBand keeps the entries between two ranks.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 
 import numpy as np
@@ -379,7 +380,9 @@ class ExactTop:
 
 
 def _float_of_bits(bits: int) -> float:
-    return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
+    # struct, not torch: the native backend calls this, and must not import torch (a quarter GiB of RSS
+    # that its memory budget does not count)
+    return struct.unpack("<f", struct.pack("<i", bits))[0]
 
 
 def band_counts(density: float, gamma: float, numel: int) -> tuple[int, int]:

@@ -12,7 +12,17 @@ import math
 
 from mergesmith._torch import torch
 from mergesmith.errors import MergeError
-from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, register
+from mergesmith.methods import (
+    NON_NEGATIVE,
+    POSITIVE,
+    BaseRule,
+    Chunk,
+    Domain,
+    Kernel,
+    Method,
+    ParamSpec,
+    register,
+)
 from mergesmith.methods.model_stock import normalized_weights
 from mergesmith.methods.stats import GramAccumulator, unit_gram
 
@@ -156,7 +166,13 @@ register(
                 kind=bool,
                 doc="divide the weights by their sum",
             ),
-            ParamSpec("eps", per_model=False, default=1e-8, doc="smallest length of the mean direction"),
+            ParamSpec(
+                "eps",
+                per_model=False,
+                default=1e-8,
+                doc="smallest length of the mean direction",
+                domain=POSITIVE,
+            ),
         ),
         base=BaseRule.OPTIONAL,
         min_models=1,
@@ -170,8 +186,16 @@ register(
         name="karcher",
         kernel=KarcherKernel,
         params=(
-            ParamSpec("max_iter", per_model=False, default=10, kind=int, doc="most iterations"),
-            ParamSpec("tol", per_model=False, default=1e-5, doc="stop when the tangent step is shorter"),
+            ParamSpec(
+                "max_iter", per_model=False, default=10, kind=int, doc="most iterations", domain=Domain(1.0)
+            ),
+            ParamSpec(
+                "tol",
+                per_model=False,
+                default=1e-5,
+                doc="stop when the tangent step is shorter",
+                domain=NON_NEGATIVE,
+            ),
             ParamSpec("weight", per_model=True, default=1.0, doc="weight of each model (mergekit: none)"),
         ),
         base=BaseRule.INPUT,

@@ -22,7 +22,7 @@ import numpy as np
 
 from mergesmith import kernels
 from mergesmith._torch import torch
-from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, arrays, register
+from mergesmith.methods import FRACTION, BaseRule, Chunk, Kernel, Method, ParamSpec, arrays, register
 from mergesmith.methods.arrays import mask_in_place
 from mergesmith.methods.sparsify import TopKThreshold, keep_count
 from mergesmith.methods.stats import RowL1
@@ -313,7 +313,9 @@ class DareTiesKernel(TaskArithmeticKernel):
 def _params(normalize: bool, rescale: bool) -> tuple[ParamSpec, ...]:
     return (
         ParamSpec("weight", per_model=True, doc="scale of each model's task vector"),
-        ParamSpec("density", per_model=True, default=1.0, doc="fraction of each task vector kept"),
+        ParamSpec(
+            "density", per_model=True, default=1.0, doc="fraction of each task vector kept", domain=FRACTION
+        ),
         ParamSpec("lambda", per_model=False, default=1.0, doc="scale of the merged task vector"),
         ParamSpec(
             "normalize", per_model=False, default=normalize, kind=bool, doc="divide by the sum of weights"

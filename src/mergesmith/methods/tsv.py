@@ -18,7 +18,7 @@ tuning). Needs each whole matrix (not chunked), and an SVD per task per matrix.
 from __future__ import annotations
 
 from mergesmith._torch import torch
-from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, register
+from mergesmith.methods import BaseRule, Chunk, Domain, Kernel, Method, ParamSpec, register
 
 
 def polar_factor(m: torch.Tensor) -> torch.Tensor:
@@ -70,6 +70,7 @@ register(
                 default=None,
                 kind=int,
                 doc="singular directions kept per task (default: floor(rank / number of models))",
+                domain=Domain(1.0),
             ),
         ),
         base=BaseRule.REQUIRED,
