@@ -15,8 +15,10 @@ from tqdm import tqdm
 
 from mergesmith.card import model_card
 from mergesmith.chat_templates import resolve_chat_template
+from mergesmith.cliargs import check_workers
 from mergesmith.config import MergeConfig, load_config, load_yaml_documents
 from mergesmith.defaults import DEFAULT_SHARD_SIZE, OUT_FORMATS
+from mergesmith.devices import check_device
 from mergesmith.errors import MergeError
 from mergesmith.execute import (
     DEFAULT_BUDGET,
@@ -32,7 +34,7 @@ from mergesmith.execute import (
 )
 from mergesmith.native import BACKENDS
 from mergesmith.plan import MergePlan, build_plan
-from mergesmith.sizes import parse_size
+from mergesmith.sizes import human_size, parse_size
 from mergesmith.write import OutputFolder, ShardedWriter, TensorSpec, copy_files, write_json
 
 if TYPE_CHECKING:
@@ -60,9 +62,8 @@ def exec_options(
     random_seed: int | None = None,
     backend: str = "auto",
 ) -> ExecOptions:
-    workers = workers or default_workers()
-    if workers < 1:
-        raise MergeError("--workers must be at least 1")
+    workers = check_workers(workers) or default_workers()
+    device = check_device(device)
     if memory_limit is None:
         budget = DEFAULT_BUDGET
     else:
@@ -71,7 +72,7 @@ def exec_options(
         budget = limit - baseline
         if budget <= 0:
             raise MergeError(
-                f"--memory-limit {memory_limit} is below the {baseline // 2**20} MiB that Python and torch "
+                f"--memory-limit {memory_limit} is below the {human_size(baseline)} that Python and torch "
                 "need before any tensor is read"
             )
     if backend not in BACKENDS:
@@ -115,6 +116,8 @@ def merge(
     """
     from mergesmith.stages import is_multi_stage, run_stages
 
+    check_device(device)  # before any stage runs: a typo must not cost a finished first stage
+    check_workers(workers)
     if out_format not in OUT_FORMATS:
         raise MergeError(f"unknown output format {out_format!r}; use one of: {', '.join(OUT_FORMATS)}")
     if is_multi_stage(config):
@@ -175,10 +178,10 @@ def merge(
     finally:
         plan.close()
     if not quiet:
-        gb = plan.total_bytes / 1e9
         secs = time.perf_counter() - start
+        size = human_size(plan.total_bytes)
         print(
-            f"mergesmith: wrote {len(plan.tensors)} tensors ({gb:.2f} GB) to {final} in {secs:.1f} s",
+            f"mergesmith: wrote {len(plan.tensors)} tensors ({size}) to {final} in {secs:.1f} s",
             file=sys.stderr,
         )
     return final

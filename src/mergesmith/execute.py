@@ -25,6 +25,7 @@ from mergesmith.errors import MergeError
 from mergesmith.methods import Chunk, Method, get_method
 from mergesmith.plan import MergePlan, OutputTensor, TensorSource
 from mergesmith.rng import RandomStream
+from mergesmith.sizes import human_size
 from mergesmith.write import ShardedWriter
 
 DEFAULT_BUDGET = 768 * 2**20  # bytes of tensor data in flight when no --memory-limit is given
@@ -106,7 +107,7 @@ def fit_budget(plan: MergePlan, options: ExecOptions) -> ExecOptions:
     if need > options.budget:
         worst = max(plan.tensors, key=lambda t: task_bytes(t, 0))
         raise MergeError(
-            f"memory limit too small: tensor {worst.name!r} needs at least {need / 2**20:.0f} MiB in flight "
+            f"memory limit too small: tensor {worst.name!r} needs at least {human_size(need)} in flight "
             f"with method {worst.method!r}; raise --memory-limit"
         )
     workers = max(1, min(options.workers, options.budget // max(need, 1)))

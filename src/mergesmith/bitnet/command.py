@@ -105,10 +105,6 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.2f} MiB"
-
-
 def _selector(args: argparse.Namespace) -> TensorSelector:
     from mergesmith.bitnet.quant import TensorSelector
 
@@ -277,6 +273,7 @@ def _bytes_on_disk(source: ModelSource) -> int:
 def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Run the command; returns 0. Expected failures raise MergeError."""
     from mergesmith.bitnet.io import dir_size
+    from mergesmith.sizes import size_change
     from mergesmith.sources import open_source
     from mergesmith.write import OutputFolder
 
@@ -302,8 +299,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     print(f"{len(stats)} weights ternarised:", file=out)
     _report(stats, kept, out)
     print(
-        f"size: {_mib(before)} -> {_mib(size_after)} ({before / max(size_after, 1):.2f}x smaller), "
-        f"written to {args.out_dir}",
+        f"size: {size_change(before, size_after)}, written to {args.out_dir}",
         file=out,
     )
     return 0

@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from mergesmith.arch import is_embedding, layer_of
+from mergesmith.devices import check_device
 from mergesmith.errors import MergeError
 from mergesmith.lora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 from mergesmith.lora.modules import ModuleKind, module_kinds
@@ -101,9 +102,7 @@ def extract_lora(
     dest = Path(out_dir)
     if dest.exists() and not overwrite:
         raise MergeError(f"output folder {dest} already exists; pass --overwrite to replace it")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MergeError("--device cuda was given but no CUDA GPU is available to torch")
+    dev = torch.device(check_device(device))
     src_base, src_model = open_source(base), open_source(model)
     try:
         targets = select_targets(src_base, src_model, rank, include_embeddings, keep, drop)
