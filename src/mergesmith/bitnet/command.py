@@ -160,7 +160,10 @@ def _heal_ids(args: argparse.Namespace, model_path: Path, err: TextIO) -> Any:
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise MergeError(f"--heal-data: {exc}") from exc
-    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    from mergesmith.eval.loading import _quiet_transformers
+
+    with _quiet_transformers():  # the whole text is one long sequence on purpose: it is cut into windows
+        ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
     if ids.numel() < 2:
         raise MergeError(f"--heal-data {args.heal_data} has no tokens")
     return ids
