@@ -130,8 +130,8 @@ def _warn_chance(
 ) -> None:
     """One warning naming the layers whose calibrated router routes its own calibration prompts no better
     than chance, and what to do. When negative prompts are given, it says whether the fit without them
-    would route (the usual cause: negatives that look like the expert's own prompts pull its class mean
-    along directions the calibration tokens hardly vary in)."""
+    would route (a cause seen in practice: the negatives' mean moves the expert's class mean along
+    directions in which the calibration tokens hardly vary, and the whitened discriminant magnifies it)."""
     chance = chance_accuracy([int(s.shape[1]) for s in pos])
     bad = [r for r in reports if r.calibrated is not None and r.calibrated.train_accuracy <= chance + 1e-9]
     if not bad:
