@@ -6,17 +6,23 @@ Every expert is a fine-tune of one small base model on one skill (examples/skill
 combines all experts into one model (SLERP: the first two); the table shows each merged model's exact-match
 accuracy on each skill's held-out test split, next to the expert's own accuracy and the base's, and the
 normalized accuracy: merged / expert, averaged over the skills the merge contains.
+
+Progress goes to stderr: one line per merge and per evaluation, with its time, and a bar while a model is
+evaluated. The table goes to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+from tqdm import tqdm
+
 import mergesmith
-from mergesmith.eval import evaluate_tasks, load_tasks
 
 ROOT = Path(__file__).resolve().parent / "skills"
 
@@ -60,6 +66,43 @@ def skills() -> list[str]:
     return names
 
 
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+class Steps:
+    """'[ 3/15] ...' prefixes: how far the demo is."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done = total, 0
+
+    def next(self) -> str:
+        self.done += 1
+        return f"[{self.done:2d}/{self.total}]"
+
+
+def evaluate(label: str, model: str, tasks: Sequence, step: str) -> dict[str, float]:
+    """Exact-match accuracy of ``model`` on each task (as ``evaluate_tasks``), with a bar while it runs
+    and one line with the time when done."""
+    from mergesmith.eval.loading import load_model
+    from mergesmith.eval.tasks import score_task
+
+    start = time.perf_counter()
+    prompts = sum(len(t) for t in tasks)
+    with tqdm(
+        total=prompts,
+        desc=f"{step} evaluating {label}",
+        unit="prompt",
+        file=sys.stderr,
+        leave=False,
+        mininterval=0,  # one frame per batch of prompts (a batch takes a good part of a second)
+    ) as bar:
+        loaded, tokenizer = load_model(model)
+        scores = {t.name: score_task(loaded, tokenizer, t, on_batch=bar.update).accuracy for t in tasks}
+    say(f"{step} evaluated {label} on {prompts} prompts in {time.perf_counter() - start:.1f} s")
+    return scores
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("out/demo"), help="where the merged models go")
@@ -75,6 +118,21 @@ def main() -> int:
     names = skills()
     base = str(ROOT / "models" / "base")
     experts = [str(ROOT / "models" / n) for n in names]
+    t0 = time.perf_counter()
+    say(
+        f"demo: {len(METHODS)} merges of {len(names)} experts ({', '.join(names)}), each evaluated on "
+        f"{args.limit or 'all'} {args.split} prompts per skill; loading torch and transformers ..."
+    )
+    import torch
+
+    from mergesmith.eval import load_tasks
+
+    importlib.import_module("mergesmith.eval.loading")  # transformers' model classes, now, not in step 1
+
+    # The models are 128 wide: their matrices are too small to split between threads, and on a busy
+    # 2-core machine two threads made every evaluation 6-10 times slower than one (same answers).
+    torch.set_num_threads(1)
+
     tasks = []
     for n in names:
         t = load_tasks(ROOT / "data" / n / f"{args.split}.jsonl", name=n)
@@ -82,20 +140,26 @@ def main() -> int:
             t = type(t)(t.name, t.path, t.prompts[: args.limit], t.answers[: args.limit])
         tasks.append(t)
 
-    t0 = time.perf_counter()
-    rows: dict[str, dict[str, float]] = {"base": evaluate_tasks(base, tasks)}
-    own = {n: evaluate_tasks(e, [t for t in tasks if t.name == n])[n] for n, e in zip(names, experts)}
+    steps = Steps(1 + len(names) + 2 * len(METHODS))
+    rows: dict[str, dict[str, float]] = {"base": evaluate("base", base, tasks, steps.next())}
+    own = {
+        n: evaluate(f"expert {n}", e, [t for t in tasks if t.name == n], steps.next())[n]
+        for n, e in zip(names, experts)
+    }
     rows["expert (own skill)"] = own
     merged_skills: dict[str, list[str]] = {}
     for method, make in METHODS.items():
         cfg = make(base, experts)
         folder = args.out / method.split()[0]
+        step, start = steps.next(), time.perf_counter()
         mergesmith.merge(cfg, folder, overwrite=True, quiet=True)
-        rows[method] = evaluate_tasks(str(folder), tasks)
+        say(f"{step} merged {method} into {folder} in {time.perf_counter() - start:.1f} s")
+        rows[method] = evaluate(method, str(folder), tasks, steps.next())
         merged_skills[method] = names[:2] if method.startswith("slerp") else names
     print(format_table(names, rows, own, merged_skills))
     print(
-        f"\n{len(METHODS)} merges of {len(names)} experts, evaluated in {time.perf_counter() - t0:.0f} s; models in {args.out}"
+        f"\n{len(METHODS)} merges of {len(names)} experts, evaluated in {time.perf_counter() - t0:.0f} s; "
+        f"models in {args.out}"
     )
     return 0
 

@@ -132,25 +132,19 @@ def test_backend_native_refuses_what_it_cannot_run(trios, tmp_path):
 
 
 def test_cli_backend_errors_are_one_line(trios, tmp_path):
-    cfg = _write_config(tmp_path, "ties", trios["float32"])
+    b, f1, _ = trios["float32"]
+    della = tmp_path / "della.yml"
+    della.write_text(
+        f"merge_method: della\nbase_model: {b}\nmodels:\n  - model: {f1}\n    parameters: {{weight: 1.0}}\n"
+    )
     bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mergesmith",
-            "merge",
-            str(cfg),
-            str(tmp_path / "o"),
-            "--backend",
-            "native",
-            "--device",
-            "cuda",
-        ],
+        [sys.executable, "-m", "mergesmith", "merge", str(della), str(tmp_path / "o"), "--backend", "native"],
         capture_output=True,
         text=True,
     )
-    assert bad.returncode == 2
+    assert bad.returncode == 2 and not (tmp_path / "o").exists()
     assert bad.stderr.strip().count("\n") == 0 and "--backend native cannot run this merge" in bad.stderr
+    cfg = _write_config(tmp_path, "ties", trios["float32"])
     plan = subprocess.run(
         [sys.executable, "-m", "mergesmith", "plan", str(cfg), "--summary"], capture_output=True, text=True
     )

@@ -16,8 +16,10 @@ from tqdm import tqdm
 
 from mergesmith.card import model_card
 from mergesmith.chat_templates import resolve_chat_template
+from mergesmith.cliargs import check_workers
 from mergesmith.config import MergeConfig, load_config, load_yaml_documents
 from mergesmith.defaults import DEFAULT_SHARD_SIZE, OUT_FORMATS
+from mergesmith.devices import check_device
 from mergesmith.errors import MergeError
 from mergesmith.execute import (
     DEFAULT_BUDGET,
@@ -64,9 +66,8 @@ def exec_options(
     random_seed: int | None = None,
     backend: str = "auto",
 ) -> ExecOptions:
-    workers = workers or default_workers()
-    if workers < 1:
-        raise MergeError("--workers must be at least 1")
+    workers = check_workers(workers) or default_workers()
+    device = check_device(device)
     limit = None if memory_limit is None else parse_size(memory_limit)
     if limit is not None and limit <= 0:
         raise MergeError(f"--memory-limit {memory_limit} must be positive")
@@ -161,6 +162,8 @@ def merge(
     """
     from mergesmith.stages import is_multi_stage, run_stages
 
+    check_device(device)  # before any stage runs: a typo must not cost a finished first stage
+    check_workers(workers)
     if out_format not in OUT_FORMATS:
         raise MergeError(f"unknown output format {out_format!r}; use one of: {', '.join(OUT_FORMATS)}")
     if is_multi_stage(config):
@@ -237,10 +240,10 @@ def merge(
         finally:
             plan.close()
     if not quiet:
-        gb = plan.total_bytes / 1e9
         secs = time.perf_counter() - start
+        size = human_size(plan.total_bytes)
         print(
-            f"mergesmith: wrote {len(plan.tensors)} tensors ({gb:.2f} GB) to {final} in {secs:.1f} s",
+            f"mergesmith: wrote {len(plan.tensors)} tensors ({size}) to {final} in {secs:.1f} s",
             file=sys.stderr,
         )
     return final

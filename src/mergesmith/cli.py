@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from mergesmith.errors import MergeError
 
@@ -25,7 +26,11 @@ COMMAND_MODULES = [
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse prints usage plus the error; we keep the usage but make sure the exit code is 2."""
+    """Bad arguments give one line, like every other expected failure, and exit code 2: argparse's own
+    error() would print the whole usage block above it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

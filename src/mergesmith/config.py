@@ -236,4 +236,10 @@ def load_config(config: str | Path | dict | MergeConfig) -> MergeConfig:
 
 
 def config_json_schema() -> dict:
-    return MergeConfig.model_json_schema()
+    """The config's JSON schema, with ``merge_method`` listing the registered methods (the model keeps it
+    a plain string, so that an unknown method gets the registry's own one-line error)."""
+    from mergesmith.methods import methods
+
+    schema = MergeConfig.model_json_schema()
+    schema["properties"]["merge_method"]["enum"] = sorted(methods())
+    return schema

@@ -136,7 +136,7 @@ def fit_budget(plan: MergePlan, options: ExecOptions) -> ExecOptions:
     if need > options.budget:
         worst = max(plan.tensors, key=lambda t: task_bytes(t, 0))
         raise MergeError(
-            f"memory limit too small: tensor {worst.name!r} needs at least {need / 2**20:.0f} MiB in flight "
+            f"memory limit too small: tensor {worst.name!r} needs at least {human_size(need)} in flight "
             f"with method {worst.method!r}; raise --memory-limit"
         )
     workers = max(1, min(options.workers, options.budget // max(need, 1)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import re
 
 import gguf
 import pytest
@@ -134,10 +135,20 @@ def test_heal_option(tmp_path, tiny):
         "--heal-lr",
         "3e-3",
     )
-    assert code == 0 and err == ""
+    assert code == 0
+    # the bar moves one step at a time, each frame with the loss of the step just taken
+    frames = [f for f in err.replace("\n", "\r").split("\r") if f.startswith("healing:")]
+    done = [int(m.group(1)) for f in frames if (m := re.search(r"\| *(\d+)/30 ", f))]
+    assert done[0] == 0 and done[-1] == 30 and sorted(set(done)) == list(range(31))
+    assert all("loss " in f and "lambda " in f for f in frames if "0/30 " not in f)
     line = next(ln for ln in out.splitlines() if ln.startswith("heal:"))
+    assert re.fullmatch(
+        r"heal: 30 steps in \d+\.\d s, held-out distillation loss \(ternary\) \S+ -> \S+", line
+    )
     before, after = (float(v) for v in line.rsplit(" ", 3)[1::2])
     assert after < 0.8 * before
+    code, out, err = _run(path, tmp_path / "quiet", "--heal", "3", "--heal-data", tmp_path / "data.txt", "-q")
+    assert code == 0 and out == "" and err == "" and (tmp_path / "quiet" / "config.json").is_file()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "healed")
     assert loaded.model.layers[0].self_attn.q_proj.weight_scale.dtype == torch.float32
     with pytest.raises(MergeError, match="packed BitNet"):

@@ -82,11 +82,70 @@ def test_extracting_a_lora_gives_it_back(llama_trio, tmp_path):
     adapter = make_adapter(
         base, tmp_path / "lora", seed=7, r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"]
     )
-    reports = extract_lora(str(base), f"{base}+{adapter}", tmp_path / "out", rank=4, quiet=True)
+    out = tmp_path / "out"
+    reports = extract_lora(str(base), f"{base}+{adapter}", out, rank=4, quiet=True)
     by_module = {r.module: r for r in reports}
     assert by_module["model.layers.1.mlp.up_proj"].relative_error < 1e-5
     assert by_module["model.layers.1.self_attn.q_proj"].relative_error < 1e-5
-    assert by_module["model.layers.1.self_attn.k_proj"].delta_norm == 0.0  # untouched: an exact zero LoRA
+    # the modules the adapter did not touch are identical: not saved, not averaged in
+    assert set(by_module) == {
+        f"model.layers.{i}.{m}" for i in range(3) for m in ("mlp.up_proj", "self_attn.q_proj")
+    }
+    report = json.loads((out / "lora_report.json").read_text())
+    assert "model.layers.1.self_attn.k_proj" in report["unchanged"]
+    assert report["summary"]["unchanged_modules"] == len(report["unchanged"]) == 3 * 7 - 6
+    saved = weights(out)
+    assert not any("k_proj" in k for k in saved) and len(saved) == 2 * len(reports)
+    assert json.loads((out / "adapter_config.json").read_text())["target_modules"] == ["q_proj", "up_proj"]
+
+
+def test_unchanged_modules_leave_the_mean(llama_trio, tmp_path, capsys):
+    """Half the layers identical to the base: the mean error is the mean over the changed ones only, and
+    stderr says how many were left out."""
+    base, ft1, _ = llama_trio
+    ft = tmp_path / "ft"
+    shutil.copytree(ft1, ft)
+    tensors, original = load_file(ft / "model.safetensors"), load_file(base / "model.safetensors")
+    for name in tensors:
+        if name.startswith("model.layers.0."):
+            tensors[name] = original[name].clone()
+    save_file(tensors, ft / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    code, stdout, stderr = cli(
+        ["extract-lora", "--base", str(base), "--model", str(ft), "--rank", "2", str(out)], capsys
+    )
+    assert code == 0
+    assert "7 selected module(s) are identical in both models" in stderr
+    report = json.loads((out / "lora_report.json").read_text())
+    errors = [m["relative_error"] for m in report["modules"]]
+    assert len(errors) == 14 and all(e > 0 for e in errors)
+    assert report["summary"]["mean_relative_error"] == pytest.approx(sum(errors) / 14)
+    assert not any(m["module"].startswith("model.layers.0.") for m in report["modules"])
+    assert "# 14 modules: mean relative error" in stdout and "model.layers.0." not in stdout
+
+
+def test_model_equal_to_base_is_one_line(llama_trio, tmp_path, capsys):
+    base, _, _ = llama_trio
+    copy = tmp_path / "copy"
+    shutil.copytree(base, copy)
+    norm_only = tmp_path / "norm_only"
+    shutil.copytree(base, norm_only)
+    tensors = load_file(norm_only / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 2
+    save_file(tensors, norm_only / "model.safetensors", metadata={"format": "pt"})
+    cases = {
+        str(base): "is --base",  # the same folder: refused before reading anything
+        f"{base}/.": "is --base",
+        str(copy): "is identical to base",  # another folder with the same weights
+        str(norm_only): "no selected weight of model",  # only a norm differs: the adapter would be empty
+    }
+    for model, message in cases.items():
+        out = tmp_path / "out"
+        args = ["extract-lora", "--base", str(base), "--model", model, "--rank", "2", str(out)]
+        code, _, err = cli(args, capsys)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+        assert not out.exists() and not list(tmp_path.glob(".out.*"))
+    assert "1 not a matrix (norm or bias; see --save-norms) (e.g. model.norm.weight)" in err
 
 
 def test_gpt2_conv1d_orientation(model_factory, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 
 import pytest
 import torch
@@ -185,3 +186,51 @@ def test_swapped_weights_are_restored(llama_models):
     assert torch.equal(dict(run.model.named_parameters())[name], before)
     assert not torch.allclose(plain, changed)
     assert torch.equal(run.states(["abcdef"]).layer_last, plain)
+
+
+CHANCE = "no better than chance"
+
+
+def _chance_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if CHANCE in r.getMessage()]
+
+
+def test_chance_level_router_warns(llama_models, tmp_path, caplog):
+    """Two experts whose prompts differ only in characters the tokenizer lacks (<unk>, a special token,
+    is not a calibration sample): layer 0 sees the same tokens for both, so its router is at chance."""
+    same = [["abcdA", "bcdaB", "cdabE"], ["abcdC", "bcdaD", "cdabF"]]
+    with caplog.at_level(logging.WARNING, logger="mergesmith.moe"):
+        result = build_moe(
+            {
+                "base_model": str(llama_models["base"]),
+                "gate_mode": "calibrated",
+                "experts_per_token": 1,
+                "experts": [
+                    {"source_model": str(llama_models[f"e{i}"]), "positive_prompts": p}
+                    for i, p in enumerate(same)
+                ],
+            },
+            tmp_path / "moe",
+            quiet=True,
+        )
+    assert result.reports[0].calibrated.train_accuracy <= 0.5
+    (line,) = _chance_lines(caplog)
+    assert "in layer(s) 0 (0.500)" in line and "chance (0.500" in line
+    assert str(llama_models["e0"]) in line and "tokenizer knows" in line
+    bad = [r.layer for r in result.reports if r.calibrated.train_accuracy <= 0.5]
+    named = line.split("in layer(s) ")[1].split(", so the MoE")[0]
+    assert [int(n) for n in re.findall(r"(\d+) \(\d\.\d{3}\)", named)] == bad  # those layers, and only those
+
+
+def test_good_router_does_not_warn(llama_models, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="mergesmith.moe"):
+        _build(llama_models, tmp_path, "calibrated", _prompts())
+    assert not _chance_lines(caplog)
+
+
+def test_chance_accuracy_is_the_largest_class():
+    from mergesmith.moe.gates import chance_accuracy
+
+    assert chance_accuracy([28, 41]) == pytest.approx(41 / 69)
+    assert chance_accuracy([10, 10, 10]) == pytest.approx(1 / 3)
+    assert chance_accuracy([1, 1, 1, 1]) == 0.25

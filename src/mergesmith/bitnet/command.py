@@ -13,10 +13,12 @@ only when complete (:class:`mergesmith.write.OutputFolder`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -120,12 +122,11 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="with --overwrite, also replace an OUT_DIR that does not hold a model",
     )
+    p.add_argument(
+        "--quiet", "-q", action="store_true", help="no progress bar, per-weight report or size line"
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     p.set_defaults(func=run)
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.2f} MiB"
 
 
 def _selector(args: argparse.Namespace) -> TensorSelector:
@@ -171,7 +172,10 @@ def _heal_ids(args: argparse.Namespace, model_path: Path, err: TextIO) -> Any:
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise MergeError(f"--heal-data: {exc}") from exc
-    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    from mergesmith.eval.loading import _quiet_transformers
+
+    with _quiet_transformers():  # the whole text is one long sequence on purpose: it is cut into windows
+        ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
     if ids.numel() < 2:
         raise MergeError(f"--heal-data {args.heal_data} has no tokens")
     return ids
@@ -192,8 +196,13 @@ def _heal_source(
         raise MergeError("--heal needs a positive number of steps")
     if isinstance(source, BitnetModelSource):
         raise MergeError("--heal needs float weights; MODEL is a packed BitNet checkpoint")
+    from mergesmith.eval.loading import _quiet_transformers
+
     try:
-        teacher = transformers.AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
+        with _quiet_transformers():  # its loading bar would sit beside ours
+            teacher = transformers.AutoModelForCausalLM.from_pretrained(
+                source.path, dtype=torch.float32
+            ).eval()
     except (OSError, ValueError) as exc:
         raise MergeError(f"cannot load {args.model} with transformers for --heal: {exc}") from exc
     ids = _heal_ids(args, source.path, err)
@@ -202,15 +211,40 @@ def _heal_source(
     held_out = heal.token_batches(ids, vocab, seq_len=args.heal_seq, seed=1)
     evals = [held_out(i) for i in range(2)]
     cfg = heal.HealConfig(steps=args.heal, lr=args.heal_lr)
-    before = heal.quantised_loss(teacher, teacher, evals, selector)
-    student, _ = heal.heal_copy(teacher, train, cfg, selector)
-    after = heal.quantised_loss(student, teacher, evals, selector)
-    print(
-        f"heal: {args.heal} steps, held-out distillation loss (ternary) {before:.4g} -> {after:.4g}", file=out
-    )
+    start = time.perf_counter()
+    with heal.threads_for(teacher):
+        before = heal.quantised_loss(teacher, teacher, evals, selector)
+        with heal_progress(args.heal, err, args.quiet) as on_step:
+            student, _ = heal.heal_copy(teacher, train, cfg, selector, on_step)
+        after = heal.quantised_loss(student, teacher, evals, selector)
+    if not args.quiet:
+        print(
+            f"heal: {args.heal} steps in {time.perf_counter() - start:.1f} s, held-out distillation loss "
+            f"(ternary) {before:.4g} -> {after:.4g}",
+            file=out,
+        )
     entries = source.tensors
     state = {k: v.detach().to(entries[k].dtype) for k, v in student.state_dict().items() if k in entries}
     return DictSource(state, source.config)
+
+
+@contextlib.contextmanager
+def heal_progress(steps: int, err: TextIO, quiet: bool) -> Iterator[Callable[[int, float, float], None]]:
+    """A bar on ``err`` that moves one step at a time and shows the distillation loss and the
+    quantisation strength lambda; yields the ``on_step`` callback for :func:`heal.heal`."""
+    from tqdm import tqdm
+
+    # mininterval=0: every step is drawn (a step takes milliseconds to a second; drawing is cheaper)
+    bar = tqdm(total=steps, desc="healing", unit="step", file=err, disable=quiet, mininterval=0)
+
+    def on_step(step: int, loss: float, lam: float) -> None:
+        bar.set_postfix_str(f"loss {loss:.4g}, lambda {lam:.2f}", refresh=False)
+        bar.update(1)
+
+    try:
+        yield on_step
+    finally:
+        bar.close()
 
 
 def _report(stats: list[LayerStat], kept: dict[str, str], out: TextIO) -> None:
@@ -340,6 +374,7 @@ def _bytes_on_disk(source: ModelSource) -> int:
 def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Run the command; returns 0. Expected failures raise MergeError."""
     from mergesmith.bitnet.io import dir_size
+    from mergesmith.sizes import size_change
     from mergesmith.sources import open_source
     from mergesmith.write import OutputFolder, check_relations, input_paths, output_lock
 
@@ -381,13 +416,14 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
                 before = _bytes_on_disk(source)
             finally:
                 source.close()
+    if args.quiet:
+        return 0
     print(f"{len(stats)} weights ternarised:", file=out)
     _report(stats, kept, out)
     if summary:
         print(summary, file=out)
     print(
-        f"size: {_mib(before)} -> {_mib(size_after)} ({before / max(size_after, 1):.2f}x smaller), "
-        f"written to {args.out_dir}",
+        f"size: {size_change(before, size_after)}, written to {args.out_dir}",
         file=out,
     )
     return 0

@@ -22,8 +22,9 @@ This is for tiny models and demos on a CPU; at LLM scale QAT needs billions of t
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -152,14 +153,35 @@ def quantised_loss(
     return evaluate(probe, teacher, batches, temperature)
 
 
+#: Below this many elements in its largest matrix a model is "small": one intra-op thread is faster, as
+#: the matrices are too small to split and extra threads only synchronise (on a busy 2-core machine two
+#: threads made each step 4-10x slower: docs/bitnet.md).
+SMALL_MATRIX = 1 << 20
+
+
+@contextlib.contextmanager
+def threads_for(model: nn.Module) -> Iterator[None]:
+    """Run the block with one torch thread when ``model`` is small (see SMALL_MATRIX), else as is."""
+    largest = max((p.numel() for p in model.parameters() if p.dim() == 2), default=0)
+    before = torch.get_num_threads()
+    if largest < SMALL_MATRIX:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def heal(
     student: nn.Module,
     teacher: nn.Module,
     batch: Callable[[int], torch.Tensor],
     config: HealConfig | None = None,
+    on_step: Callable[[int, float, float], None] | None = None,
 ) -> HealResult:
     """Distil ``teacher`` into ``student`` (already :func:`prepare_qat`-ed) for ``config.steps`` AdamW
-    steps; ``batch(step)`` returns token ids. Leaves the student at lambda = 1."""
+    steps; ``batch(step)`` returns token ids. ``on_step(step, loss, lambda)`` is called after each step
+    (a progress bar). Leaves the student at lambda = 1."""
     config = config or HealConfig()
     warmup = config.warmup if config.warmup is not None else max(config.steps // 4, 1)
     teacher.eval()
@@ -179,6 +201,8 @@ def heal(
         opt.step()
         result.losses.append(float(loss.detach()))
         result.lambdas.append(lam)
+        if on_step is not None:
+            on_step(step, result.losses[-1], lam)
     set_strength(student, 1.0)
     student.eval()
     return result
@@ -189,12 +213,13 @@ def heal_copy(
     batch: Callable[[int], torch.Tensor],
     config: HealConfig | None = None,
     selector: TensorSelector | None = None,
+    on_step: Callable[[int, float, float], None] | None = None,
 ) -> tuple[nn.Module, HealResult]:
     """Heal a copy of float ``model`` (the teacher stays untouched); returns the student with plain
     ``nn.Linear`` latent weights, ready for export, and the training record."""
     student = copy.deepcopy(model)
     prepare_qat(student, selector)
-    result = heal(student, model, batch, config)
+    result = heal(student, model, batch, config, on_step)
     return finish_qat(student), result
 
 

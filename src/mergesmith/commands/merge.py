@@ -7,6 +7,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
+from mergesmith.cliargs import positive_int
 from mergesmith.defaults import DEFAULT_SHARD_SIZE, OUT_FORMATS
 
 if TYPE_CHECKING:
@@ -18,8 +19,13 @@ if TYPE_CHECKING:
 
 def _add_exec_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-limit", metavar="SIZE", help="keep peak memory under SIZE (e.g. 2G, 800M)")
-    p.add_argument("--workers", type=int, metavar="N", help="tensors processed at once (default: 2-3)")
-    p.add_argument("--device", default="cpu", help="where the maths runs: cpu (default) or cuda")
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        metavar="N",
+        help="tensors processed at once, at least 1 (default: 2-3)",
+    )
+    p.add_argument("--device", default="cpu", help="where the maths runs: cpu (default), cuda or cuda:N")
     p.add_argument(
         "--random-seed", type=int, default=0, metavar="N", help="seed for DARE's random masks (default 0)"
     )
@@ -179,6 +185,7 @@ def _plan(args: argparse.Namespace) -> int:
 def _print_plan(plan: MergePlan, options: ExecOptions, summary_only: bool) -> None:
     """One line per output tensor (unless ``summary_only``), warnings, and the totals with peak memory."""
     from mergesmith.execute import choose_backend, estimate_peak
+    from mergesmith.sizes import human_size
 
     if not summary_only:
         for t in plan.tensors:
@@ -192,7 +199,7 @@ def _print_plan(plan: MergePlan, options: ExecOptions, summary_only: bool) -> No
     peak = estimate_peak(plan, options, backend)
     log_choices(plan, options, backend, why)
     print(
-        f"# {len(plan.tensors)} tensors, {plan.num_layers} layers, {plan.total_bytes / 1e9:.3f} GB of output; "
-        f"estimated peak memory {peak / 2**20:.0f} MiB with {options.workers} workers; "
+        f"# {len(plan.tensors)} tensors, {plan.num_layers} layers, {human_size(plan.total_bytes)} of output; "
+        f"estimated peak memory {human_size(peak)} with {options.workers} workers; "
         f"{backend} backend" + (f" ({why})" if why else "")
     )

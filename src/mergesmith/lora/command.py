@@ -62,7 +62,7 @@ def register(subparsers: Any) -> None:
         choices=("float32", "float16", "bfloat16"),
         help="dtype of the saved factors (default: the fine-tuned model's)",
     )
-    p.add_argument("--device", default="cpu", help="where the SVDs run: cpu (default) or cuda")
+    p.add_argument("--device", default="cpu", help="where the SVDs run: cpu (default), cuda or cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and holds a model")
     p.add_argument(
         "--force",

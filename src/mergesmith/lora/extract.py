@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from mergesmith.arch import is_embedding, layer_of
+from mergesmith.devices import check_device
 from mergesmith.errors import MergeError
 from mergesmith.lora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 from mergesmith.lora.modules import ModuleKind, module_kinds
@@ -99,9 +100,9 @@ def extract_lora(
     if rank < 1:
         raise MergeError(f"--rank must be at least 1, got {rank}")
     keep, drop = _compile(include, "--include"), _compile(exclude, "--exclude")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MergeError("--device cuda was given but no CUDA GPU is available to torch")
+    dev = torch.device(check_device(device))
+    if _same_model(base, model):
+        raise MergeError(f"--model {model} is --base {base}: nothing differs, so there is no LoRA to extract")
     inputs = input_paths([base, model])
     with OutputFolder(out_dir, overwrite, force=force, inputs=inputs, quiet=quiet) as out:
         src_base = open_source(base)
@@ -112,21 +113,67 @@ def extract_lora(
             raise
         try:
             targets = select_targets(src_base, src_model, rank, include_embeddings, keep, drop)
+            targets, unchanged = split_unchanged(src_base, src_model, targets)
+            if not targets:
+                raise MergeError(nothing_differs(src_base, src_model))
             out_dtype = parse_dtype(dtype, "--dtype") if dtype else _common_dtype(src_model, targets)
             saved = changed_norms(src_base, src_model, targets) if save_norms else {}
             reports = _write_adapter(src_base, src_model, targets, saved, out.path, out_dtype, dev, quiet)
             write_json(out.path / ADAPTER_CONFIG, adapter_config(base, src_model, targets, sorted(saved)))
             in_adapter = {t.tensor for t in targets} | {n for names in saved.values() for n in names}
             skipped = not_captured(src_base, src_model, in_adapter)
-            report = _report(base, model, rank, out_dtype, reports, sorted(saved), skipped)
+            report = _report(base, model, rank, out_dtype, reports, sorted(saved), skipped, unchanged)
             write_json(out.path / REPORT_NAME, report)
             out.commit()
         finally:
             src_base.close()
             src_model.close()
+    if unchanged and not quiet:
+        print(
+            f"mergesmith: {len(unchanged)} selected module(s) are identical in both models and are not in "
+            f"the adapter nor in the mean error (e.g. {unchanged[0]}); see {REPORT_NAME}",
+            file=sys.stderr,
+        )
     if skipped and not quiet:
         print(f"mergesmith: {summarise_skipped(skipped)}; see {REPORT_NAME}", file=sys.stderr)
     return reports
+
+
+def _same_model(base: str, model: str) -> bool:
+    """The same reference, or two spellings of one local folder."""
+    if base == model:
+        return True
+    b, m = Path(base), Path(model)
+    return b.is_dir() and m.is_dir() and b.resolve() == m.resolve()
+
+
+def split_unchanged(
+    base: ModelSource, model: ModelSource, targets: Sequence[Target]
+) -> tuple[list[Target], list[str]]:
+    """(targets whose weight differs from the base, modules of those that are identical). An identical
+    weight would be a zero LoRA: it adds nothing to the adapter, and its error of 0 would flatter the mean.
+    One weight pair is in memory at a time."""
+    changed, same = [], []
+    for t in targets:
+        if torch.equal(model.read(t.tensor), base.read(t.tensor)):
+            same.append(t.module)
+        else:
+            changed.append(t)
+    return changed, same
+
+
+def nothing_differs(base: ModelSource, model: ModelSource) -> str:
+    """The one-line error when no selected weight differs: whether anything else does, and what."""
+    others = not_captured(base, model, set())
+    if not others:
+        return (
+            f"model {model.ref!r} is identical to base {base.ref!r} (no tensor differs); there is no LoRA "
+            "to extract: check --model"
+        )
+    return (
+        f"no selected weight of model {model.ref!r} differs from base {base.ref!r}, so the adapter would be "
+        f"empty; {summarise_skipped(others)}"
+    )
 
 
 def summarise_skipped(skipped: Sequence[dict[str, Any]]) -> str:
@@ -388,6 +435,7 @@ def _report(
     modules: list[ModuleReport],
     saved: list[str],
     skipped: list,
+    unchanged: Sequence[str] = (),
 ) -> dict[str, Any]:
     errors = [m.relative_error for m in modules]
     worst = max(modules, key=lambda m: m.relative_error)
@@ -401,8 +449,10 @@ def _report(
             "mean_relative_error": sum(errors) / len(errors),
             "max_relative_error": worst.relative_error,
             "worst_module": worst.module,
+            "unchanged_modules": len(unchanged),
         },
         "modules": [asdict(m) for m in modules],
+        "unchanged": list(unchanged),
         "saved_whole": saved,
         "not_captured": skipped,
     }

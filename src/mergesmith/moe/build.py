@@ -22,8 +22,11 @@ from typing import Any
 import torch
 
 from mergesmith.api import byte_progress, config_text  # one definition for merge and MoE builds
+from mergesmith.cliargs import check_workers
 from mergesmith.defaults import DEFAULT_SHARD_SIZE
+from mergesmith.devices import check_device
 from mergesmith.errors import MergeError
+from mergesmith.execute import default_workers
 from mergesmith.lora.source import split_lora_ref
 from mergesmith.model import FLOAT_DTYPES, ModelSource
 from mergesmith.moe.activations import BaseRunner
@@ -34,7 +37,7 @@ from mergesmith.moe.families import Family, choose_family, expected_tensors, tra
 from mergesmith.moe.gates import LayerReport, Routers, build_routers
 from mergesmith.plan import dtype_name, parse_dtype
 from mergesmith.rng import derive_seed
-from mergesmith.sizes import parse_size
+from mergesmith.sizes import human_size, parse_size
 from mergesmith.sources import open_source
 from mergesmith.write import OutputFolder, ShardedWriter, TensorSpec, copy_files, input_paths
 
@@ -458,13 +461,16 @@ def build_moe(
     device: str = "cpu",
     batch_size: int = 16,
     fused_experts: bool = False,
-    workers: int = 2,
+    workers: int | None = None,
     quiet: bool = False,
     copy_tokenizer: bool = True,
     write_model_card: bool = True,
 ) -> MoEResult:
-    """Build the MoE that ``config`` describes into a new model folder ``out_dir``."""
+    """Build the MoE that ``config`` describes into a new model folder ``out_dir``; ``workers`` tensors
+    are copied at once (default: as many as a merge uses)."""
     start = time.perf_counter()
+    device = check_device(device)
+    workers = check_workers(workers) or default_workers()
     text = config_text(config)
     shard_bytes = parse_size(out_shard_size)
     if shard_bytes <= 0:
@@ -498,7 +504,7 @@ def build_moe(
     if not quiet:
         print(
             f"mergesmith: wrote a {plan.family.name} model with {len(plan.experts)} experts "
-            f"({plan.total_bytes / 1e9:.2f} GB) to {final} in {time.perf_counter() - start:.1f} s",
+            f"({human_size(plan.total_bytes)}) to {final} in {time.perf_counter() - start:.1f} s",
             file=sys.stderr,
         )
     return MoEResult(final, plan.family.name, len(plan.experts), plan.config.mode, routers.reports)

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
+from mergesmith.cliargs import positive_int
 from mergesmith.defaults import DEFAULT_SHARD_SIZE
 
 if TYPE_CHECKING:  # the builder pulls in torch; `mergesmith --help` should not
@@ -46,7 +47,9 @@ def register(subparsers: Any) -> None:
         "--random-seed", type=int, default=0, metavar="N", help="seed of random routers and noise (default 0)"
     )
     p.add_argument(
-        "--device", default="cpu", help="where the base model runs for the prompt pass (default cpu)"
+        "--device",
+        default="cpu",
+        help="where the base model runs for the prompt pass: cpu (default), cuda or cuda:N",
     )
     p.add_argument(
         "--batch-size", type=int, default=16, metavar="N", help="prompts per forward pass (default 16)"
@@ -57,7 +60,9 @@ def register(subparsers: Any) -> None:
         help="write transformers 5's fused expert tensors (experts.gate_up_proj/down_proj) instead of one "
         "tensor per expert and projection",
     )
-    p.add_argument("--workers", type=int, default=2, metavar="N", help="tensors copied at once (default 2)")
+    p.add_argument(
+        "--workers", type=positive_int, metavar="N", help="tensors copied at once, at least 1 (default: 2-3)"
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, summary or router report")
     p.add_argument("--no-copy-tokenizer", action="store_true", help="do not copy the base model's tokenizer")
     p.add_argument(

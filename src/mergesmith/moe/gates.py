@@ -115,6 +115,50 @@ def _hidden(experts: Sequence[Expert], shared: Expert | None, run: BaseRunner, l
     return Routers(rows, _shared_or_zero(gate, shared, rows), _cosine_reports(rows, experts))
 
 
+def chance_accuracy(counts: Sequence[int]) -> float:
+    """What a router that routes nothing gets on calibration samples of these class sizes: sending every
+    token to the largest class (at least 1/E)."""
+    return max(max(counts) / sum(counts), 1 / len(counts))
+
+
+def _warn_chance(
+    reports: Sequence[LayerReport],
+    pos: Sequence[Tensor],
+    neg: Sequence[Tensor | None],
+    experts: Sequence[Expert],
+    opts: Calibration,
+) -> None:
+    """One warning naming the layers whose calibrated router routes its own calibration prompts no better
+    than chance, and what to do. When negative prompts are given, it says whether the fit without them
+    would route (a cause seen in practice: the negatives' mean moves the expert's class mean along
+    directions in which the calibration tokens hardly vary, and the whitened discriminant magnifies it)."""
+    chance = chance_accuracy([int(s.shape[1]) for s in pos])
+    bad = [r for r in reports if r.calibrated is not None and r.calibrated.train_accuracy <= chance + 1e-9]
+    if not bad:
+        return
+    layers = ", ".join(f"{r.layer} ({r.calibrated.train_accuracy:.3f})" for r in bad)  # type: ignore[union-attr]
+    advice = (
+        "give each expert more prompts of its own kind, in text the base model's tokenizer knows "
+        "(characters it lacks all become the same unknown token)"
+    )
+    if any(n is not None for n in neg):
+        without = [
+            calibrated_router([s[r.layer] for s in pos], [None] * len(pos), opts.target_top1, opts.shrinkage)
+            for r in bad
+        ]
+        if all(f.train_accuracy > chance + 1e-9 for f in without):
+            accs = ", ".join(f"{f.train_accuracy:.3f}" for f in without)
+            advice = f"without negative_prompts these layers would route {accs}, so drop or change them"
+    log.warning(
+        "the calibrated router routes its own calibration prompts no better than chance (%.3f, every token "
+        "to one expert) in layer(s) %s, so the MoE will not send tokens to the right expert (%s) there; %s",
+        chance,
+        layers,
+        ", ".join(str(e.source_model) for e in experts),
+        advice,
+    )
+
+
 def _calibrated(
     experts: Sequence[Expert],
     shared: Expert | None,
@@ -157,6 +201,7 @@ def _calibrated(
         weights.append(fit.weight)
         reports.append(LayerReport(layer, _max_cos(means[layer]), fit))
     _warn_parallel(means, experts)
+    _warn_chance(reports, pos_samples, neg_samples, experts, opts)
     gate = None
     if shared is not None and shared.positive_prompts:
         s = _states(run, shared.positive_prompts, True)
