@@ -7,8 +7,10 @@ import importlib.metadata
 import re
 from pathlib import Path
 
-import tomllib
+import pytest
 from packaging.requirements import Requirement
+
+tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11's tomllib")
 
 ROOT = Path(__file__).resolve().parents[1]
 
