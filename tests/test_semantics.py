@@ -161,7 +161,7 @@ def test_lambda_under_a_model_warns_and_is_ignored_as_mergekit_does(llama_trio, 
     done = cli("merge", str(write(tmp_path, misplaced)), str(tmp_path / "out"), "-q")
     assert done.returncode == 0, done.stderr
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mergesmith: WARNING: "), done.stderr
+    assert len(lines) == 1 and lines[0].startswith("mergesmith: warning: "), done.stderr
     assert f"parameter 'lambda' of model '{ft1}' is ignored" in lines[0]
     assert "once per tensor" in lines[0] and "top-level `parameters`" in lines[0]
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (plain / "model.safetensors").read_bytes()
@@ -458,12 +458,12 @@ def test_verbose_says_backend_budget_and_timings(llama_trio, tmp_path):
     cmd = [sys.executable, "-m", "mergesmith", "merge", str(cfg), str(tmp_path / "out"), "-q", "-v"]
     done = subprocess.run([*cmd, "--memory-limit", "2G"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    info = [line for line in done.stderr.splitlines() if line.startswith("mergesmith: INFO: ")]
+    info = [line for line in done.stderr.splitlines() if line.startswith("mergesmith: info: ")]
     for start in ("plan: ", "backend: native (", "memory: ", "memory limit ", "merge: ", "finish: "):
-        assert any(line.startswith("mergesmith: INFO: " + start) for line in info), (start, done.stderr)
+        assert any(line.startswith("mergesmith: info: " + start) for line in info), (start, done.stderr)
     quiet = subprocess.run(cmd[:-1] + ["--overwrite"], capture_output=True, text=True, timeout=300)
     assert quiet.returncode == 0 and "INFO" not in quiet.stderr
     plan = cli("plan", str(cfg), "--summary", "-v")
-    assert plan.returncode == 0 and "mergesmith: INFO: backend: native" in plan.stderr, plan.stderr
+    assert plan.returncode == 0 and "mergesmith: info: backend: native" in plan.stderr, plan.stderr
     helptext = cli("merge", "-h").stdout
     assert "more detail: -v info (backend, budget, per-stage timing)" in " ".join(helptext.split())

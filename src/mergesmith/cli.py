@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for level in (logging.INFO, logging.WARNING, logging.ERROR):  # "mergesmith: warning: ...", like errors
+        logging.addLevelName(level, logging.getLevelName(level).lower())
     logging.basicConfig(
         level=logging.WARNING if not getattr(args, "verbose", 0) else logging.INFO,
         format="mergesmith: %(levelname)s: %(message)s",
