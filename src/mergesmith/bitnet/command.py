@@ -229,7 +229,7 @@ def _write_hf(
         )
     stats = write_hf_stream(folder, data, plan, shard_bytes)
     write_json(folder / "config.json", plan.config)
-    copy_files(extra_files(source.path), folder)
+    copy_files(extra_files(source.path, source.ref), folder)
     return stats, plan.kept
 
 
@@ -251,8 +251,8 @@ def _write_gguf(
         raise MergeError(f"no weight of {args.model} was ternarised (check --include/--exclude)")
     config = data.config
     tok_kv, note = tokenizer_metadata(
-        read_json(source.path / "tokenizer.json"),
-        read_json(source.path / "tokenizer_config.json"),
+        read_json(source.path, "tokenizer.json", source.ref),
+        read_json(source.path, "tokenizer_config.json", source.ref),
         int(config["vocab_size"]),
     )
     if note:

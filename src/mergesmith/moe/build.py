@@ -506,8 +506,8 @@ def build_moe(
 
 def _write_metadata(plan: MoEPlan, folder: Path, text: str, copy_tokenizer: bool, card: bool) -> None:
     plan.hf_config.to_json_file(folder / "config.json", use_diff=True)
-    gen = plan.base.path / "generation_config.json"
-    if gen.is_file():
+    gen = plan.base.optional_file("generation_config.json")  # checked to lie inside the model folder
+    if gen is not None:
         copy_files([gen], folder)
     if copy_tokenizer:
         copy_files(plan.base.tokenizer_files(), folder)
