@@ -151,6 +151,8 @@ def merge(
     if dest.exists() and not overwrite:
         raise MergeError(f"output folder {dest} already exists; pass --overwrite to replace it")
     plan = build_plan(cfg)
+    for warning in plan.warnings:  # shown with --quiet too: they are about the output, not progress
+        print(f"mergesmith: warning: {warning}", file=sys.stderr)
     try:
         options = fit_budget(plan, options)
         ternary = _ternary_output(plan) if out_format == "bitnet" else None

@@ -224,6 +224,9 @@ def build_plan(config: MergeConfig, models: dict[str, ModelSource] | None = None
         tensors.append(planner.plan_tensor(name, last, {s.model: name for s in last.sources}, 0.0))
 
     _rewrite_config(out_config, slices, layouts[config_model], offset, tensors, config)
+    remote = drop_remote_code(out_config, config_model)
+    if remote:
+        planner.warnings.append(remote)
     tokenizer_model = config_model if tok == "base" else tok
     if tok == "union":
         raise ConfigError("tokenizer source 'union' is not supported yet; use 'base' or a model path")
@@ -307,6 +310,12 @@ def _check_slices(slices: list[_Slice], layouts: dict[str, Layout], method: Meth
             detail = ", ".join(f"{m}: {n}" for m, n in lengths.items())
             raise ConfigError(f"slice {i}: every source must cover the same number of layers ({detail})")
         models = [s.model for s in sl.sources]
+        repeated = sorted({m for m in models if models.count(m) > 1})
+        if repeated:
+            raise ConfigError(
+                f"slice {i}: model {repeated[0]!r} is listed {models.count(repeated[0])} times; list each model "
+                "once (give it a larger weight to count it more)"
+            )
         if method.base == BaseRule.REQUIRED and not sl.base:
             raise ConfigError(f"merge_method {method.name!r} needs a base_model")
         if _separate_base(method, sl):
@@ -430,6 +439,20 @@ class _Planner:
         raise MergeError(
             f"tensor {out_name!r}: shapes differ between models ({detail}); they are not the same architecture size"
         )
+
+
+def drop_remote_code(out_config: dict, ref: str) -> str | None:
+    """Remove ``auto_map`` (classes that transformers would import from Python files in the folder, i.e.
+    remote code) from an output config derived from model ``ref``'s; returns the warning to show, or None.
+    The output is loaded with the architecture's built-in transformers classes instead."""
+    auto_map = out_config.pop("auto_map", None)
+    if auto_map is None:
+        return None
+    names = ", ".join(sorted(auto_map)) if isinstance(auto_map, dict) else repr(auto_map)
+    return (
+        f"config.json of {ref!r} has auto_map ({names}), which points transformers at Python files; it is "
+        "not copied into the output, which loads with transformers' built-in classes"
+    )
 
 
 def _rewrite_config(

@@ -148,16 +148,17 @@ def warn_if_float(source: TensorSource, selector: TensorSelector, model: str, er
 def _heal_ids(args: argparse.Namespace, model_path: Path, err: TextIO) -> Any:
     """Token ids of ``--heal-data`` (tokenised with the model's tokenizer), or None."""
     import torch
-    import transformers
+
+    from mergesmith.hf_load import load_tokenizer
 
     if not args.heal_data:
         print("mergesmith: note: --heal without --heal-data distils on random token ids", file=err)
         return None
     try:
         text = Path(args.heal_data).read_text(encoding="utf-8")
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise MergeError(f"--heal-data: {exc}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MergeError(f"--heal-data: cannot read it as UTF-8 text ({exc})") from None
+    tokenizer = load_tokenizer(model_path, args.model, "; --heal-data is tokenised with it")
     ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
     if ids.numel() < 2:
         raise MergeError(f"--heal-data {args.heal_data} has no tokens")
@@ -169,20 +170,17 @@ def _heal_source(
 ) -> TensorSource:
     """Load MODEL in float32, heal a copy, return it as an in-memory source with the input's dtypes."""
     import torch
-    import transformers
 
     from mergesmith.bitnet import heal
     from mergesmith.bitnet.convert import DictSource
     from mergesmith.bitnet.source import BitnetModelSource
+    from mergesmith.hf_load import load_causal_lm
 
     if args.heal < 1:
         raise MergeError("--heal needs a positive number of steps")
     if isinstance(source, BitnetModelSource):
         raise MergeError("--heal needs float weights; MODEL is a packed BitNet checkpoint")
-    try:
-        teacher = transformers.AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
-    except (OSError, ValueError) as exc:
-        raise MergeError(f"cannot load {args.model} with transformers for --heal: {exc}") from exc
+    teacher = load_causal_lm(source, torch.float32, "for --heal").eval()
     ids = _heal_ids(args, source.path, err)
     vocab = int(teacher.config.vocab_size)
     train = heal.token_batches(ids, vocab, seq_len=args.heal_seq, seed=0)
@@ -277,6 +275,7 @@ def _bytes_on_disk(source: ModelSource) -> int:
 def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Run the command; returns 0. Expected failures raise MergeError."""
     from mergesmith.bitnet.io import dir_size
+    from mergesmith.plan import drop_remote_code
     from mergesmith.sources import open_source
     from mergesmith.write import OutputFolder
 
@@ -288,6 +287,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         _check_paths(source.path, Path(args.out_dir))
         if not args.heal:
             warn_if_float(source, selector, args.model, err)
+        remote = drop_remote_code(dict(source.config), args.model)  # export_config drops auto_map
+        if remote:
+            print(f"mergesmith: warning: {remote}", file=err)
         with OutputFolder(args.out_dir, overwrite=args.overwrite) as folder:
             data = _heal_source(source, args, selector, out, err) if args.heal else source
             if args.format == "hf":

@@ -103,8 +103,10 @@ def quantization_config(
 def export_config(
     config: Mapping[str, Any], modules_to_not_convert: Iterable[str], linear_class: str = DEFAULT_LINEAR_CLASS
 ) -> dict[str, Any]:
-    """``config`` with its ``quantization_config`` set (a new dict; the input is not modified)."""
+    """``config`` with its ``quantization_config`` set (a new dict; the input is not modified), without
+    ``auto_map``: the output never points transformers at Python files (remote code)."""
     out = dict(config)
+    out.pop("auto_map", None)
     out["quantization_config"] = quantization_config(modules_to_not_convert, linear_class)
     return out
 

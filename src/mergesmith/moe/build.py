@@ -32,7 +32,7 @@ from mergesmith.moe.config import MoEConfig, load_moe_config
 from mergesmith.moe.dense import DenseLayout
 from mergesmith.moe.families import Family, choose_family, expected_tensors, transformers_config
 from mergesmith.moe.gates import LayerReport, Routers, build_routers
-from mergesmith.plan import dtype_name, parse_dtype
+from mergesmith.plan import drop_remote_code, dtype_name, parse_dtype
 from mergesmith.rng import derive_seed
 from mergesmith.sizes import parse_size
 from mergesmith.sources import open_source
@@ -178,6 +178,9 @@ def _plan(
             experts[0].ref,
         )
     family = choose_family(base_layout.model_type, cfg.architecture, shared is not None)
+    remote = drop_remote_code(dict(base.config), base.ref)  # families drop auto_map: say so
+    if remote:
+        log.warning("%s", remote)
     if len(experts) & (len(experts) - 1) and family.model_type == "mixtral":
         log.info(
             "%d experts is not a power of two; some runtimes (llama.cpp) prefer powers of two", len(experts)
