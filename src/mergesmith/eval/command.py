@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     _check_positive("--limit", args.limit)
     if not args.tasks and not args.ppl:
         raise MergeError("nothing to evaluate; give --tasks FILE.jsonl and/or --ppl FILE.txt")
-    from mergesmith.eval.loading import check_model_folder
+    from mergesmith.eval.loading import check_model
     from mergesmith.eval.ppl import TextSet, load_text
     from mergesmith.eval.tasks import load_tasks, unique_names
 
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     if len({t.name for t in texts}) < len(texts):
         texts = [TextSet(str(t.path), t.path, t.lines) for t in texts]
     for name in args.models:
-        check_model_folder(name).close()
+        check_model(name)
     results = evaluate_models(
         args.models,
         tasks,

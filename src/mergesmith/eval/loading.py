@@ -43,6 +43,16 @@ def check_model_folder(ref: str | Path) -> ModelSource:
     return source
 
 
+def check_model(ref: str | Path) -> None:
+    """Everything that can be checked before the first model loads: the reference, its files and
+    weights' headers (:func:`check_model_folder`), and its tokenizer (cheap to load)."""
+    from mergesmith.lora.source import LoraModelSource
+
+    source = check_model_folder(ref)
+    source.close()
+    load_tokenizer(source.base.path if isinstance(source, LoraModelSource) else source.path)
+
+
 def load_tokenizer(source: str | Path) -> Any:
     """The tokenizer of ``source``, set up for batched generation: left padding and a pad token."""
     tokenizer = hf_load.load_tokenizer(Path(source), str(source), "; save one next to the model")
