@@ -182,6 +182,8 @@ def build_plan(config: MergeConfig, models: dict[str, ModelSource] | None = None
     method = get_method(config.merge_method)
     _check_parameter_names(config, method)
     slices = _normalise_slices(config, method)
+    if not slices:
+        raise ConfigError("'slices' is empty; give at least one slice with its sources")
     refs = _unique(
         [s.model for sl in slices for s in sl.sources] + ([config.base_model] if config.base_model else [])
     )
