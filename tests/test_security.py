@@ -502,3 +502,30 @@ def test_safetensors_header_length_lies(llama_trio, model_copy, tmp_path, capsys
     data[:8] = struct.pack("<Q", 2**62)
     path.write_bytes(bytes(data))
     merge_fails(tmp_path, capsys, linear_config(tmp_path, llama_trio[0], model_copy), "header length")
+
+
+def test_every_transformers_load_in_the_package_refuses_remote_code():
+    """Static guard: each from_pretrained / from_config call under src/ passes trust_remote_code=False
+    (or **NO_REMOTE_CODE), and each model from_pretrained passes use_safetensors=True."""
+    import ast
+
+    import mergesmith
+
+    root = Path(mergesmith.__file__).parent
+    calls = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                if node.func.attr in ("from_pretrained", "from_config"):
+                    calls.append((path.name, node))
+    assert len(calls) >= 6
+    for name, call in calls:
+        keywords = {k.arg: k.value for k in call.keywords}
+        spread = [k.value for k in call.keywords if k.arg is None]
+        explicit = (
+            "trust_remote_code" in keywords and getattr(keywords["trust_remote_code"], "value", None) is False
+        )
+        via_policy = any(isinstance(v, ast.Name) and v.id == "NO_REMOTE_CODE" for v in spread)
+        assert explicit or via_policy, f"{name}:{call.lineno} does not refuse remote code"
+        if call.func.attr == "from_pretrained" and "Tokenizer" not in ast.unparse(call.func):
+            assert getattr(keywords.get("use_safetensors"), "value", None) is True, f"{name}:{call.lineno}"

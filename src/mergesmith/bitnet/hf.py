@@ -140,13 +140,14 @@ def linear_module_names(config: Mapping[str, Any]) -> set[str]:
 
     cfg = dict(config)
     cfg.pop("quantization_config", None)
+    cfg.pop("auto_map", None)  # built-in classes only: never remote code
     model_type = cfg.pop("model_type", None)
     if not model_type:
         raise ValueError("config.json has no model_type")
     try:
         conf = transformers.AutoConfig.for_model(model_type, **cfg)
         with torch.device("meta"):
-            model = transformers.AutoModelForCausalLM.from_config(conf)
+            model = transformers.AutoModelForCausalLM.from_config(conf, trust_remote_code=False)
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(
             f"transformers cannot build a causal LM for model_type {model_type!r}: {exc}"
