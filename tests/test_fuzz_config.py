@@ -159,7 +159,7 @@ def check_run(cfg: dict, capsys) -> None:
 
 
 @settings(
-    max_examples=200,
+    max_examples=300,
     deadline=10_000,
     suppress_health_check=[
         HealthCheck.function_scoped_fixture,

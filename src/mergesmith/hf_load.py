@@ -77,17 +77,45 @@ def _is_bitnet(source: ModelSource) -> bool:
 
 
 def load_causal_lm(source: ModelSource, dtype: Any, purpose: str) -> Any:
-    """``AutoModelForCausalLM`` of a checked model folder in ``dtype`` ("auto": the checkpoint's).
+    """``AutoModelForCausalLM`` of a checked model folder in ``dtype`` ("auto": the checkpoint's); for a
+    ``MODEL+ADAPTER`` source, MODEL with the adapter's patched weights put in place.
 
     A packed BitNet checkpoint computes in the dtype it was saved in (its BitLinear layers unpack their
     weights to it), so it is always loaded with dtype "auto"; callers that want float32 logits cast them.
     ``purpose`` ends the error message ("for the prompt pass").
     """
-    from transformers import AutoModelForCausalLM
+    from mergesmith.lora.source import LoraModelSource
 
+    if isinstance(source, LoraModelSource):
+        model = load_causal_lm(source.base, dtype, purpose)
+        _apply_adapter(model, source)
+        return model
     checked_source(source)
     if _is_bitnet(source):
         dtype = "auto"
+    return _from_pretrained(source, dtype, purpose)
+
+
+def _apply_adapter(model: Any, source: Any) -> None:
+    """Replace every weight a LoRA adapter changes by the patched one (exactly what ``merge`` writes)."""
+    import torch
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in source.patches:
+            param = params.get(name)
+            shape = tuple(source.tensors[name].shape)
+            if param is None or tuple(param.shape) != shape:
+                raise MergeError(
+                    f"model {source.ref!r}: the adapter changes {name!r}, which the loaded model has no "
+                    f"parameter of shape {list(shape)} for; merge the adapter with `mergesmith merge` first"
+                )
+            param.copy_(source.read(name).to(param.dtype))
+
+
+def _from_pretrained(source: ModelSource, dtype: Any, purpose: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
     try:
         with quiet_transformers():
             return AutoModelForCausalLM.from_pretrained(

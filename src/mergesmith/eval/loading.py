@@ -8,7 +8,7 @@ it). Loading follows :mod:`mergesmith.hf_load`: no remote code, no pickles, file
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -17,9 +17,6 @@ from mergesmith import hf_load
 from mergesmith.errors import MergeError
 from mergesmith.model import ModelSource, parse_model_ref
 from mergesmith.sources import open_source
-
-if TYPE_CHECKING:
-    from mergesmith.lora.source import LoraModelSource
 
 ModelLike = str | Path | PreTrainedModel
 
@@ -64,21 +61,6 @@ def load_tokenizer(source: str | Path) -> Any:
     return tokenizer
 
 
-def _apply_adapter(model: PreTrainedModel, source: LoraModelSource) -> None:
-    """Replace every weight the adapter changes by the patched one (as ``merge`` would write it)."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name in source.patches:
-            param = params.get(name)
-            shape = tuple(source.tensors[name].shape)
-            if param is None or tuple(param.shape) != shape:
-                raise MergeError(
-                    f"model {source.ref!r}: the adapter changes {name!r}, which the loaded model has no "
-                    f"parameter of shape {list(shape)} for; merge the adapter with `mergesmith merge` first"
-                )
-            param.copy_(source.read(name).to(param.dtype))
-
-
 def load_model(model_or_path: ModelLike, tokenizer: Any = None) -> tuple[PreTrainedModel, Any]:
     """Return ``(model, tokenizer)`` in eval mode; a model object is used as is, a reference is loaded.
 
@@ -97,9 +79,7 @@ def load_model(model_or_path: ModelLike, tokenizer: Any = None) -> tuple[PreTrai
     else:
         source = check_model_folder(model_or_path)
         base = source.base if isinstance(source, LoraModelSource) else source
-        model = hf_load.load_causal_lm(base, torch.float32, "for evaluation")
-        if isinstance(source, LoraModelSource):
-            _apply_adapter(model, source)
+        model = hf_load.load_causal_lm(source, torch.float32, "for evaluation")
         source.close()
         if tokenizer is None:
             tokenizer = load_tokenizer(base.path)

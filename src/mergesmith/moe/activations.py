@@ -66,11 +66,19 @@ class BaseRunner:
     device: str = "cpu"
 
     @classmethod
-    def load(cls, path: Path, ref: str, batch_size: int = 16, device: str = "cpu") -> BaseRunner:
+    def load(
+        cls,
+        path: Path,
+        ref: str,
+        batch_size: int = 16,
+        device: str = "cpu",
+        source: ModelSource | None = None,
+    ) -> BaseRunner:
         """The base model (in its checkpoint's dtype) and its tokenizer, loaded under the project's one
-        policy for untrusted folders (:mod:`mergesmith.hf_load`: no remote code, no pickles)."""
+        policy for untrusted folders (:mod:`mergesmith.hf_load`: no remote code, no pickles). ``source``
+        (the opened base, e.g. ``model+adapter`` with its adapter applied) is loaded when given."""
         tokenizer = load_tokenizer(path, ref)
-        model = load_causal_lm(ModelSource(ref, path), "auto", "for the prompt pass")
+        model = load_causal_lm(source or ModelSource(ref, path), "auto", "for the prompt pass")
         model.to(device).eval()
         return cls(model, tokenizer, batch_size, device)
 

@@ -374,7 +374,9 @@ def _runner(plan: MoEPlan, batch_size: int, device: str) -> Callable[[], BaseRun
     def load() -> BaseRunner:
         if plan.config.mode == "cheap_embed":
             return BaseRunner.tokenizer_only(plan.base.path, plan.base.ref)
-        return BaseRunner.load(plan.base.path, plan.base.ref, batch_size=batch_size, device=device)
+        return BaseRunner.load(
+            plan.base.path, plan.base.ref, batch_size=batch_size, device=device, source=plan.base
+        )
 
     return load
 
