@@ -109,14 +109,16 @@ def write_index(folder: Path, entry: str) -> None:
 # --- stay inside the model --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["dotdot", "absolute", "etc-passwd", "proc-environ"])
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "etc-passwd", "proc-environ", "folder-symlink"])
 def test_index_entries_outside_the_model_are_refused_before_opening(
     kind, llama_trio, model_copy, tmp_path, capsys, opened
 ):
     outside = tmp_path / "elsewhere" / "model.safetensors"
     outside.parent.mkdir()
     shutil.copy(llama_trio[2] / "model.safetensors", outside)
+    (model_copy / "sub").symlink_to(outside.parent)  # a folder inside that leads outside
     entry = {
+        "folder-symlink": "sub/model.safetensors",
         "dotdot": "../elsewhere/model.safetensors",
         "absolute": str(outside),
         "etc-passwd": "/etc/passwd",
