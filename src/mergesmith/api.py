@@ -315,14 +315,14 @@ def _write_metadata(
 ) -> None:
     write_json(folder / "config.json", plan.out_config)
     config_model = plan.models[plan.config_model]
-    gen = config_model.path / "generation_config.json"
-    if gen.is_file():
+    gen = config_model.optional_file("generation_config.json")  # checked to lie inside the model folder
+    if gen is not None:
         copy_files([gen], folder)
     if copy_tokenizer:
         tok = plan.models[plan.tokenizer_model]
         copy_files(tok.tokenizer_files(), folder)
     if plan.config.chat_template:
-        template = resolve_chat_template(plan.config.chat_template, [m.path for m in plan.models.values()])
+        template = resolve_chat_template(plan.config.chat_template, list(plan.models.values()))
         if template:
             (folder / "chat_template.jinja").write_text(template)
             tok_cfg = folder / "tokenizer_config.json"

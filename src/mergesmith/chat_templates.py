@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from pathlib import Path
 
-from mergesmith.errors import ConfigError
+from mergesmith.errors import ConfigError, MergeError
+from mergesmith.model import ModelSource, read_json_file
 
 BUILTIN = {
     "chatml": (
@@ -34,24 +33,27 @@ BUILTIN = {
 }
 
 
-def model_chat_template(folder: Path) -> str | None:
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text()
-    cfg = folder / "tokenizer_config.json"
-    if cfg.is_file():
+def model_chat_template(model: ModelSource) -> str | None:
+    """The model's own chat template (chat_template.jinja, else tokenizer_config.json's), read from files
+    checked to lie inside its folder; a template file that is not UTF-8 or JSON is an error naming it."""
+    jinja = model.optional_file("chat_template.jinja")
+    if jinja is not None:
         try:
-            tpl = json.loads(cfg.read_text()).get("chat_template")
-        except (OSError, json.JSONDecodeError):
-            return None
+            return jinja.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise MergeError(f"model {model.ref!r}: chat_template.jinja is not UTF-8 text") from None
+    cfg = model.optional_file("tokenizer_config.json")
+    if cfg is not None:
+        data = read_json_file(cfg, f"model {model.ref!r}: tokenizer_config.json")
+        tpl = data.get("chat_template") if isinstance(data, dict) else None
         return tpl if isinstance(tpl, str) else None
     return None
 
 
-def resolve_chat_template(value: str, model_folders: list[Path]) -> str | None:
+def resolve_chat_template(value: str, models: list[ModelSource]) -> str | None:
     """``auto`` (the template most inputs use), a built-in name, or a literal Jinja template."""
     if value == "auto":
-        found = [t for t in (model_chat_template(f) for f in model_folders) if t]
+        found = [t for t in (model_chat_template(m) for m in models) if t]
         return Counter(found).most_common(1)[0][0] if found else None
     if value in BUILTIN:
         return BUILTIN[value]

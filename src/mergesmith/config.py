@@ -187,6 +187,32 @@ def parse_config(data: Any, source: str = "config") -> MergeConfig:
         raise ConfigError(_format_validation_error(exc, source)) from None
 
 
+#: A merge config is a few hundred values a few levels deep. Past these bounds a document is hostile or
+#: broken (YAML aliases can make a 1 KB file expand to billions of values, which validation would visit
+#: one by one), and it is refused before anything walks it recursively.
+MAX_DEPTH = 64
+MAX_VALUES = 200_000
+
+
+def _check_document_size(doc: Any, label: str) -> None:
+    """Refuse a document nested deeper than MAX_DEPTH or holding more than MAX_VALUES values (aliases
+    counted as often as they are used), without recursion and without visiting more than MAX_VALUES."""
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    seen = 0
+    while stack:
+        value, depth = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise ConfigError(f"{label}: the config expands to more than {MAX_VALUES} values (YAML aliases?)")
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{label}: the config is nested more than {MAX_DEPTH} levels deep")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+            stack.extend((k, depth + 1) for k in value if isinstance(k, tuple))
+        elif isinstance(value, list | tuple):
+            stack.extend((v, depth + 1) for v in value)
+
+
 def load_yaml_documents(path_or_text: str | Path) -> tuple[list[Any], str]:
     """Read one or more YAML documents from a file path or a YAML string; returns (documents, label)."""
     text: str
@@ -196,9 +222,13 @@ def load_yaml_documents(path_or_text: str | Path) -> tuple[list[Any], str]:
         if p.is_dir():
             raise ConfigError(f"{p}: is a folder, expected a YAML config file")
         try:
-            text = p.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{p}: cannot read config ({exc})") from None
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{p}: the config is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(f"{p}: cannot read config ({exc.strerror or exc.__class__.__name__})") from None
         label = str(p)
     elif (
         p is not None
@@ -215,6 +245,10 @@ def load_yaml_documents(path_or_text: str | Path) -> tuple[list[Any], str]:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{label}: not valid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{label}: the config is nested too deeply to parse") from None
+    for doc in docs:
+        _check_document_size(doc, label)
     if not docs:
         raise ConfigError(f"{label}: the config is empty")
     return docs, label

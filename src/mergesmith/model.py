@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 import threading
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from mergesmith.errors import MergeError
 if TYPE_CHECKING:
     import torch
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -88,49 +89,186 @@ class TensorInfo:
         return math.prod(self.shape[1:]) * self.itemsize if self.shape else self.nbytes
 
 
-def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse a safetensors file's header and check it against the file size (catches truncation)."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise MergeError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-            (header_len,) = struct.unpack("<Q", raw)
-            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-                raise MergeError(f"{path}: corrupt safetensors header (declared length {header_len} bytes)")
-            header = json.loads(f.read(header_len))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+def _hub_blobs(root: str) -> str | None:
+    """For a Hugging Face cache snapshot ``.../models--org--name/snapshots/<rev>``, that repository's
+    ``blobs`` folder (where the snapshot's files are symlinks to); otherwise None."""
+    snapshots = os.path.dirname(root)
+    repo = os.path.dirname(snapshots)
+    if os.path.basename(snapshots) == "snapshots" and os.path.basename(repo).startswith(
+        ("models--", "datasets--")
+    ):
+        return os.path.join(repo, "blobs")
+    return None
+
+
+def _within(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+def model_file(folder: Path, entry: str, ref: str, kind: str = "model") -> Path:
+    """The path of ``entry`` (a file name or relative path) inside the model or adapter folder ``folder``,
+    checked before anything opens it.
+
+    Refused with one line naming the ``kind`` ("model", "LoRA adapter"), ``ref`` and the entry: an absolute path, any ``..``, and a symlink
+    (anywhere on the way) whose target lies outside the folder, except that a Hugging Face cache snapshot's
+    files may point into the same repository's ``blobs/``. Only symlinks are followed here (``realpath``
+    reads links, never files), so /etc/passwd or /proc/self/environ are never opened.
+    """
+    who = f"{kind} {ref!r}"
+    if not isinstance(entry, str) or not entry or "\x00" in entry:
+        raise MergeError(f"{who}: file entry {entry!r} is not a file name")
+    parts = entry.replace("\\", "/").split("/")
+    if entry.startswith(("/", "\\")) or os.path.isabs(entry) or ".." in parts:
+        raise MergeError(f"{who}: file entry {entry!r} points outside the model folder; refusing to read it")
+    path = folder / entry
+    root = os.path.realpath(folder)
+    real = os.path.realpath(path)
+    blobs = _hub_blobs(root)
+    if not (_within(real, root) or (blobs is not None and _within(real, blobs))):
         raise MergeError(
-            f"{path}: cannot read safetensors header ({exc.__class__.__name__}: {exc})"
-        ) from None
+            f"{who}: {entry!r} is a symlink to {real}, outside the model folder; refusing to read it "
+            "(copy the file into the folder if it is meant to be there)"
+        )
+    return path
+
+
+def regular_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file (not a FIFO or device that would block or never end a read)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def read_json_file(path: Path, what: str) -> Any:
+    """Parse a JSON file; any failure (not UTF-8, invalid, nested too deeply, unreadable) is one line that
+    starts with ``what`` (e.g. "model 'x': config.json")."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MergeError(f"{what} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise MergeError(f"{what} cannot be read ({exc.strerror or exc.__class__.__name__})") from None
+    try:
+        return _strict_json_object(text)
+    except _Reject as exc:
+        raise MergeError(f"{what}: {exc}") from None
+
+
+class _Reject(ValueError):
+    """One reason a safetensors header is malformed (turned into a MergeError naming the file)."""
+
+
+def _strict_json_object(text: str) -> Any:
+    """``json.loads`` closer to serde_json: no NaN/Infinity literals; nesting too deep for Python's
+    stack (RecursionError) is a parse error, not a crash."""
+
+    def constant(name: str) -> Any:
+        raise _Reject(f"invalid JSON literal {name}")
+
+    try:
+        value = json.loads(text, parse_constant=constant)
+    except RecursionError:
+        raise _Reject("JSON nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise _Reject(f"not valid JSON ({exc.msg} at character {exc.pos})") from None
+    return value
+
+
+def _utf8_clean(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, from a JSON "\\ud800" escape
+        return False
+    return True
+
+
+def _nonneg_int(x: Any) -> bool:
+    # bool is an int subclass in Python; JSON true is not a dimension
+    return type(x) is int and 0 <= x < 2**64
+
+
+def _parse_header(header: Any, data_len: int, path: Path) -> dict[str, TensorInfo]:
+    """Check a decoded header the way the safetensors library does: an object of objects, known
+    dtypes, integer shapes and offsets, byte sizes that match, tensors packed back to back from the
+    start of the data area to its end (no gap, no overlap, nothing after)."""
     if not isinstance(header, dict):
-        raise MergeError(f"{path}: corrupt safetensors header (not a JSON object)")
-    data_start = 8 + header_len
+        raise _Reject("the header is not a JSON object")
+    entries: list[tuple[int, int, str]] = []
     out: dict[str, TensorInfo] = {}
     for name, meta in header.items():
+        if not _utf8_clean(name):
+            raise _Reject("a tensor name is not valid UTF-8")
         if name == "__metadata__":
+            if meta is not None and not (
+                isinstance(meta, dict)
+                and all(isinstance(v, str) and _utf8_clean(k) and _utf8_clean(v) for k, v in meta.items())
+            ):
+                raise _Reject("__metadata__ is not a mapping of strings to strings")
             continue
-        try:
-            code = meta["dtype"]
-            if code not in dtypes.CODES:
-                raise KeyError(code)
-            shape = tuple(int(d) for d in meta["shape"])
-            begin, end = (int(x) for x in meta["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise MergeError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
-        info = TensorInfo(name, code, shape, path, data_start + begin)
-        if end - begin != info.nbytes:
-            raise MergeError(
-                f"{path}: tensor {name!r} has {end - begin} bytes but its shape needs {info.nbytes}"
-            )
-        if data_start + end > size:
-            raise MergeError(
-                f"{path}: file is truncated ({size} bytes, tensor {name!r} ends at byte {data_start + end}); "
+        if not isinstance(meta, dict):
+            raise _Reject(f"entry of tensor {name!r} is not a JSON object")
+        code, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+        if not isinstance(code, str) or code not in dtypes.CODES:
+            raise _Reject(f"tensor {name!r} has unknown or unsupported dtype {code!r}")
+        if not isinstance(shape, list) or not all(_nonneg_int(d) for d in shape):
+            raise _Reject(f"tensor {name!r} has shape {shape!r}, not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_nonneg_int(x) for x in offsets)):
+            raise _Reject(f"tensor {name!r} has data_offsets {offsets!r}, not two non-negative integers")
+        begin, end = offsets
+        if end < begin:
+            raise _Reject(f"tensor {name!r} has data_offsets {offsets} that end before they begin")
+        nbytes = math.prod(shape) * dtypes.itemsize(code)
+        if end - begin != nbytes:
+            raise _Reject(f"tensor {name!r} has {end - begin} bytes but its shape {shape} needs {nbytes}")
+        entries.append((begin, end, name))
+        out[name] = TensorInfo(name, code, tuple(shape), path, begin)  # offset: relative for now
+    pos = 0
+    for begin, end, name in sorted(entries):
+        if begin != pos:
+            what = "overlaps the tensor before it" if begin < pos else "leaves a gap before it"
+            raise _Reject(f"tensor {name!r} at bytes {begin}..{end} {what} (expected it at byte {pos})")
+        pos = end
+    if pos != data_len:
+        if pos > data_len:
+            raise _Reject(
+                f"the file is truncated: its tensors need {pos} bytes of data, it has {data_len}; "
                 "download or copy it again"
             )
-        out[name] = info
+        raise _Reject(f"{data_len - pos} bytes after the last tensor are not described by the header")
     return out
+
+
+def read_safetensors_header(path: Path, ref: str | None = None, kind: str = "model") -> dict[str, TensorInfo]:
+    """Parse a safetensors file's header as strictly as the safetensors library does, checking every
+    claim against the file's size before anything is allocated for it (catches truncation, and a header
+    that claims a huge tensor costs nothing). ``kind`` and ``ref`` name the model in messages."""
+    who = f"{kind} {ref!r}: {path.name}" if ref is not None else str(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise _Reject("not a safetensors file (shorter than its 8-byte header length)")
+            (header_len,) = struct.unpack("<Q", raw)
+            if header_len > MAX_HEADER_BYTES or header_len > size - 8:
+                raise _Reject(f"declared header length {header_len} does not fit the file ({size} bytes)")
+            body = f.read(header_len)
+        if len(body) < header_len:
+            raise _Reject("the file is shorter than its header; download or copy it again")
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Reject("the header is not UTF-8 text") from None
+        header = _strict_json_object(text)
+        # data_offsets count from the start of the data area, which follows the 8 + N header bytes
+        infos = _parse_header(header, size - 8 - header_len, path)
+    except _Reject as exc:
+        raise MergeError(f"{who}: invalid safetensors header: {exc}") from None
+    except OSError as exc:
+        raise MergeError(f"{who}: cannot read it ({exc.strerror or exc.__class__.__name__})") from None
+    data_start = 8 + header_len
+    return {name: TensorInfo(name, i.code, i.shape, path, data_start + i.offset) for name, i in infos.items()}
 
 
 def _pread_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
@@ -163,8 +301,11 @@ def read_tensor(info: TensorInfo, rows: tuple[int, int] | None = None, fd: int |
     """Read a tensor (or rows [r0, r1) of it) in its stored dtype into memory we own."""
     import torch
 
+    shape = _shape(info, rows)
+    if math.prod(shape) == 0:  # torch cannot view an empty byte buffer as a wider dtype
+        return torch.empty(shape, dtype=info.dtype)
     raw = read_array(info, rows, fd, storage=False)
-    return torch.from_numpy(raw).view(info.dtype).reshape(_shape(info, rows))
+    return torch.from_numpy(raw).view(info.dtype).reshape(shape)
 
 
 def _shape(info: TensorInfo, rows: tuple[int, int] | None) -> tuple[int, ...]:
@@ -192,6 +333,24 @@ def read_array(
             if own:
                 os.close(fd)
     return buf.view(NUMPY_STORAGE[info.code]).reshape(_shape(info, rows)) if storage else buf
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def pickle_hint(folder: Path) -> str:
+    """The one policy for pickled weights (they can run code when loaded): never loaded, by any command.
+    Returns the message tail that says how to convert them, or "" when the folder has none."""
+    try:
+        pickled = sorted(p.name for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+    except OSError:
+        return ""
+    if not pickled:
+        return ""
+    return (
+        f" (only pickle weights such as {pickled[0]} found: mergesmith never loads pickles, which can run "
+        "code; convert them to safetensors first, see docs/security.md)"
+    )
 
 
 def parse_model_ref(ref: str) -> tuple[str, str | None]:
@@ -266,50 +425,58 @@ class ModelSource:
     def __repr__(self) -> str:
         return f"ModelSource({self.ref!r})"
 
+    def file(self, entry: str) -> Path:
+        """``entry`` inside this model's folder, checked (see :func:`model_file`)."""
+        return model_file(self.path, entry, self.ref)
+
+    def optional_file(self, entry: str) -> Path | None:
+        """``entry`` inside this model's folder if it is a regular file there, else None; checked."""
+        if not os.path.lexists(self.path / entry):
+            return None
+        path = self.file(entry)
+        return path if regular_file(path) else None
+
     @cached_property
     def config(self) -> dict:
-        cfg_path = self.path / "config.json"
-        if not cfg_path.is_file():
+        cfg_path = self.optional_file("config.json")
+        if cfg_path is None:
             raise MergeError(f"model {self.ref!r}: no config.json in {self.path}")
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise MergeError(f"model {self.ref!r}: config.json is not valid JSON ({exc})") from None
+        cfg = read_json_file(cfg_path, f"model {self.ref!r}: config.json")
         if not isinstance(cfg, dict):
             raise MergeError(f"model {self.ref!r}: config.json is not a JSON object")
         return cfg
 
+    def _weight_map(self, index: Path) -> dict[str, str]:
+        what = f"model {self.ref!r}: model.safetensors.index.json"
+        data = read_json_file(index, what)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise MergeError(f"{what} has no 'weight_map' mapping tensor names to shard file names")
+        return weight_map
+
     @cached_property
     def tensors(self) -> dict[str, TensorInfo]:
-        index = self.path / "model.safetensors.index.json"
-        single = self.path / "model.safetensors"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise MergeError(
-                    f"model {self.ref!r}: unreadable model.safetensors.index.json ({exc})"
-                ) from None
+        index = self.optional_file("model.safetensors.index.json")
+        weight_map: dict[str, str] | None = None
+        if index is not None:
+            weight_map = self._weight_map(index)
             files = sorted(set(weight_map.values()))
-        elif single.is_file():
-            files, weight_map = ["model.safetensors"], None
+        elif self.optional_file("model.safetensors") is not None:
+            files = ["model.safetensors"]
         else:
             files = sorted(p.name for p in self.path.glob("*.safetensors"))
-            weight_map = None
             if not files:
-                has_bin = any(self.path.glob("*.bin")) or any(self.path.glob("*.pt"))
-                hint = (
-                    " (only pickle .bin/.pt weights found: convert them to safetensors first)"
-                    if has_bin
-                    else ""
+                raise MergeError(
+                    f"model {self.ref!r}: no safetensors weights in {self.path}{pickle_hint(self.path)}"
                 )
-                raise MergeError(f"model {self.ref!r}: no safetensors weights in {self.path}{hint}")
         out: dict[str, TensorInfo] = {}
         for fname in files:
-            fpath = self.path / fname
-            if not fpath.is_file():
+            fpath = self.file(fname)  # checked before it is opened: an index may name any path
+            if not regular_file(fpath):
                 raise MergeError(f"model {self.ref!r}: shard {fname} named in the index is missing")
-            for name, info in read_safetensors_header(fpath).items():
+            for name, info in read_safetensors_header(fpath, self.ref).items():
                 if weight_map is None or weight_map.get(name) == fname:
                     out[name] = info
         if weight_map is not None:
@@ -350,4 +517,5 @@ class ModelSource:
             self._fds.clear()
 
     def tokenizer_files(self) -> list[Path]:
-        return [self.path / f for f in TOKENIZER_FILES if (self.path / f).is_file()]
+        """The tokenizer files to copy into an output, each checked to lie inside the model folder."""
+        return [p for p in (self.optional_file(f) for f in TOKENIZER_FILES) if p is not None]

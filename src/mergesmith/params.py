@@ -47,6 +47,11 @@ def lookup(name: str, levels: Sequence[Parameters | None], tensor_name: str, pos
     """The value of parameter ``name`` at the first level that sets it for this tensor, else _MISSING."""
     for level in levels:
         if level and name in level:
+            if isinstance(level[name], list) and not level[name]:
+                raise ConfigError(
+                    f"parameter {name!r}: an empty list is neither a gradient nor a list of filters; "
+                    "give at least one value"
+                )
             value = _evaluate(level[name], tensor_name, position)
             if value is not _MISSING:
                 return value

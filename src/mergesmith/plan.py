@@ -209,6 +209,8 @@ def build_plan(
     warn = Warnings(strict)
     _check_parameter_names(config, method, warn)
     slices = _normalise_slices(config, method)
+    if not slices:
+        raise ConfigError("'slices' is empty; give at least one slice with its sources")
     refs = _unique(
         [s.model for sl in slices for s in sl.sources] + ([config.base_model] if config.base_model else [])
     )
@@ -252,6 +254,9 @@ def build_plan(
     planner.report_carried(warn)
 
     _rewrite_config(out_config, slices, layouts[config_model], offset, tensors, config)
+    remote = drop_remote_code(out_config, config_model)
+    if remote:
+        warn.append(remote)  # not an error under --strict: the output is still what was asked
     tokenizer_model = config_model if tok == "base" else tok
     if tok == "union":
         raise ConfigError("tokenizer source 'union' is not supported yet; use 'base' or a model path")
@@ -407,6 +412,12 @@ def _check_slices(slices: list[_Slice], layouts: dict[str, Layout], method: Meth
             detail = ", ".join(f"{m}: {n}" for m, n in lengths.items())
             raise ConfigError(f"slice {i}: every source must cover the same number of layers ({detail})")
         models = [s.model for s in sl.sources]
+        repeated = sorted({m for m in models if models.count(m) > 1})
+        if repeated:
+            raise ConfigError(
+                f"slice {i}: model {repeated[0]!r} is listed {models.count(repeated[0])} times; list each model "
+                "once (give it a larger weight to count it more)"
+            )
         if method.base == BaseRule.REQUIRED and not sl.base:
             raise ConfigError(f"merge_method {method.name!r} needs a base_model")
         if _separate_base(method, sl):
@@ -630,6 +641,20 @@ def _misplaced_hint(name: str, method: str, sl: _Slice) -> str:
                 "to the top-level `parameters` (or the slice's)"
             )
     return f"; set it under the top-level `parameters` (e.g. `parameters: {{{name}: ...}}`)"
+
+
+def drop_remote_code(out_config: dict, ref: str) -> str | None:
+    """Remove ``auto_map`` (classes that transformers would import from Python files in the folder, i.e.
+    remote code) from an output config derived from model ``ref``'s; returns the warning to show, or None.
+    The output is loaded with the architecture's built-in transformers classes instead."""
+    auto_map = out_config.pop("auto_map", None)
+    if auto_map is None:
+        return None
+    names = ", ".join(sorted(auto_map)) if isinstance(auto_map, dict) else repr(auto_map)
+    return (
+        f"config.json of {ref!r} has auto_map ({names}), which points transformers at Python files; it is "
+        "not copied into the output, which loads with transformers' built-in classes"
+    )
 
 
 def _rewrite_config(

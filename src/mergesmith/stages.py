@@ -39,7 +39,7 @@ from typing import Any
 from mergesmith.config import MergeConfig, load_yaml_documents, parse_config
 from mergesmith.defaults import DEFAULT_SHARD_SIZE
 from mergesmith.errors import ConfigError, MergeError
-from mergesmith.model import ModelSource, TensorInfo, resolve_model_dir
+from mergesmith.model import ModelSource, TensorInfo, model_file, regular_file, resolve_model_dir
 from mergesmith.plan import MergePlan, build_plan
 from mergesmith.sizes import parse_size
 from mergesmith.write import MARKER as PARTIAL_MARKER
@@ -323,7 +323,9 @@ def _file_identity(path: Path) -> list[Any]:
 
 def folder_identity(path: Path) -> str:
     """Cheap content identity of a model or adapter folder (see the module docstring)."""
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    names = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+    # each file is checked to lie inside the folder before it is read (a symlink out is refused)
+    files = [f for f in (model_file(path, n, str(path)) for n in names) if regular_file(f)]
     return _sha({p.name: _file_identity(p) for p in files})
 
 

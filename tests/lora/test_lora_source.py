@@ -200,7 +200,7 @@ def test_missing_adapter_and_pickled_adapter(llama_trio, llama_lora, tmp_path):
     pickled.mkdir()
     shutil.copy(llama_lora / "adapter_config.json", pickled)
     (pickled / "adapter_model.bin").write_bytes(b"")
-    with pytest.raises(MergeError, match="convert it to safetensors"):
+    with pytest.raises(MergeError, match="convert them to safetensors"):
         mergesmith.merge(passthrough(f"{base}+{pickled}"), tmp_path / "out", quiet=True)
 
 

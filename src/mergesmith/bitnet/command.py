@@ -162,19 +162,18 @@ def warn_if_float(source: TensorSource, selector: TensorSelector, model: str, er
 def _heal_ids(args: argparse.Namespace, model_path: Path, err: TextIO) -> Any:
     """Token ids of ``--heal-data`` (tokenised with the model's tokenizer), or None."""
     import torch
-    import transformers
+
+    from mergesmith.hf_load import load_tokenizer, quiet_transformers
 
     if not args.heal_data:
         print("mergesmith: note: --heal without --heal-data distils on random token ids", file=err)
         return None
     try:
         text = Path(args.heal_data).read_text(encoding="utf-8")
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise MergeError(f"--heal-data: {exc}") from exc
-    from mergesmith.eval.loading import _quiet_transformers
-
-    with _quiet_transformers():  # the whole text is one long sequence on purpose: it is cut into windows
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MergeError(f"--heal-data: cannot read it as UTF-8 text ({exc})") from None
+    tokenizer = load_tokenizer(model_path, args.model, "; --heal-data is tokenised with it")
+    with quiet_transformers():  # the whole text is one long sequence on purpose: it is cut into windows
         ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
     if ids.numel() < 2:
         raise MergeError(f"--heal-data {args.heal_data} has no tokens")
@@ -186,25 +185,17 @@ def _heal_source(
 ) -> TensorSource:
     """Load MODEL in float32, heal a copy, return it as an in-memory source with the input's dtypes."""
     import torch
-    import transformers
 
     from mergesmith.bitnet import heal
     from mergesmith.bitnet.convert import DictSource
     from mergesmith.bitnet.source import BitnetModelSource
+    from mergesmith.hf_load import load_causal_lm
 
     if args.heal < 1:
         raise MergeError("--heal needs a positive number of steps")
     if isinstance(source, BitnetModelSource):
         raise MergeError("--heal needs float weights; MODEL is a packed BitNet checkpoint")
-    from mergesmith.eval.loading import _quiet_transformers
-
-    try:
-        with _quiet_transformers():  # its loading bar would sit beside ours
-            teacher = transformers.AutoModelForCausalLM.from_pretrained(
-                source.path, dtype=torch.float32
-            ).eval()
-    except (OSError, ValueError) as exc:
-        raise MergeError(f"cannot load {args.model} with transformers for --heal: {exc}") from exc
+    teacher = load_causal_lm(source, torch.float32, "for --heal").eval()
     ids = _heal_ids(args, source.path, err)
     vocab = int(teacher.config.vocab_size)
     train = heal.token_batches(ids, vocab, seq_len=args.heal_seq, seed=0)
@@ -276,7 +267,7 @@ def _write_hf(
         )
     stats = write_hf_stream(folder, data, plan, shard_bytes)
     write_json(folder / "config.json", plan.config)
-    copy_files(extra_files(source.path), folder)
+    copy_files(extra_files(source.path, source.ref), folder)
     return stats, plan.kept
 
 
@@ -299,8 +290,8 @@ def _write_gguf(
         raise MergeError(f"no weight of {args.model} was ternarised (check --include/--exclude)")
     config = data.config
     tok_kv, note = tokenizer_metadata(
-        read_json(source.path / "tokenizer.json"),
-        read_json(source.path / "tokenizer_config.json"),
+        read_json(source.path, "tokenizer.json", source.ref),
+        read_json(source.path, "tokenizer_config.json", source.ref),
         int(config["vocab_size"]),
         config,
     )
@@ -371,6 +362,20 @@ def _bytes_on_disk(source: ModelSource) -> int:
     return sum(f.stat().st_size for f in {info.file for info in source.tensors.values()})
 
 
+def _warn_about_input(
+    source: ModelSource, args: argparse.Namespace, selector: TensorSelector, err: TextIO
+) -> None:
+    """Warnings about MODEL before the export: float weights that are not ternary yet, and remote code
+    that the output does not carry."""
+    from mergesmith.plan import drop_remote_code
+
+    if not args.heal:
+        warn_if_float(source, selector, args.model, err)
+    remote = drop_remote_code(dict(source.config), args.model)  # export_config drops auto_map
+    if remote:
+        print(f"mergesmith: warning: {remote}", file=err)
+
+
 def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Run the command; returns 0. Expected failures raise MergeError."""
     from mergesmith.bitnet.io import dir_size
@@ -391,8 +396,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         with output_lock(target), _gguf_file(target, args.overwrite) as path:
             source = open_source(args.model)
             try:
-                if not args.heal:
-                    warn_if_float(source, selector, args.model, err)
+                _warn_about_input(source, args, selector, err)
                 data = _heal_source(source, args, selector, out, err) if args.heal else source
                 stats, kept, summary = _write_gguf(data, source, selector, args, path, err)
                 before = _bytes_on_disk(source)
@@ -403,8 +407,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         with OutputFolder(args.out_dir, args.overwrite, force=args.force, inputs=inputs) as folder:
             source = open_source(args.model)
             try:
-                if not args.heal:
-                    warn_if_float(source, selector, args.model, err)
+                _warn_about_input(source, args, selector, err)
                 data = _heal_source(source, args, selector, out, err) if args.heal else source
                 if args.format == "hf":
                     stats, kept = _write_hf(data, source, selector, args, folder.path)

@@ -103,8 +103,10 @@ def quantization_config(
 def export_config(
     config: Mapping[str, Any], modules_to_not_convert: Iterable[str], linear_class: str = DEFAULT_LINEAR_CLASS
 ) -> dict[str, Any]:
-    """``config`` with its ``quantization_config`` set (a new dict; the input is not modified)."""
+    """``config`` with its ``quantization_config`` set (a new dict; the input is not modified), without
+    ``auto_map``: the output never points transformers at Python files (remote code)."""
     out = dict(config)
+    out.pop("auto_map", None)
     out["quantization_config"] = quantization_config(modules_to_not_convert, linear_class)
     return out
 
@@ -138,13 +140,14 @@ def linear_module_names(config: Mapping[str, Any]) -> set[str]:
 
     cfg = dict(config)
     cfg.pop("quantization_config", None)
+    cfg.pop("auto_map", None)  # built-in classes only: never remote code
     model_type = cfg.pop("model_type", None)
     if not model_type:
         raise ValueError("config.json has no model_type")
     try:
         conf = transformers.AutoConfig.for_model(model_type, **cfg)
         with torch.device("meta"):
-            model = transformers.AutoModelForCausalLM.from_config(conf)
+            model = transformers.AutoModelForCausalLM.from_config(conf, trust_remote_code=False)
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(
             f"transformers cannot build a causal LM for model_type {model_type!r}: {exc}"

@@ -6,13 +6,13 @@ Model folders are read with :mod:`mergesmith.model` and safetensors output is wr
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergesmith.dtypes import code_of
 from mergesmith.errors import MergeError
+from mergesmith.model import model_file, read_json_file, regular_file
 
 if TYPE_CHECKING:
     from mergesmith.bitnet.convert import HfPlan, LayerStat, TensorSource
@@ -21,16 +21,18 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", "
 """Files of the input folder that are not copied to the output (weights and their indexes)."""
 
 
-def extra_files(folder: Path) -> list[Path]:
-    """Files to copy beside the converted weights: tokenizer, generation config, README..."""
-    return [
-        p
+def extra_files(folder: Path, ref: str) -> list[Path]:
+    """Files to copy beside the converted weights: tokenizer, generation config, README... Each is checked
+    to lie inside the model folder (a symlink out is refused); Python files (remote code that the
+    output's config no longer names) are not copied."""
+    names = [
+        p.name
         for p in sorted(folder.iterdir())
-        if p.is_file()
-        and p.name != "config.json"
-        and not p.name.endswith(WEIGHT_SUFFIXES)
+        if p.name != "config.json"
+        and not p.name.endswith((*WEIGHT_SUFFIXES, ".py"))
         and not p.name.endswith(".index.json")
     ]
+    return [f for f in (model_file(folder, n, ref) for n in names) if regular_file(f)]
 
 
 def dir_size(path: Path) -> int:
@@ -38,9 +40,11 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def read_json(path: Path) -> Any:
-    """Parse a JSON file, or None when it does not exist."""
-    return json.loads(path.read_text()) if path.is_file() else None
+def read_json(folder: Path, name: str, ref: str) -> Any:
+    """Parse JSON file ``name`` of a model folder (checked to lie inside it), or None when it does not
+    exist; an unreadable or malformed file is a one-line error."""
+    path = model_file(folder, name, ref)
+    return read_json_file(path, f"model {ref!r}: {name}") if regular_file(path) else None
 
 
 def write_gguf_stream(

@@ -168,10 +168,10 @@ def reference_model(
     ``ternaries`` swapped for :class:`TernaryLinear` (mergesmith's own W1.58A8 forward)."""
     import transformers
 
-    cfg = {k: v for k, v in config.items() if k != "quantization_config"}
+    cfg = {k: v for k, v in config.items() if k not in ("quantization_config", "auto_map")}
     model_type = cfg.pop("model_type")
     conf = transformers.AutoConfig.for_model(model_type, **cfg)
-    model = transformers.AutoModelForCausalLM.from_config(conf)
+    model = transformers.AutoModelForCausalLM.from_config(conf, trust_remote_code=False)
     model.load_state_dict(dict(state_dict), strict=False)
     model.eval()
     return swap_in_ternary(model, ternaries)
@@ -211,11 +211,11 @@ def load_reference_model(path: str | Path) -> nn.Module:
     src = ModelSource.open(str(path))
     if not isinstance(src, BitnetModelSource):
         raise MergeError(f"{path}: not a packed BitNet checkpoint (no offline quant_method bitnet)")
-    cfg = dict(src.config)
+    cfg = {k: v for k, v in src.config.items() if k != "auto_map"}  # built-in classes only
     conf = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     try:
         with _parameters_on_meta():
-            model = transformers.AutoModelForCausalLM.from_config(conf)
+            model = transformers.AutoModelForCausalLM.from_config(conf, trust_remote_code=False)
         for module in src.packed_modules():
             bias = src.read(f"{module}.bias") if f"{module}.bias" in src.tensors else None
             rows = src.tensors[f"{module}.weight"].shape[0]

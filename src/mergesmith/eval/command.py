@@ -21,7 +21,8 @@ if TYPE_CHECKING:  # the modules below import transformers: only when the comman
 
 HELP = "score models: exact-match accuracy on tasks files, perplexity on text files"
 DESCRIPTION = """\
-Score one or more causal LM folders (as written by save_pretrained) on the CPU.
+Score one or more causal LMs on the CPU: folders written by save_pretrained or by mergesmith (BitNet
+outputs included), org/name from the Hugging Face cache, or MODEL+ADAPTER (a PEFT LoRA adapter applied).
 
 --tasks FILE.jsonl  lines of {"prompt": ..., "answer": ...}; the score is the share of prompts whose
                     greedy continuation (up to end-of-sequence or newline, whitespace stripped)
@@ -46,7 +47,9 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "eval", help=HELP, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("models", nargs="+", metavar="MODEL", help="model folder(s) to score")
+    parser.add_argument(
+        "models", nargs="+", metavar="MODEL", help="model(s) to score: folders, org/name, or MODEL+ADAPTER"
+    )
     parser.add_argument(
         "--tasks", action="append", default=[], metavar="FILE.jsonl", help="tasks file (repeatable)"
     )
@@ -162,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     _check_positive("--limit", args.limit)
     if not args.tasks and not args.ppl:
         raise MergeError("nothing to evaluate; give --tasks FILE.jsonl and/or --ppl FILE.txt")
-    from mergesmith.eval.loading import check_model_folder
+    from mergesmith.eval.loading import check_model
     from mergesmith.eval.ppl import TextSet, load_text
     from mergesmith.eval.tasks import load_tasks, unique_names
 
@@ -171,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     if len({t.name for t in texts}) < len(texts):
         texts = [TextSet(str(t.path), t.path, t.lines) for t in texts]
     for name in args.models:
-        check_model_folder(name)
+        check_model(name)
     results = evaluate_models(
         args.models,
         tasks,

@@ -1,62 +1,58 @@
 """Load a causal LM and its tokenizer for evaluation, turning every expected failure into a MergeError.
 
 Evaluation runs on the CPU in float32: merged models are judged on what they compute, not on what a
-lower precision rounds away.
+lower precision rounds away. Packed BitNet checkpoints run in their own dtype (their layers unpack to
+it). Loading follows :mod:`mergesmith.hf_load`: no remote code, no pickles, files inside the folder.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-from transformers.utils import logging as hf_logging
+from transformers import PreTrainedModel
 
+from mergesmith import hf_load
 from mergesmith.errors import MergeError
+from mergesmith.model import ModelSource, parse_model_ref
+from mergesmith.sources import open_source
 
 ModelLike = str | Path | PreTrainedModel
 
 
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Hide transformers' own loading bars and warnings: eval shows one progress bar, its own."""
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    level = hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if was_enabled:
-            hf_logging.enable_progress_bar()
+def check_model_folder(ref: str | Path) -> ModelSource:
+    """Fail early, before any model is loaded, when a reference cannot be scored: opens it as every
+    command does (a folder, ``org/name`` from the Hugging Face cache, or ``model+adapter``), with the
+    checks of :mod:`mergesmith.hf_load` (files inside the folder, safetensors only, valid headers)."""
+    from mergesmith.lora.source import LoraModelSource, split_lora_ref
 
-
-def check_model_folder(path: str | Path) -> Path:
-    """Fail early, before any model is loaded, when a folder cannot be a saved model."""
-    folder = Path(path)
-    if not folder.is_dir():
+    text = str(ref)
+    model, _ = split_lora_ref(text) if "+" in text else (text, None)
+    folder = Path(parse_model_ref(model)[0]).expanduser()
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") != 1
+    if not folder.exists() and looks_local:
         raise MergeError(f"model folder {folder} does not exist; pass a folder written by save_pretrained")
-    if not (folder / "config.json").is_file():
-        raise MergeError(
-            f"model folder {folder} has no config.json; pass a folder written by save_pretrained"
-        )
-    return folder
+    if folder.exists() and not folder.is_dir():
+        raise MergeError(f"model {model!r} is a file; pass a folder written by save_pretrained")
+    source = open_source(text)
+    hf_load.checked_source(source.base if isinstance(source, LoraModelSource) else source)
+    return source
+
+
+def check_model(ref: str | Path) -> None:
+    """Everything that can be checked before the first model loads: the reference, its files and
+    weights' headers (:func:`check_model_folder`), and its tokenizer (cheap to load)."""
+    from mergesmith.lora.source import LoraModelSource
+
+    source = check_model_folder(ref)
+    source.close()
+    load_tokenizer(source.base.path if isinstance(source, LoraModelSource) else source.path)
 
 
 def load_tokenizer(source: str | Path) -> Any:
     """The tokenizer of ``source``, set up for batched generation: left padding and a pad token."""
-    try:
-        with _quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(str(source))
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MergeError(
-            f"cannot load a tokenizer from {source} ({first}); save one next to the model"
-        ) from None
+    tokenizer = hf_load.load_tokenizer(Path(source), str(source), "; save one next to the model")
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
@@ -66,7 +62,13 @@ def load_tokenizer(source: str | Path) -> Any:
 
 
 def load_model(model_or_path: ModelLike, tokenizer: Any = None) -> tuple[PreTrainedModel, Any]:
-    """Return ``(model, tokenizer)`` in eval mode; a model object is used as is, a path is loaded."""
+    """Return ``(model, tokenizer)`` in eval mode; a model object is used as is, a reference is loaded.
+
+    Float checkpoints are scored in float32 (merged models are judged on what they compute, not on what
+    a lower precision rounds away); a packed BitNet checkpoint in the dtype it computes in.
+    """
+    from mergesmith.lora.source import LoraModelSource
+
     if isinstance(model_or_path, PreTrainedModel):
         model = model_or_path
         if tokenizer is None:
@@ -75,15 +77,12 @@ def load_model(model_or_path: ModelLike, tokenizer: Any = None) -> tuple[PreTrai
                 raise MergeError("an in-memory model needs tokenizer=...; it has no folder to load one from")
             tokenizer = load_tokenizer(source)
     else:
-        folder = check_model_folder(model_or_path)
-        try:
-            with _quiet_transformers():
-                model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-        except (OSError, ValueError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise MergeError(f"cannot load a causal LM from {folder} ({first})") from None
+        source = check_model_folder(model_or_path)
+        base = source.base if isinstance(source, LoraModelSource) else source
+        model = hf_load.load_causal_lm(source, torch.float32, "for evaluation")
+        source.close()
         if tokenizer is None:
-            tokenizer = load_tokenizer(folder)
+            tokenizer = load_tokenizer(base.path)
     if tokenizer.pad_token_id is None or tokenizer.padding_side != "left":
         tokenizer.padding_side = "left"
         if tokenizer.pad_token_id is None:

@@ -7,15 +7,22 @@ never ignored: a silently wrong merge is worse than none.
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import regex
+
 from mergesmith.errors import MergeError
-from mergesmith.model import TensorInfo, read_safetensors_header
+from mergesmith.model import (
+    TensorInfo,
+    model_file,
+    pickle_hint,
+    read_json_file,
+    read_safetensors_header,
+    regular_file,
+)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -38,13 +45,54 @@ UNSUPPORTED = {
 }
 
 
+#: An adapter's patterns come from a file we do not trust: a pattern that backtracks for longer than this
+#: on one module name is refused rather than left to run for hours.
+PATTERN_TIMEOUT_S = 1.0
+
+
+def _pattern_regex(key: str) -> str:
+    return rf"(.*\.)?({key})$"
+
+
 def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """PEFT's rule for ``rank_pattern``/``alpha_pattern``: the first key that, as a regular expression,
     matches the end of the module name at a dot boundary."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        try:
+            hit = regex.match(_pattern_regex(key), module, timeout=PATTERN_TIMEOUT_S)
+        except TimeoutError:
+            raise MergeError(
+                f"LoRA pattern {key!r} takes more than {PATTERN_TIMEOUT_S:g} s to match module {module!r}; "
+                "simplify it in adapter_config.json"
+            ) from None
+        if hit:
             return value
     return default
+
+
+def _check_patterns(ref: str, name: str, patterns: Any, cast: type) -> dict[str, Any]:
+    """``rank_pattern``/``alpha_pattern`` as a dict of compilable regexes to positive numbers."""
+    if patterns is None:
+        return {}
+    if not isinstance(patterns, dict):
+        raise MergeError(f"LoRA adapter {ref!r}: {ADAPTER_CONFIG} {name} is not a mapping of patterns")
+    out: dict[str, Any] = {}
+    for key, value in patterns.items():
+        try:
+            regex.compile(_pattern_regex(key))
+        except (regex.error, RecursionError, OverflowError) as exc:
+            raise MergeError(
+                f"LoRA adapter {ref!r}: {ADAPTER_CONFIG} {name} key {key!r} is not a valid regular expression "
+                f"({exc})"
+            ) from None
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or value <= 0 or (cast is int and value != int(value)):
+            kind = "a positive integer" if cast is int else "a positive number"
+            raise MergeError(
+                f"LoRA adapter {ref!r}: {ADAPTER_CONFIG} {name}[{key!r}] is {value!r}, not {kind}"
+            )
+        out[key] = cast(value)
+    return out
 
 
 @dataclass(frozen=True)
@@ -93,25 +141,20 @@ class Adapter:
     def open(cls, ref: str, path: Path) -> Adapter:
         config = _read_config(ref, path)
         settings = _settings(ref, config)
-        weights = path / ADAPTER_WEIGHTS
-        if not weights.is_file():
-            pickled = (path / "adapter_model.bin").is_file()
-            hint = " (only adapter_model.bin found: convert it to safetensors first)" if pickled else ""
-            raise MergeError(f"LoRA adapter {ref!r}: no {ADAPTER_WEIGHTS} in {path}{hint}")
-        factors, full = _split_keys(ref, read_safetensors_header(weights))
+        weights = model_file(path, ADAPTER_WEIGHTS, ref, "LoRA adapter")
+        if not regular_file(weights):
+            raise MergeError(f"LoRA adapter {ref!r}: no {ADAPTER_WEIGHTS} in {path}{pickle_hint(path)}")
+        factors, full = _split_keys(ref, read_safetensors_header(weights, ref, "LoRA adapter"))
         for f in factors.values():
             _check_rank(ref, f, settings)
         return cls(ref, path, settings, factors, full, config)
 
 
 def _read_config(ref: str, path: Path) -> dict[str, Any]:
-    cfg_path = path / ADAPTER_CONFIG
-    if not cfg_path.is_file():
+    cfg_path = model_file(path, ADAPTER_CONFIG, ref, "LoRA adapter")
+    if not regular_file(cfg_path):
         raise MergeError(f"LoRA adapter {ref!r}: no {ADAPTER_CONFIG} in {path}; is it a PEFT adapter folder?")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MergeError(f"LoRA adapter {ref!r}: {ADAPTER_CONFIG} is not valid JSON ({exc})") from None
+    config = read_json_file(cfg_path, f"LoRA adapter {ref!r}: {ADAPTER_CONFIG}")
     if not isinstance(config, dict):
         raise MergeError(f"LoRA adapter {ref!r}: {ADAPTER_CONFIG} is not a JSON object")
     kind = config.get("peft_type", "LORA")
@@ -128,16 +171,21 @@ def _read_config(ref: str, path: Path) -> dict[str, Any]:
 
 
 def _settings(ref: str, config: dict[str, Any]) -> LoraSettings:
+    r, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
+    if not (isinstance(r, int) and not isinstance(r, bool) and r >= 1):
+        raise MergeError(f"LoRA adapter {ref!r}: {ADAPTER_CONFIG} 'r' is {r!r}, not a positive integer")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+        raise MergeError(f"LoRA adapter {ref!r}: {ADAPTER_CONFIG} 'lora_alpha' is {alpha!r}, not a number")
     try:
         return LoraSettings(
             r=int(config["r"]),
             alpha=float(config.get("lora_alpha", config["r"])),
             use_rslora=bool(config.get("use_rslora", False)),
             fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
-            rank_pattern=dict(config.get("rank_pattern") or {}),
-            alpha_pattern=dict(config.get("alpha_pattern") or {}),
+            rank_pattern=_check_patterns(ref, "rank_pattern", config.get("rank_pattern"), int),
+            alpha_pattern=_check_patterns(ref, "alpha_pattern", config.get("alpha_pattern"), float),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise MergeError(
             f"LoRA adapter {ref!r}: {ADAPTER_CONFIG} has no usable 'r'/'lora_alpha' ({exc})"
         ) from None

@@ -329,6 +329,11 @@ def _extract_one(
     compute = torch.float64 if model.tensors[t.tensor].dtype == torch.float64 else torch.float32
     delta = model.read(t.tensor).to(device, compute)
     delta -= base.read(t.tensor).to(device, compute)
+    if not bool(torch.isfinite(delta).all()):  # the SVD would fail with a LAPACK error or return NaN
+        raise MergeError(
+            f"tensor {t.tensor!r}: the models' difference holds NaN or Inf (a non-finite weight in "
+            f"{model.ref!r} or {base.ref!r}); a LoRA cannot be extracted from it"
+        )
     if t.kind != "linear":
         delta = delta.T
     b, a = factorise(delta, t.rank)

@@ -42,10 +42,11 @@ def _module_kinds(config_json: str) -> dict[str, ModuleKind] | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            fields = {k: v for k, v in config.items() if k != "model_type"}
+            # built-in classes only: auto_map (remote code) is dropped, and never trusted
+            fields = {k: v for k, v in config.items() if k not in ("model_type", "auto_map")}
             cfg = transformers.AutoConfig.for_model(model_type, **fields)
             with torch.device("meta"):
-                model = transformers.AutoModelForCausalLM.from_config(cfg)
+                model = transformers.AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
     except Exception:  # any architecture transformers cannot build here: fall back to heuristics
         return None
     finally:

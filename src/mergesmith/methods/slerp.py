@@ -21,7 +21,12 @@ def slerp_coefficients(t: float, dot: float, norm0: float, norm1: float) -> tupl
     If |cos(Omega)| > 0.9995 the vectors are (anti)parallel and plain interpolation is used:
     (1 - t, t). Otherwise c0 = sin((1 - t) Omega) / sin(Omega), c1 = sin(t Omega) / sin(Omega),
     applied to the original (unnormalised) tensors.
+
+    Inputs holding NaN or Inf make the statistics non-finite; the coefficients are then NaN, so the
+    output is too and the executor reports the tensor by name (as for every other method).
     """
+    if not all(math.isfinite(x) for x in (dot, norm0, norm1)):
+        return math.nan, math.nan
     n0 = norm0 if norm0 > EPS else 1.0
     n1 = norm1 if norm1 > EPS else 1.0
     cos = dot / (n0 * n1)

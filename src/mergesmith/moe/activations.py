@@ -25,7 +25,10 @@ from typing import Any
 
 import torch
 
+from mergesmith import hf_load
 from mergesmith.errors import MergeError
+from mergesmith.hf_load import load_causal_lm
+from mergesmith.model import ModelSource
 
 
 @dataclass(frozen=True)
@@ -63,18 +66,19 @@ class BaseRunner:
     device: str = "cpu"
 
     @classmethod
-    def load(cls, path: Path, ref: str, batch_size: int = 16, device: str = "cpu") -> BaseRunner:
-        """The base model (in its checkpoint's dtype) and its tokenizer."""
-        from transformers import AutoModelForCausalLM
-
+    def load(
+        cls,
+        path: Path,
+        ref: str,
+        batch_size: int = 16,
+        device: str = "cpu",
+        source: ModelSource | None = None,
+    ) -> BaseRunner:
+        """The base model (in its checkpoint's dtype) and its tokenizer, loaded under the project's one
+        policy for untrusted folders (:mod:`mergesmith.hf_load`: no remote code, no pickles). ``source``
+        (the opened base, e.g. ``model+adapter`` with its adapter applied) is loaded when given."""
         tokenizer = load_tokenizer(path, ref)
-        with _quiet_transformers():
-            try:
-                model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto")
-            except (OSError, ValueError, KeyError) as exc:
-                raise MergeError(
-                    f"base model {ref!r}: transformers cannot load it for the prompt pass ({_first_line(exc)})"
-                ) from None
+        model = load_causal_lm(source or ModelSource(ref, path), "auto", "for the prompt pass")
         model.to(device).eval()
         return cls(model, tokenizer, batch_size, device)
 
@@ -116,6 +120,7 @@ class BaseRunner:
         ids = self.tokenize(prompts)
         if any(len(x) == 0 for x in ids):
             raise MergeError("a prompt tokenises to no tokens at all; remove it")
+        self._check_lengths(prompts, ids)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         last: list[torch.Tensor | None] = [None] * len(ids)
         mean: list[torch.Tensor | None] = [None] * len(ids)
@@ -129,6 +134,20 @@ class BaseRunner:
             layer_mean=torch.stack(mean),  # type: ignore[arg-type]
             router_tokens=tuple(routed) if router_inputs else None,  # type: ignore[arg-type]
         )
+
+    def _check_lengths(self, prompts: Sequence[str], ids: list[list[int]]) -> None:
+        """Refuse a prompt longer than the base model's context: transformers would run it anyway, for
+        minutes, past the positions the model was trained on (and the states would mean nothing)."""
+        context = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        if not isinstance(context, int) or context <= 0:
+            return
+        for prompt, x in zip(prompts, ids):
+            if len(x) > context:
+                start = prompt[:40] + ("..." if len(prompt) > 40 else "")
+                raise MergeError(
+                    f"a prompt has {len(x)} tokens, more than the base model's context of {context} "
+                    f"(max_position_embeddings): {start!r}; shorten it"
+                )
 
     def _run_batch(self, batch: list[list[int]], router_inputs: bool):
         width = max(len(x) for x in batch)
@@ -187,34 +206,12 @@ class BaseRunner:
         return mlps
 
 
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """No loading bars or warnings from transformers while the base model loads."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def load_tokenizer(path: Path, ref: str) -> Any:
-    from transformers import AutoTokenizer
-
-    with _quiet_transformers():
-        try:
-            return AutoTokenizer.from_pretrained(str(path))
-        except (OSError, ValueError, TypeError) as exc:
-            raise MergeError(
-                f"base model {ref!r}: cannot load its tokenizer ({_first_line(exc)}); prompt-based gate "
-                "modes tokenise the prompts with it (or use gate_mode: random)"
-            ) from None
+    hint = "; prompt-based gate modes tokenise the prompts with it (or use gate_mode: random)"
+    try:
+        return hf_load.load_tokenizer(path, ref, hint)
+    except MergeError as exc:
+        raise MergeError(f"base {exc}") from None
 
 
 def _capture(store: list[torch.Tensor]):
@@ -227,8 +224,3 @@ def _capture(store: list[torch.Tensor]):
         store.append(x.detach())
 
     return hook
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

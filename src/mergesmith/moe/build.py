@@ -35,7 +35,7 @@ from mergesmith.moe.config import MoEConfig, load_moe_config
 from mergesmith.moe.dense import DenseLayout
 from mergesmith.moe.families import Family, choose_family, expected_tensors, transformers_config
 from mergesmith.moe.gates import LayerReport, Routers, build_routers
-from mergesmith.plan import dtype_name, parse_dtype
+from mergesmith.plan import drop_remote_code, dtype_name, parse_dtype
 from mergesmith.rng import derive_seed
 from mergesmith.sizes import human_size, parse_size
 from mergesmith.sources import open_source
@@ -186,6 +186,9 @@ def _plan(
             experts[0].ref,
         )
     family = choose_family(base_layout.model_type, cfg.architecture, shared is not None)
+    remote = drop_remote_code(dict(base.config), base.ref)  # families drop auto_map: say so
+    if remote:
+        log.warning("%s", remote)
     if len(experts) & (len(experts) - 1) and family.model_type == "mixtral":
         log.info(
             "%d experts is not a power of two; some runtimes (llama.cpp) prefer powers of two", len(experts)
@@ -379,7 +382,9 @@ def _runner(plan: MoEPlan, batch_size: int, device: str) -> Callable[[], BaseRun
     def load() -> BaseRunner:
         if plan.config.mode == "cheap_embed":
             return BaseRunner.tokenizer_only(plan.base.path, plan.base.ref)
-        return BaseRunner.load(plan.base.path, plan.base.ref, batch_size=batch_size, device=device)
+        return BaseRunner.load(
+            plan.base.path, plan.base.ref, batch_size=batch_size, device=device, source=plan.base
+        )
 
     return load
 
@@ -514,8 +519,8 @@ def _write_metadata(
     plan: MoEPlan, folder: Path, text: str, copy_tokenizer: bool, card: bool, name: str
 ) -> None:
     plan.hf_config.to_json_file(folder / "config.json", use_diff=True)
-    gen = plan.base.path / "generation_config.json"
-    if gen.is_file():
+    gen = plan.base.optional_file("generation_config.json")  # checked to lie inside the model folder
+    if gen is not None:
         copy_files([gen], folder)
     if copy_tokenizer:
         copy_files(plan.base.tokenizer_files(), folder)

@@ -195,5 +195,5 @@ def expected_tensors(config: Any) -> dict[str, tuple[int, ...]]:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
