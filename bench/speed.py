@@ -250,7 +250,8 @@ def main() -> int:
     }
     # what any run pays before its first tensor: the interpreter and the imports (torch is most of it)
     startup = statistics.median(
-        run_measured([sys.executable, "-c", "import mergesmith.api, mergesmith.execute"])[0] for _ in range(3)
+        run_measured([sys.executable, "-c", "import mergesmith.pipeline.api, mergesmith.pipeline.execute"])[0]
+        for _ in range(3)
     )
     print(f"I/O floor: {floors[2]:.2f} s (2 inputs), {floors[3]:.2f} s (3 inputs); start-up {startup:.2f} s")
     rows = []

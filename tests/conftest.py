@@ -94,7 +94,7 @@ def model_factory():
 def fixed_baseline(monkeypatch) -> int:
     """Pin the process's measured baseline memory to a constant, so that a --memory-limit of
     ``fixed_baseline + N`` means N bytes of tensor data in flight; returns the constant."""
-    from mergesmith.execute import BASELINE_RSS
+    from mergesmith.pipeline.execute import BASELINE_RSS
 
-    monkeypatch.setattr("mergesmith.api.baseline_rss", lambda backend=None: BASELINE_RSS)
+    monkeypatch.setattr("mergesmith.pipeline.api.baseline_rss", lambda backend=None: BASELINE_RSS)
     return BASELINE_RSS

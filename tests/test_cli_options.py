@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 import mergesmith
-from mergesmith.api import exec_options
 from mergesmith.cli import main
-from mergesmith.cliargs import check_workers, positive_int
-from mergesmith.devices import check_device
-from mergesmith.errors import MergeError
+from mergesmith.core.cliargs import check_workers, positive_int
+from mergesmith.core.devices import check_device
+from mergesmith.core.errors import MergeError
+from mergesmith.pipeline.api import exec_options
 
 
 def _configs(tmp_path: Path, trio) -> dict[str, Path]:

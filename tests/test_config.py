@@ -1,7 +1,7 @@
 import pytest
 
-from mergesmith.config import load_config
-from mergesmith.errors import ConfigError
+from mergesmith.core.errors import ConfigError
+from mergesmith.pipeline.config import load_config
 
 GOOD = """
 merge_method: ties

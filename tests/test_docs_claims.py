@@ -11,8 +11,8 @@ from safetensors import safe_open
 
 import mergesmith
 from mergesmith.cli import main
-from mergesmith.config import config_json_schema
 from mergesmith.methods import methods
+from mergesmith.pipeline.config import config_json_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save
 
-from mergesmith.errors import MergeError
-from mergesmith.model import read_safetensors_header, read_tensor
+from mergesmith.core.errors import MergeError
+from mergesmith.core.model import read_safetensors_header, read_tensor
 
 TENSORS = {
     "a": torch.arange(6, dtype=torch.float32).reshape(2, 3),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mergesmith.sizes import parse_size
+from mergesmith.core.sizes import parse_size
 
 # Runs the merge as its only child, so that RUSAGE_CHILDREN's peak is that merge's and no other test's.
 _WRAPPER = """

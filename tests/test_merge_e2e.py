@@ -12,8 +12,8 @@ import yaml
 from safetensors.torch import load_file
 
 import mergesmith
-from mergesmith.execute import BASELINE_RSS
 from mergesmith.methods import merge_tensors
+from mergesmith.pipeline.execute import BASELINE_RSS
 
 TINY_LIMIT = BASELINE_RSS + 8192  # a few KiB in flight: every matrix is processed in row chunks
 

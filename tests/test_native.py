@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergesmith.api import merge
-from mergesmith.errors import MergeError
-from mergesmith.kernels import dare_norms, dare_rows, row_abs_sums
+from mergesmith.core.errors import MergeError
+from mergesmith.core.loops import dare_norms, dare_rows, row_abs_sums
+from mergesmith.core.rng import RandomStream
 from mergesmith.methods.stats import RowL1
-from mergesmith.native.convert import from_float32, to_float32
-from mergesmith.rng import RandomStream
+from mergesmith.pipeline.api import merge
+from mergesmith.pipeline.backends.convert import from_float32, to_float32
 
 CONFIGS = {
     "linear": "merge_method: linear\nmodels:\n  - model: {b}\n    parameters: {{weight: 0.4}}\n"

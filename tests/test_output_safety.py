@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mergesmith
-from mergesmith import write
 from mergesmith.cli import main
-from mergesmith.errors import MergeError
+from mergesmith.core import write
+from mergesmith.core.errors import MergeError
 
 SRC = str(Path(mergesmith.__file__).parents[1])
 
@@ -169,7 +169,7 @@ def test_kill_at_any_phase_leaves_old_or_new_and_the_rerun_cleans_up(
     mergesmith.merge(passthrough(base), out, quiet=True)
     killed = run_py(
         KILL
-        + "from mergesmith import write\n"
+        + "from mergesmith.core import write\n"
         + PHASES[phase]
         + f"\nimport mergesmith\nmergesmith.merge({linear(ft1, ft2)!r}, {str(out)!r}, quiet=True, overwrite=True)\n"
     )
@@ -197,7 +197,7 @@ def test_kill_of_a_first_write_leaves_no_out_and_the_partial_is_removed(llama_tr
     out = tmp_path / "out"
     killed = run_py(
         KILL
-        + "from mergesmith import write\nwrite.ShardedWriter.write = die\nimport mergesmith\n"
+        + "from mergesmith.core import write\nwrite.ShardedWriter.write = die\nimport mergesmith\n"
         + f"mergesmith.merge({passthrough(llama_trio[0])!r}, {str(out)!r}, quiet=True)\n"
     )
     assert killed.returncode == -9 and not out.exists()
@@ -424,9 +424,9 @@ def inject(monkeypatch, phase: str) -> None:
     elif phase == "index":
         monkeypatch.setattr(write, "write_json", _fail_on(write.INDEX_NAME, write.write_json))
     elif phase == "config":
-        monkeypatch.setattr("mergesmith.api.write_json", _fail_on("config.json", write.write_json))
+        monkeypatch.setattr("mergesmith.pipeline.api.write_json", _fail_on("config.json", write.write_json))
     elif phase == "tokenizer":
-        monkeypatch.setattr("mergesmith.api.copy_files", _enospc)
+        monkeypatch.setattr("mergesmith.pipeline.api.copy_files", _enospc)
     elif phase == "card":
         real = Path.write_text
         monkeypatch.setattr(
@@ -467,7 +467,7 @@ def test_other_refusals_of_the_file_system_are_one_line(llama_trio, tmp_path, mo
     def refuse(*_a, **_k):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr("mergesmith.api.copy_files", refuse)
+    monkeypatch.setattr("mergesmith.pipeline.api.copy_files", refuse)
     with pytest.raises(MergeError) as info:
         mergesmith.merge(passthrough(llama_trio[0]), tmp_path / "out", quiet=True)
     words = {errno.EDQUOT: "quota", errno.EROFS: "read-only", errno.EACCES: "permission denied"}
@@ -583,7 +583,7 @@ def test_card_quotes_a_hostile_chat_template_and_publishes_no_path(llama_trio, t
 
 
 def test_card_front_matter_lists_only_hub_ids(tmp_path, monkeypatch):
-    from mergesmith.card import code, display_name, front_matter, public_text
+    from mergesmith.pipeline.card import code, display_name, front_matter, public_text
 
     local = tmp_path / "models" / "my-ft"
     local.mkdir(parents=True)
@@ -630,7 +630,7 @@ def test_other_commands_close_their_files_and_leave_nothing_on_a_full_disk(
 
 
 def test_a_failed_run_removes_the_parent_folders_it_created(llama_trio, tmp_path, monkeypatch):
-    monkeypatch.setattr("mergesmith.api.copy_files", _enospc)
+    monkeypatch.setattr("mergesmith.pipeline.api.copy_files", _enospc)
     with pytest.raises(MergeError, match="disk full"):
         mergesmith.merge(passthrough(llama_trio[0]), tmp_path / "a" / "b" / "out", quiet=True)
     assert list(tmp_path.iterdir()) == []
@@ -639,8 +639,8 @@ def test_a_failed_run_removes_the_parent_folders_it_created(llama_trio, tmp_path
 def test_every_paper_in_the_methods_doc_is_linked_from_the_card():
     import re
 
-    from mergesmith.card import PAPERS
     from mergesmith.methods import get_method
+    from mergesmith.pipeline.card import PAPERS
 
     doc = (Path(__file__).parents[1] / "docs" / "methods.md").read_text()
     cited = {}

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import mergesmith
-from mergesmith.chat_templates import BUILTIN
+from mergesmith.pipeline.chat_templates import BUILTIN
 
 
 def linear_cfg(*models, **extra):

@@ -1,9 +1,9 @@
 import pytest
 
-from mergesmith.config import FilterEntry
-from mergesmith.errors import ConfigError
+from mergesmith.core.errors import ConfigError
 from mergesmith.methods import REQUIRED, ParamSpec
-from mergesmith.params import interpolate_gradient, layer_position, resolve
+from mergesmith.pipeline.config import FilterEntry
+from mergesmith.pipeline.params import interpolate_gradient, layer_position, resolve
 
 T = ParamSpec("t", per_model=False)
 W = ParamSpec("weight", per_model=True, default=REQUIRED)

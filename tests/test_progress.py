@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from mergesmith.api import make_plan
-from mergesmith.errors import MergeError
-from mergesmith.execute import ExecOptions, Executor
+from mergesmith.core.errors import MergeError
+from mergesmith.pipeline.api import make_plan
+from mergesmith.pipeline.execute import ExecOptions, Executor
 
 
 def _plan(llama_trio):

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mergesmith.rng import RandomStream
+from mergesmith.core.rng import RandomStream
 
 
 @settings(max_examples=30, deadline=None)

@@ -19,11 +19,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import mergesmith
-from mergesmith.api import make_plan
 from mergesmith.cli import main
-from mergesmith.config import parse_config
-from mergesmith.errors import ConfigError, MergeError
+from mergesmith.core.errors import ConfigError, MergeError
 from mergesmith.methods import merge_tensors
+from mergesmith.pipeline.api import make_plan
+from mergesmith.pipeline.config import parse_config
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
@@ -294,7 +294,7 @@ def test_unknown_keys_suggest_the_nearest_known_key(doc, where, suggestion):
 @settings(max_examples=60, deadline=None)
 @given(key=st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12))
 def test_any_unknown_top_level_key_is_one_line_naming_it(key):
-    from mergesmith.config import MergeConfig
+    from mergesmith.pipeline.config import MergeConfig
 
     if key in MergeConfig.model_fields or key in ("modules", "residual_weight"):
         return

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mergesmith.cli import main
-from mergesmith.config import load_config
-from mergesmith.plan import build_plan
-from mergesmith.sizes import human_size, size_change
+from mergesmith.core.sizes import human_size, size_change
+from mergesmith.pipeline.config import load_config
+from mergesmith.pipeline.plan import build_plan
 
 HUMAN = r"\d+(\.\d+)? (B|KiB|MiB|GiB|TiB)"
 

@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 import mergesmith
 from mergesmith.cli import main
-from mergesmith.errors import ConfigError
-from mergesmith.stages import MARKER, load_stages, stage_order
+from mergesmith.core.errors import ConfigError
+from mergesmith.pipeline.stages import MARKER, load_stages, stage_order
 
 
 def write_stages(path: Path, docs: list[dict]) -> Path:
@@ -201,7 +201,7 @@ def test_bad_stage_graphs_are_one_line_errors(case, models, tmp_path, capsys):
 
 
 def _order(cfg: Path) -> None:
-    from mergesmith.stages import final_stage
+    from mergesmith.pipeline.stages import final_stage
 
     stages = load_stages(cfg)
     stage_order(stages)
@@ -233,7 +233,7 @@ def test_foreign_folder_in_the_intermediate_dir_is_not_replaced(models, tmp_path
 
 def test_folder_identity_of_large_files(models, monkeypatch):
     """Above the whole-file threshold a safetensors file counts by size, mtime and header, not its data."""
-    from mergesmith import stages
+    from mergesmith.pipeline import stages
 
     monkeypatch.setattr(stages, "SMALL_FILE", 0)
     folder = models[1]

@@ -2,9 +2,9 @@
 
 __version__ = "0.1.0"
 
-from mergesmith.errors import ConfigError, MergeError  # noqa: E402
+from mergesmith.core.errors import ConfigError, MergeError  # noqa: E402
 
-__all__ = ["ConfigError", "MergeError", "__version__", "merge"]
+__all__ = ["ConfigError", "MergeError", "__version__", "make_plan", "merge"]
 
 
 def merge(config, out_dir, **options):
@@ -12,6 +12,14 @@ def merge(config, out_dir, **options):
 
     Options are those of ``mergesmith merge`` (``overwrite``, ``force``, ``random_seed``, ``out_shard_size``, ...).
     """
-    from mergesmith.api import merge as _merge
+    from mergesmith.pipeline.api import merge as _merge
 
     return _merge(config, out_dir, **options)
+
+
+def make_plan(config, **options):
+    """The merge plan of ``config`` (every output tensor, its inputs, method and parameters), checked but
+    not run; what ``mergesmith plan`` prints. Options: ``allow_crimes``, ``strict``."""
+    from mergesmith.pipeline.api import make_plan as _make_plan
+
+    return _make_plan(config, **options)

@@ -13,11 +13,11 @@ import os
 import sys
 from typing import NoReturn
 
-from mergesmith.errors import MergeError
+from mergesmith.core.errors import MergeError
 
 # Modules that expose ``register(subparsers)``; order is the order shown in --help.
 COMMAND_MODULES = [
-    "mergesmith.commands.merge",
+    "mergesmith.pipeline.command",
     "mergesmith.eval.command",
     "mergesmith.lora.command",
     "mergesmith.bitnet.command",

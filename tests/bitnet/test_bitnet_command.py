@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mergesmith.bitnet import command
-from mergesmith.errors import MergeError
+from mergesmith.core.errors import MergeError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -176,7 +176,7 @@ def test_streamed_export_equals_in_memory_export(saved, tmp_path):
     from safetensors.torch import load_file
 
     from mergesmith.bitnet.convert import export_hf
-    from mergesmith.model import ModelSource
+    from mergesmith.core.model import ModelSource
 
     reference = export_hf(ModelSource.open(str(saved)))
     one, many = tmp_path / "one", tmp_path / "many"

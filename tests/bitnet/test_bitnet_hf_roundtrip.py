@@ -27,7 +27,7 @@ from mergesmith.bitnet.io import write_hf_stream
 from mergesmith.bitnet.quant import TensorSelector, ternarize_tensor
 from mergesmith.bitnet.reference import reference_model
 from mergesmith.bitnet.source import BitnetModelSource
-from mergesmith.model import ModelSource
+from mergesmith.core.model import ModelSource
 
 CLASSES = {"autobitlinear": AutoBitLinear, "bitlinear": BitLinear}
 

@@ -18,9 +18,9 @@ from mergesmith.bitnet.hf import gamma_from_weight_scale
 from mergesmith.bitnet.pack import pack_ternary, unpack_ternary
 from mergesmith.bitnet.quant import ternarize
 from mergesmith.bitnet.source import BitnetModelSource
-from mergesmith.errors import MergeError
-from mergesmith.execute import BASELINE_RSS
-from mergesmith.model import ModelSource
+from mergesmith.core.errors import MergeError
+from mergesmith.core.model import ModelSource
+from mergesmith.pipeline.execute import BASELINE_RSS
 
 TINY_LIMIT = BASELINE_RSS + 8192  # a few KiB in flight: every matrix is merged in row chunks
 
@@ -211,7 +211,7 @@ def test_bitnet_command_reads_model_plus_lora(llama_trio, tmp_path):
 def test_lora_on_a_packed_base_reads_like_lora_on_its_float_twin(trio, tmp_path):
     """`packed+adapter`: the LoRA delta is added to gamma * W~ as it is read."""
     peft = pytest.importorskip("peft")
-    from mergesmith.sources import open_source
+    from mergesmith.core.sources import open_source
 
     _, packed, floating, _ = trio
     torch.manual_seed(1)

@@ -13,8 +13,8 @@ from mergesmith.bitnet.hf import export_config
 from mergesmith.bitnet.pack import chunk_spans, pack_ternary
 from mergesmith.bitnet.quant import ternarize
 from mergesmith.bitnet.source import BitnetModelSource, PackedTensorInfo
-from mergesmith.errors import MergeError
-from mergesmith.model import ModelSource
+from mergesmith.core.errors import MergeError
+from mergesmith.core.model import ModelSource
 
 
 def _packed_folder(tmp_path, tiny, linear_class, dtype=torch.float32, bias=False):

@@ -56,7 +56,7 @@ def test_eval_reads_bitnet_outputs(dtype, tiny_llama, tmp_path, text, run_cli, m
 
 
 def test_eval_reads_merge_bitnet_outputs(tiny_llama_factory, tmp_path, text, run_cli, monkeypatch, eager):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["mergesmith.eval.command", "mergesmith.commands.merge"])
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["mergesmith.eval.command", "mergesmith.pipeline.command"])
     a = in_dtype(tiny_llama_factory(tmp_path / "a", seed=1), tmp_path / "a16", torch.bfloat16)
     b = in_dtype(tiny_llama_factory(tmp_path / "b", seed=2), tmp_path / "b16", torch.bfloat16)
     cfg = tmp_path / "cfg.yml"
@@ -76,7 +76,7 @@ def test_eval_reads_merge_bitnet_outputs(tiny_llama_factory, tmp_path, text, run
 def test_eval_of_model_plus_adapter_equals_eval_of_the_merged_folder(
     tiny_llama, tmp_path, text, run_cli, monkeypatch
 ):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["mergesmith.eval.command", "mergesmith.commands.merge"])
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["mergesmith.eval.command", "mergesmith.pipeline.command"])
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     module = "base_model.model.model.layers.0.mlp.down_proj"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from mergesmith.errors import MergeError
+from mergesmith.core.errors import MergeError
 from mergesmith.eval import perplexity
 from mergesmith.eval.ppl import load_text
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from mergesmith.errors import MergeError
+from mergesmith.core.errors import MergeError
 from mergesmith.eval import evaluate_tasks, load_tasks
 from mergesmith.eval.loading import load_model
 from mergesmith.eval.tasks import (

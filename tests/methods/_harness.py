@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
+from mergesmith.core.rng import RandomStream
 from mergesmith.methods import Chunk, fill_defaults, get_method, merge_tensors
-from mergesmith.rng import RandomStream
 
 
 def run_chunked(

@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mergesmith.api import merge
-from mergesmith.config import load_config
-from mergesmith.errors import ConfigError, MergeError
+from mergesmith.core.errors import ConfigError, MergeError
 from mergesmith.methods import BaseRule, get_method, merge_tensors
-from mergesmith.plan import build_plan
+from mergesmith.pipeline.api import merge
+from mergesmith.pipeline.config import load_config
+from mergesmith.pipeline.plan import build_plan
 
 
 def _plan(config: dict):

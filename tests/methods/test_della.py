@@ -6,7 +6,7 @@ import pytest
 import torch
 from _harness import assert_chunk_invariant
 
-from mergesmith.errors import MergeError
+from mergesmith.core.errors import MergeError
 from mergesmith.methods import merge_tensors
 
 

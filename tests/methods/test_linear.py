@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mergesmith.errors import MergeError
+from mergesmith.core.errors import MergeError
 from mergesmith.methods import merge_tensors
 
 

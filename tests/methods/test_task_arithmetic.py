@@ -3,8 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mergesmith.core.rng import RandomStream
 from mergesmith.methods import Chunk, get_method, merge_tensors
-from mergesmith.rng import RandomStream
 
 BASE = torch.tensor([1.0, 1.0, 1.0, 1.0])
 FT1 = torch.tensor([2.0, 0.0, 1.5, 1.0])  # delta [ 1, -1, 0.5, 0]

@@ -10,7 +10,7 @@ from moe_helpers import expert_config, load, logits
 from safetensors.torch import load_file
 
 from mergesmith.cli import main
-from mergesmith.errors import MergeError
+from mergesmith.core.errors import MergeError
 from mergesmith.moe import build_moe
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mergesmith.cli import main
-from mergesmith.errors import ConfigError
+from mergesmith.core.errors import ConfigError
 from mergesmith.moe.config import load_moe_config
 
 

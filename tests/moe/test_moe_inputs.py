@@ -9,7 +9,7 @@ import time
 import pytest
 from moe_helpers import expert_config
 
-from mergesmith.errors import MergeError
+from mergesmith.core.errors import MergeError
 from mergesmith.moe import build_moe
 
 

@@ -3,11 +3,11 @@
 Importing this module is cheap (no torch): ``mergesmith --help`` builds every sub-command's parser.
 The engine (torch, transformers, gguf) is imported inside the handler.
 
-The model is read tensor by tensor (:func:`mergesmith.sources.open_source`: a folder or hub id, a packed
+The model is read tensor by tensor (:func:`mergesmith.core.sources.open_source`: a folder or hub id, a packed
 BitNet checkpoint seen as float weights, or ``model+adapter`` with a LoRA adapter applied as it is read), and each converted tensor is written as soon as it exists: safetensors shards
-laid out up front (:class:`mergesmith.write.ShardedWriter`), or a GGUF file whose header is written
+laid out up front (:class:`mergesmith.core.write.ShardedWriter`), or a GGUF file whose header is written
 from the plan before the first tensor. Everything goes to a temporary folder that becomes OUT_DIR
-only when complete (:class:`mergesmith.write.OutputFolder`).
+only when complete (:class:`mergesmith.core.write.OutputFolder`).
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from mergesmith.bitnet.constants import DEFAULT_INCLUDE, DEFAULT_LINEAR_CLASS, LINEAR_CLASSES, QTYPES
-from mergesmith.defaults import DEFAULT_SHARD_SIZE
-from mergesmith.errors import MergeError
+from mergesmith.core.defaults import DEFAULT_SHARD_SIZE
+from mergesmith.core.errors import MergeError
 
 if TYPE_CHECKING:
     from mergesmith.bitnet.convert import LayerStat, TensorSource
     from mergesmith.bitnet.quant import TensorSelector
-    from mergesmith.model import ModelSource
+    from mergesmith.core.model import ModelSource
 
 DESCRIPTION = """\
 Turn a model into BitNet b1.58 form: the linear layers of the decoder blocks become ternary
@@ -163,7 +163,7 @@ def _heal_ids(args: argparse.Namespace, model_path: Path, err: TextIO) -> Any:
     """Token ids of ``--heal-data`` (tokenised with the model's tokenizer), or None."""
     import torch
 
-    from mergesmith.hf_load import load_tokenizer, quiet_transformers
+    from mergesmith.core.hf_load import load_tokenizer, quiet_transformers
 
     if not args.heal_data:
         print("mergesmith: note: --heal without --heal-data distils on random token ids", file=err)
@@ -189,7 +189,7 @@ def _heal_source(
     from mergesmith.bitnet import heal
     from mergesmith.bitnet.convert import DictSource
     from mergesmith.bitnet.source import BitnetModelSource
-    from mergesmith.hf_load import load_causal_lm
+    from mergesmith.core.hf_load import load_causal_lm
 
     if args.heal < 1:
         raise MergeError("--heal needs a positive number of steps")
@@ -254,8 +254,8 @@ def _write_hf(
     tensor written at its offset as soon as it exists."""
     from mergesmith.bitnet.convert import plan_hf_export
     from mergesmith.bitnet.io import extra_files, write_hf_stream
-    from mergesmith.sizes import parse_size
-    from mergesmith.write import copy_files, write_json
+    from mergesmith.core.sizes import parse_size
+    from mergesmith.core.write import copy_files, write_json
 
     shard_bytes = parse_size(args.out_shard_size)
     if shard_bytes <= 0:
@@ -333,7 +333,7 @@ def _gguf_summary(qtype: str, plan: Any, counts: dict[str, int], file_type: Any)
 def _gguf_file(target: Path, overwrite: bool) -> Iterator[Path]:
     """A temporary file beside ``target`` that replaces it (``os.replace``, after fsync) when the
     block ends without an error, and is removed otherwise. The caller holds ``target``'s output lock
-    and has checked it against the inputs (:func:`mergesmith.write.check_relations`)."""
+    and has checked it against the inputs (:func:`mergesmith.core.write.check_relations`)."""
     if target.is_dir():
         raise MergeError(f"OUT {target} is a folder; a path ending in .gguf names the file to write")
     if target.exists() and not overwrite:
@@ -367,7 +367,7 @@ def _warn_about_input(
 ) -> None:
     """Warnings about MODEL before the export: float weights that are not ternary yet, and remote code
     that the output does not carry."""
-    from mergesmith.plan import drop_remote_code
+    from mergesmith.pipeline.plan import drop_remote_code
 
     if not args.heal:
         warn_if_float(source, selector, args.model, err)
@@ -379,9 +379,9 @@ def _warn_about_input(
 def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Run the command; returns 0. Expected failures raise MergeError."""
     from mergesmith.bitnet.io import dir_size
-    from mergesmith.sizes import size_change
-    from mergesmith.sources import open_source
-    from mergesmith.write import OutputFolder, check_relations, input_paths, output_lock
+    from mergesmith.core.sizes import size_change
+    from mergesmith.core.sources import open_source
+    from mergesmith.core.write import OutputFolder, check_relations, input_paths, output_lock
 
     out = out or sys.stdout
     err = err or sys.stderr

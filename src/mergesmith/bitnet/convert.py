@@ -1,7 +1,7 @@
 """Tensor-by-tensor drivers: plan an export from tensor headers, then convert one tensor at a time.
 
 A *source* is anything with ``config`` (dict), ``tensors`` (name -> entry with ``dtype`` and
-``shape``) and ``read(name)``: :class:`mergesmith.model.ModelSource` (a folder on disk, read tensor
+``shape``) and ``read(name)``: :class:`mergesmith.core.model.ModelSource` (a folder on disk, read tensor
 by tensor), :class:`mergesmith.bitnet.source.BitnetModelSource` (a packed transformers BitNet
 checkpoint seen as float weights ``gamma * W~``, which ``ModelSource.open`` returns for such a
 folder), or :class:`DictSource` (an in-memory state dict: tests and ``--heal``).
@@ -23,8 +23,8 @@ from mergesmith.bitnet.hf import export_config, export_linear, linear_module_nam
 from mergesmith.bitnet.pack import packed_rows
 from mergesmith.bitnet.quant import TensorSelector, Ternary, as_ternary, ternarize_tensor
 from mergesmith.bitnet.source import PackedTensorInfo
-from mergesmith.errors import MergeError
-from mergesmith.write import TensorSpec
+from mergesmith.core.errors import MergeError
+from mergesmith.core.write import TensorSpec
 
 
 class TensorEntry(Protocol):

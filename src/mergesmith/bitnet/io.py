@@ -1,7 +1,7 @@
 """The BitNet exporter's own file helpers: what to copy beside the weights, and the GGUF file writer.
 
-Model folders are read with :mod:`mergesmith.model` and safetensors output is written with
-:mod:`mergesmith.write` (sharded, into an atomic temporary folder), like every other mergesmith output.
+Model folders are read with :mod:`mergesmith.core.model` and safetensors output is written with
+:mod:`mergesmith.core.write` (sharded, into an atomic temporary folder), like every other mergesmith output.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mergesmith.dtypes import code_of
-from mergesmith.errors import MergeError
-from mergesmith.model import model_file, read_json_file, regular_file
+from mergesmith.core.dtypes import code_of
+from mergesmith.core.errors import MergeError
+from mergesmith.core.model import model_file, read_json_file, regular_file
 
 if TYPE_CHECKING:
     from mergesmith.bitnet.convert import HfPlan, LayerStat, TensorSource
@@ -96,7 +96,7 @@ def write_hf_stream(folder: Path, source: TensorSource, plan: HfPlan, shard_byte
     laid out from ``plan.specs`` and each converted tensor is written at its offset as soon as it
     exists (one input tensor in memory at a time). Returns the ternarised layers' statistics."""
     from mergesmith.bitnet.convert import iter_hf_tensors
-    from mergesmith.write import ShardedWriter
+    from mergesmith.core.write import ShardedWriter
 
     specs = {s.name: s for s in plan.specs}
     stats: list[LayerStat] = []

@@ -34,10 +34,10 @@ from mergesmith.bitnet.convert import ternary_of
 from mergesmith.bitnet.hf import export_config, linear_module_names, plan_hf, weight_scale_tensor
 from mergesmith.bitnet.pack import pack_rows_into, pack_ternary, packed_rows
 from mergesmith.bitnet.quant import TensorSelector, TernaryScan
-from mergesmith.errors import MergeError
-from mergesmith.execute import row_elems
-from mergesmith.plan import MergePlan, OutputTensor
-from mergesmith.write import ShardedWriter, TensorSpec
+from mergesmith.core.errors import MergeError
+from mergesmith.core.write import ShardedWriter, TensorSpec
+from mergesmith.pipeline.execute import row_elems
+from mergesmith.pipeline.plan import MergePlan, OutputTensor
 
 
 @dataclass
@@ -95,7 +95,7 @@ class TernaryOutput:
 
 
 class TernaryHook:
-    """:class:`mergesmith.execute.OutputHook` for the BitNet output (see the module docstring).
+    """:class:`mergesmith.pipeline.execute.OutputHook` for the BitNet output (see the module docstring).
 
     Thread-safe: chunks of one tensor come from one worker; a bias and its weight may come from two,
     in either order, so an autobitlinear bias waits (a 1-D tensor, held in memory) for its scale.

@@ -24,7 +24,7 @@ from torch import nn
 
 from mergesmith.bitnet.pack import VALUES_PER_BYTE, pack_ternary, unpack_chunk
 from mergesmith.bitnet.quant import Ternary
-from mergesmith.errors import MergeError
+from mergesmith.core.errors import MergeError
 
 ACT_EPS = 1e-5
 QMIN, QMAX = -128, 127
@@ -206,7 +206,7 @@ def load_reference_model(path: str | Path) -> nn.Module:
     import transformers
 
     from mergesmith.bitnet.source import BitnetModelSource
-    from mergesmith.model import ModelSource
+    from mergesmith.core.model import ModelSource
 
     src = ModelSource.open(str(path))
     if not isinstance(src, BitnetModelSource):

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 
 from mergesmith.bitnet.pack import VALUES_PER_BYTE, chunk_spans, packed_rows, unpack_chunk
-from mergesmith.errors import MergeError
-from mergesmith.model import ModelSource, TensorInfo, read_tensor
+from mergesmith.core.errors import MergeError
+from mergesmith.core.model import ModelSource, TensorInfo, read_tensor
 
 SCALE_SUFFIX = ".weight_scale"
 
@@ -56,7 +56,7 @@ class PackedTensorInfo(TensorInfo):
 
 
 class BitnetModelSource(ModelSource):
-    """A packed BitNet checkpoint as a float :class:`~mergesmith.model.ModelSource` (see the module).
+    """A packed BitNet checkpoint as a float :class:`~mergesmith.core.model.ModelSource` (see the module).
 
     ``out_features`` maps a module name to its true row count, for packed weights whose row count is
     not ``4 * R`` (transformers itself only writes and loads ``4 * R`` rows, the default).

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mergesmith.errors import MergeError
+from mergesmith.core.errors import MergeError
 
 if TYPE_CHECKING:  # the modules below import transformers: only when the command runs
     from mergesmith.eval.ppl import TextSet

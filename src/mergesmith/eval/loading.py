@@ -2,7 +2,7 @@
 
 Evaluation runs on the CPU in float32: merged models are judged on what they compute, not on what a
 lower precision rounds away. Packed BitNet checkpoints run in their own dtype (their layers unpack to
-it). Loading follows :mod:`mergesmith.hf_load`: no remote code, no pickles, files inside the folder.
+it). Loading follows :mod:`mergesmith.core.hf_load`: no remote code, no pickles, files inside the folder.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from mergesmith import hf_load
-from mergesmith.errors import MergeError
-from mergesmith.model import ModelSource, parse_model_ref
-from mergesmith.sources import open_source
+from mergesmith.core import hf_load
+from mergesmith.core.errors import MergeError
+from mergesmith.core.model import ModelSource, parse_model_ref
+from mergesmith.core.sources import open_source
 
 ModelLike = str | Path | PreTrainedModel
 
@@ -24,7 +24,7 @@ ModelLike = str | Path | PreTrainedModel
 def check_model_folder(ref: str | Path) -> ModelSource:
     """Fail early, before any model is loaded, when a reference cannot be scored: opens it as every
     command does (a folder, ``org/name`` from the Hugging Face cache, or ``model+adapter``), with the
-    checks of :mod:`mergesmith.hf_load` (files inside the folder, safetensors only, valid headers)."""
+    checks of :mod:`mergesmith.core.hf_load` (files inside the folder, safetensors only, valid headers)."""
     from mergesmith.lora.source import LoraModelSource, split_lora_ref
 
     text = str(ref)

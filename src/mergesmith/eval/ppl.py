@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mergesmith.errors import MergeError
+from mergesmith.core.errors import MergeError
 from mergesmith.eval.loading import ModelLike, load_model
 
 

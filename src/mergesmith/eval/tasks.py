@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from mergesmith.errors import MergeError
+from mergesmith.core.errors import MergeError
 from mergesmith.eval.loading import ModelLike, load_model
 
 #: Names of split files that say little on their own: ``add/test.jsonl`` is called ``add/test``.

@@ -14,8 +14,8 @@ from typing import Any
 
 import regex
 
-from mergesmith.errors import MergeError
-from mergesmith.model import (
+from mergesmith.core.errors import MergeError
+from mergesmith.core.model import (
     TensorInfo,
     model_file,
     pickle_hint,

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from mergesmith.arch import tie_word_embeddings
-from mergesmith.errors import ConfigError, MergeError
+from mergesmith.core.arch import tie_word_embeddings
+from mergesmith.core.errors import ConfigError, MergeError
+from mergesmith.core.model import ModelSource, TensorInfo, read_tensor, resolve_model_dir
 from mergesmith.lora.adapter import Adapter, LoraFactors
 from mergesmith.lora.modules import ModuleKind, module_kinds
-from mergesmith.model import ModelSource, TensorInfo, read_tensor, resolve_model_dir
 
 
 def split_lora_ref(ref: str) -> tuple[str, str | None]:

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from mergesmith._torch import torch
-from mergesmith.errors import MergeError
-from mergesmith.rng import RandomStream
+from mergesmith.core._torch import torch
+from mergesmith.core.errors import MergeError
+from mergesmith.core.rng import RandomStream
 
 
 class _Required:

@@ -17,7 +17,7 @@ configured dtype (mergekit returns float32 whatever ``dtype`` says).
 
 from __future__ import annotations
 
-from mergesmith._torch import torch
+from mergesmith.core._torch import torch
 from mergesmith.methods import BaseRule, Chunk, Kernel, Method, register
 from mergesmith.methods.sparsify import OrderStatistics
 

@@ -4,7 +4,7 @@ Kernels of methods that the native backend runs (``Method.native``) do their ele
 these helpers, which take torch tensors or float32 numpy arrays. Each step is one IEEE operation per
 element in the same order on either backend, so both give the same bits: ``axpy`` is a fused
 multiply-add (one rounding) on both, as torch's ``add_(alpha=)`` is; numpy has none, so numpy arrays go
-through a compiled loop (mergesmith.kernels).
+through a compiled loop (mergesmith.core.loops).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from mergesmith import kernels
-from mergesmith._torch import torch
+from mergesmith.core import loops
+from mergesmith.core._torch import torch
 
 Array = Any  # a torch.Tensor or a numpy float32 array
 
@@ -47,7 +47,7 @@ def host_numpy(x: Array) -> np.ndarray | None:
 
 
 def host_stored(x: Array) -> np.ndarray | None:
-    """A flat numpy view of CPU data as the compiled loops read it (mergesmith.kernels): bfloat16 as its
+    """A flat numpy view of CPU data as the compiled loops read it (mergesmith.core.loops): bfloat16 as its
     uint16 bits, float32 as is; None for other dtypes and for data on a device. In the native backend a
     uint16 array *is* bfloat16 (merged tensors are floats)."""
     if isinstance(x, np.ndarray):
@@ -67,7 +67,7 @@ def as_compute(x: Array, dtype: Any) -> Array:
     if isinstance(x, np.ndarray):
         if x.dtype == np.uint16:
             out = np.empty(x.shape, dtype=np.float32)
-            kernels.widen(x.reshape(-1), out.reshape(-1))
+            loops.widen(x.reshape(-1), out.reshape(-1))
             return out
         return x if x.dtype == np.float32 else x.astype(np.float32)
     return x.to(dtype)
@@ -103,7 +103,7 @@ def sub(x: Array, y: Array) -> Array:
 def axpy(x: Array, a: float, y: Array) -> Array:
     """x += a * y with one rounding (a fused multiply-add), in place."""
     if is_numpy(x):
-        kernels.fma_into(np.ascontiguousarray(y, dtype=np.float32).reshape(-1), np.float32(a), x.reshape(-1))
+        loops.fma_into(np.ascontiguousarray(y, dtype=np.float32).reshape(-1), np.float32(a), x.reshape(-1))
         return x
     return x.add_(y, alpha=a)
 

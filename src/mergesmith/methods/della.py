@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from mergesmith._torch import torch
-from mergesmith.errors import MergeError
+from mergesmith.core._torch import torch
+from mergesmith.core.errors import MergeError
 from mergesmith.methods import NON_NEGATIVE, BaseRule, Chunk, Method, ParamSpec, register
 from mergesmith.methods.sparsify import rank_keep_probability
 from mergesmith.methods.task_arithmetic import TaskArithmeticKernel, _params

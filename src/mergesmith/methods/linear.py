@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from mergesmith import kernels
-from mergesmith._torch import torch
-from mergesmith.errors import MergeError
+from mergesmith.core import loops
+from mergesmith.core._torch import torch
+from mergesmith.core.errors import MergeError
 from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, arrays, register
 
 
@@ -21,7 +21,7 @@ class LinearKernel(Kernel):
         if all(x is not None and x.dtype == stored[0].dtype for x in stored):
             # CPU data: one compiled pass over all inputs, the same steps as below
             self._check_total(weights)
-            return arrays.like(kernels.linear(stored, weights, self.p["normalize"], sum(weights)), first)
+            return arrays.like(loops.linear(stored, weights, self.p["normalize"], sum(weights)), first)
         out = arrays.mul(arrays.as_compute(first, chunk.dtype), weights[0])
         scratch = None
         for w, t in zip(weights[1:], chunk.models[1:]):

@@ -14,8 +14,8 @@ mean; mergekit has no weights here. t is not clamped (as in the paper and mergek
 
 from __future__ import annotations
 
-from mergesmith._torch import torch
-from mergesmith.errors import MergeError
+from mergesmith.core._torch import torch
+from mergesmith.core.errors import MergeError
 from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, register
 from mergesmith.methods.stats import GramAccumulator, row_gram, unit_gram
 

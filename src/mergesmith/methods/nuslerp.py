@@ -17,7 +17,7 @@ mergekit (no paper); SLERP itself is Shoemake (1985).
 
 from __future__ import annotations
 
-from mergesmith._torch import torch
+from mergesmith.core._torch import torch
 from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, register
 from mergesmith.methods.stats import SUM_BLOCK
 

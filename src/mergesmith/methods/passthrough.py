@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mergesmith._torch import torch
+from mergesmith.core._torch import torch
 from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, register
 
 

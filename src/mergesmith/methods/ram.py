@@ -13,7 +13,7 @@ updates is not implemented.)
 
 from __future__ import annotations
 
-from mergesmith._torch import torch
+from mergesmith.core._torch import torch
 from mergesmith.methods import NON_NEGATIVE, BaseRule, Chunk, Kernel, Method, ParamSpec, register
 
 

@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 
-from mergesmith import kernels
-from mergesmith._torch import torch
+from mergesmith.core import loops
+from mergesmith.core._torch import torch
 from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, arrays, register
 
 DOT_THRESHOLD = 0.9995
@@ -57,7 +57,7 @@ class SlerpKernel(Kernel):
         stored = [arrays.host_stored(x) for x in (chunk.base, chunk.models[0])]
         if all(x is not None for x in stored) and stored[0].dtype == stored[1].dtype:
             out = np.empty((n_rows, 3))
-            kernels.row_products(stored[0], stored[1], row_len, out)
+            loops.row_products(stored[0], stored[1], row_len, out)
             self.rows.append(out)
             return
         v0 = arrays.as_compute(chunk.base, chunk.dtype).reshape(n_rows, -1)
@@ -79,7 +79,7 @@ class SlerpKernel(Kernel):
         stored = [arrays.host_stored(x) for x in (chunk.base, chunk.models[0])]
         if all(x is not None for x in stored) and stored[0].dtype == stored[1].dtype:
             out = np.empty(stored[0].shape, dtype=np.float32)
-            kernels.interpolate(stored[0], stored[1], np.float32(c0), np.float32(c1), out)
+            loops.interpolate(stored[0], stored[1], np.float32(c0), np.float32(c1), out)
             return arrays.like(out, chunk.base)
         base = arrays.as_compute(chunk.base, chunk.dtype)
         other = arrays.as_compute(chunk.models[0], chunk.dtype)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 from numba import njit
 
-from mergesmith._torch import torch
+from mergesmith.core._torch import torch
 from mergesmith.methods import arrays
 
 HI_BINS = 1 << 15  # non-negative float32: sign bit 0, so the top 16 bits fit in 15 bits

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 
-from mergesmith._torch import torch
-from mergesmith.errors import MergeError
+from mergesmith.core._torch import torch
+from mergesmith.core.errors import MergeError
 from mergesmith.methods import (
     NON_NEGATIVE,
     POSITIVE,

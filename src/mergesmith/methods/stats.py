@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mergesmith._torch import torch
-from mergesmith.kernels import row_abs_sums
+from mergesmith.core._torch import torch
+from mergesmith.core.loops import row_abs_sums
 from mergesmith.methods import arrays
 
 SUM_BLOCK = 1 << 20  # elements per block of a float64 reduction, to bound scratch memory

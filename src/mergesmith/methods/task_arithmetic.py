@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from mergesmith import kernels
-from mergesmith._torch import torch
+from mergesmith.core import loops
+from mergesmith.core._torch import torch
+from mergesmith.core.rng import threshold_of
 from mergesmith.methods import FRACTION, BaseRule, Chunk, Kernel, Method, ParamSpec, arrays, register
 from mergesmith.methods.arrays import mask_in_place
 from mergesmith.methods.sparsify import TopKThreshold, keep_count
 from mergesmith.methods.stats import RowL1
-from mergesmith.rng import threshold_of
 
 RESCALE_EPS = 1e-7
 
@@ -122,7 +122,7 @@ class TaskArithmeticKernel(Kernel):
 
     def _host(self, chunk: Chunk, measure: bool):
         """Plain task arithmetic and DARE on CPU data, in compiled passes over the stored inputs
-        (mergesmith.kernels); None where the step-by-step route below must run. ``measure``: gather
+        (mergesmith.core.loops); None where the step-by-step route below must run. ``measure``: gather
         DARE's L1 norms here (a whole tensor; chunks had a statistics pass)."""
         stored = _stored_inputs(chunk)
         if stored is None:
@@ -132,7 +132,7 @@ class TaskArithmeticKernel(Kernel):
         if self.sparsify == "none" and not self.consensus:
             total = float(sum(weights))
             divide = total if self.p["normalize"] and abs(total) >= 1e-8 else None
-            out = kernels.task_arithmetic(base, models, weights, divide, lam)
+            out = loops.task_arithmetic(base, models, weights, divide, lam)
         elif self.sparsify == "random" and self.constant_density:
             deltas = []
             for i, model in enumerate(models):
@@ -143,7 +143,7 @@ class TaskArithmeticKernel(Kernel):
                     self.l1_kept[i].add_rows(kept)
                 deltas.append(delta)
             scales = [self._scale(i) for i in range(len(models))]
-            out = kernels.combine(deltas, weights, self.consensus, self.p["normalize"], lam, base, scales)
+            out = loops.combine(deltas, weights, self.consensus, self.p["normalize"], lam, base, scales)
         else:
             return None
         return arrays.like(out, chunk.base)
@@ -157,9 +157,9 @@ class TaskArithmeticKernel(Kernel):
         args = (row_len, np.uint64(chunk.start), rng.k0, rng.k1)
         threshold = np.uint64(threshold_of(self.p["density"][i]))  # density >= 1: 2**32, all kept
         if out is None:
-            kernels.dare_norms(model, base, *args, threshold, full, kept)
+            loops.dare_norms(model, base, *args, threshold, full, kept)
         else:
-            kernels.dare_rows(model, base, *args, threshold, out, full, kept)
+            loops.dare_rows(model, base, *args, threshold, out, full, kept)
         return full, kept
 
     def _host_norms(self, chunk: Chunk) -> bool:
@@ -204,9 +204,7 @@ class TaskArithmeticKernel(Kernel):
         hosted = [arrays.host_numpy(d) for d in deltas]
         base = arrays.host_stored(chunk.base)
         if base is not None and all(h is not None and h.dtype == np.float32 for h in hosted):
-            out = kernels.combine(
-                hosted, weights, self.consensus, self.p["normalize"], self.p["lambda"], base
-            )
+            out = loops.combine(hosted, weights, self.consensus, self.p["normalize"], self.p["lambda"], base)
             return arrays.like(out, chunk.base)
         for w, d in zip(weights, deltas):
             if w != 1.0:
@@ -244,7 +242,7 @@ def _delta_copy(model, base):
     stored, flat_base = arrays.host_stored(model), arrays.host_stored(base)
     if stored is not None and flat_base is not None and flat_base.dtype == np.float32:
         out = np.empty(flat_base.shape, dtype=np.float32)
-        kernels.difference(stored, flat_base, out)  # converted as read: one pass
+        loops.difference(stored, flat_base, out)  # converted as read: one pass
         return arrays.like(out, base)
     if arrays.is_numpy(model):
         return np.subtract(arrays.as_compute(model, base.dtype), base)

@@ -17,7 +17,7 @@ tuning). Needs each whole matrix (not chunked), and an SVD per task per matrix.
 
 from __future__ import annotations
 
-from mergesmith._torch import torch
+from mergesmith.core._torch import torch
 from mergesmith.methods import BaseRule, Chunk, Domain, Kernel, Method, ParamSpec, register
 
 

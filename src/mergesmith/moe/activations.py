@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from mergesmith import hf_load
-from mergesmith.errors import MergeError
-from mergesmith.hf_load import load_causal_lm
-from mergesmith.model import ModelSource
+from mergesmith.core import hf_load
+from mergesmith.core.errors import MergeError
+from mergesmith.core.hf_load import load_causal_lm
+from mergesmith.core.model import ModelSource
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class BaseRunner:
         source: ModelSource | None = None,
     ) -> BaseRunner:
         """The base model (in its checkpoint's dtype) and its tokenizer, loaded under the project's one
-        policy for untrusted folders (:mod:`mergesmith.hf_load`: no remote code, no pickles). ``source``
+        policy for untrusted folders (:mod:`mergesmith.core.hf_load`: no remote code, no pickles). ``source``
         (the opened base, e.g. ``model+adapter`` with its adapter applied) is loaded when given."""
         tokenizer = load_tokenizer(path, ref)
         model = load_causal_lm(source or ModelSource(ref, path), "auto", "for the prompt pass")

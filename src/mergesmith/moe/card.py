@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mergesmith.card import code, config_section, display_name, front_matter, model_line, title
+from mergesmith.pipeline.card import code, config_section, display_name, front_matter, model_line, title
 
 if TYPE_CHECKING:
     from mergesmith.moe.build import MoEPlan

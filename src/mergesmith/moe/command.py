@@ -6,8 +6,8 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from mergesmith.cliargs import positive_int
-from mergesmith.defaults import DEFAULT_SHARD_SIZE
+from mergesmith.core.cliargs import positive_int
+from mergesmith.core.defaults import DEFAULT_SHARD_SIZE
 
 if TYPE_CHECKING:  # the builder pulls in torch; `mergesmith --help` should not
     from mergesmith.moe.gates import LayerReport

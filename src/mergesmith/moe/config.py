@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mergesmith.config import _format_validation_error, load_yaml_documents
-from mergesmith.errors import ConfigError
+from mergesmith.core.errors import ConfigError
+from mergesmith.pipeline.config import _format_validation_error, load_yaml_documents
 
 GateMode = Literal[
     "hidden",

@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from mergesmith.arch import layer_count_key
-from mergesmith.errors import MergeError
-from mergesmith.model import ModelSource
+from mergesmith.core.arch import layer_count_key
+from mergesmith.core.errors import MergeError
+from mergesmith.core.model import ModelSource
 
 MLP_RE = re.compile(r"^(?P<prefix>.*\.\d+)\.mlp\.(?P<proj>gate|up|down)_proj\.weight$")
 

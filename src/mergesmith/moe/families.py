@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mergesmith.errors import MergeError
+from mergesmith.core.errors import MergeError
 
 PROJECTIONS = ("gate", "up", "down")
 #: config.json keys that describe a dense model's MLP or identity and have no meaning in the MoE config.

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from mergesmith.errors import MergeError
-from mergesmith.model import ModelSource
+from mergesmith.core.errors import MergeError
+from mergesmith.core.model import ModelSource
 from mergesmith.moe.activations import BaseRunner, PromptStates
 from mergesmith.moe.config import Calibration, Expert, MoEConfig
 from mergesmith.moe.router import (

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mergesmith.rng import derive_seed
+from mergesmith.core.rng import derive_seed
 
 #: Two experts whose prompt vectors have a cosine above this in some layer are reported as not separated.
 PARALLEL_COSINE = 0.99

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from mergesmith.errors import MergeError
+from mergesmith.core.errors import MergeError
 
 VALID_DEVICES = "cpu, cuda, cuda:N (N = 0, 1, ...)"
 _CUDA = re.compile(r"cuda(?::(\d+))?")

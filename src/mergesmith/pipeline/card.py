@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from mergesmith.plan import MergePlan
+from mergesmith.pipeline.plan import MergePlan
 
 PAPERS: dict[str, tuple[str, str]] = {
     "linear": (

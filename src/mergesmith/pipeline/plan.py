@@ -13,20 +13,20 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from mergesmith import dtypes
-from mergesmith.arch import (
+from mergesmith.core import dtypes
+from mergesmith.core.arch import (
     Layout,
     get_nested,
     is_embedding,
     set_nested,
     tie_word_embeddings,
 )
-from mergesmith.config import MergeConfig, Parameters
-from mergesmith.errors import ConfigError, MergeError
+from mergesmith.core.errors import ConfigError, MergeError
+from mergesmith.core.model import ModelSource, TensorInfo
+from mergesmith.core.sources import open_source
 from mergesmith.methods import BaseRule, Method, all_parameter_names, get_method
-from mergesmith.model import ModelSource, TensorInfo
-from mergesmith.params import layer_position, resolve
-from mergesmith.sources import open_source
+from mergesmith.pipeline.config import MergeConfig, Parameters
+from mergesmith.pipeline.params import layer_position, resolve
 
 if TYPE_CHECKING:
     import torch

@@ -6,9 +6,9 @@ the rest read safetensors themselves. Every transformers load goes through here,
 * never run a repository's Python code: ``trust_remote_code=False`` is always passed (without it
   transformers asks on stdin, and answering ``y`` runs the files an ``auto_map`` names);
 * never unpickle: ``use_safetensors=True``, and a folder with only ``.bin``/``.pt`` weights is refused with
-  the same one line as in every other command (:func:`mergesmith.model.pickle_hint`);
+  the same one line as in every other command (:func:`mergesmith.core.model.pickle_hint`);
 * only read files inside the model folder: every entry of the folder is checked with
-  :func:`mergesmith.model.model_file` first (transformers opens files we do not know the names of), and
+  :func:`mergesmith.core.model.model_file` first (transformers opens files we do not know the names of), and
   the weights' headers with the strict safetensors parser;
 * fail with one line: whatever a malformed config.json, tokenizer.json or weight file makes transformers
   or tokenizers raise becomes a :class:`MergeError` naming the model.
@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mergesmith.errors import MergeError
-from mergesmith.model import ModelSource, model_file, read_json_file
+from mergesmith.core.errors import MergeError
+from mergesmith.core.model import ModelSource, model_file, read_json_file
 
 #: Passed to every ``from_pretrained`` of the project.
 NO_REMOTE_CODE: dict[str, Any] = {"trust_remote_code": False}

@@ -7,12 +7,12 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from mergesmith.cliargs import positive_int
-from mergesmith.defaults import DEFAULT_SHARD_SIZE, OUT_FORMATS
+from mergesmith.core.cliargs import positive_int
+from mergesmith.core.defaults import DEFAULT_SHARD_SIZE, OUT_FORMATS
 
 if TYPE_CHECKING:
-    from mergesmith.execute import ExecOptions
-    from mergesmith.plan import MergePlan
+    from mergesmith.pipeline.execute import ExecOptions
+    from mergesmith.pipeline.plan import MergePlan
 
 # torch and the engine are imported inside the handlers, so that `--help` stays fast
 
@@ -121,7 +121,7 @@ def register(sub) -> None:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from mergesmith.api import merge
+    from mergesmith.pipeline.api import merge
 
     merge(
         args.config,
@@ -146,9 +146,9 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from mergesmith.api import exec_options, make_plan
-    from mergesmith.config import config_json_schema
-    from mergesmith.stages import is_multi_stage, plan_stages
+    from mergesmith.pipeline.api import exec_options, make_plan
+    from mergesmith.pipeline.config import config_json_schema
+    from mergesmith.pipeline.stages import is_multi_stage, plan_stages
 
     if args.json_schema:
         print(json.dumps(config_json_schema(), indent=2))
@@ -184,17 +184,18 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _print_plan(plan: MergePlan, options: ExecOptions, summary_only: bool) -> None:
     """One line per output tensor (unless ``summary_only``), warnings, and the totals with peak memory."""
-    from mergesmith.execute import choose_backend, estimate_peak
-    from mergesmith.sizes import human_size
+    from mergesmith.core.sizes import human_size
+    from mergesmith.pipeline.backends import choose_backend
+    from mergesmith.pipeline.execute import estimate_peak
 
     if not summary_only:
         for t in plan.tensors:
             print(t.describe())
     for w in plan.warnings:
         print(f"warning: {w}")
-    from mergesmith.api import log_choices, settle
+    from mergesmith.pipeline.api import log_choices, settle
 
-    backend, why = choose_backend(plan, options, transformed_output=False)
+    backend, why = choose_backend(plan, options.backend, options.device, transformed_output=False)
     options = settle(plan, options, backend)
     peak = estimate_peak(plan, options, backend)
     log_choices(plan, options, backend, why)

@@ -17,8 +17,8 @@ import hashlib
 
 import numpy as np
 
-from mergesmith._torch import torch
-from mergesmith.kernels import keep_const, keep_each, mask_const
+from mergesmith.core._torch import torch
+from mergesmith.core.loops import keep_const, keep_each, mask_const
 
 
 def derive_seed(*parts: object) -> int:

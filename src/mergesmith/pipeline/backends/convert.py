@@ -1,5 +1,5 @@
 """Float conversions between storage dtypes and float32 for the native backend. bfloat16 is held as uint16:
-widening is a shift; narrowing rounds to nearest even, as torch does (compiled loops in kernels.py)."""
+widening is a shift; narrowing rounds to nearest even, as torch does (compiled loops in loops.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from mergesmith.kernels import narrow_bf16, widen
+from mergesmith.core.loops import narrow_bf16, widen
 
 
 def to_float32(x: np.ndarray, code: str) -> np.ndarray:

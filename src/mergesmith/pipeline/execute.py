@@ -15,18 +15,19 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Protocol
 
-from mergesmith import dtypes
-from mergesmith._torch import torch
-from mergesmith.errors import MergeError
+from mergesmith.core import dtypes
+from mergesmith.core._torch import torch
+from mergesmith.core.errors import MergeError
+from mergesmith.core.rng import RandomStream
+from mergesmith.core.sizes import human_size
+from mergesmith.core.write import ShardedWriter
 from mergesmith.methods import Chunk, Method, get_method
-from mergesmith.plan import MergePlan, OutputTensor, TensorSource
-from mergesmith.rng import RandomStream
-from mergesmith.sizes import human_size
-from mergesmith.write import ShardedWriter
+from mergesmith.pipeline.backends import Backend, Span
+from mergesmith.pipeline.backends.torch import TorchBackend
+from mergesmith.pipeline.plan import MergePlan, OutputTensor
 
 DEFAULT_BUDGET = 768 * 2**20  # bytes of tensor data in flight when no --memory-limit is given
 BASELINE_RSS = 400 * 2**20  # Python, torch and the rest, when it cannot be measured (measured ~230 MiB)
@@ -143,9 +144,6 @@ def fit_budget(plan: MergePlan, options: ExecOptions) -> ExecOptions:
     return replace(options, workers=workers)
 
 
-Span = tuple[int, int] | None  # rows [r0, r1) of an output tensor, or None for a 0-d tensor
-
-
 class OutputHook(Protocol):
     """Receives every produced chunk instead of the writer, to transform it on its way (the ternary
     output of ``--out-format bitnet``). One tensor's chunks come from one thread, in row order."""
@@ -158,90 +156,6 @@ class OutputHook(Protocol):
     def scan(self, t: OutputTensor, data: torch.Tensor, span: Span) -> None: ...
 
     def write(self, t: OutputTensor, data: torch.Tensor, span: Span) -> None: ...
-
-
-class Backend(Protocol):
-    """Where the maths runs: reads inputs as arrays (which the method's kernel computes on), finishes
-    outputs."""
-
-    def read(self, t: OutputTensor, src: TensorSource, span: Span, raw: bool) -> Any:
-        """One input's rows, in the compute dtype (or its stored float dtype when ``raw``)."""
-        ...
-
-    def read_copy(self, t: OutputTensor, span: Span) -> Any:
-        """The rows of a verbatim copy (``t.copy``), as stored."""
-        ...
-
-    def finish(self, t: OutputTensor, out: Any) -> tuple[Any, bool]:
-        """The output chunk in the output dtype, and whether all its values are finite."""
-        ...
-
-    def chunk_dtype(self, t: OutputTensor) -> Any: ...
-
-    def threads(self) -> AbstractContextManager: ...
-
-
-class TorchBackend:
-    """torch tensors on ``device``; runs every method."""
-
-    def __init__(self, plan: MergePlan, device: str):
-        self.plan = plan
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise MergeError("--device cuda was given but no CUDA GPU is available to torch")
-
-    def read(self, t: OutputTensor, src: TensorSource, span: Span, raw: bool):
-        x = self.plan.models[src.model].read(src.tensor, span)
-        if t.cast_code is not None and x.dtype != t.cast_dtype:
-            x = x.to(t.cast_dtype)
-        if raw and x.is_floating_point() and x.dtype.itemsize <= dtypes.itemsize(t.compute_code):
-            return x.to(self.device)  # the kernel converts as it computes
-        return x.to(self.device, t.compute_dtype)  # read() returned a buffer we own: in-place is safe
-
-    def read_copy(self, t: OutputTensor, span: Span):
-        src = t.inputs[0]
-        return self.plan.models[src.model].read(src.tensor, span)
-
-    def finish(self, t: OutputTensor, out):
-        out = out.to(t.out_dtype)
-        return out, _all_finite(out)
-
-    def chunk_dtype(self, t: OutputTensor):
-        return t.compute_dtype
-
-    @contextmanager
-    def threads(self):
-        threads = torch.get_num_threads()
-        # one torch thread per worker: the workers are the parallelism, and intra-op threads on a busy
-        # machine mostly wait for each other
-        torch.set_num_threads(1 if self.device.type == "cpu" else threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
-
-
-def choose_backend(plan: MergePlan, options: ExecOptions, transformed_output: bool) -> tuple[str, str | None]:
-    """("native" or "torch", why not native when torch). ``--backend native`` on a merge it cannot run
-    is an error."""
-    from mergesmith.native import backend_problem
-
-    if options.backend == "torch":
-        return "torch", "--backend torch"
-    problem = backend_problem(plan, options.device, transformed_output)
-    if problem is None:
-        return "native", None
-    if options.backend == "native":
-        raise MergeError(f"--backend native cannot run this merge: {problem}")
-    return "torch", problem
-
-
-def make_backend(name: str, plan: MergePlan, options: ExecOptions) -> Backend:
-    if name == "native":
-        from mergesmith.native.backend import NativeBackend
-
-        return NativeBackend(plan)
-    return TorchBackend(plan, options.device)
 
 
 class Executor:
@@ -353,13 +267,6 @@ class Executor:
             return
         offset = span[0] * row_elems(t) * dtypes.itemsize(t.out_code) if span else 0
         self.writer.write(t.name, data, offset)
-
-
-def _all_finite(x: torch.Tensor) -> bool:
-    # a sum is NaN or Inf if any element is; only then (or on overflow of the sum) look closer
-    if math.isfinite(float(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))):
-        return True
-    return bool(torch.isfinite(x).all())
 
 
 _allocator_tuned = False

@@ -45,9 +45,9 @@ from typing import Any
 
 import numpy as np
 
-from mergesmith import dtypes
-from mergesmith.errors import MergeError
-from mergesmith.sizes import human_size, parse_size  # noqa: F401  (parse_size re-exported: older imports)
+from mergesmith.core import dtypes
+from mergesmith.core.errors import MergeError
+from mergesmith.core.sizes import human_size, parse_size  # noqa: F401  (parse_size re-exported: older imports)
 
 INDEX_NAME = "model.safetensors.index.json"
 MARKER = ".mergesmith-partial"
@@ -368,7 +368,7 @@ def _remove_created(folders: list[Path]) -> None:
 def input_paths(refs: Iterable[str | Path | None]) -> list[Path]:
     """The local folders that model references (``path``, ``org/name``, ``model+adapter``, ``ref@rev``)
     read from, without downloading anything: a Hub reference stands for the Hugging Face cache."""
-    from mergesmith.model import parse_model_ref
+    from mergesmith.core.model import parse_model_ref
 
     out: list[Path] = []
     for ref in refs:

@@ -14,30 +14,27 @@ import yaml
 from pydantic import BaseModel
 from tqdm import tqdm
 
-from mergesmith.card import model_card
-from mergesmith.chat_templates import resolve_chat_template
-from mergesmith.cliargs import check_workers
-from mergesmith.config import MergeConfig, load_config, load_yaml_documents
-from mergesmith.defaults import DEFAULT_SHARD_SIZE, OUT_FORMATS
-from mergesmith.devices import check_device
-from mergesmith.errors import MergeError
-from mergesmith.execute import (
+from mergesmith.core.cliargs import check_workers
+from mergesmith.core.defaults import DEFAULT_SHARD_SIZE, OUT_FORMATS
+from mergesmith.core.devices import check_device
+from mergesmith.core.errors import MergeError
+from mergesmith.core.sizes import human_size, parse_size
+from mergesmith.core.write import OutputFolder, ShardedWriter, TensorSpec, copy_files, input_paths, write_json
+from mergesmith.pipeline.backends import BACKENDS, Backend, choose_backend, make_backend
+from mergesmith.pipeline.card import model_card
+from mergesmith.pipeline.chat_templates import resolve_chat_template
+from mergesmith.pipeline.config import MergeConfig, load_config, load_yaml_documents
+from mergesmith.pipeline.execute import (
     DEFAULT_BUDGET,
-    Backend,
     ExecOptions,
     Executor,
     OutputHook,
     baseline_rss,
-    choose_backend,
     default_workers,
     estimate_peak,
-    make_backend,
     settle_budget,
 )
-from mergesmith.native import BACKENDS
-from mergesmith.plan import MergePlan, build_plan
-from mergesmith.sizes import human_size, parse_size
-from mergesmith.write import OutputFolder, ShardedWriter, TensorSpec, copy_files, input_paths, write_json
+from mergesmith.pipeline.plan import MergePlan, build_plan
 
 if TYPE_CHECKING:
     from mergesmith.bitnet.merge_output import TernaryOutput
@@ -149,18 +146,18 @@ def merge(
     Nothing is written to ``out_dir`` unless the whole merge succeeds, and only one run writes it at a
     time. ``overwrite`` replaces an existing ``out_dir`` that holds a model (never the current folder, a
     parent of it or an input); ``force`` as well replaces one that does not (see
-    :class:`mergesmith.write.OutputFolder`). A config with several YAML
-    documents (or a list of dicts) is a multi-stage merge (see :mod:`mergesmith.stages`); its intermediate
+    :class:`mergesmith.core.write.OutputFolder`). A config with several YAML
+    documents (or a list of dicts) is a multi-stage merge (see :mod:`mergesmith.pipeline.stages`); its intermediate
     stages go to ``intermediate_dir`` (default ``OUT_DIR.stages`` beside ``out_dir``), which a single merge
     ignores. ``before_commit`` is called with the finished temporary folder just before it is renamed to
     ``out_dir``, to add files that must only exist in a complete output (a stage's marker).
     ``backend``: "auto" (native where it can run the merge, else torch), "native" or "torch" (see
-    :mod:`mergesmith.native`; both give the same bytes). ``out_format="bitnet"`` ternarises the merged linear weights of the decoder layers and writes them
+    :mod:`mergesmith.pipeline.backends.native`; both give the same bytes). ``out_format="bitnet"`` ternarises the merged linear weights of the decoder layers and writes them
     packed, as transformers' ``quant_method: bitnet`` checkpoints hold them (see docs/bitnet.md).
     ``allow_crimes``: merge models of different architectures (see :func:`make_plan`); ``strict``: every
     warning of the plan is an error. Warnings are logged (logger ``mergesmith``) before the merge starts.
     """
-    from mergesmith.stages import is_multi_stage, run_stages
+    from mergesmith.pipeline.stages import is_multi_stage, run_stages
 
     check_device(device)  # before any stage runs: a typo must not cost a finished first stage
     check_workers(workers)
@@ -214,8 +211,10 @@ def merge(
                 time.perf_counter() - t0,
             )
             ternary = _ternary_output(plan) if out_format == "bitnet" else None
-            chosen, why = choose_backend(plan, options, transformed_output=ternary is not None)
-            backend = make_backend(chosen, plan, options)  # imports torch for the torch backend
+            chosen, why = choose_backend(
+                plan, options.backend, options.device, transformed_output=ternary is not None
+            )
+            backend = make_backend(chosen, plan, options.device)  # imports torch for the torch backend
             options = settle(plan, options, chosen)
             log_choices(plan, options, chosen, why)
             specs = (

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mergesmith.errors import ConfigError
+from mergesmith.core.errors import ConfigError
 
 Scalar = bool | int | float | str
 Gradient = list[int | float]
@@ -264,7 +264,7 @@ def load_config(config: str | Path | dict | MergeConfig) -> MergeConfig:
     if len(docs) > 1:
         raise ConfigError(
             f"{label}: has {len(docs)} YAML documents, a multi-stage merge; run it with `mergesmith merge` "
-            "(mergesmith.merge) or plan it with `mergesmith plan` (mergesmith.stages.plan_stages)"
+            "(mergesmith.merge) or plan it with `mergesmith plan` (mergesmith.pipeline.stages.plan_stages)"
         )
     return parse_config(docs[0], label)
 

@@ -36,14 +36,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergesmith.config import MergeConfig, load_yaml_documents, parse_config
-from mergesmith.defaults import DEFAULT_SHARD_SIZE
-from mergesmith.errors import ConfigError, MergeError
-from mergesmith.model import ModelSource, TensorInfo, model_file, regular_file, resolve_model_dir
-from mergesmith.plan import MergePlan, build_plan
-from mergesmith.sizes import parse_size
-from mergesmith.write import MARKER as PARTIAL_MARKER
-from mergesmith.write import check_destination, check_relations, input_paths, output_lock, write_json
+from mergesmith.core.defaults import DEFAULT_SHARD_SIZE
+from mergesmith.core.errors import ConfigError, MergeError
+from mergesmith.core.model import ModelSource, TensorInfo, model_file, regular_file, resolve_model_dir
+from mergesmith.core.sizes import parse_size
+from mergesmith.core.write import MARKER as PARTIAL_MARKER
+from mergesmith.core.write import check_destination, check_relations, input_paths, output_lock, write_json
+from mergesmith.pipeline.config import MergeConfig, load_yaml_documents, parse_config
+from mergesmith.pipeline.plan import MergePlan, build_plan
 
 MARKER = "mergesmith_stage.json"
 MARKER_FORMAT = 1
@@ -265,7 +265,7 @@ def plan_stages(
 ) -> list[StagePlan]:
     """Plan every stage in order, later ones against the planned outputs of earlier ones; nothing is read
     but headers and nothing is written. Close each plan (``plan.close()``) when done. ``allow_crimes`` and
-    ``strict`` apply to every stage (see :func:`mergesmith.plan.build_plan`)."""
+    ``strict`` apply to every stage (see :func:`mergesmith.pipeline.plan.build_plan`)."""
     stages = load_stages(config)
     inter = Path(intermediate_dir or "<intermediate-dir>")
     return _plan_all(stage_order(stages), final_stage(stages), inter, allow_crimes, strict)
@@ -419,11 +419,11 @@ def run_stages(
     """Run a multi-stage file: every stage that is not up to date, in dependency order; returns OUT_DIR.
 
     Intermediate stages go to ``intermediate_dir/<name>`` (default ``OUT_DIR.stages``), the final one to
-    ``out_dir``. ``overwrite`` (and ``force``, see :func:`mergesmith.write.check_destination`) is needed to
+    ``out_dir``. ``overwrite`` (and ``force``, see :func:`mergesmith.core.write.check_destination`) is needed to
     replace an ``out_dir`` that holds something else; stage folders that a previous run wrote (they carry a
     marker) are replaced when stale. ``out_dir`` is locked for the whole run.
     """
-    from mergesmith.api import config_refs
+    from mergesmith.pipeline.api import config_refs
 
     out = Path(out_dir).expanduser().absolute()
     stages = load_stages(config)
@@ -547,7 +547,7 @@ def _run_stage(
 ) -> None:
     """Merge with the marker added inside the temporary folder before it is renamed into place, so a folder
     with a marker is always complete."""
-    from mergesmith.api import merge
+    from mergesmith.pipeline.api import merge
 
     def add_marker(folder: Path) -> None:
         marker = {"format": MARKER_FORMAT, **identity, "files": _written_files(folder)}

@@ -7,7 +7,7 @@ planner and executor only see the common interface.
 
 from __future__ import annotations
 
-from mergesmith.model import ModelSource
+from mergesmith.core.model import ModelSource
 
 
 def open_source(ref: str) -> ModelSource:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mergesmith.errors import MergeError
+from mergesmith.core.errors import MergeError
 
 
 def positive_int(text: str) -> int:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from mergesmith.errors import ConfigError, MergeError
-from mergesmith.model import ModelSource, read_json_file
+from mergesmith.core.errors import ConfigError, MergeError
+from mergesmith.core.model import ModelSource, read_json_file
 
 BUILTIN = {
     "chatml": (

@@ -10,9 +10,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from mergesmith.config import FilterEntry, Parameters
-from mergesmith.errors import ConfigError, MergeError
+from mergesmith.core.errors import ConfigError, MergeError
 from mergesmith.methods import REQUIRED, ParamSpec, check_domain
+from mergesmith.pipeline.config import FilterEntry, Parameters
 
 _MISSING = object()
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mergesmith.errors import MergeError
+from mergesmith.core.errors import MergeError
 
 
 def parse_size(text: str | int) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from mergesmith.errors import MergeError
+from mergesmith.core.errors import MergeError
 
 LAYER_RE = re.compile(r"(?:^|\.)(layers|h|blocks|layer|decoder_layers)\.(\d+)\.")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mergesmith import dtypes
-from mergesmith.errors import MergeError
+from mergesmith.core import dtypes
+from mergesmith.core.errors import MergeError
 
 if TYPE_CHECKING:
     import torch
