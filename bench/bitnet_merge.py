@@ -308,7 +308,7 @@ def packed_codes(folder: Path) -> dict[str, torch.Tensor]:
     """The ternary codes of every packed weight of a BitNet checkpoint."""
     from safetensors.torch import load_file
 
-    from mergesmith.bitnet.pack import unpack_ternary
+    from mergesmith.core.bitnet.pack import unpack_ternary
 
     tensors = load_file(folder / "model.safetensors")
     return {k: unpack_ternary(v) for k, v in tensors.items() if v.dtype == torch.uint8}

@@ -494,7 +494,7 @@ def test_adapter_file_symlinked_out(llama_trio, tmp_path, capsys):
 
 def test_a_pattern_that_backtracks_too_long_is_refused(llama_trio, tmp_path, capsys, monkeypatch):
     """The timeout, made tiny here, stands for a pattern that would take hours on a long module name."""
-    monkeypatch.setattr("mergesmith.lora.adapter.PATTERN_TIMEOUT_S", 1e-12)
+    monkeypatch.setattr("mergesmith.core.lora.adapter.PATTERN_TIMEOUT_S", 1e-12)
     adapter = make_adapter(tmp_path / "ad", rank_pattern={"(?:.*_)*.*q(?:_?.*)*proj": 2})
     line = merge_fails(
         tmp_path, capsys, linear_config(tmp_path, Path(f"{llama_trio[0]}+{adapter}")), "simplify it"

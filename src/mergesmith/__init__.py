@@ -1,8 +1,7 @@
 """mergesmith: merge fine-tuned language models tensor by tensor on a CPU."""
 
-__version__ = "0.1.0"
-
-from mergesmith.core.errors import ConfigError, MergeError  # noqa: E402
+from mergesmith.core.defaults import VERSION as __version__
+from mergesmith.core.errors import ConfigError, MergeError
 
 __all__ = ["ConfigError", "MergeError", "__version__", "make_plan", "merge"]
 

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from mergesmith.bitnet import command
 from mergesmith.core.errors import MergeError
+from mergesmith.core.sources import open_checkpoint
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -176,9 +177,8 @@ def test_streamed_export_equals_in_memory_export(saved, tmp_path):
     from safetensors.torch import load_file
 
     from mergesmith.bitnet.convert import export_hf
-    from mergesmith.core.model import ModelSource
 
-    reference = export_hf(ModelSource.open(str(saved)))
+    reference = export_hf(open_checkpoint(str(saved)))
     one, many = tmp_path / "one", tmp_path / "many"
     assert _run(saved, one)[0] == 0
     assert _run(saved, many, "--out-shard-size", "10K")[0] == 0

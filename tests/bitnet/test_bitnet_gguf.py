@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from mergesmith.bitnet.convert import DictSource, iter_gguf_tensors, plan_gguf_export
 from mergesmith.bitnet.gguf_export import llama_metadata, rope_permute, tokenizer_metadata
 from mergesmith.bitnet.io import write_gguf_stream
-from mergesmith.bitnet.quant import TensorSelector, ternarize
+from mergesmith.core.bitnet.quant import TensorSelector, ternarize
 
 GGUF_DIMS = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
 

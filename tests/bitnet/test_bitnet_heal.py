@@ -15,8 +15,8 @@ from mergesmith.bitnet.heal import (
     quantised_loss,
     token_batches,
 )
-from mergesmith.bitnet.quant import ternarize, ternarize_tensor
 from mergesmith.bitnet.reference import reference_model
+from mergesmith.core.bitnet.quant import ternarize, ternarize_tensor
 
 
 def _batch(step: int) -> torch.Tensor:

@@ -24,10 +24,10 @@ from transformers.integrations.bitnet import AutoBitLinear, BitLinear
 
 from mergesmith.bitnet.convert import DictSource, export_hf, plan_hf_export
 from mergesmith.bitnet.io import write_hf_stream
-from mergesmith.bitnet.quant import TensorSelector, ternarize_tensor
 from mergesmith.bitnet.reference import reference_model
-from mergesmith.bitnet.source import BitnetModelSource
-from mergesmith.core.model import ModelSource
+from mergesmith.core.bitnet.quant import TensorSelector, ternarize_tensor
+from mergesmith.core.bitnet.source import BitnetModelSource
+from mergesmith.core.sources import open_checkpoint
 
 CLASSES = {"autobitlinear": AutoBitLinear, "bitlinear": BitLinear}
 
@@ -142,7 +142,7 @@ def test_packed_checkpoint_reexports_identically(tmp_path, tiny, linear_class):
     """Reading our own packed output back (as gamma * W~) and exporting again changes nothing."""
     model, config = tiny(attention_bias=True)
     _, first = _export(model, config, tmp_path / "a", linear_class)
-    source = ModelSource.open(str(tmp_path / "a"))
+    source = open_checkpoint(str(tmp_path / "a"))
     assert isinstance(source, BitnetModelSource)
     again = export_hf(source, linear_class=linear_class)
     assert all(s.already_ternary for s in again.stats)
@@ -154,8 +154,8 @@ def test_packed_checkpoint_reexports_identically(tmp_path, tiny, linear_class):
 def test_bf16_export_uses_the_stored_scale(tmp_path, tiny):
     """bf16 models: weight_scale is stored in bf16 (the model dtype), and transformers' logits match
     the reference built with that rounded gamma to bf16 precision."""
-    from mergesmith.bitnet.hf import gamma_from_weight_scale
-    from mergesmith.bitnet.quant import Ternary
+    from mergesmith.core.bitnet.hf import gamma_from_weight_scale
+    from mergesmith.core.bitnet.quant import Ternary
 
     model, _ = tiny()
     model = model.to(torch.bfloat16)

@@ -14,12 +14,12 @@ from safetensors.torch import load_file, save_file
 
 import mergesmith
 from mergesmith import cli
-from mergesmith.bitnet.hf import gamma_from_weight_scale
-from mergesmith.bitnet.pack import pack_ternary, unpack_ternary
-from mergesmith.bitnet.quant import ternarize
-from mergesmith.bitnet.source import BitnetModelSource
+from mergesmith.core.bitnet.hf import gamma_from_weight_scale
+from mergesmith.core.bitnet.pack import pack_ternary, unpack_ternary
+from mergesmith.core.bitnet.quant import ternarize
+from mergesmith.core.bitnet.source import BitnetModelSource
 from mergesmith.core.errors import MergeError
-from mergesmith.core.model import ModelSource
+from mergesmith.core.sources import open_checkpoint
 from mergesmith.pipeline.execute import BASELINE_RSS
 
 TINY_LIMIT = BASELINE_RSS + 8192  # a few KiB in flight: every matrix is merged in row chunks
@@ -39,7 +39,7 @@ def _bitnet(model: Path, out: Path, *extra: str) -> Path:
 
 def _dequantised(packed: Path, out: Path) -> Path:
     """The float model a packed checkpoint stands for, written as an ordinary checkpoint."""
-    src = ModelSource.open(str(packed))
+    src = open_checkpoint(str(packed))
     assert isinstance(src, BitnetModelSource)
     shutil.copytree(packed, out, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
     save_file({n: src.read(n) for n in src.tensors}, out / "model.safetensors", {"format": "pt"})

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.integrations.bitnet import pack_weights, unpack_weights
 
-from mergesmith.bitnet.pack import pack_rows_into, pack_ternary, packed_rows, unpack_ternary
+from mergesmith.core.bitnet.pack import pack_rows_into, pack_ternary, packed_rows, unpack_ternary
 
 
 def _codes(rows: int, cols: int, seed: int = 0) -> torch.Tensor:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mergesmith.bitnet.quant import TensorSelector, as_ternary, ternarize
+from mergesmith.core.bitnet.quant import TensorSelector, as_ternary, ternarize
 
 
 def _gaussian(rows: int = 1024, cols: int = 1024, seed: int = 0, std: float = 0.02) -> torch.Tensor:

@@ -6,8 +6,6 @@ import pytest
 import torch
 from transformers.integrations.bitnet import ActQuant
 
-from mergesmith.bitnet.pack import pack_ternary
-from mergesmith.bitnet.quant import Ternary, ternarize
 from mergesmith.bitnet.reference import (
     TernaryLinear,
     fake_quantize_activations,
@@ -15,6 +13,8 @@ from mergesmith.bitnet.reference import (
     ternary_linear,
     ternary_matmul_int,
 )
+from mergesmith.core.bitnet.pack import pack_ternary
+from mergesmith.core.bitnet.quant import Ternary, ternarize
 
 
 def _data(rows, cols, seed=0):
@@ -72,8 +72,8 @@ def test_load_reference_model_from_a_packed_checkpoint(tmp_path, tiny, tied):
     import io
 
     from mergesmith.bitnet import command
-    from mergesmith.bitnet.quant import ternarize_tensor
     from mergesmith.bitnet.reference import load_reference_model, reference_model
+    from mergesmith.core.bitnet.quant import ternarize_tensor
 
     model, config = tiny(attention_bias=True, tie_word_embeddings=tied)
     model.save_pretrained(tmp_path / "float")

@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import save_file
 
 from mergesmith.bitnet.convert import DictSource, export_hf
-from mergesmith.bitnet.hf import export_config
-from mergesmith.bitnet.pack import chunk_spans, pack_ternary
-from mergesmith.bitnet.quant import ternarize
-from mergesmith.bitnet.source import BitnetModelSource, PackedTensorInfo
+from mergesmith.core.bitnet.hf import export_config
+from mergesmith.core.bitnet.pack import chunk_spans, pack_ternary
+from mergesmith.core.bitnet.quant import ternarize
+from mergesmith.core.bitnet.source import BitnetModelSource, PackedTensorInfo
 from mergesmith.core.errors import MergeError
-from mergesmith.core.model import ModelSource
+from mergesmith.core.sources import open_checkpoint
 
 
 def _packed_folder(tmp_path, tiny, linear_class, dtype=torch.float32, bias=False):
@@ -38,7 +38,7 @@ def _ranges(rows):
 @pytest.mark.parametrize("linear_class", ["autobitlinear", "bitlinear"])
 def test_reads_back_codes_times_gamma(tmp_path, tiny, linear_class):
     folder, sd, result = _packed_folder(tmp_path, tiny, linear_class, bias=True)
-    src = ModelSource.open(str(folder))
+    src = open_checkpoint(str(folder))
     assert isinstance(src, BitnetModelSource)
     assert "quantization_config" not in src.config and "quantization_config" in src.stored_config
     assert not any(n.endswith("weight_scale") for n in src.tensors)
@@ -62,7 +62,7 @@ def test_reads_back_codes_times_gamma(tmp_path, tiny, linear_class):
 
 def test_bf16_autobitlinear_reads_in_the_model_dtype(tmp_path, tiny):
     folder, sd, result = _packed_folder(tmp_path, tiny, "autobitlinear", torch.bfloat16)
-    src = ModelSource.open(str(folder))
+    src = open_checkpoint(str(folder))
     name = result.stats[0].name
     w = src.read(name)
     assert w.dtype == torch.bfloat16 and src.tensors[name].dtype == torch.bfloat16
@@ -97,7 +97,7 @@ def test_rows_not_a_multiple_of_four(tmp_path):
     for r0 in range(14):
         for r1 in range(r0, 14):
             assert torch.equal(src.read(name, (r0, r1)), expected[r0:r1]), (r0, r1)
-    default = ModelSource.open(str(folder))  # without the true row count: 4 * R = 16 rows
+    default = open_checkpoint(str(folder))  # without the true row count: 4 * R = 16 rows
     assert default.tensors[name].shape == (16, 8)
     assert torch.equal(default.read(name)[:13], expected)
     with pytest.raises(MergeError, match="do not pack"):
@@ -120,5 +120,5 @@ def test_malformed_packed_weight_is_a_one_line_error(tmp_path):
     }
     save_file(tensors, folder / "model.safetensors")
     with pytest.raises(MergeError, match="not a packed uint8 matrix") as exc:
-        ModelSource.open(str(folder))
+        open_checkpoint(str(folder))
     assert "\n" not in str(exc.value)

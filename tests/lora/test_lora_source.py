@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import mergesmith
 from mergesmith.cli import main
 from mergesmith.core.errors import MergeError
-from mergesmith.lora.adapter import LoraSettings, pattern_value
+from mergesmith.core.lora.adapter import LoraSettings, pattern_value
 from mergesmith.pipeline.execute import BASELINE_RSS
 
 TINY_LIMIT = BASELINE_RSS + 8192  # every matrix in row chunks

@@ -23,13 +23,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from mergesmith.bitnet.constants import DEFAULT_INCLUDE, DEFAULT_LINEAR_CLASS, LINEAR_CLASSES, QTYPES
+from mergesmith.core.bitnet.constants import DEFAULT_INCLUDE, DEFAULT_LINEAR_CLASS, LINEAR_CLASSES, QTYPES
 from mergesmith.core.defaults import DEFAULT_SHARD_SIZE
 from mergesmith.core.errors import MergeError
 
 if TYPE_CHECKING:
     from mergesmith.bitnet.convert import LayerStat, TensorSource
-    from mergesmith.bitnet.quant import TensorSelector
+    from mergesmith.core.bitnet.quant import TensorSelector
     from mergesmith.core.model import ModelSource
 
 DESCRIPTION = """\
@@ -130,7 +130,7 @@ def register(subparsers: Any) -> None:
 
 
 def _selector(args: argparse.Namespace) -> TensorSelector:
-    from mergesmith.bitnet.quant import TensorSelector
+    from mergesmith.core.bitnet.quant import TensorSelector
 
     try:
         return TensorSelector.from_patterns(args.include, args.exclude)
@@ -141,9 +141,9 @@ def _selector(args: argparse.Namespace) -> TensorSelector:
 def warn_if_float(source: TensorSource, selector: TensorSelector, model: str, err: TextIO) -> None:
     """One line on ``err`` when the first selected weight is not already ternary and the config does
     not say the model was trained ternary (a packed BitNet input is ternary by construction)."""
-    from mergesmith.bitnet.hf import trained_ternary
-    from mergesmith.bitnet.quant import as_ternary
-    from mergesmith.bitnet.source import BitnetModelSource
+    from mergesmith.core.bitnet.hf import trained_ternary
+    from mergesmith.core.bitnet.quant import as_ternary
+    from mergesmith.core.bitnet.source import BitnetModelSource
 
     if isinstance(source, BitnetModelSource) or trained_ternary(source.config):
         return
@@ -188,7 +188,7 @@ def _heal_source(
 
     from mergesmith.bitnet import heal
     from mergesmith.bitnet.convert import DictSource
-    from mergesmith.bitnet.source import BitnetModelSource
+    from mergesmith.core.bitnet.source import BitnetModelSource
     from mergesmith.core.hf_load import load_causal_lm
 
     if args.heal < 1:
@@ -367,7 +367,7 @@ def _warn_about_input(
 ) -> None:
     """Warnings about MODEL before the export: float weights that are not ternary yet, and remote code
     that the output does not carry."""
-    from mergesmith.pipeline.plan import drop_remote_code
+    from mergesmith.core.hf_load import drop_remote_code
 
     if not args.heal:
         warn_if_float(source, selector, args.model, err)

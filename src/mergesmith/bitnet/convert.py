@@ -2,7 +2,7 @@
 
 A *source* is anything with ``config`` (dict), ``tensors`` (name -> entry with ``dtype`` and
 ``shape``) and ``read(name)``: :class:`mergesmith.core.model.ModelSource` (a folder on disk, read tensor
-by tensor), :class:`mergesmith.bitnet.source.BitnetModelSource` (a packed transformers BitNet
+by tensor), :class:`mergesmith.core.bitnet.source.BitnetModelSource` (a packed transformers BitNet
 checkpoint seen as float weights ``gamma * W~``, which ``ModelSource.open`` returns for such a
 folder), or :class:`DictSource` (an in-memory state dict: tests and ``--heal``).
 
@@ -18,11 +18,11 @@ from typing import Any, Protocol
 
 import torch
 
-from mergesmith.bitnet.constants import DEFAULT_LINEAR_CLASS
-from mergesmith.bitnet.hf import export_config, export_linear, linear_module_names, plan_hf
-from mergesmith.bitnet.pack import packed_rows
-from mergesmith.bitnet.quant import TensorSelector, Ternary, as_ternary, ternarize_tensor
-from mergesmith.bitnet.source import PackedTensorInfo
+from mergesmith.core.bitnet.constants import DEFAULT_LINEAR_CLASS
+from mergesmith.core.bitnet.hf import export_config, export_linear, linear_module_names, plan_hf
+from mergesmith.core.bitnet.pack import packed_rows
+from mergesmith.core.bitnet.quant import TensorSelector, ternary_of
+from mergesmith.core.bitnet.source import PackedTensorInfo
 from mergesmith.core.errors import MergeError
 from mergesmith.core.write import TensorSpec
 
@@ -63,18 +63,6 @@ class DictSource:
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         t = self._sd[name]
         return t if rows is None else t[rows[0] : rows[1]]
-
-
-def ternary_of(weight: torch.Tensor) -> tuple[Ternary, bool]:
-    """Codes and gamma of ``weight``, and whether it was already ternary ({-a, 0, a}).
-
-    An already-ternary weight keeps its own magnitude ``a`` as gamma (absmean would give
-    ``a * (1 - zero_fraction)`` and scale it wrongly).
-    """
-    found = as_ternary(weight)
-    if found is not None:
-        return found, True
-    return ternarize_tensor(weight), False
 
 
 @dataclass

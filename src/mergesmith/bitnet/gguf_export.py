@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from mergesmith.bitnet.constants import QTYPES
 from mergesmith.bitnet.gguf_tokenizer import tokenizer_metadata as tokenizer_metadata  # re-export
-from mergesmith.bitnet.quant import Ternary
+from mergesmith.core.bitnet.constants import QTYPES
+from mergesmith.core.bitnet.quant import Ternary
 
 BLOCK = 256
 GGUF_ARCH = {"llama": "llama", "mistral": "llama"}

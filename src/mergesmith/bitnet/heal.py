@@ -3,7 +3,7 @@
 Ternarising a float model after training loses most of its quality (BitNet b1.58, arXiv 2402.17764,
 is trained ternary from the start). The usual repair is quantisation-aware training (QAT):
 
-* forward with absmean-ternary weights ``gamma * W~`` (exactly :func:`mergesmith.bitnet.quant.ternarize`)
+* forward with absmean-ternary weights ``gamma * W~`` (exactly :func:`mergesmith.core.bitnet.quant.ternarize`)
   and per-token absmax int8 activations, backward through the **straight-through estimator** (STE):
   ``q_ste(w) = w + (q(w) - w).detach()``, so the gradient reaches the latent float weights as if
   quantisation were the identity;
@@ -31,13 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mergesmith.bitnet.quant import EPS, TensorSelector
 from mergesmith.bitnet.reference import fake_quantize_activations
+from mergesmith.core.bitnet.quant import EPS, TensorSelector
 
 
 def fake_quantize_weight(weight: torch.Tensor) -> torch.Tensor:
     """``gamma * clamp(round(W / gamma), -1, 1)`` with ``gamma = max(mean|W|, eps)``, computed in
-    float32 like :func:`mergesmith.bitnet.quant.ternarize`, returned in ``weight.dtype``."""
+    float32 like :func:`mergesmith.core.bitnet.quant.ternarize`, returned in ``weight.dtype``."""
     w = weight.to(torch.float32)
     gamma = w.abs().mean().clamp(min=EPS)
     return ((w * (1.0 / gamma)).round().clamp(-1, 1) * gamma).to(weight.dtype)

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mergesmith.bitnet.pack import VALUES_PER_BYTE, pack_ternary, unpack_chunk
-from mergesmith.bitnet.quant import Ternary
+from mergesmith.core.bitnet.pack import VALUES_PER_BYTE, pack_ternary, unpack_chunk
+from mergesmith.core.bitnet.quant import Ternary
 from mergesmith.core.errors import MergeError
 
 ACT_EPS = 1e-5
@@ -205,10 +205,10 @@ def load_reference_model(path: str | Path) -> nn.Module:
     """
     import transformers
 
-    from mergesmith.bitnet.source import BitnetModelSource
-    from mergesmith.core.model import ModelSource
+    from mergesmith.core.bitnet.source import BitnetModelSource
+    from mergesmith.core.sources import open_checkpoint
 
-    src = ModelSource.open(str(path))
+    src = open_checkpoint(str(path))
     if not isinstance(src, BitnetModelSource):
         raise MergeError(f"{path}: not a packed BitNet checkpoint (no offline quant_method bitnet)")
     cfg = {k: v for k, v in src.config.items() if k != "auto_map"}  # built-in classes only

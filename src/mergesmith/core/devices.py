@@ -7,6 +7,7 @@ stay free of it on the CPU.
 
 from __future__ import annotations
 
+import os
 import re
 
 from mergesmith.core.errors import MergeError
@@ -33,3 +34,9 @@ def check_device(device: str) -> str:
     if index is not None and int(index) >= count:
         raise MergeError(f"--device {name}: this machine has {count} CUDA GPU(s), numbered 0 to {count - 1}")
     return name
+
+
+def default_workers() -> int:
+    """Worker threads when ``--workers`` is not given: one per core, at most three (more rarely help:
+    the reads and writes share one disk)."""
+    return max(1, min(3, (os.cpu_count() or 2)))

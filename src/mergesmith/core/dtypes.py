@@ -7,7 +7,12 @@ torch dtype of a code, ``code_of`` the code of a torch dtype, dtype name or code
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from mergesmith.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 # safetensors code -> (torch / numpy-style name, bytes per element)
 CODES: dict[str, tuple[str, int]] = {
@@ -53,3 +58,40 @@ def torch_dtype(code: str):
     import torch
 
     return getattr(torch, name_of(code))
+
+
+DTYPE_NAMES: dict[str, str] = {  # config spelling -> safetensors code
+    "float32": "F32",
+    "fp32": "F32",
+    "float16": "F16",
+    "fp16": "F16",
+    "half": "F16",
+    "bfloat16": "BF16",
+    "bf16": "BF16",
+    "float64": "F64",
+    "fp64": "F64",
+}
+
+
+def parse_code(name: str | None, key: str) -> str | None:
+    """A config's dtype name -> its safetensors code (None stays None)."""
+    if name is None:
+        return None
+    cleaned = name.removeprefix("torch.").lower()
+    try:
+        return DTYPE_NAMES[cleaned]
+    except KeyError:
+        raise ConfigError(
+            f"{key}: unknown dtype {name!r}; use float32, float16, bfloat16 or float64"
+        ) from None
+
+
+def parse_dtype(name: str | None, key: str) -> torch.dtype | None:
+    """A config's dtype name -> torch dtype (imports torch)."""
+    code = parse_code(name, key)
+    return None if code is None else torch_dtype(code)
+
+
+def dtype_name(dtype) -> str:
+    """'bfloat16' for torch.bfloat16 or 'BF16'."""
+    return name_of(code_of(dtype))

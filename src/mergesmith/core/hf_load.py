@@ -84,7 +84,7 @@ def load_causal_lm(source: ModelSource, dtype: Any, purpose: str) -> Any:
     weights to it), so it is always loaded with dtype "auto"; callers that want float32 logits cast them.
     ``purpose`` ends the error message ("for the prompt pass").
     """
-    from mergesmith.lora.source import LoraModelSource
+    from mergesmith.core.lora.source import LoraModelSource
 
     if isinstance(source, LoraModelSource):
         model = load_causal_lm(source.base, dtype, purpose)
@@ -147,3 +147,17 @@ def load_tokenizer(folder: Path, ref: str, hint: str = "") -> Any:
         raise MergeError(
             f"model {ref!r}: cannot load its tokenizer ({type(exc).__name__}: {first_line(exc)}){hint}"
         ) from None
+
+
+def drop_remote_code(out_config: dict, ref: str) -> str | None:
+    """Remove ``auto_map`` (classes that transformers would import from Python files in the folder, i.e.
+    remote code) from an output config derived from model ``ref``'s; returns the warning to show, or None.
+    The output is loaded with the architecture's built-in transformers classes instead."""
+    auto_map = out_config.pop("auto_map", None)
+    if auto_map is None:
+        return None
+    names = ", ".join(sorted(auto_map)) if isinstance(auto_map, dict) else repr(auto_map)
+    return (
+        f"config.json of {ref!r} has auto_map ({names}), which points transformers at Python files; it is "
+        "not copied into the output, which loads with transformers' built-in classes"
+    )

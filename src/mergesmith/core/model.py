@@ -392,15 +392,6 @@ def resolve_model_dir(ref: str) -> Path:
         ) from None
 
 
-def _is_packed_bitnet(config: dict) -> bool:
-    qc = config.get("quantization_config")
-    return (
-        isinstance(qc, dict)
-        and qc.get("quant_method") == "bitnet"
-        and qc.get("quantization_mode", "offline") == "offline"
-    )
-
-
 class ModelSource:
     """One input model: its config.json and an index from tensor name to where its bytes are."""
 
@@ -412,15 +403,15 @@ class ModelSource:
 
     @classmethod
     def open(cls, ref: str) -> ModelSource:
-        """Open a model folder (or hub reference); a packed BitNet checkpoint (``quant_method: bitnet``,
-        offline) opens as :class:`mergesmith.bitnet.source.BitnetModelSource`, i.e. as float weights."""
-        src = cls(ref, resolve_model_dir(ref))
-        if cls is ModelSource and _is_packed_bitnet(src.config):
-            from mergesmith.bitnet.source import BitnetModelSource
+        """Open a model folder (or hub reference) as this class. Which class a reference needs (plain,
+        packed BitNet, with a LoRA adapter) is decided in one place: :func:`mergesmith.core.sources.open_source`."""
+        return cls(ref, resolve_model_dir(ref)).checked()
 
-            src = BitnetModelSource(ref, src.path)
-        _ = src.config, src.tensors  # fail now, with the model named, not in the middle of a merge
-        return src
+    def checked(self) -> ModelSource:
+        """This source after reading its config and headers: fails now, with the model named, not in the
+        middle of a merge."""
+        _ = self.config, self.tensors
+        return self
 
     def __repr__(self) -> str:
         return f"ModelSource({self.ref!r})"

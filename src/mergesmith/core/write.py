@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from mergesmith.core import dtypes
 from mergesmith.core.errors import MergeError
@@ -676,3 +677,17 @@ def copy_files(files: Sequence[Path], folder: Path) -> None:
 
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def byte_progress(total: int, desc: str, quiet: bool) -> tqdm:
+    """The progress bar of a build that writes ``total`` bytes of tensors (on stderr; off with quiet)."""
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=desc,
+        disable=quiet,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )

@@ -25,7 +25,7 @@ def check_model_folder(ref: str | Path) -> ModelSource:
     """Fail early, before any model is loaded, when a reference cannot be scored: opens it as every
     command does (a folder, ``org/name`` from the Hugging Face cache, or ``model+adapter``), with the
     checks of :mod:`mergesmith.core.hf_load` (files inside the folder, safetensors only, valid headers)."""
-    from mergesmith.lora.source import LoraModelSource, split_lora_ref
+    from mergesmith.core.lora.source import LoraModelSource, split_lora_ref
 
     text = str(ref)
     model, _ = split_lora_ref(text) if "+" in text else (text, None)
@@ -43,7 +43,7 @@ def check_model_folder(ref: str | Path) -> ModelSource:
 def check_model(ref: str | Path) -> None:
     """Everything that can be checked before the first model loads: the reference, its files and
     weights' headers (:func:`check_model_folder`), and its tokenizer (cheap to load)."""
-    from mergesmith.lora.source import LoraModelSource
+    from mergesmith.core.lora.source import LoraModelSource
 
     source = check_model_folder(ref)
     source.close()
@@ -67,7 +67,7 @@ def load_model(model_or_path: ModelLike, tokenizer: Any = None) -> tuple[PreTrai
     Float checkpoints are scored in float32 (merged models are judged on what they compute, not on what
     a lower precision rounds away); a packed BitNet checkpoint in the dtype it computes in.
     """
-    from mergesmith.lora.source import LoraModelSource
+    from mergesmith.core.lora.source import LoraModelSource
 
     if isinstance(model_or_path, PreTrainedModel):
         model = model_or_path

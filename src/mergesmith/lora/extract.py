@@ -28,13 +28,13 @@ from tqdm import tqdm
 
 from mergesmith.core.arch import is_embedding, layer_of
 from mergesmith.core.devices import check_device
+from mergesmith.core.dtypes import dtype_name, parse_dtype
 from mergesmith.core.errors import MergeError
+from mergesmith.core.lora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
+from mergesmith.core.lora.modules import ModuleKind, module_kinds
 from mergesmith.core.model import FLOAT_DTYPES, ModelSource
 from mergesmith.core.sources import open_source
 from mergesmith.core.write import OutputFolder, ShardedWriter, TensorSpec, input_paths, write_json
-from mergesmith.lora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
-from mergesmith.lora.modules import ModuleKind, module_kinds
-from mergesmith.pipeline.plan import dtype_name, parse_dtype
 
 REPORT_NAME = "lora_report.json"
 ONE_FILE = 1 << 62  # shard size that keeps the adapter in one file, as PEFT expects

@@ -23,23 +23,30 @@ import torch
 
 from mergesmith.core.cliargs import check_workers
 from mergesmith.core.defaults import DEFAULT_SHARD_SIZE
-from mergesmith.core.devices import check_device
+from mergesmith.core.devices import check_device, default_workers
+from mergesmith.core.dtypes import dtype_name, parse_dtype
 from mergesmith.core.errors import MergeError
+from mergesmith.core.hf_load import drop_remote_code
+from mergesmith.core.lora.source import split_lora_ref
 from mergesmith.core.model import FLOAT_DTYPES, ModelSource
 from mergesmith.core.rng import derive_seed
 from mergesmith.core.sizes import human_size, parse_size
 from mergesmith.core.sources import open_source
-from mergesmith.core.write import OutputFolder, ShardedWriter, TensorSpec, copy_files, input_paths
-from mergesmith.lora.source import split_lora_ref
+from mergesmith.core.write import (
+    OutputFolder,
+    ShardedWriter,
+    TensorSpec,
+    byte_progress,
+    copy_files,
+    input_paths,
+)
 from mergesmith.moe.activations import BaseRunner
 from mergesmith.moe.card import moe_card
 from mergesmith.moe.config import MoEConfig, load_moe_config
 from mergesmith.moe.dense import DenseLayout
 from mergesmith.moe.families import Family, choose_family, expected_tensors, transformers_config
 from mergesmith.moe.gates import LayerReport, Routers, build_routers
-from mergesmith.pipeline.api import byte_progress, config_text  # one definition for merge and MoE builds
-from mergesmith.pipeline.execute import default_workers
-from mergesmith.pipeline.plan import drop_remote_code, dtype_name, parse_dtype
+from mergesmith.pipeline.config import config_text  # one definition for merge and MoE builds
 
 log = logging.getLogger("mergesmith.moe")
 CONFIG_FILE = "mergesmith_moe_config.yml"

@@ -10,20 +10,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-from pydantic import BaseModel
-from tqdm import tqdm
-
 from mergesmith.core.cliargs import check_workers
 from mergesmith.core.defaults import DEFAULT_SHARD_SIZE, OUT_FORMATS
 from mergesmith.core.devices import check_device
 from mergesmith.core.errors import MergeError
 from mergesmith.core.sizes import human_size, parse_size
-from mergesmith.core.write import OutputFolder, ShardedWriter, TensorSpec, copy_files, input_paths, write_json
+from mergesmith.core.write import (
+    OutputFolder,
+    ShardedWriter,
+    TensorSpec,
+    byte_progress,
+    copy_files,
+    input_paths,
+    write_json,
+)
 from mergesmith.pipeline.backends import BACKENDS, Backend, choose_backend, make_backend
 from mergesmith.pipeline.card import model_card
 from mergesmith.pipeline.chat_templates import resolve_chat_template
-from mergesmith.pipeline.config import MergeConfig, load_config, load_yaml_documents
+from mergesmith.pipeline.config import MergeConfig, config_text, load_config
 from mergesmith.pipeline.execute import (
     DEFAULT_BUDGET,
     ExecOptions,
@@ -37,22 +41,9 @@ from mergesmith.pipeline.execute import (
 from mergesmith.pipeline.plan import MergePlan, build_plan
 
 if TYPE_CHECKING:
-    from mergesmith.bitnet.merge_output import TernaryOutput
+    from mergesmith.pipeline.ternary_output import TernaryOutput
 
 log = logging.getLogger("mergesmith")
-
-
-def config_text(config: str | Path | dict | BaseModel) -> str:
-    """The config (merge or MoE) as YAML text, for the model card and the saved copy of the config."""
-    if isinstance(config, BaseModel):
-        return yaml.safe_dump(config.model_dump(exclude_none=True), sort_keys=False)
-    if isinstance(config, dict):
-        return yaml.safe_dump(config, sort_keys=False)
-    p = Path(config)
-    if "\n" not in str(config) and p.is_file():
-        return p.read_text()
-    load_yaml_documents(config)  # raise the proper error for a missing file
-    return str(config)
 
 
 def exec_options(
@@ -266,25 +257,11 @@ def log_choices(plan: MergePlan, options: ExecOptions, backend: str, why: str | 
 def _ternary_output(plan: MergePlan) -> TernaryOutput:
     """``--out-format bitnet``: the ternary output (specs and executor hook); the plan's output config
     gets its ``quantization_config``."""
-    from mergesmith.bitnet.merge_output import TernaryOutput
+    from mergesmith.pipeline.ternary_output import TernaryOutput
 
     ternary = TernaryOutput(plan)
     plan.out_config = ternary.config
     return ternary
-
-
-def byte_progress(total: int, desc: str, quiet: bool) -> tqdm:
-    """The progress bar of a build that writes ``total`` bytes of tensors (on stderr; off with quiet)."""
-    return tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc=desc,
-        disable=quiet,
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
 
 
 def _run(

@@ -277,3 +277,16 @@ def config_json_schema() -> dict:
     schema = MergeConfig.model_json_schema()
     schema["properties"]["merge_method"]["enum"] = sorted(methods())
     return schema
+
+
+def config_text(config: str | Path | dict | BaseModel) -> str:
+    """The config (merge or MoE) as YAML text, for the model card and the saved copy of the config."""
+    if isinstance(config, BaseModel):
+        return yaml.safe_dump(config.model_dump(exclude_none=True), sort_keys=False)
+    if isinstance(config, dict):
+        return yaml.safe_dump(config, sort_keys=False)
+    p = Path(config)
+    if "\n" not in str(config) and p.is_file():
+        return p.read_text()
+    load_yaml_documents(config)  # raise the proper error for a missing file
+    return str(config)

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from mergesmith.core import dtypes
 from mergesmith.core._torch import torch
+from mergesmith.core.devices import default_workers as default_workers  # re-exported for api
 from mergesmith.core.errors import MergeError
 from mergesmith.core.rng import RandomStream
 from mergesmith.core.sizes import human_size
@@ -293,7 +294,3 @@ def _tune_allocator() -> None:
         libc.mallopt(-2, 256 << 20)
     except (OSError, AttributeError):  # not glibc
         pass
-
-
-def default_workers() -> int:
-    return max(1, min(3, (os.cpu_count() or 2)))

@@ -21,7 +21,9 @@ from mergesmith.core.arch import (
     set_nested,
     tie_word_embeddings,
 )
+from mergesmith.core.dtypes import dtype_name, parse_code
 from mergesmith.core.errors import ConfigError, MergeError
+from mergesmith.core.hf_load import drop_remote_code
 from mergesmith.core.model import ModelSource, TensorInfo
 from mergesmith.core.sources import open_source
 from mergesmith.methods import BaseRule, Method, all_parameter_names, get_method
@@ -32,42 +34,6 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("mergesmith")
-
-DTYPE_NAMES: dict[str, str] = {  # config spelling -> safetensors code
-    "float32": "F32",
-    "fp32": "F32",
-    "float16": "F16",
-    "fp16": "F16",
-    "half": "F16",
-    "bfloat16": "BF16",
-    "bf16": "BF16",
-    "float64": "F64",
-    "fp64": "F64",
-}
-
-
-def parse_code(name: str | None, key: str) -> str | None:
-    """A config's dtype name -> its safetensors code (None stays None)."""
-    if name is None:
-        return None
-    cleaned = name.removeprefix("torch.").lower()
-    try:
-        return DTYPE_NAMES[cleaned]
-    except KeyError:
-        raise ConfigError(
-            f"{key}: unknown dtype {name!r}; use float32, float16, bfloat16 or float64"
-        ) from None
-
-
-def parse_dtype(name: str | None, key: str) -> torch.dtype | None:
-    """A config's dtype name -> torch dtype (imports torch)."""
-    code = parse_code(name, key)
-    return None if code is None else dtypes.torch_dtype(code)
-
-
-def dtype_name(dtype) -> str:
-    """'bfloat16' for torch.bfloat16 or 'BF16'."""
-    return dtypes.name_of(dtypes.code_of(dtype))
 
 
 @dataclass(frozen=True)
@@ -641,20 +607,6 @@ def _misplaced_hint(name: str, method: str, sl: _Slice) -> str:
                 "to the top-level `parameters` (or the slice's)"
             )
     return f"; set it under the top-level `parameters` (e.g. `parameters: {{{name}: ...}}`)"
-
-
-def drop_remote_code(out_config: dict, ref: str) -> str | None:
-    """Remove ``auto_map`` (classes that transformers would import from Python files in the folder, i.e.
-    remote code) from an output config derived from model ``ref``'s; returns the warning to show, or None.
-    The output is loaded with the architecture's built-in transformers classes instead."""
-    auto_map = out_config.pop("auto_map", None)
-    if auto_map is None:
-        return None
-    names = ", ".join(sorted(auto_map)) if isinstance(auto_map, dict) else repr(auto_map)
-    return (
-        f"config.json of {ref!r} has auto_map ({names}), which points transformers at Python files; it is "
-        "not copied into the output, which loads with transformers' built-in classes"
-    )
 
 
 def _rewrite_config(

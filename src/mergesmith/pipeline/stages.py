@@ -139,7 +139,7 @@ def model_refs(cfg: MergeConfig) -> list[str]:
 
 def stage_of(ref: str, names: set[str]) -> str | None:
     """The stage a reference names (``name`` or ``name+adapter``), else None."""
-    from mergesmith.lora.source import split_lora_ref
+    from mergesmith.core.lora.source import split_lora_ref
 
     if ref in names:
         return ref
@@ -149,7 +149,7 @@ def stage_of(ref: str, names: set[str]) -> str | None:
 
 def _check_unknown(stages: Sequence[Stage], names: set[str], label: str) -> None:
     """A bare word that is neither a stage nor a folder is a misspelt stage name, not a Hub model."""
-    from mergesmith.lora.source import split_lora_ref
+    from mergesmith.core.lora.source import split_lora_ref
 
     for st in stages:
         for ref in model_refs(st.config):
@@ -274,7 +274,7 @@ def plan_stages(
 def _plan_all(
     order: Sequence[Stage], final: Stage, inter: Path, allow_crimes: bool = False, strict: bool = False
 ) -> list[StagePlan]:
-    from mergesmith.lora.source import LoraModelSource
+    from mergesmith.core.lora.source import LoraModelSource
 
     names = {s.name for s in order if s.name}
     planned: dict[str, PlannedModelSource] = {}
@@ -330,7 +330,7 @@ def folder_identity(path: Path) -> str:
 
 
 def _ref_identity(ref: str, stage_ids: dict[str, str], names: set[str]) -> dict[str, str]:
-    from mergesmith.lora.source import resolve_adapter_dir, split_lora_ref
+    from mergesmith.core.lora.source import resolve_adapter_dir, split_lora_ref
 
     model, adapter = split_lora_ref(ref)
     ident = (
@@ -347,7 +347,7 @@ def stage_identity(
     st: Stage, stage_ids: dict[str, str], names: set[str], options: dict[str, Any]
 ) -> dict[str, Any]:
     """The parts of a stage's identity (config, options, each input), and their hash under ``"hash"``."""
-    from mergesmith import __version__
+    from mergesmith.core.defaults import VERSION as __version__
 
     parts = {
         "config": _sha(st.config.model_dump(mode="json", exclude_none=True)),
@@ -533,7 +533,7 @@ def _check_stage_folder(dest: Path) -> None:
 
 
 def _to_path(ref: str, names: set[str], inter: Path) -> str:
-    from mergesmith.lora.source import split_lora_ref
+    from mergesmith.core.lora.source import split_lora_ref
 
     dep = stage_of(ref, names)
     if dep is None:

@@ -1,5 +1,6 @@
 """Backends: where a merge's maths runs. Both read a tensor's inputs as arrays (which the method's kernel
-computes on) and finish its output in the output dtype, behind one interface (:class:`Backend`):
+computes on) and finish its output in the output dtype, behind one interface (:class:`Backend`, in
+``base.py``):
 
 - ``torch.py``: torch tensors on ``--device``; runs every method.
 - ``native.py``: numpy arrays with numba-compiled loops (``core/loops.py``), no torch import; runs the
@@ -11,38 +12,17 @@ builds it.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
 from mergesmith.core.errors import MergeError
+from mergesmith.pipeline.backends.base import Backend, Span
 
 if TYPE_CHECKING:
-    from mergesmith.pipeline.plan import MergePlan, OutputTensor, TensorSource
+    from mergesmith.pipeline.plan import MergePlan
+
+__all__ = ["BACKENDS", "Backend", "Span", "choose_backend", "make_backend"]
 
 BACKENDS = ("auto", "native", "torch")
-
-Span = tuple[int, int] | None  # rows [r0, r1) of an output tensor, or None for a 0-d tensor
-
-
-class Backend(Protocol):
-    """Where the maths runs: reads inputs as arrays (which the method's kernel computes on), finishes
-    outputs."""
-
-    def read(self, t: OutputTensor, src: TensorSource, span: Span, raw: bool) -> Any:
-        """One input's rows, in the compute dtype (or its stored float dtype when ``raw``)."""
-        ...
-
-    def read_copy(self, t: OutputTensor, span: Span) -> Any:
-        """The rows of a verbatim copy (``t.copy``), as stored."""
-        ...
-
-    def finish(self, t: OutputTensor, out: Any) -> tuple[Any, bool]:
-        """The output chunk in the output dtype, and whether all its values are finite."""
-        ...
-
-    def chunk_dtype(self, t: OutputTensor) -> Any: ...
-
-    def threads(self) -> AbstractContextManager: ...
 
 
 def choose_backend(

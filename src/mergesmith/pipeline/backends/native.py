@@ -16,7 +16,7 @@ import numpy as np
 from mergesmith.core import loops
 from mergesmith.core.model import ModelSource
 from mergesmith.methods import get_method
-from mergesmith.pipeline.backends import Span
+from mergesmith.pipeline.backends.base import Span
 from mergesmith.pipeline.backends.convert import from_float32, round_to, to_float32
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from mergesmith.core import dtypes
 from mergesmith.core._torch import torch
 from mergesmith.core.errors import MergeError
-from mergesmith.pipeline.backends import Span
+from mergesmith.pipeline.backends.base import Span
 from mergesmith.pipeline.plan import MergePlan, OutputTensor, TensorSource
 
 

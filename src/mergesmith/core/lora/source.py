@@ -12,6 +12,7 @@ last place; float32 results match.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -20,9 +21,9 @@ import torch
 
 from mergesmith.core.arch import tie_word_embeddings
 from mergesmith.core.errors import ConfigError, MergeError
+from mergesmith.core.lora.adapter import Adapter, LoraFactors
+from mergesmith.core.lora.modules import ModuleKind, module_kinds
 from mergesmith.core.model import ModelSource, TensorInfo, read_tensor, resolve_model_dir
-from mergesmith.lora.adapter import Adapter, LoraFactors
-from mergesmith.lora.modules import ModuleKind, module_kinds
 
 
 def split_lora_ref(ref: str) -> tuple[str, str | None]:
@@ -63,13 +64,20 @@ class LoraModelSource(ModelSource):
         self.patches = _plan_patches(ref, base, adapter)
 
     @classmethod
-    def open(cls, ref: str, base: ModelSource | None = None) -> LoraModelSource:  # type: ignore[override]
-        """Open ``model+adapter``; ``base`` may be given already opened (a planned stage's output)."""
+    def open(  # type: ignore[override]
+        cls,
+        ref: str,
+        base: ModelSource | None = None,
+        open_model: Callable[[str], ModelSource] = ModelSource.open,
+    ) -> LoraModelSource:
+        """Open ``model+adapter``; ``base`` may be given already opened (a planned stage's output), else
+        ``open_model`` opens it (:func:`mergesmith.core.sources.open_source` passes its own, which knows
+        packed BitNet checkpoints)."""
         model_ref, adapter_ref = split_lora_ref(ref)
         if adapter_ref is None:
             raise ConfigError(f"model {ref!r}: not a MODEL+ADAPTER reference")
         adapter = Adapter.open(adapter_ref, resolve_adapter_dir(adapter_ref))
-        return cls(ref, base if base is not None else ModelSource.open(model_ref), adapter)
+        return cls(ref, base if base is not None else open_model(model_ref), adapter)
 
     def __repr__(self) -> str:
         return f"LoraModelSource({self.ref!r})"

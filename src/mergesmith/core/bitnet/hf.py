@@ -3,7 +3,7 @@
 What transformers (5.x, ``integrations/bitnet.py``) loads for each converted ``nn.Linear``:
 
 * ``<module>.weight``: uint8, shape ``(out_features / 4, in_features)``, the 2-bit layout of
-  :mod:`mergesmith.bitnet.pack`;
+  :mod:`mergesmith.core.bitnet.pack`;
 * ``<module>.weight_scale``: shape ``(1,)``, in the model dtype. Its meaning depends on the class:
 
   - ``linear_class="autobitlinear"`` (offline): ``AutoBitLinear.forward`` computes
@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
-from mergesmith.bitnet.constants import DEFAULT_LINEAR_CLASS, LINEAR_CLASSES
-from mergesmith.bitnet.pack import VALUES_PER_BYTE, pack_ternary, unpack_ternary
-from mergesmith.bitnet.quant import TensorSelector, Ternary
+from mergesmith.core.bitnet.constants import DEFAULT_LINEAR_CLASS, LINEAR_CLASSES
+from mergesmith.core.bitnet.pack import VALUES_PER_BYTE, pack_ternary, unpack_ternary
+from mergesmith.core.bitnet.quant import TensorSelector, Ternary
 
 
 def _check_linear_class(linear_class: str) -> None:

@@ -4,7 +4,7 @@ A transformers ``quant_method: "bitnet"`` checkpoint (offline mode; what ``merge
 ``mergesmith merge --out-format bitnet`` write) stores each converted linear module as
 
 * ``<m>.weight``: uint8 ``(R, in)`` with ``R = ceil(out / 4)``; unpacked row ``u`` is 2-bit chunk
-  ``i = u // R`` of packed row ``r = u % R`` (see :mod:`mergesmith.bitnet.pack`);
+  ``i = u // R`` of packed row ``r = u % R`` (see :mod:`mergesmith.core.bitnet.pack`);
 * ``<m>.weight_scale``: ``(1,)`` in the model dtype, ``gamma`` (autobitlinear) or ``1 / gamma``
   (bitlinear);
 * ``<m>.bias`` (if any): ``b / gamma`` for autobitlinear (transformers adds it before scaling), ``b``
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from mergesmith.bitnet.pack import VALUES_PER_BYTE, chunk_spans, packed_rows, unpack_chunk
+from mergesmith.core.bitnet.pack import VALUES_PER_BYTE, chunk_spans, packed_rows, unpack_chunk
 from mergesmith.core.errors import MergeError
 from mergesmith.core.model import ModelSource, TensorInfo, read_tensor
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mergesmith.bitnet.constants import DEFAULT_INCLUDE
+from mergesmith.core.bitnet.constants import DEFAULT_INCLUDE
 
 EPS = 1e-5
 """Lower clamp of the absmean scale (the paper's epsilon)."""
@@ -186,3 +186,15 @@ class TensorSelector:
     def selects(self, name: str, shape: Sequence[int]) -> bool:
         """Whether tensor ``name`` of ``shape`` is ternarised (2-D linear weights only)."""
         return len(shape) == 2 and self.matches(name)
+
+
+def ternary_of(weight: torch.Tensor) -> tuple[Ternary, bool]:
+    """Codes and gamma of ``weight``, and whether it was already ternary ({-a, 0, a}).
+
+    An already-ternary weight keeps its own magnitude ``a`` as gamma (absmean would give
+    ``a * (1 - zero_fraction)`` and scale it wrongly).
+    """
+    found = as_ternary(weight)
+    if found is not None:
+        return found, True
+    return ternarize_tensor(weight), False

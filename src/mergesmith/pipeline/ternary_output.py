@@ -1,9 +1,9 @@
 """``merge --out-format bitnet``: each eligible merged tensor is ternarised on its way to the writer.
 
 The merge itself runs in float as always (on latent weights, or on packed BitNet inputs read as
-``gamma * W~`` by :class:`mergesmith.bitnet.source.BitnetModelSource`); only the output changes. A
+``gamma * W~`` by :class:`mergesmith.core.bitnet.source.BitnetModelSource`); only the output changes. A
 merged weight ``W`` of a converted module ``m`` is written as transformers' BitNet checkpoint holds it
-(see :mod:`mergesmith.bitnet.hf`)::
+(see :mod:`mergesmith.core.bitnet.hf`)::
 
     gamma = max(mean|W|, eps),  W~ = RoundClip(W / gamma, -1, 1)     (absmean, as ``mergesmith bitnet``)
     m.weight       = pack(W~)                       uint8 (out/4, in)
@@ -17,7 +17,7 @@ other tensor is written as merged, and ``config.json`` gets the ``quantization_c
 
 Streaming: a tensor merged in one piece is ternarised whole (exactly ``ternary_of``). A tensor the
 executor merges in row chunks (it does not fit the memory budget) is merged twice: a first pass only
-gathers ``sum|W|`` and the magnitude range (:class:`mergesmith.bitnet.quant.TernaryScan`), the second
+gathers ``sum|W|`` and the magnitude range (:class:`mergesmith.core.bitnet.quant.TernaryScan`), the second
 ternarises each chunk with the final ``gamma`` and ORs its 2-bit codes into a packed buffer of
 ``numel / 4`` bytes, written when the last row is in.
 """
@@ -29,11 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
-from mergesmith.bitnet.constants import DEFAULT_LINEAR_CLASS
-from mergesmith.bitnet.convert import ternary_of
-from mergesmith.bitnet.hf import export_config, linear_module_names, plan_hf, weight_scale_tensor
-from mergesmith.bitnet.pack import pack_rows_into, pack_ternary, packed_rows
-from mergesmith.bitnet.quant import TensorSelector, TernaryScan
+from mergesmith.core.bitnet.constants import DEFAULT_LINEAR_CLASS
+from mergesmith.core.bitnet.hf import export_config, linear_module_names, plan_hf, weight_scale_tensor
+from mergesmith.core.bitnet.pack import pack_rows_into, pack_ternary, packed_rows
+from mergesmith.core.bitnet.quant import TensorSelector, TernaryScan, ternary_of
 from mergesmith.core.errors import MergeError
 from mergesmith.core.write import ShardedWriter, TensorSpec
 from mergesmith.pipeline.execute import row_elems
