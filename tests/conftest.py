@@ -96,5 +96,5 @@ def fixed_baseline(monkeypatch) -> int:
     ``fixed_baseline + N`` means N bytes of tensor data in flight; returns the constant."""
     from mergesmith.pipeline.execute import BASELINE_RSS
 
-    monkeypatch.setattr("mergesmith.pipeline.api.baseline_rss", lambda backend=None: BASELINE_RSS)
+    monkeypatch.setattr("mergesmith.pipeline.run.baseline_rss", lambda backend=None: BASELINE_RSS)
     return BASELINE_RSS

@@ -13,7 +13,7 @@ from mergesmith.cli import main
 from mergesmith.core.cliargs import check_workers, positive_int
 from mergesmith.core.devices import check_device
 from mergesmith.core.errors import MergeError
-from mergesmith.pipeline.api import exec_options
+from mergesmith.pipeline.run import exec_options
 
 
 def _configs(tmp_path: Path, trio) -> dict[str, Path]:

@@ -424,9 +424,9 @@ def inject(monkeypatch, phase: str) -> None:
     elif phase == "index":
         monkeypatch.setattr(write, "write_json", _fail_on(write.INDEX_NAME, write.write_json))
     elif phase == "config":
-        monkeypatch.setattr("mergesmith.pipeline.api.write_json", _fail_on("config.json", write.write_json))
+        monkeypatch.setattr("mergesmith.pipeline.run.write_json", _fail_on("config.json", write.write_json))
     elif phase == "tokenizer":
-        monkeypatch.setattr("mergesmith.pipeline.api.copy_files", _enospc)
+        monkeypatch.setattr("mergesmith.pipeline.run.copy_files", _enospc)
     elif phase == "card":
         real = Path.write_text
         monkeypatch.setattr(
@@ -467,7 +467,7 @@ def test_other_refusals_of_the_file_system_are_one_line(llama_trio, tmp_path, mo
     def refuse(*_a, **_k):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr("mergesmith.pipeline.api.copy_files", refuse)
+    monkeypatch.setattr("mergesmith.pipeline.run.copy_files", refuse)
     with pytest.raises(MergeError) as info:
         mergesmith.merge(passthrough(llama_trio[0]), tmp_path / "out", quiet=True)
     words = {errno.EDQUOT: "quota", errno.EROFS: "read-only", errno.EACCES: "permission denied"}
@@ -630,7 +630,7 @@ def test_other_commands_close_their_files_and_leave_nothing_on_a_full_disk(
 
 
 def test_a_failed_run_removes_the_parent_folders_it_created(llama_trio, tmp_path, monkeypatch):
-    monkeypatch.setattr("mergesmith.pipeline.api.copy_files", _enospc)
+    monkeypatch.setattr("mergesmith.pipeline.run.copy_files", _enospc)
     with pytest.raises(MergeError, match="disk full"):
         mergesmith.merge(passthrough(llama_trio[0]), tmp_path / "a" / "b" / "out", quiet=True)
     assert list(tmp_path.iterdir()) == []

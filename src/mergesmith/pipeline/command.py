@@ -121,33 +121,34 @@ def register(sub) -> None:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from mergesmith.pipeline.api import merge
+    from mergesmith.pipeline.api import merge_with
+    from mergesmith.pipeline.options import MergeOptions
 
-    merge(
-        args.config,
-        args.out_dir,
-        overwrite=args.overwrite,
-        force=args.force,
+    options = MergeOptions(
         random_seed=args.random_seed,
         out_shard_size=args.out_shard_size,
+        copy_tokenizer=not args.no_copy_tokenizer,
+        write_model_card=not args.no_model_card,
+        allow_crimes=args.allow_crimes,
+        out_format=args.out_format,
         memory_limit=args.memory_limit,
         workers=args.workers,
         device=args.device,
         backend=args.backend,
-        quiet=args.quiet,
-        copy_tokenizer=not args.no_copy_tokenizer,
-        write_model_card=not args.no_model_card,
-        intermediate_dir=args.intermediate_dir,
-        out_format=args.out_format,
-        allow_crimes=args.allow_crimes,
         strict=args.strict,
+        quiet=args.quiet,
+        overwrite=args.overwrite,
+        force=args.force,
+        intermediate_dir=args.intermediate_dir,
     )
+    merge_with(args.config, args.out_dir, options)
     return 0
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from mergesmith.pipeline.api import exec_options, make_plan
+    from mergesmith.pipeline.api import make_plan
     from mergesmith.pipeline.config import config_json_schema
+    from mergesmith.pipeline.run import exec_options
     from mergesmith.pipeline.stages import is_multi_stage, plan_stages
 
     if args.json_schema:
@@ -193,7 +194,7 @@ def _print_plan(plan: MergePlan, options: ExecOptions, summary_only: bool) -> No
             print(t.describe())
     for w in plan.warnings:
         print(f"warning: {w}")
-    from mergesmith.pipeline.api import log_choices, settle
+    from mergesmith.pipeline.run import log_choices, settle
 
     backend, why = choose_backend(plan, options.backend, options.device, transformed_output=False)
     options = settle(plan, options, backend)

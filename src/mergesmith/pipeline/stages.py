@@ -32,18 +32,18 @@ import json
 import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mergesmith.core.defaults import DEFAULT_SHARD_SIZE
 from mergesmith.core.errors import ConfigError, MergeError
 from mergesmith.core.model import ModelSource, TensorInfo, model_file, regular_file, resolve_model_dir
-from mergesmith.core.sizes import parse_size
 from mergesmith.core.write import MARKER as PARTIAL_MARKER
 from mergesmith.core.write import check_destination, check_relations, input_paths, output_lock, write_json
 from mergesmith.pipeline.config import MergeConfig, load_yaml_documents, parse_config
+from mergesmith.pipeline.options import MergeOptions, output_identity
 from mergesmith.pipeline.plan import MergePlan, build_plan
+from mergesmith.pipeline.run import config_refs, merge_one
 
 MARKER = "mergesmith_stage.json"
 MARKER_FORMAT = 1
@@ -402,29 +402,14 @@ def default_intermediate_dir(out_dir: Path) -> Path:
     return out_dir.parent / f"{out_dir.name}.stages"
 
 
-def run_stages(
-    config: str | Path | Sequence[dict],
-    out_dir: str | Path,
-    *,
-    intermediate_dir: str | Path | None = None,
-    overwrite: bool = False,
-    force: bool = False,
-    quiet: bool = False,
-    random_seed: int | None = None,
-    out_shard_size: str | int = DEFAULT_SHARD_SIZE,
-    copy_tokenizer: bool = True,
-    write_model_card: bool = True,
-    **exec_options: Any,
-) -> Path:
+def run_stages(config: str | Path | Sequence[dict], out_dir: str | Path, options: MergeOptions) -> Path:
     """Run a multi-stage file: every stage that is not up to date, in dependency order; returns OUT_DIR.
 
-    Intermediate stages go to ``intermediate_dir/<name>`` (default ``OUT_DIR.stages``), the final one to
-    ``out_dir``. ``overwrite`` (and ``force``, see :func:`mergesmith.core.write.check_destination`) is needed to
-    replace an ``out_dir`` that holds something else; stage folders that a previous run wrote (they carry a
-    marker) are replaced when stale. ``out_dir`` is locked for the whole run.
+    Intermediate stages go to ``options.intermediate_dir/<name>`` (default ``OUT_DIR.stages``), the final
+    one to ``out_dir``. ``overwrite`` (and ``force``, see :func:`mergesmith.core.write.check_destination`)
+    is needed to replace an ``out_dir`` that holds something else; stage folders that a previous run wrote
+    (they carry a marker) are replaced when stale. ``out_dir`` is locked for the whole run.
     """
-    from mergesmith.pipeline.api import config_refs
-
     out = Path(out_dir).expanduser().absolute()
     stages = load_stages(config)
     names = {s.name for s in stages if s.name}
@@ -432,84 +417,48 @@ def run_stages(
     inputs = input_paths(refs)
     check_relations(out, inputs)  # before the lock file is created, which could be inside an input
     with output_lock(out):
-        return _run_stages(
-            stages,
-            inputs,
-            out,
-            intermediate_dir,
-            overwrite,
-            force,
-            quiet,
-            random_seed,
-            out_shard_size,
-            copy_tokenizer,
-            write_model_card,
-            exec_options,
-        )
+        return _run_stages(stages, inputs, out, options)
 
 
-def _run_stages(
-    stages: list[Stage],
-    inputs: list[Path],
-    out: Path,
-    intermediate_dir: str | Path | None,
-    overwrite: bool,
-    force: bool,
-    quiet: bool,
-    random_seed: int | None,
-    out_shard_size: str | int,
-    copy_tokenizer: bool,
-    write_model_card: bool,
-    exec_options: dict[str, Any],
-) -> Path:
+def _run_stages(stages: list[Stage], inputs: list[Path], out: Path, options: MergeOptions) -> Path:
     order, final = stage_order(stages), final_stage(stages)
     inter = (
-        Path(intermediate_dir).expanduser().absolute() if intermediate_dir else default_intermediate_dir(out)
+        Path(options.intermediate_dir).expanduser().absolute()
+        if options.intermediate_dir
+        else default_intermediate_dir(out)
     )
     _check_folders(out, inter)
     dests = {st.index: out if st is final else inter / str(st.name) for st in order}
-    crimes, strict = exec_options.get("allow_crimes", False), exec_options.get("strict", False)
-    for sp in _plan_all(order, final, inter, crimes, strict):  # every stage checked before the first one runs
-        sp.plan.close()
-    options = {
-        "random_seed": random_seed or 0,
-        "out_shard_size": parse_size(out_shard_size),
-        "copy_tokenizer": copy_tokenizer,
-        "write_model_card": write_model_card,
-    }
-    if crimes:  # it changes what is written (tensors copied instead of refused); absent keeps old identities
-        options["allow_crimes"] = True
+    for sp in _plan_all(order, final, inter, options.allow_crimes, options.strict):
+        sp.plan.close()  # every stage checked before the first one runs
+    identity_options = output_identity(options)
     names = {s.name for s in stages if s.name}
     ids: dict[str, str] = {}
     todo: list[tuple[Stage, dict[str, Any], str]] = []
     for st in order:
-        identity = stage_identity(st, ids, names, options)
+        identity = stage_identity(st, ids, names, identity_options)
         if st.name:
             ids[st.name] = identity["hash"]
         reason = stale_reason(dests[st.index], identity)
         if reason is None:
-            _say(quiet, f"stage {st.label}: up to date, skipped ({dests[st.index]})")
+            _say(options.quiet, f"stage {st.label}: up to date, skipped ({dests[st.index]})")
             continue
         if st is final:
-            check_destination(out, overwrite=overwrite, force=force, inputs=[*inputs, inter])
+            check_destination(out, overwrite=options.overwrite, force=options.force, inputs=[*inputs, inter])
         else:
             _check_stage_folder(dests[st.index])
         todo.append((st, identity, reason))
-    merge_options = dict(
-        quiet=quiet,
-        random_seed=random_seed,
-        out_shard_size=out_shard_size,
-        copy_tokenizer=copy_tokenizer,
-        write_model_card=write_model_card,
-        **exec_options,
-    )
     for n, (st, identity, reason) in enumerate(todo, 1):
         dest = dests[st.index]
-        _say(quiet, f"stage {n}/{len(todo)} {st.label} ({reason}) -> {dest}")
+        _say(options.quiet, f"stage {n}/{len(todo)} {st.label} ({reason}) -> {dest}")
         doc = rewrite_refs(st.doc, lambda ref: _to_path(ref, names, inter))
-        _run_stage(doc, dest, identity, {**merge_options, "force": force and st is final})
+        # a stage replaces its own folder; only the final one may also need --force
+        stage_options = replace(
+            options, overwrite=True, force=options.force and st is final, intermediate_dir=None
+        )
+        _run_stage(doc, dest, identity, stage_options)
     if not todo:
-        _say(quiet, f"all {len(order)} stages up to date; {out} unchanged")
+        _say(options.quiet, f"all {len(order)} stages up to date; {out} unchanged")
     return out
 
 
@@ -542,18 +491,15 @@ def _to_path(ref: str, names: set[str], inter: Path) -> str:
     return str(inter / dep) + (f"+{adapter}" if adapter and ref != dep else "")
 
 
-def _run_stage(
-    doc: dict[str, Any], dest: Path, identity: dict[str, Any], merge_options: dict[str, Any]
-) -> None:
+def _run_stage(doc: dict[str, Any], dest: Path, identity: dict[str, Any], options: MergeOptions) -> None:
     """Merge with the marker added inside the temporary folder before it is renamed into place, so a folder
     with a marker is always complete."""
-    from mergesmith.pipeline.api import merge
 
     def add_marker(folder: Path) -> None:
         marker = {"format": MARKER_FORMAT, **identity, "files": _written_files(folder)}
         write_json(folder / MARKER, marker)
 
-    merge(doc, dest, overwrite=True, before_commit=add_marker, **merge_options)
+    merge_one(doc, dest, options, before_commit=add_marker)
 
 
 def _say(quiet: bool, message: str) -> None:
