@@ -5,176 +5,59 @@ each method is written as a small *kernel* that sees its inputs in row chunks: m
 global statistic of a tensor (a magnitude threshold, a norm, a cosine) declare ``passes`` and gather it
 in ``observe`` before ``apply`` computes each output chunk. A tensor that fits is one chunk, so the same
 code serves both cases, and ``merge_tensors`` runs any method on whole in-memory tensors.
+
+The protocol and the registry are in base.py, which every method module imports; this module reads the
+registry, after importing every method module (each registers itself).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from enum import Enum
+from collections.abc import Sequence
 from typing import Any
 
 from mergesmith.core._torch import torch
 from mergesmith.core.errors import MergeError
-from mergesmith.core.rng import RandomStream
+from mergesmith.methods.base import (
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    REGISTRY,
+    REQUIRED,
+    BaseRule,
+    Chunk,
+    Domain,
+    Kernel,
+    KernelFactory,
+    Method,
+    ParamSpec,
+    check_domain,
+    fill_defaults,
+    merge_whole,
+    register,
+    run_kernel,
+)
 
-
-class _Required:
-    def __repr__(self) -> str:
-        return "required"
-
-
-REQUIRED: Any = _Required()
-
-
-class BaseRule(Enum):
-    """What a method does with ``base_model``."""
-
-    REQUIRED = "required"  # task-vector methods: base is the reference point, other models are the inputs
-    OPTIONAL = "optional"  # with a base_model, as REQUIRED (task vectors); without, every model is an input
-    INPUT = "input"  # base (if any) is just one more weighted input (linear)
-    NONE = "none"  # one input per tensor (passthrough)
-
-
-@dataclass(frozen=True)
-class Domain:
-    """The values a numeric parameter may take: an interval whose ends may be open or infinite."""
-
-    low: float = -math.inf
-    high: float = math.inf
-    low_open: bool = False
-    high_open: bool = False
-
-    def __contains__(self, value: float) -> bool:
-        above = value > self.low if self.low_open else value >= self.low
-        below = value < self.high if self.high_open else value <= self.high
-        return above and below
-
-    def __str__(self) -> str:
-        if self.high == math.inf:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        if self.low == -math.inf:
-            return f"{'<' if self.high_open else '<='} {self.high:g}"
-        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-
-
-FRACTION = Domain(0.0, 1.0, low_open=True)  # (0, 1]: a share of entries kept
-NON_NEGATIVE = Domain(0.0)
-POSITIVE = Domain(0.0, low_open=True)
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    name: str
-    per_model: bool  # one value per input model (weight, density) rather than one per tensor (t, lambda)
-    default: Any = REQUIRED
-    kind: type = float
-    doc: str = ""
-    # the values for which the method is defined; None: any finite number (weights, lambda, t of slerp)
-    domain: Domain | None = None
-
-
-def check_domain(spec: ParamSpec, value: Any, where: str) -> None:
-    """A one-line MergeError if a resolved numeric value lies outside the parameter's domain."""
-    if spec.domain is None or value is None or isinstance(value, bool) or not isinstance(value, int | float):
-        return
-    if value not in spec.domain:
-        what = f" ({spec.doc})" if spec.doc else ""
-        at = f" {where}" if where else ""
-        raise MergeError(f"parameter {spec.name!r}{at} is {value:g}; it must be {_in(spec.domain)}{what}")
-
-
-def _in(domain: Domain) -> str:
-    text = str(domain)
-    return text if text[0] in "<>" else f"in {text}"
-
-
-@dataclass
-class Chunk:
-    """Rows of one output tensor's inputs, in the compute dtype ``dtype``; ``start`` is the flat element
-    offset. For a method with ``raw_inputs`` the tensors may still be in their stored floating dtype
-    (bf16, fp16), and the kernel converts them as it reads them.
-
-    ``base`` is None unless the method's BaseRule is REQUIRED, or OPTIONAL and a base_model is set.
-    """
-
-    base: torch.Tensor | None
-    models: list[torch.Tensor]
-    start: int
-    rng: list[RandomStream] | None = None
-    dtype: torch.dtype = None  # type: ignore[assignment]  # float32 when not given
-
-    def __post_init__(self) -> None:
-        if self.dtype is None:
-            self.dtype = torch.float32
-
-
-class Kernel:
-    """Computes one output tensor from chunks of its inputs.
-
-    ``passes`` statistic passes run first: for each pass p, ``observe(p, chunk)`` sees every chunk, then
-    ``end_pass(p)``. Then ``apply(chunk)`` returns each output chunk. Kernels must not keep references to
-    chunk tensors between calls, and may modify chunk tensors in place inside ``apply``.
-    """
-
-    passes: int = 0
-
-    def __init__(self, params: Mapping[str, Any], numel: int):
-        self.p = params
-        self.numel = numel
-
-    @classmethod
-    def check_params(cls, params: Mapping[str, Any]) -> None:
-        """Raise MergeError if one tensor's resolved parameters are invalid; the planner calls this."""
-
-    def observe(self, pass_index: int, chunk: Chunk) -> None:  # pragma: no cover - optional
-        raise NotImplementedError
-
-    def end_pass(self, pass_index: int) -> None:
-        pass
-
-    def apply(self, chunk: Chunk) -> torch.Tensor:
-        raise NotImplementedError
-
-    def run_whole(self, chunk: Chunk) -> torch.Tensor:
-        """The whole tensor in one chunk: its passes, then apply. Kernels may do this with less work."""
-        for p in range(self.passes):
-            self.observe(p, chunk)
-            self.end_pass(p)
-        return self.apply(chunk)
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    kernel: type[Kernel]
-    params: tuple[ParamSpec, ...]
-    base: BaseRule
-    min_models: int = 1  # non-base inputs (all inputs for BaseRule.INPUT)
-    max_models: int | None = None
-    random: bool = False
-    chunkable: bool = True  # output chunk depends only on the same rows of the inputs (after passes)
-    scratch: int = 2  # extra float buffers of chunk size that apply() needs, for the memory estimate
-    # the kernel accepts inputs in their stored floating dtype and converts while computing, which saves
-    # a conversion pass over every input
-    raw_inputs: bool = False
-    # the kernel does all its array work through methods.arrays, so the native backend (numpy, no
-    # torch) can run it on float32 arrays with the same results
-    native: bool = False
-    summary: str = ""
-    param_index: dict[str, ParamSpec] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self):
-        object.__setattr__(self, "param_index", {p.name: p for p in self.params})
-
-
-REGISTRY: dict[str, Method] = {}
-
-
-def register(method: Method) -> Method:
-    REGISTRY[method.name] = method
-    return method
+__all__ = [
+    "FRACTION",
+    "NON_NEGATIVE",
+    "POSITIVE",
+    "REQUIRED",
+    "BaseRule",
+    "Chunk",
+    "Domain",
+    "Kernel",
+    "KernelFactory",
+    "Method",
+    "ParamSpec",
+    "all_parameter_names",
+    "check_domain",
+    "fill_defaults",
+    "get_method",
+    "merge_tensors",
+    "methods",
+    "register",
+    "run_kernel",
+]
 
 
 def get_method(name: str) -> Method:
@@ -225,11 +108,6 @@ def _load_all() -> None:
     _loaded = True
 
 
-def run_kernel(method: Method, params: Mapping[str, Any], chunk: Chunk) -> torch.Tensor:
-    """Run a method over one whole chunk: its passes, then apply."""
-    return method.kernel(params, chunk.models[0].numel()).run_whole(chunk)
-
-
 def merge_tensors(
     method: str,
     tensors: Sequence[torch.Tensor],
@@ -243,38 +121,4 @@ def merge_tensors(
 
     Inputs are computed in float32 (float64 stays float64) and the result keeps that dtype.
     """
-    m = get_method(method)
-    resolved = fill_defaults(m, params, len(tensors))
-    m.kernel.check_params(resolved)
-    dtype = (
-        torch.float64
-        if any(t.dtype == torch.float64 for t in [*tensors, *([base] if base is not None else [])])
-        else torch.float32
-    )
-    models = [t.to(dtype).clone() for t in tensors]
-    b = base.to(dtype).clone() if base is not None else None
-    rng = [RandomStream(seed, name, i, models[0].numel()) for i in range(len(models))] if m.random else None
-    return run_kernel(m, resolved, Chunk(b, models, 0, rng))
-
-
-def fill_defaults(method: Method, params: Mapping[str, Any], n_models: int) -> dict[str, Any]:
-    """Parameters for a kernel: defaults filled in, per-model ones as tuples, unknown names rejected."""
-    out: dict[str, Any] = {}
-    for key in params:
-        if key not in method.param_index:
-            raise MergeError(f"merge_method {method.name!r} has no parameter {key!r}")
-    for spec in method.params:
-        value = params.get(spec.name, spec.default)
-        if value is REQUIRED:
-            raise MergeError(f"merge_method {method.name!r} needs parameter {spec.name!r}")
-        if spec.per_model:
-            value = tuple(value) if isinstance(value, list | tuple) else (value,) * n_models
-            for i, v in enumerate(value):
-                check_domain(spec, v, f"of model {i}")
-        else:
-            check_domain(spec, value, "")
-        out[spec.name] = value
-    return out
-
-
-KernelFactory = Callable[[Mapping[str, Any], int], Kernel]
+    return merge_whole(get_method(method), tensors, base, seed=seed, name=name, **params)

@@ -18,7 +18,7 @@ configured dtype (mergekit returns float32 whatever ``dtype`` says).
 from __future__ import annotations
 
 from mergesmith.core._torch import torch
-from mergesmith.methods import BaseRule, Chunk, Kernel, Method, register
+from mergesmith.methods.base import BaseRule, Chunk, Kernel, Method, register
 from mergesmith.methods.sparsify import OrderStatistics
 
 QUANTILES = (0.25, 0.5, 0.75)

@@ -21,7 +21,7 @@ tensor with fewer than 1/gamma entries is not zeroed.
 from __future__ import annotations
 
 from mergesmith.core._torch import torch
-from mergesmith.methods import BaseRule, Chunk, Domain, Method, ParamSpec, register
+from mergesmith.methods.base import BaseRule, Chunk, Domain, Method, ParamSpec, register
 from mergesmith.methods.sparsify import MagnitudeBand, band_counts
 from mergesmith.methods.task_arithmetic import RESCALE_EPS, TaskArithmeticKernel, _params
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from mergesmith.core._torch import torch
 from mergesmith.core.errors import MergeError
-from mergesmith.methods import NON_NEGATIVE, BaseRule, Chunk, Method, ParamSpec, register
+from mergesmith.methods.base import NON_NEGATIVE, BaseRule, Chunk, Method, ParamSpec, register
 from mergesmith.methods.sparsify import rank_keep_probability
 from mergesmith.methods.task_arithmetic import TaskArithmeticKernel, _params
 

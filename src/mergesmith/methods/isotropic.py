@@ -23,7 +23,7 @@ default here (FusionBench's), larger values (about 1.3-1.5) are common.
 from __future__ import annotations
 
 from mergesmith.core._torch import torch
-from mergesmith.methods import BaseRule, Chunk, Domain, Kernel, Method, ParamSpec, register
+from mergesmith.methods.base import BaseRule, Chunk, Domain, Kernel, Method, ParamSpec, register
 from mergesmith.methods.tsv import mean_task_vector, polar_factor
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from mergesmith.core import loops
 from mergesmith.core._torch import torch
 from mergesmith.core.errors import MergeError
-from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, arrays, register
+from mergesmith.methods import arrays
+from mergesmith.methods.base import BaseRule, Chunk, Kernel, Method, ParamSpec, register
 
 
 class LinearKernel(Kernel):
@@ -62,10 +63,3 @@ register(
         summary="weighted average of the models",
     )
 )
-
-
-def linear(tensors: list[torch.Tensor], *, weight: list[float], normalize: bool = True) -> torch.Tensor:
-    """out = sum_i w_i theta_i / sum_i w_i (no division when ``normalize`` is false)."""
-    from mergesmith.methods import merge_tensors
-
-    return merge_tensors("linear", tensors, weight=weight, normalize=normalize)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from mergesmith.core._torch import torch
 from mergesmith.core.errors import MergeError
-from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, register
+from mergesmith.methods.base import BaseRule, Chunk, Kernel, Method, ParamSpec, register
 from mergesmith.methods.stats import GramAccumulator, row_gram, unit_gram
 
 

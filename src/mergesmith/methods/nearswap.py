@@ -12,7 +12,7 @@ towards it. From alchemonaut's QuartetAnemoi-70B-t0.0001 (model card), as mergek
 from __future__ import annotations
 
 from mergesmith.core._torch import torch
-from mergesmith.methods import NON_NEGATIVE, BaseRule, Chunk, Kernel, Method, ParamSpec, register
+from mergesmith.methods.base import NON_NEGATIVE, BaseRule, Chunk, Kernel, Method, ParamSpec, register
 
 MIN_DISTANCE = 1e-6
 

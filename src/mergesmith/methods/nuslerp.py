@@ -18,7 +18,7 @@ mergekit (no paper); SLERP itself is Shoemake (1985).
 from __future__ import annotations
 
 from mergesmith.core._torch import torch
-from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, register
+from mergesmith.methods.base import BaseRule, Chunk, Kernel, Method, ParamSpec, register
 from mergesmith.methods.stats import SUM_BLOCK
 
 COLLINEAR_SIN = 1e-8

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mergesmith.core._torch import torch
-from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, register
+from mergesmith.methods.base import BaseRule, Chunk, Kernel, Method, ParamSpec, register
 
 
 class PassthroughKernel(Kernel):

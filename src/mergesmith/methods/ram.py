@@ -14,7 +14,7 @@ updates is not implemented.)
 from __future__ import annotations
 
 from mergesmith.core._torch import torch
-from mergesmith.methods import NON_NEGATIVE, BaseRule, Chunk, Kernel, Method, ParamSpec, register
+from mergesmith.methods.base import NON_NEGATIVE, BaseRule, Chunk, Kernel, Method, ParamSpec, register
 
 
 class RamKernel(Kernel):

@@ -19,7 +19,7 @@ pass over the selected deltas.
 from __future__ import annotations
 
 from mergesmith.core._torch import torch
-from mergesmith.methods import FRACTION, BaseRule, Chunk, Kernel, Method, ParamSpec, register
+from mergesmith.methods.base import FRACTION, BaseRule, Chunk, Kernel, Method, ParamSpec, register
 from mergesmith.methods.sparsify import OrderStatistics, keep_count, magnitude_bits
 
 

@@ -8,7 +8,8 @@ import numpy as np
 
 from mergesmith.core import loops
 from mergesmith.core._torch import torch
-from mergesmith.methods import BaseRule, Chunk, Kernel, Method, ParamSpec, arrays, register
+from mergesmith.methods import arrays
+from mergesmith.methods.base import BaseRule, Chunk, Kernel, Method, ParamSpec, merge_whole, register
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -86,7 +87,7 @@ class SlerpKernel(Kernel):
         return arrays.axpy(arrays.mul(base, c0), c1, other)
 
 
-register(
+SLERP = register(
     Method(
         name="slerp",
         kernel=SlerpKernel,
@@ -106,6 +107,4 @@ register(
 
 def slerp(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
     """Spherical interpolation from ``v0`` (t = 0) to ``v1`` (t = 1) over the flattened tensors."""
-    from mergesmith.methods import merge_tensors
-
-    return merge_tensors("slerp", [v1], base=v0, t=t)
+    return merge_whole(SLERP, [v1], base=v0, t=t)

@@ -12,7 +12,7 @@ import math
 
 from mergesmith.core._torch import torch
 from mergesmith.core.errors import MergeError
-from mergesmith.methods import (
+from mergesmith.methods.base import (
     NON_NEGATIVE,
     POSITIVE,
     BaseRule,

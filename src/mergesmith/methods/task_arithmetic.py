@@ -23,8 +23,9 @@ import numpy as np
 from mergesmith.core import loops
 from mergesmith.core._torch import torch
 from mergesmith.core.rng import threshold_of
-from mergesmith.methods import FRACTION, BaseRule, Chunk, Kernel, Method, ParamSpec, arrays, register
+from mergesmith.methods import arrays
 from mergesmith.methods.arrays import mask_in_place
+from mergesmith.methods.base import FRACTION, BaseRule, Chunk, Kernel, Method, ParamSpec, register
 from mergesmith.methods.sparsify import TopKThreshold, keep_count
 from mergesmith.methods.stats import RowL1
 

@@ -18,7 +18,7 @@ tuning). Needs each whole matrix (not chunked), and an SVD per task per matrix.
 from __future__ import annotations
 
 from mergesmith.core._torch import torch
-from mergesmith.methods import BaseRule, Chunk, Domain, Kernel, Method, ParamSpec, register
+from mergesmith.methods.base import BaseRule, Chunk, Domain, Kernel, Method, ParamSpec, register
 
 
 def polar_factor(m: torch.Tensor) -> torch.Tensor:
