@@ -4,6 +4,7 @@ the Python APIs, before anything is written."""
 from __future__ import annotations
 
 import argparse
+import inspect
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,27 @@ def test_moe_default_workers_is_auto(llama_trio, tmp_path, monkeypatch):
     )
     build.build_moe(_configs(tmp_path, llama_trio)["moe"], tmp_path / "out", quiet=True)
     assert seen == [3]
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    from mergesmith.cli import build_parser
+
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_every_command_has_the_same_handler_and_shared_flags():
+    commands = _subcommands()
+    assert set(commands) == {"merge", "plan", "eval", "extract-lora", "bitnet", "moe"}
+    for name, sub in commands.items():
+        flags = {s: a for a in sub._actions for s in a.option_strings}
+        assert {"-q", "--quiet", "-v", "--verbose"} <= set(flags), name
+        func = sub.get_default("func")
+        assert func.__name__ == "run" and list(inspect.signature(func).parameters) == ["args"], name
+        if "--workers" in flags:
+            assert flags["--workers"].default is None, f"{name}: --workers defaults to auto"
+        if "--overwrite" in flags:
+            assert "--force" in flags, name
+    writes = {"merge", "extract-lora", "bitnet", "moe"}
+    assert {n for n, s in commands.items() if "--overwrite" in s._option_string_actions} == writes

@@ -9,6 +9,7 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _cli import run_command
 from mergesmith.cli import main
 from mergesmith.core.sizes import human_size, size_change
 from mergesmith.pipeline.config import load_config
@@ -100,7 +101,7 @@ def test_bitnet_size_line(llama_trio, tmp_path):
     out_dir = tmp_path / "bitnet"
     args = parser.parse_args(["bitnet", str(b), str(out_dir)])
     out, err = io.StringIO(), io.StringIO()
-    assert command.run(args, out=out, err=err) == 0
+    assert run_command(args, out, err) == 0
     before = sum(p.stat().st_size for p in b.glob("*.safetensors"))
     after = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
     assert out.getvalue().splitlines()[-1] == f"size: {size_change(before, after)}, written to {out_dir}"

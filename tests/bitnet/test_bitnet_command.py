@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from _cli import run_command
 from mergesmith.bitnet import command
 from mergesmith.core.errors import MergeError
 from mergesmith.core.sources import open_checkpoint
@@ -25,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
 def _run(*argv):
     args = _parser().parse_args(["bitnet", *map(str, argv)])
     out, err = io.StringIO(), io.StringIO()
-    code = args.func(args, out=out, err=err)
+    code = run_command(args, out, err)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -209,3 +210,17 @@ def test_command_module_imports_without_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_python_api_writes_what_the_command_writes(saved, tmp_path):
+    import mergesmith.bitnet
+
+    code, _, _ = _run(saved, tmp_path / "cli", "--include", "mlp")
+    assert code == 0
+    out = io.StringIO()
+    path = mergesmith.bitnet.convert_model(
+        saved, tmp_path / "api", include=["mlp"], out=out, err=io.StringIO()
+    )
+    assert path == tmp_path / "api" and "weights ternarised" in out.getvalue()
+    for f in (tmp_path / "cli").iterdir():
+        assert (tmp_path / "api" / f.name).read_bytes() == f.read_bytes(), f.name

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers.integrations.bitnet import ActQuant
 
+from _cli import run_command
 from mergesmith.bitnet.reference import (
     TernaryLinear,
     fake_quantize_activations,
@@ -80,7 +81,7 @@ def test_load_reference_model_from_a_packed_checkpoint(tmp_path, tiny, tied):
     parser = argparse.ArgumentParser()
     command.register(parser.add_subparsers())
     args = parser.parse_args(["bitnet", str(tmp_path / "float"), str(tmp_path / "packed")])
-    assert args.func(args, out=io.StringIO(), err=io.StringIO()) == 0
+    assert run_command(args, io.StringIO(), io.StringIO()) == 0
 
     ours = load_reference_model(tmp_path / "packed")
     ternary = [m for m in ours.modules() if isinstance(m, TernaryLinear)]

@@ -17,8 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from _cli import run_command
 from mergesmith.bitnet import command
 from mergesmith.bitnet.gguf_tokenizer import LLAMA3_REGEX, SPM_SPACE, tokenizer_metadata
+from mergesmith.core.errors import MergeError
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. It's 12345 o'clock!!",
@@ -102,7 +104,7 @@ def _export(tmp_path, tiny, tok: Tokenizer | None, config: dict | None = None, o
     command.register(parser.add_subparsers())
     args = parser.parse_args(["bitnet", str(path), str(tmp_path / out_name), "--format", "gguf"])
     out, err = io.StringIO(), io.StringIO()
-    assert args.func(args, out=out, err=err) == 0
+    assert run_command(args, out, err) == 0
     return gguf.GGUFReader(tmp_path / out_name), out.getvalue(), err.getvalue()
 
 
@@ -337,7 +339,7 @@ def test_gguf_file_named_out_is_written_atomically_and_reports_kept_matrices(tmp
     def run(*extra):
         args = parser.parse_args(["bitnet", str(src), str(target), "--format", "gguf", *extra])
         out = io.StringIO()
-        args.func(args, out=out, err=io.StringIO())
+        run_command(args, out, io.StringIO())
         return out.getvalue()
 
     out = run()
@@ -346,11 +348,11 @@ def test_gguf_file_named_out_is_written_atomically_and_reports_kept_matrices(tmp
     assert "GGUF: 6 of 7 selected matrices are TQ2_0, 1 kept in high precision" in out
     assert re.search(r"TQ2_0 holds \d+\.\d% of the matrix weights, general.file_type = MOSTLY_TQ2_0", out)
     assert "down_proj: kept in high precision (in_features 320 is not a multiple of 256)" in out
-    with pytest.raises(command.MergeError, match="already exists; pass --overwrite"):
+    with pytest.raises(MergeError, match="already exists; pass --overwrite"):
         run()
     run("--overwrite")
     assert gguf.GGUFReader(target).fields["general.file_type"].parts[-1][0] == gguf.LlamaFileType.MOSTLY_TQ2_0
-    with pytest.raises(command.MergeError, match="add --format gguf"):
+    with pytest.raises(MergeError, match="add --format gguf"):
         parser.parse_args(["bitnet", str(src), str(target)]).func(
             parser.parse_args(["bitnet", str(src), str(target)])
         )
@@ -365,7 +367,7 @@ def test_file_type_names_the_type_holding_most_matrix_weights(tmp_path, tiny):
     command.register(parser.add_subparsers())
     args = parser.parse_args(["bitnet", str(src), str(tmp_path / "o.gguf"), "--format", "gguf"])
     out = io.StringIO()
-    args.func(args, out=out, err=io.StringIO())
+    run_command(args, out, io.StringIO())
     assert "GGUF: 1 of 7 selected matrices are TQ2_0, 6 kept" in out.getvalue()
     assert "general.file_type = MOSTLY_F16" in out.getvalue()
     reader = gguf.GGUFReader(tmp_path / "o.gguf")
@@ -379,9 +381,9 @@ def test_failed_gguf_file_export_leaves_nothing(tmp_path, tiny):
     parser = argparse.ArgumentParser()
     command.register(parser.add_subparsers())
     args = parser.parse_args(["bitnet", str(src), str(tmp_path / "o.gguf"), "--format", "gguf"])
-    with pytest.raises(command.MergeError, match="no weight"):
-        args.func(args, out=io.StringIO(), err=io.StringIO())
+    with pytest.raises(MergeError, match="no weight"):
+        run_command(args, io.StringIO(), io.StringIO())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     args = parser.parse_args(["bitnet", str(src), str(src / "x.gguf"), "--format", "gguf"])
-    with pytest.raises(command.MergeError, match="is inside the input"):
-        args.func(args, out=io.StringIO(), err=io.StringIO())
+    with pytest.raises(MergeError, match="is inside the input"):
+        run_command(args, io.StringIO(), io.StringIO())

@@ -26,3 +26,38 @@ def check_workers(workers: int | None) -> int | None:
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise MergeError(f"--workers must be a whole number of at least 1, got {workers!r}")
     return workers
+
+
+# The flags that mean the same in every command, added by one function each.
+
+
+def add_verbosity(
+    p: argparse.ArgumentParser, quiet: str, verbose: str = "more detail: -v logs info lines"
+) -> None:
+    """``-q/--quiet`` (``quiet`` says what it leaves out) and ``-v/--verbose`` (log lines at info level;
+    ``verbose`` says which)."""
+    p.add_argument("--quiet", "-q", action="store_true", help=quiet)
+    p.add_argument("-v", "--verbose", action="count", default=0, help=verbose)
+
+
+def add_output_folder(p: argparse.ArgumentParser, what: str = "OUT_DIR") -> None:
+    """``--overwrite`` and ``--force`` for a command that writes an output folder (see
+    :class:`mergesmith.core.write.OutputFolder`)."""
+    p.add_argument("--overwrite", action="store_true", help=f"replace {what} if it exists and holds a model")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --overwrite, also replace an OUT_DIR that does not hold a model",
+    )
+
+
+def add_workers(p: argparse.ArgumentParser, what: str) -> None:
+    """``--workers N``; left out, the command chooses (:func:`mergesmith.core.devices.default_workers`)."""
+    p.add_argument(
+        "--workers", type=positive_int, metavar="N", help=f"{what} at once, at least 1 (default: 2-3)"
+    )
+
+
+def add_device(p: argparse.ArgumentParser, what: str) -> None:
+    """``--device``, checked by :func:`mergesmith.core.devices.check_device` when the command runs."""
+    p.add_argument("--device", default="cpu", help=f"{what}: cpu (default), cuda or cuda:N")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mergesmith.core.cliargs import add_verbosity
 from mergesmith.core.errors import MergeError
 
 if TYPE_CHECKING:  # the modules below import transformers: only when the command runs
@@ -70,7 +71,7 @@ def register(subparsers: Any) -> None:
         "--limit", type=int, default=None, metavar="N", help="score only the first N lines of each tasks file"
     )
     parser.add_argument("--json", action="store_true", help="print results as JSON instead of a table")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+    add_verbosity(parser, "no progress bar on stderr")
     parser.set_defaults(func=run)
 
 

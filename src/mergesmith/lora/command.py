@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from mergesmith.core.cliargs import add_device, add_output_folder, add_verbosity
+
 DESCRIPTION = """\
 Extract a LoRA adapter: for every 2-D weight inside the decoder layers (and, with
 --include-embeddings, the embeddings and lm_head), the difference MODEL - BASE is factored by a
@@ -62,18 +64,14 @@ def register(subparsers: Any) -> None:
         choices=("float32", "float16", "bfloat16"),
         help="dtype of the saved factors (default: the fine-tuned model's)",
     )
-    p.add_argument("--device", default="cpu", help="where the SVDs run: cpu (default), cuda or cuda:N")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and holds a model")
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="with --overwrite, also replace an OUT_DIR that does not hold a model",
-    )
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or table")
-    p.set_defaults(func=_run)
+    add_device(p, "where the SVDs run")
+    add_output_folder(p)
+    add_verbosity(p, "no progress bar or table")
+    p.set_defaults(func=run)
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Run the command; returns 0. Expected failures raise MergeError."""
     from mergesmith.lora.extract import extract_lora, format_table
 
     reports = extract_lora(

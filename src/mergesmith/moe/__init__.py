@@ -4,23 +4,16 @@
 imported on first use, so that registering the command (``mergesmith --help``) does not load torch.
 """
 
-from __future__ import annotations
+from mergesmith.core.lazy import lazy_exports
 
-from importlib import import_module
-from typing import Any
-
-_WHERE = {
-    "MoEConfig": "mergesmith.moe.config",
-    "load_moe_config": "mergesmith.moe.config",
-    "MoEResult": "mergesmith.moe.build",
-    "build_moe": "mergesmith.moe.build",
-    "make_moe_plan": "mergesmith.moe.build",
-}
-
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'mergesmith.moe' has no attribute {name!r}")
-    return getattr(import_module(_WHERE[name]), name)
+__all__ = ["MoEConfig", "MoEResult", "build_moe", "load_moe_config", "make_moe_plan"]
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "MoEConfig": "mergesmith.moe.config",
+        "load_moe_config": "mergesmith.moe.config",
+        "MoEResult": "mergesmith.moe.build",
+        "build_moe": "mergesmith.moe.build",
+        "make_moe_plan": "mergesmith.moe.build",
+    },
+)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from mergesmith.core.cliargs import positive_int
+from mergesmith.core.cliargs import add_device, add_output_folder, add_verbosity, add_workers
 from mergesmith.core.defaults import DEFAULT_SHARD_SIZE
 
 if TYPE_CHECKING:  # the builder pulls in torch; `mergesmith --help` should not
@@ -31,12 +31,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("config", metavar="CONFIG.yml")
     p.add_argument("out_dir", metavar="OUT_DIR")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and holds a model")
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="with --overwrite, also replace an OUT_DIR that does not hold a model",
-    )
+    add_output_folder(p)
     p.add_argument(
         "--out-shard-size",
         default=DEFAULT_SHARD_SIZE,
@@ -46,11 +41,7 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--random-seed", type=int, default=0, metavar="N", help="seed of random routers and noise (default 0)"
     )
-    p.add_argument(
-        "--device",
-        default="cpu",
-        help="where the base model runs for the prompt pass: cpu (default), cuda or cuda:N",
-    )
+    add_device(p, "where the base model runs for the prompt pass")
     p.add_argument(
         "--batch-size", type=int, default=16, metavar="N", help="prompts per forward pass (default 16)"
     )
@@ -60,19 +51,17 @@ def register(subparsers: Any) -> None:
         help="write transformers 5's fused expert tensors (experts.gate_up_proj/down_proj) instead of one "
         "tensor per expert and projection",
     )
-    p.add_argument(
-        "--workers", type=positive_int, metavar="N", help="tensors copied at once, at least 1 (default: 2-3)"
-    )
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, summary or router report")
+    add_workers(p, "tensors copied")
+    add_verbosity(p, "no progress bar, summary or router report")
     p.add_argument("--no-copy-tokenizer", action="store_true", help="do not copy the base model's tokenizer")
     p.add_argument(
         "--no-model-card", action="store_true", help="do not write README.md and mergesmith_moe_config.yml"
     )
-    p.add_argument("-v", "--verbose", action="count", default=0)
-    p.set_defaults(func=_moe)
+    p.set_defaults(func=run)
 
 
-def _moe(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Run the command; returns 0. Expected failures raise MergeError."""
     from mergesmith.moe.build import build_moe
 
     result = build_moe(

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from mergesmith.core.cliargs import positive_int
+from mergesmith.core.cliargs import add_device, add_output_folder, add_verbosity, add_workers
 from mergesmith.core.defaults import DEFAULT_SHARD_SIZE, OUT_FORMATS
 
 if TYPE_CHECKING:
@@ -17,15 +17,13 @@ if TYPE_CHECKING:
 # torch and the engine are imported inside the handlers, so that `--help` stays fast
 
 
+VERBOSE = "more detail: -v info (backend, budget, per-stage timing)"
+
+
 def _add_exec_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-limit", metavar="SIZE", help="keep peak memory under SIZE (e.g. 2G, 800M)")
-    p.add_argument(
-        "--workers",
-        type=positive_int,
-        metavar="N",
-        help="tensors processed at once, at least 1 (default: 2-3)",
-    )
-    p.add_argument("--device", default="cpu", help="where the maths runs: cpu (default), cuda or cuda:N")
+    add_workers(p, "tensors processed")
+    add_device(p, "where the maths runs")
     p.add_argument(
         "--random-seed", type=int, default=0, metavar="N", help="seed for DARE's random masks (default 0)"
     )
@@ -50,13 +48,6 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="make every warning an error (e.g. a parameter the method ignores where it is written)",
     )
-    p.add_argument(
-        "-v",
-        "--verbose",
-        action="count",
-        default=0,
-        help="more detail: -v info (backend, budget, per-stage timing)",
-    )
 
 
 def register(sub) -> None:
@@ -70,12 +61,7 @@ def register(sub) -> None:
     )
     p.add_argument("config", metavar="CONFIG.yml")
     p.add_argument("out_dir", metavar="OUT_DIR")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and holds a model")
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="with --overwrite, also replace an OUT_DIR that does not hold a model",
-    )
+    add_output_folder(p)
     p.add_argument(
         "--intermediate-dir",
         "-I",
@@ -97,12 +83,12 @@ def register(sub) -> None:
     )
     _add_exec_options(p)
     _add_plan_options(p)
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+    add_verbosity(p, "no progress bar or summary", VERBOSE)
     p.add_argument("--no-copy-tokenizer", action="store_true", help="do not copy tokenizer files")
     p.add_argument(
         "--no-model-card", action="store_true", help="do not write README.md and mergesmith_config.yml"
     )
-    p.set_defaults(func=_merge)
+    p.set_defaults(func=run, command="merge")
 
     q = sub.add_parser(
         "plan",
@@ -117,7 +103,13 @@ def register(sub) -> None:
     q.add_argument(
         "--summary", action="store_true", help="only the summary line (of each stage, for multi-stage files)"
     )
-    q.set_defaults(func=_plan)
+    add_verbosity(q, "only the summary line (as --summary)", VERBOSE)
+    q.set_defaults(func=run, command="plan")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``merge`` or ``plan``, as parsed; returns 0. Expected failures raise MergeError."""
+    return _merge(args) if args.command == "merge" else _plan(args)
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -167,7 +159,7 @@ def _plan(args: argparse.Namespace) -> int:
     if not is_multi_stage(args.config):
         plan = make_plan(args.config, allow_crimes=args.allow_crimes, strict=args.strict)
         try:
-            _print_plan(plan, options, args.summary)
+            _print_plan(plan, options, args.summary or args.quiet)
         finally:
             plan.close()
         return 0
@@ -176,7 +168,7 @@ def _plan(args: argparse.Namespace) -> int:
         for i, sp in enumerate(stages, 1):
             where = "OUT_DIR (final)" if sp.final else f"<intermediate-dir>/{sp.stage.name}"
             print(f"## stage {i}/{len(stages)}: {sp.stage.label} -> {where}")
-            _print_plan(sp.plan, options, args.summary)
+            _print_plan(sp.plan, options, args.summary or args.quiet)
     finally:
         for sp in stages:
             sp.plan.close()
