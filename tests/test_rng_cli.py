@@ -41,7 +41,7 @@ def test_keep_mask_streams_differ_above_2_to_the_32():
 
 
 def test_keep_mask_probability_and_edges():
-    stream = RandomStream(0, "t", 0, 1 << 21)
+    stream = RandomStream(0, "t", 0)
     for p in (0.1, 0.5, 0.9):
         share = stream.keep(0, 1 << 21, p).float().mean().item()
         # 2M Bernoulli draws: the standard deviation of the share is under 4e-4
@@ -49,14 +49,14 @@ def test_keep_mask_probability_and_edges():
     assert stream.keep(0, 1000, 1.0).all()
     assert not stream.keep(0, 1000, 0.0).any()
     # another model index or tensor name gives another mask
-    other = RandomStream(0, "t", 1, 1 << 21).keep(0, 4096, 0.5)
+    other = RandomStream(0, "t", 1).keep(0, 4096, 0.5)
     assert not torch.equal(other, stream.keep(0, 4096, 0.5))
 
 
 def test_keep_mask_is_fixed_for_a_seed():
     """The stream is part of the output format: a change here changes every DARE merge."""
-    a = RandomStream(1234, "model.layers.0.mlp.up_proj.weight", 0, 64).keep(0, 64, 0.5)
-    b = RandomStream(1234, "model.layers.0.mlp.up_proj.weight", 0, 64).keep(0, 64, 0.5)
+    a = RandomStream(1234, "model.layers.0.mlp.up_proj.weight", 0).keep(0, 64, 0.5)
+    b = RandomStream(1234, "model.layers.0.mlp.up_proj.weight", 0).keep(0, 64, 0.5)
     assert torch.equal(a, b)
     assert 16 < int(a.sum()) < 48
 
@@ -80,7 +80,7 @@ def test_cli_help_does_not_import_torch_or_transformers(argv):
 
 def test_keep_mask_with_one_probability_per_element():
     n = 1 << 20
-    stream = RandomStream(5, "w", 0, n)
+    stream = RandomStream(5, "w", 0)
     p = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
     keep = stream.keep(0, n, p)
     assert not keep[0] and keep[-1]  # probability 0 and 1 are exact
@@ -96,6 +96,6 @@ def test_keep_mask_resolves_probabilities_finer_than_16_bits():
     """Every element draws 32 bits: the probability is exact to 2**-32, not 2**-16."""
     n = 1 << 24
     tiny = 3.5 / 65536  # halfway between two 16-bit steps
-    kept = int(RandomStream(9, "w", 0, n).keep(0, n, tiny).sum())
+    kept = int(RandomStream(9, "w", 0).keep(0, n, tiny).sum())
     expected = n * tiny  # 896; 16-bit resolution would give 768 or 1024 (sd ~30)
     assert abs(kept - expected) < 90

@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mergesmith.bitnet.convert import DictSource, iter_gguf_tensors, plan_gguf_export
-from mergesmith.bitnet.gguf_export import llama_metadata, rope_permute, tokenizer_metadata
+from mergesmith.bitnet.gguf_export import llama_metadata, rope_permute
+from mergesmith.bitnet.gguf_tokenizer import tokenizer_metadata
 from mergesmith.bitnet.io import write_gguf_stream
 from mergesmith.core.bitnet.quant import TensorSelector, ternarize
 

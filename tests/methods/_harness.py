@@ -27,7 +27,7 @@ def run_chunked(
     numel = models[0].numel()
     row_elems = numel // models[0].shape[0]
     kernel = m.kernel(resolved, numel)
-    rng = [RandomStream(seed, name, i, numel) for i in range(len(models))] if m.random else None
+    rng = [RandomStream(seed, name, i) for i in range(len(models))] if m.random else None
 
     def load(r: int) -> Chunk:
         sl = slice(r, r + rows)

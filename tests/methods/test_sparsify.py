@@ -2,7 +2,21 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mergesmith.methods.sparsify import TopKThreshold, keep_count, magnitude_mask
+from mergesmith.methods.sparsify import TopKThreshold, keep_count
+
+
+def magnitude_mask(x: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep mask of the top ``density`` fraction of |x| (whole tensor in memory); zeros never kept: the
+    TIES selection (TopKThreshold.find_in and trim) on one in-memory tensor."""
+    k = keep_count(density, x.numel())
+    xf = x.float().contiguous()
+    if k >= x.numel():
+        return xf != 0
+    if k == 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    sel = TopKThreshold(k)
+    sel.find_in(xf)
+    return sel.trim(xf) != 0
 
 
 def test_golden_mask():

@@ -100,7 +100,7 @@ def test_dare_is_reproducible_and_seed_dependent():
 def _run_chunked(method_name, params, base, models, rows, seed=0):
     method = get_method(method_name)
     kernel = method.kernel(params, base.numel())
-    rng = [RandomStream(seed, "t", i, base.numel()) for i in range(len(models))] if method.random else None
+    rng = [RandomStream(seed, "t", i) for i in range(len(models))] if method.random else None
     row = base[0].numel()
 
     def chunks():

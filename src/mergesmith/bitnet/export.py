@@ -220,7 +220,8 @@ def _write_gguf(
     """Stream the GGUF export into the file ``path``: header from the plan, then each tensor.
     Returns the stats, the selected matrices kept in high precision, and a summary line."""
     from mergesmith.bitnet.convert import iter_gguf_tensors, plan_gguf_export
-    from mergesmith.bitnet.gguf_export import gguf_file_type, llama_metadata, tokenizer_metadata
+    from mergesmith.bitnet.gguf_export import gguf_file_type, llama_metadata
+    from mergesmith.bitnet.gguf_tokenizer import tokenizer_metadata
     from mergesmith.bitnet.io import read_json, write_gguf_stream
 
     plan = plan_gguf_export(data, selector, args.gguf_type)

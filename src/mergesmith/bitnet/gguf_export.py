@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from mergesmith.bitnet.gguf_tokenizer import tokenizer_metadata as tokenizer_metadata  # re-export
 from mergesmith.core.bitnet.constants import QTYPES
 from mergesmith.core.bitnet.quant import Ternary
 

@@ -24,14 +24,6 @@ def layer_of(name: str) -> int | None:
     return int(m.group(2)) if m else None
 
 
-def with_layer(name: str, layer: int) -> str:
-    """``name`` with its layer index replaced by ``layer``."""
-    m = LAYER_RE.search(name)
-    if m is None:
-        raise ValueError(f"{name!r} is not a layer tensor")
-    return name[: m.start(2)] + str(layer) + name[m.end(2) :]
-
-
 def layer_template(name: str) -> str:
     """The name with its layer index replaced by ``{}``: ``model.layers.{}.mlp.up_proj.weight``."""
     m = LAYER_RE.search(name)

@@ -34,7 +34,7 @@ def threshold_of(probability: float) -> int:
 class RandomStream:
     """Random keep masks for the flat element range of one (tensor, model) pair."""
 
-    def __init__(self, seed: int, tensor_name: str, model_index: int, numel: int = 0):
+    def __init__(self, seed: int, tensor_name: str, model_index: int):
         key = derive_seed(seed, tensor_name, model_index)
         self.k0 = np.uint32(key & 0xFFFFFFFF)
         self.k1 = np.uint32((key >> 32) & 0xFFFFFFFF)

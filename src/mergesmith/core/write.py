@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from mergesmith.core import dtypes
 from mergesmith.core.errors import MergeError
-from mergesmith.core.sizes import human_size, parse_size  # noqa: F401  (parse_size re-exported: older imports)
+from mergesmith.core.sizes import human_size
 
 INDEX_NAME = "model.safetensors.index.json"
 MARKER = ".mergesmith-partial"

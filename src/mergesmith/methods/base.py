@@ -219,5 +219,5 @@ def merge_whole(
     )
     models = [t.to(dtype).clone() for t in tensors]
     b = base.to(dtype).clone() if base is not None else None
-    rng = [RandomStream(seed, name, i, models[0].numel()) for i in range(len(models))] if m.random else None
+    rng = [RandomStream(seed, name, i) for i in range(len(models))] if m.random else None
     return run_kernel(m, resolved, Chunk(b, models, 0, rng))

@@ -218,19 +218,6 @@ class TopKThreshold:
         return where[:budget]
 
 
-def magnitude_mask(x: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep mask of the top ``density`` fraction of |x| (whole tensor in memory); zeros never kept."""
-    k = keep_count(density, x.numel())
-    xf = x.float().contiguous()
-    if k >= x.numel():
-        return xf != 0
-    if k == 0:
-        return torch.zeros_like(x, dtype=torch.bool)
-    sel = TopKThreshold(k)
-    sel.find_in(xf)
-    return sel.trim(xf) != 0
-
-
 SMALL = 1 << 16  # up to this many values, OrderStatistics sorts them instead of building histograms
 
 

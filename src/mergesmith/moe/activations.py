@@ -44,10 +44,6 @@ class PromptStates:
     layer_mean: torch.Tensor  # [P, L, d]
     router_tokens: tuple[torch.Tensor, ...] | None  # P x [L, T_p, d]
 
-    @property
-    def num_prompts(self) -> int:
-        return self.layer_last.shape[0]
-
     def router_samples(self, last_only: bool = False) -> torch.Tensor:
         """All router-input samples as one [L, N, d] tensor (every ordinary token, or each last one)."""
         if self.router_tokens is None:

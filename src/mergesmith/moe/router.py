@@ -36,11 +36,6 @@ def prompt_vectors(positive: Tensor, negative: Tensor | None) -> Tensor:
     return unit(v)
 
 
-def hidden_router(vectors: Sequence[Tensor]) -> Tensor:
-    """Stack the experts' per-layer unit vectors ([L, d] each) into routers: [L, E, d], row e = expert e."""
-    return torch.stack(list(vectors), dim=1)
-
-
 def cheap_embed_vector(positive_sum: Tensor, negative_sum: Tensor | None) -> Tensor:
     """``cheap_embed``: u = unit(sum of the input embeddings of all positive-prompt tokens); with
     negatives, unit(u - unit(sum over negative-prompt tokens)). The same row serves every layer."""

@@ -20,7 +20,6 @@ from typing import Protocol
 
 from mergesmith.core import dtypes
 from mergesmith.core._torch import torch
-from mergesmith.core.devices import default_workers as default_workers  # re-exported for api
 from mergesmith.core.errors import MergeError
 from mergesmith.core.rng import RandomStream
 from mergesmith.core.sizes import human_size
@@ -231,7 +230,7 @@ class Executor:
             return lambda: ((span, self.backend.read_copy(t, span)) for span in spans)
         kernel = method.kernel(dict(t.params), t.numel)
         rng = (
-            [RandomStream(self.options.seed, t.name, i, t.numel) for i in range(len(t.inputs))]
+            [RandomStream(self.options.seed, t.name, i) for i in range(len(t.inputs))]
             if method.random
             else None
         )

@@ -191,7 +191,7 @@ def build_plan(
     _check_architectures(inputs, models, allow_crimes)
     layouts = {ref: Layout.infer(ref, list(models[ref].tensors), models[ref].config) for ref in refs}
     _fill_ranges(slices, layouts)
-    _check_slices(slices, layouts, method)
+    _check_slices(slices, method)
 
     config_model = config.base_model or slices[0].sources[0].model
     out_config = copy.deepcopy(models[config_model].config)
@@ -219,7 +219,7 @@ def build_plan(
         tensors.append(planner.plan_tensor(name, last, {s.model: name for s in last.sources}, 0.0))
     planner.report_carried(warn)
 
-    _rewrite_config(out_config, slices, layouts[config_model], offset, tensors, config)
+    _rewrite_config(out_config, slices, layouts[config_model], offset, tensors)
     remote = drop_remote_code(out_config, config_model)
     if remote:
         warn.append(remote)  # not an error under --strict: the output is still what was asked
@@ -371,7 +371,7 @@ def _fill_ranges(slices: list[_Slice], layouts: dict[str, Layout]) -> None:
                 )
 
 
-def _check_slices(slices: list[_Slice], layouts: dict[str, Layout], method: Method) -> None:
+def _check_slices(slices: list[_Slice], method: Method) -> None:
     for i, sl in enumerate(slices):
         lengths = {s.model: s.end - s.start for s in sl.sources}
         if len(set(lengths.values())) > 1:
@@ -610,7 +610,7 @@ def _misplaced_hint(name: str, method: str, sl: _Slice) -> str:
 
 
 def _rewrite_config(
-    out_config: dict, slices: list[_Slice], layout: Layout, total_layers: int, tensors, config: MergeConfig
+    out_config: dict, slices: list[_Slice], layout: Layout, total_layers: int, tensors
 ) -> None:
     key = layout.layer_key
     if key:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergesmith.core.cliargs import check_workers
-from mergesmith.core.devices import check_device
+from mergesmith.core.devices import check_device, default_workers
 from mergesmith.core.errors import MergeError
 from mergesmith.core.sizes import human_size, parse_size
 from mergesmith.core.write import (
@@ -34,7 +34,6 @@ from mergesmith.pipeline.execute import (
     Executor,
     OutputHook,
     baseline_rss,
-    default_workers,
     estimate_peak,
     settle_budget,
 )

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from mergesmith.core.bitnet.constants import DEFAULT_LINEAR_CLASS, LINEAR_CLASSES
-from mergesmith.core.bitnet.pack import VALUES_PER_BYTE, pack_ternary, unpack_ternary
+from mergesmith.core.bitnet.pack import VALUES_PER_BYTE, pack_ternary
 from mergesmith.core.bitnet.quant import TensorSelector, Ternary
 
 
@@ -76,13 +76,6 @@ def export_linear(
             bias = (bias.to(torch.float32) / scale.to(torch.float32)).to(bias.dtype)
         out[f"{prefix}.bias"] = bias
     return out
-
-
-def ternary_from_packed(
-    packed: torch.Tensor, weight_scale: torch.Tensor, linear_class: str, rows: int | None = None
-) -> Ternary:
-    """Read back one packed linear of a transformers BitNet checkpoint as codes and ``gamma``."""
-    return Ternary(unpack_ternary(packed, rows), gamma_from_weight_scale(weight_scale, linear_class))
 
 
 def quantization_config(
