@@ -228,3 +228,13 @@ def test_cuda_without_gpu_is_a_clear_error(capsys, tmp_path, pair):
     code, err = run_cli(["merge", str(cfg), str(tmp_path / "merged"), "--quiet", "--device", "cuda"], capsys)
     assert code == 2 and "no CUDA GPU" in err
     assert not (tmp_path / "merged").exists()
+
+
+def test_an_error_stays_one_line_whatever_a_key_holds(tmp_path, capsys):
+    from mergesmith.cli import main
+
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text('merge_method: linear\nslices: {"\\r": 0, "\\u2028": 1}\n')
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "'slices.\\r'" in err, err

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import NoReturn
 
-from mergesmith.core.errors import MergeError
+from mergesmith.core.errors import MergeError, one_line
 
 # Modules that expose ``register(subparsers)``; order is the order shown in --help.
 COMMAND_MODULES = [
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MergeError as exc:
-        print(f"mergesmith: error: {exc}", file=sys.stderr)
+        print(f"mergesmith: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `mergesmith plan cfg.yml | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

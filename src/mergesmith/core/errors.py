@@ -10,3 +10,9 @@ class MergeError(Exception):
 
 class ConfigError(MergeError):
     """The configuration file is malformed or inconsistent."""
+
+
+def one_line(message: str) -> str:
+    """``message`` with every character that breaks a line (those ``str.splitlines`` splits at: a config
+    key may hold ``\\r``) written as its escape, so that an error is one line whatever the input held."""
+    return "".join(repr(ch)[1:-1] if len(f"a{ch}b".splitlines()) > 1 else ch for ch in message)
