@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch._dynamo
 
+from tiny_models import tiny_llama
+
 
 @pytest.fixture(autouse=True)
 def _eager_transformers_bitnet():
@@ -24,31 +26,6 @@ def _eager_transformers_bitnet():
             yield
     finally:
         torch.set_num_threads(threads)
-
-
-def tiny_llama(seed: int = 0, **overrides):
-    """A random tiny Llama (fp32, eval mode) and its config dict; biases, if any, are made non-zero."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    kwargs = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-        max_position_embeddings=64,
-    )
-    kwargs.update(overrides)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_(0.0, 0.05)
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    return model, model.config.to_dict()
 
 
 @pytest.fixture

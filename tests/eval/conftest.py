@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from mergesmith import cli
+from tiny_models import make_char_llama
 
 ROOT = Path(__file__).resolve().parents[2]
 SKILLS = ROOT / "examples" / "skills"
@@ -26,25 +25,9 @@ def _two_threads() -> None:
 
 def make_tiny_llama(folder: Path, *, max_positions: int = 64, seed: int = 0) -> Path:
     """A random two-layer Llama with the skills' character tokenizer, saved like any model folder."""
-    config = LlamaConfig(
-        vocab_size=46,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+    return make_char_llama(
+        folder, [MODELS / "base" / name for name in TOKENIZER_FILES], max_positions=max_positions, seed=seed
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(folder, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        shutil.copy(MODELS / "base" / name, folder / name)
-    return folder
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Fixtures of the MoE tests: tiny dense models with a character tokenizer (see moe_helpers)."""
+"""Fixtures of the MoE tests: tiny dense models with a character tokenizer (see tiny_models.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from moe_helpers import make_dense, make_expert
+
+from tiny_models import make_dense, make_expert
 
 
 @pytest.fixture(autouse=True)

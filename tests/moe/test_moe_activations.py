@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import torch
-from moe_helpers import char_tokenizer, load
+from moe_helpers import load
 from safetensors.torch import load_file
 
 from mergesmith.moe import build_moe
 from mergesmith.moe.activations import BaseRunner
+from tiny_models import char_tokenizer
 
 PROMPTS = ["abc", "hello world", "x", "add: 12+34="]
 

@@ -13,9 +13,10 @@ import re
 
 import pytest
 import torch
-from moe_helpers import char_tokenizer, load
+from moe_helpers import load
 
 from mergesmith.moe import build_moe
+from tiny_models import char_tokenizer
 
 LETTERS = ["abcdefgh", "ijklmnop", "qrstuvwx"]
 

@@ -1,0 +1,193 @@
+"""Tiny models for the tests, built at test time from transformers config classes (nothing is downloaded).
+
+One module for every test folder: a config (:func:`tiny_config`), a randomly initialised model
+(:func:`build`), a model folder (:func:`save`, optionally with the character tokenizer), and a
+"fine-tune" of a folder (:func:`perturb`: Gaussian noise on all or some of its weights). The folders' own
+fixtures (conftest.py files) only choose sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import string
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+# family -> settings that differ from the common ones (head_dim: the family has no default that fits)
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {"tie_word_embeddings": True},
+    "gemma": {"head_dim": 8},
+    "phi3": {"pad_token_id": 0},
+}
+MORE_FAMILIES: dict[str, dict[str, Any]] = {"qwen3": {"head_dim": 8}, "olmo2": {}}  # MoE tests only
+_CONFIG_CLASSES = {
+    "llama": "LlamaConfig",
+    "mistral": "MistralConfig",
+    "qwen2": "Qwen2Config",
+    "qwen3": "Qwen3Config",
+    "olmo2": "Olmo2Config",
+    "gemma": "GemmaConfig",
+    "phi3": "Phi3Config",
+}
+
+CHARS = string.ascii_lowercase + string.digits + " :=+,-"
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+VOCAB = len(SPECIALS) + len(CHARS)  # the character tokenizer's, also the shipped skill models'
+CHAR_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+
+
+def tiny_config(family: str = "llama", *, layers: int = 3, vocab: int = 96, **overrides: Any):
+    """A config of ``family`` with hidden size 32 (GPT-2: n_embd 32), 4 heads, 2 key-value heads and 64
+    positions unless ``overrides`` (config keyword arguments) say otherwise."""
+    import transformers
+
+    if family == "gpt2":
+        return transformers.GPT2Config(n_embd=32, n_layer=layers, n_head=4, vocab_size=vocab, n_positions=64)
+    kwargs = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=64,
+        **{**FAMILIES, **MORE_FAMILIES}[family],
+    )
+    kwargs.update(overrides)
+    return getattr(transformers, _CONFIG_CLASSES[family])(**kwargs)
+
+
+def build(config, seed: int = 0, lively: bool = False):
+    """A randomly initialised causal LM of ``config`` (fp32, training mode); ``lively``: biases made
+    non-zero and norm weights spread around 1, so that tests see them."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    if lively:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".bias"):
+                    p.normal_(0.0, 0.05)
+                if name.endswith("norm.weight"):
+                    p.uniform_(0.5, 1.5)
+    return model
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer that prepends <bos> (the skill models' vocabulary)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate([*SPECIALS, *CHARS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def save(model, folder: Path, tokenizer: Any = None) -> Path:
+    """``model`` saved as a safetensors model folder, with ``tokenizer`` (an object with
+    ``save_pretrained``, or a list of tokenizer files to copy) if given."""
+    model.save_pretrained(folder, safe_serialization=True)
+    if isinstance(tokenizer, list):
+        for path in tokenizer:
+            shutil.copy(path, folder / Path(path).name)
+    elif tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def perturb(
+    base: Path, folder: Path, scale: float, seed: int, only: Callable[[str], bool] | None = None
+) -> Path:
+    """A copy of the model folder ``base`` whose floating-point weights (those ``only`` selects) get
+    Gaussian noise of ``scale`` times their own standard deviation."""
+    shutil.copytree(base, folder)
+    g = torch.Generator().manual_seed(seed)
+    for f in folder.glob("*.safetensors"):
+        tensors = load_file(f)
+        out = {}
+        for k, v in tensors.items():
+            if only is not None and not only(k):
+                out[k] = v
+                continue
+            noise = torch.randn(v.shape, generator=g) * scale * (v.float().std() if v.numel() > 1 else 1.0)
+            out[k] = (v.float() + noise).to(v.dtype) if v.is_floating_point() else v
+        save_file(out, f, metadata={"format": "pt"})
+    return folder
+
+
+# The shapes the test folders use
+
+
+def make_model(folder: Path, family: str = "llama", layers: int = 3, vocab: int = 96, seed: int = 0) -> Path:
+    """A tiny random model of ``family`` (merge tests), with a tokenizer_config.json and no tokenizer."""
+    save(build(tiny_config(family, layers=layers, vocab=vocab), seed), folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
+    return folder
+
+
+def make_finetune(base: Path, folder: Path, scale: float = 0.01, seed: int = 1) -> Path:
+    """A 'fine-tune' of ``base``: its weights plus small Gaussian noise."""
+    return perturb(base, folder, scale, seed)
+
+
+def make_dense(
+    folder: Path,
+    family: str = "llama",
+    layers: int = 2,
+    seed: int = 0,
+    tied: bool = False,
+    intermediate: int = 64,
+) -> Path:
+    """A tiny random dense model with the character tokenizer (MoE tests: prompt-based gates run on it)."""
+    cfg = tiny_config(
+        family,
+        layers=layers,
+        vocab=VOCAB,
+        intermediate_size=intermediate,
+        tie_word_embeddings=tied,
+        **CHAR_IDS,
+    )
+    return save(build(cfg, seed, lively=True), folder, char_tokenizer())
+
+
+def make_expert(base: Path, folder: Path, seed: int, scale: float = 0.5) -> Path:
+    """A copy of ``base`` whose feed-forward weights get Gaussian noise (an MoE expert)."""
+    return perturb(base, folder, scale, seed, only=lambda name: ".mlp." in name)
+
+
+def tiny_llama(seed: int = 0, **overrides: Any):
+    """A random Llama of hidden size 64 (BitNet tests: one TQ block fits 256-wide rows once it is raised),
+    fp32 in eval mode, lively, and its config dict."""
+    kwargs = {"hidden_size": 64, "intermediate_size": 128, "vocab_size": 100, **overrides}
+    model = build(
+        tiny_config("llama", layers=kwargs.pop("num_hidden_layers", 2), **kwargs), seed, lively=True
+    )
+    return model.eval(), model.config.to_dict()
+
+
+def make_char_llama(
+    folder: Path, tokenizer_files: list[Path], *, max_positions: int = 64, seed: int = 0
+) -> Path:
+    """A random two-layer Llama with the skill models' character tokenizer files (eval tests)."""
+    cfg = tiny_config(
+        "llama",
+        layers=2,
+        vocab=VOCAB,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        **CHAR_IDS,
+    )
+    return save(build(cfg, seed), folder, tokenizer_files)
