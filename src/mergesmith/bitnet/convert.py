@@ -23,15 +23,19 @@ from mergesmith.core.bitnet.hf import export_config, export_linear, linear_modul
 from mergesmith.core.bitnet.pack import packed_rows
 from mergesmith.core.bitnet.quant import TensorSelector, ternary_of
 from mergesmith.core.bitnet.source import PackedTensorInfo
+from mergesmith.core.dtypes import code_of
 from mergesmith.core.errors import MergeError
 from mergesmith.core.write import TensorSpec
 
 
 class TensorEntry(Protocol):
-    """What a source says about one tensor before reading it."""
+    """What a source says about one tensor before reading it (a TensorInfo or TensorSpec)."""
 
     @property
-    def dtype(self) -> torch.dtype: ...
+    def code(self) -> str: ...  # safetensors dtype code
+
+    @property
+    def dtype(self) -> torch.dtype: ...  # the same, for torch
 
     @property
     def shape(self) -> tuple[int, ...]: ...
@@ -58,7 +62,7 @@ class DictSource:
 
     @property
     def tensors(self) -> dict[str, TensorSpec]:
-        return {k: TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in self._sd.items()}
+        return {k: TensorSpec(k, code_of(v.dtype), tuple(v.shape)) for k, v in self._sd.items()}
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         t = self._sd[name]
@@ -125,14 +129,14 @@ def plan_hf_export(
         if module in ternary and leaf == "bias":
             continue  # written with its weight
         if module not in ternary or leaf != "weight":
-            specs.append(TensorSpec(name, entry.dtype, tuple(entry.shape)))
+            specs.append(TensorSpec(name, entry.code, tuple(entry.shape)))
             continue
         rows, cols = entry.shape
-        specs.append(TensorSpec(name, torch.uint8, (packed_rows(rows), cols)))
-        specs.append(TensorSpec(f"{module}.weight_scale", scale_dtype(entry), (1,)))
+        specs.append(TensorSpec(name, "U8", (packed_rows(rows), cols)))
+        specs.append(TensorSpec(f"{module}.weight_scale", code_of(scale_dtype(entry)), (1,)))
         bias = entries.get(f"{module}.bias")
         if bias is not None:
-            specs.append(TensorSpec(f"{module}.bias", bias.dtype, tuple(bias.shape)))
+            specs.append(TensorSpec(f"{module}.bias", bias.code, tuple(bias.shape)))
     return HfPlan(config, ternary, plan.kept, specs, linear_class)
 
 

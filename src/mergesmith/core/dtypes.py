@@ -53,6 +53,13 @@ def code_of(dtype: Any) -> str:
         raise ValueError(f"no safetensors dtype for {dtype!r}") from None
 
 
+def check_code(code: Any, name: str) -> None:
+    """Fail loudly when a tensor description is given anything but a safetensors code (a torch dtype
+    must be converted where it leaves torch: ``code_of``)."""
+    if not isinstance(code, str) or code not in CODES:
+        raise TypeError(f"tensor {name!r}: dtype {code!r} is not a safetensors code (use dtypes.code_of)")
+
+
 def torch_dtype(code: str):
     """The torch dtype of a code (imports torch)."""
     import torch

@@ -40,24 +40,12 @@ TOKENIZER_FILES = (
 )
 
 
-def __getattr__(name: str) -> Any:
-    """The torch-dtype tables, built on first use (importing torch): SAFETENSORS_DTYPES (code -> dtype),
-    DTYPE_CODES (dtype -> code) and FLOAT_DTYPES."""
-    if name == "SAFETENSORS_DTYPES":
-        return {code: dtypes.torch_dtype(code) for code in dtypes.CODES}
-    if name == "DTYPE_CODES":
-        return {dtypes.torch_dtype(code): code for code in dtypes.CODES}
-    if name == "FLOAT_DTYPES":
-        return {dtypes.torch_dtype(code) for code in dtypes.FLOAT_CODES}
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor's bytes live: file, absolute byte offset, dtype and shape.
 
-    ``code`` is the safetensors dtype code ('BF16'); a torch dtype given in its place is converted.
-    ``dtype`` is the torch dtype (imports torch)."""
+    ``code`` is the safetensors dtype code ('BF16'); ``dtype`` is the torch dtype, for code that hands
+    the tensor to torch (imports torch)."""
 
     name: str
     code: str
@@ -66,7 +54,7 @@ class TensorInfo:
     offset: int
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "code", dtypes.code_of(self.code))
+        dtypes.check_code(self.code, self.name)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -64,14 +64,14 @@ MODEL_SUFFIXES = (".safetensors", ".gguf")
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """An output tensor's name, dtype (a safetensors code; a torch dtype is converted) and shape."""
+    """An output tensor's name, dtype (a safetensors code, e.g. 'BF16') and shape."""
 
     name: str
     code: str
     shape: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "code", dtypes.code_of(self.code))
+        dtypes.check_code(self.code, self.name)
 
     @property
     def dtype(self):

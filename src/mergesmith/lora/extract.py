@@ -26,13 +26,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from mergesmith.core import dtypes
 from mergesmith.core.arch import is_embedding, layer_of
 from mergesmith.core.devices import check_device
-from mergesmith.core.dtypes import dtype_name, parse_dtype
+from mergesmith.core.dtypes import dtype_name, parse_code
 from mergesmith.core.errors import MergeError
 from mergesmith.core.lora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 from mergesmith.core.lora.modules import ModuleKind, module_kinds
-from mergesmith.core.model import FLOAT_DTYPES, ModelSource
+from mergesmith.core.model import ModelSource
 from mergesmith.core.sources import open_source
 from mergesmith.core.write import OutputFolder, ShardedWriter, TensorSpec, input_paths, write_json
 
@@ -116,13 +117,13 @@ def extract_lora(
             targets, unchanged = split_unchanged(src_base, src_model, targets)
             if not targets:
                 raise MergeError(nothing_differs(src_base, src_model))
-            out_dtype = parse_dtype(dtype, "--dtype") if dtype else _common_dtype(src_model, targets)
+            out_code = parse_code(dtype, "--dtype") if dtype else _common_code(src_model, targets)
             saved = changed_norms(src_base, src_model, targets) if save_norms else {}
-            reports = _write_adapter(src_base, src_model, targets, saved, out.path, out_dtype, dev, quiet)
+            reports = _write_adapter(src_base, src_model, targets, saved, out.path, out_code, dev, quiet)
             write_json(out.path / ADAPTER_CONFIG, adapter_config(base, src_model, targets, sorted(saved)))
             in_adapter = {t.tensor for t in targets} | {n for names in saved.values() for n in names}
             skipped = not_captured(src_base, src_model, in_adapter)
-            report = _report(base, model, rank, out_dtype, reports, sorted(saved), skipped, unchanged)
+            report = _report(base, model, rank, out_code, reports, sorted(saved), skipped, unchanged)
             write_json(out.path / REPORT_NAME, report)
             out.commit()
         finally:
@@ -215,7 +216,7 @@ def select_targets(
     kinds = module_kinds(model.config) or {}
     targets: list[Target] = []
     for name, info in model.tensors.items():
-        if len(info.shape) != 2 or not name.endswith(".weight") or info.dtype not in FLOAT_DTYPES:
+        if len(info.shape) != 2 or not name.endswith(".weight") or info.code not in dtypes.FLOAT_CODES:
             continue
         module = name[: -len(".weight")]
         kind = kinds.get(module) or _fallback_kind(name)
@@ -249,13 +250,13 @@ def _check_pair(base: ModelSource, model: ModelSource, name: str) -> None:
             f"tensor {name!r}: shapes differ (base {base.ref!r}: {list(other.shape)}, model {model.ref!r}: "
             f"{list(info.shape)}); a LoRA needs models of the same architecture and size"
         )
-    if other.dtype not in FLOAT_DTYPES:
+    if other.code not in dtypes.FLOAT_CODES:
         raise MergeError(f"base model {base.ref!r}: tensor {name!r} is not floating-point")
 
 
-def _common_dtype(model: ModelSource, targets: Sequence[Target]) -> torch.dtype:
-    dtypes = {model.tensors[t.tensor].dtype for t in targets}
-    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+def _common_code(model: ModelSource, targets: Sequence[Target]) -> str:
+    codes = {model.tensors[t.tensor].code for t in targets}
+    return codes.pop() if len(codes) == 1 else "F32"
 
 
 def factorise(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,7 +279,7 @@ def changed_norms(base: ModelSource, model: ModelSource, targets: Sequence[Targe
         if not module or module in factored:
             continue
         infos = [model.tensors[n] for n in names]
-        if any(len(i.shape) != 1 or i.dtype not in FLOAT_DTYPES for i in infos):
+        if any(len(i.shape) != 1 or i.code not in dtypes.FLOAT_CODES for i in infos):
             continue
         if any(n not in base.tensors or base.tensors[n].shape != model.tensors[n].shape for n in names):
             continue
@@ -293,7 +294,7 @@ def _write_adapter(
     targets: Sequence[Target],
     saved: dict[str, list[str]],
     folder: Path,
-    dtype: torch.dtype,
+    code: str,
     device: torch.device,
     quiet: bool,
 ) -> list[ModuleReport]:
@@ -301,14 +302,14 @@ def _write_adapter(
     for t in targets:
         rows, cols = t.matrix_shape
         key_a, key_b = t.keys()
-        specs += [TensorSpec(key_a, dtype, (t.rank, cols)), TensorSpec(key_b, dtype, (rows, t.rank))]
+        specs += [TensorSpec(key_a, code, (t.rank, cols)), TensorSpec(key_b, code, (rows, t.rank))]
     whole = [n for names in saved.values() for n in names]
-    specs += [TensorSpec(PEFT_PREFIX + n, model.tensors[n].dtype, model.tensors[n].shape) for n in whole]
+    specs += [TensorSpec(PEFT_PREFIX + n, model.tensors[n].code, model.tensors[n].shape) for n in whole]
     writer = ShardedWriter(folder, specs, ONE_FILE)
     reports = []
     try:
         for t in tqdm(targets, desc="extracting LoRA", unit="module", disable=quiet, file=sys.stderr):
-            reports.append(_extract_one(base, model, t, writer, dtype, device))
+            reports.append(_extract_one(base, model, t, writer, dtypes.torch_dtype(code), device))
         for n in whole:
             writer.write(PEFT_PREFIX + n, model.read(n))
         writer.finish()
@@ -326,7 +327,7 @@ def _extract_one(
     dtype: torch.dtype,
     device: torch.device,
 ) -> ModuleReport:
-    compute = torch.float64 if model.tensors[t.tensor].dtype == torch.float64 else torch.float32
+    compute = torch.float64 if model.tensors[t.tensor].code == "F64" else torch.float32
     delta = model.read(t.tensor).to(device, compute)
     delta -= base.read(t.tensor).to(device, compute)
     if not bool(torch.isfinite(delta).all()):  # the SVD would fail with a LAPACK error or return NaN
@@ -409,7 +410,7 @@ def not_captured(base: ModelSource, model: ModelSource, in_adapter: set[str]) ->
         a, b = model.read(name), base.read(name)
         if torch.equal(a, b):
             continue
-        if info.dtype not in FLOAT_DTYPES:
+        if info.code not in dtypes.FLOAT_CODES:
             out.append({"tensor": name, "relative_change": None, "why": "not floating-point"})
             continue
         a64, b64 = a.double(), b.double()
@@ -436,7 +437,7 @@ def _report(
     base: str,
     model: str,
     rank: int,
-    dtype: torch.dtype,
+    code: str,
     modules: list[ModuleReport],
     saved: list[str],
     skipped: list,
@@ -448,7 +449,7 @@ def _report(
         "base_model": base,
         "model": model,
         "rank": rank,
-        "dtype": dtype_name(dtype),
+        "dtype": dtype_name(code),
         "summary": {
             "modules": len(modules),
             "mean_relative_error": sum(errors) / len(errors),

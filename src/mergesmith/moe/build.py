@@ -21,14 +21,15 @@ from typing import Any
 
 import torch
 
+from mergesmith.core import dtypes
 from mergesmith.core.cliargs import check_workers
 from mergesmith.core.defaults import DEFAULT_SHARD_SIZE
 from mergesmith.core.devices import check_device, default_workers
-from mergesmith.core.dtypes import dtype_name, parse_dtype
+from mergesmith.core.dtypes import dtype_name, parse_code
 from mergesmith.core.errors import MergeError
 from mergesmith.core.hf_load import drop_remote_code
 from mergesmith.core.lora.source import split_lora_ref
-from mergesmith.core.model import FLOAT_DTYPES, ModelSource
+from mergesmith.core.model import ModelSource
 from mergesmith.core.rng import derive_seed
 from mergesmith.core.sizes import human_size, parse_size
 from mergesmith.core.sources import open_source
@@ -72,12 +73,16 @@ class Piece:
 class OutTensor:
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    code: str  # safetensors dtype code
     pieces: tuple[Piece, ...]
 
     @property
+    def dtype(self) -> torch.dtype:
+        return dtypes.torch_dtype(self.code)
+
+    @property
     def nbytes(self) -> int:
-        return TensorSpec(self.name, self.dtype, self.shape).nbytes
+        return TensorSpec(self.name, self.code, self.shape).nbytes
 
 
 @dataclass
@@ -94,7 +99,7 @@ class MoEPlan:
     expert_layouts: list[DenseLayout]
     shared_layout: DenseLayout | None
     tensors: list[OutTensor]
-    dtype: torch.dtype
+    code: str  # the output's float dtype (safetensors code)
     fused: bool
 
     @property
@@ -142,20 +147,20 @@ def _identity(src: ModelSource) -> str:
     return str(src.path.resolve()) + (f"+{adapter}" if adapter else "")
 
 
-def _out_dtype(cfg: MoEConfig, base: ModelSource) -> torch.dtype:
+def _out_code(cfg: MoEConfig, base: ModelSource) -> str:
     """config ``dtype``; else the base config's (``dtype``/``torch_dtype``); else its embedding's."""
-    chosen = parse_dtype(cfg.dtype, "dtype")
+    chosen = parse_code(cfg.dtype, "dtype")
     if chosen is not None:
         return chosen
     for key in ("dtype", "torch_dtype"):
         value = base.config.get(key)
         if isinstance(value, str):
             try:
-                return parse_dtype(value, f"base model config.json {key}")  # type: ignore[return-value]
+                return parse_code(value, f"base model config.json {key}")  # type: ignore[return-value]
             except MergeError:
                 pass
-    floats = [i.dtype for i in base.tensors.values() if i.dtype in FLOAT_DTYPES]
-    return floats[0] if floats else torch.float32
+    floats = [i.code for i in base.tensors.values() if i.code in dtypes.FLOAT_CODES]
+    return floats[0] if floats else "F32"
 
 
 def moe_refs(cfg: MoEConfig) -> list[str]:
@@ -200,7 +205,7 @@ def _plan(
         log.info(
             "%d experts is not a power of two; some runtimes (llama.cpp) prefer powers of two", len(experts)
         )
-    dtype = _out_dtype(cfg, base)
+    code = _out_code(cfg, base)
     tied = "lm_head.weight" not in base.tensors
     attention_bias = any(n.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")) for n in base.tensors)
     shared_size = shared_layout.intermediate_size if shared_layout else (1 if family.shared_expert else None)
@@ -212,12 +217,12 @@ def _plan(
         shared_intermediate=shared_size,
         attention_bias=attention_bias,
         tied=tied,
-        dtype=dtype_name(dtype),
+        dtype=dtype_name(code),
     )
     hf_config = transformers_config(family, kwargs)
     expected = expected_tensors(hf_config)
     tensors = _tensor_plan(
-        cfg, family, base, (base_layout, expert_layouts, shared_layout), dtype, fused, expected, tied
+        cfg, family, base, (base_layout, expert_layouts, shared_layout), code, fused, expected, tied
     )
     return MoEPlan(
         cfg,
@@ -230,7 +235,7 @@ def _plan(
         expert_layouts,
         shared_layout,
         tensors,
-        dtype,
+        code,
         fused,
     )
 
@@ -240,7 +245,7 @@ def _tensor_plan(
     family: Family,
     base: ModelSource,
     layouts: Layouts,
-    dtype: torch.dtype,
+    code: str,
     fused: bool,
     expected: dict[str, tuple[int, ...]],
     tied: bool,
@@ -263,13 +268,13 @@ def _tensor_plan(
                 f"base model {base.ref!r}: tensor {name!r} has shape {list(info.shape)} but {family.name} "
                 f"expects {list(expected[name])}"
             )
-        keep = info.dtype if info.dtype not in FLOAT_DTYPES else dtype
+        keep = info.code if info.code not in dtypes.FLOAT_CODES else code
         out.append(OutTensor(name, info.shape, keep, (Piece("base", 0, name),)))
         provided.add(name)
         for prefix in [p for p in pending if name.startswith(p + ".")]:
-            out.extend(_moe_block(cfg, family, layouts, pending.pop(prefix), dtype, fused, expected))
+            out.extend(_moe_block(cfg, family, layouts, pending.pop(prefix), code, fused, expected))
     for layer in pending.values():
-        out.extend(_moe_block(cfg, family, layouts, layer, dtype, fused, expected))
+        out.extend(_moe_block(cfg, family, layouts, layer, code, fused, expected))
     provided.update(t.name for t in out)
     missing = [
         n
@@ -297,7 +302,7 @@ def _moe_block(
     family: Family,
     layouts: Layouts,
     layer: int,
-    dtype: torch.dtype,
+    code: str,
     fused: bool,
     expected: dict[str, tuple[int, ...]],
 ) -> list[OutTensor]:
@@ -306,7 +311,7 @@ def _moe_block(
     prefix = layout.layer_prefixes[layer]
     n, hidden, inter = len(cfg.experts), layout.hidden_size, layout.intermediate_size
     router = family.router_tensor(prefix, fused)
-    out = [OutTensor(router, (n, hidden), dtype, (Piece("router", layer, ""),))]
+    out = [OutTensor(router, (n, hidden), code, (Piece("router", layer, ""),))]
     if router.replace("block_sparse_moe", "mlp") not in expected:
         raise MergeError(f"internal error: {family.name} has no router parameter {router!r}")
 
@@ -323,18 +328,18 @@ def _moe_block(
 
     if fused:
         block = f"{prefix}.mlp.experts"
-        matrix = inter * hidden * dtype.itemsize
+        matrix = inter * hidden * dtypes.itemsize(code)
         gate_up = tuple(
             p
             for e in range(n)
             for p in (piece(e, "gate", 2 * e * matrix), piece(e, "up", (2 * e + 1) * matrix))
         )
-        out.append(OutTensor(f"{block}.gate_up_proj", (n, 2 * inter, hidden), dtype, gate_up))
+        out.append(OutTensor(f"{block}.gate_up_proj", (n, 2 * inter, hidden), code, gate_up))
         out.append(
             OutTensor(
                 f"{block}.down_proj",
                 (n, hidden, inter),
-                dtype,
+                code,
                 tuple(piece(e, "down", e * matrix) for e in range(n)),
             )
         )
@@ -347,9 +352,9 @@ def _moe_block(
         for e in range(n):
             for proj in ("gate", "up", "down"):
                 shape = (inter, hidden) if proj != "down" else (hidden, inter)
-                out.append(OutTensor(family.expert_tensor(prefix, e, proj), shape, dtype, (piece(e, proj),)))
+                out.append(OutTensor(family.expert_tensor(prefix, e, proj), shape, code, (piece(e, proj),)))
     if family.shared_expert:
-        out.extend(_shared_block(cfg, prefix, layout, shared_layout, layer, dtype))
+        out.extend(_shared_block(cfg, prefix, layout, shared_layout, layer, code))
     return out
 
 
@@ -359,7 +364,7 @@ def _shared_block(
     layout: DenseLayout,
     shared_layout: DenseLayout | None,
     layer: int,
-    dtype: torch.dtype,
+    code: str,
 ) -> list[OutTensor]:
     """The shared expert copied from its model (down_proj times residual_scale), or a zero expert of
     width 1 when none is configured: it adds exactly 0, so the MoE is just its routed experts."""
@@ -370,15 +375,15 @@ def _shared_block(
         name = f"{prefix}.mlp.shared_expert.{proj}_proj.weight"
         if shared is None or shared_layout is None:
             shape = (1, hidden) if proj != "down" else (hidden, 1)
-            out.append(OutTensor(name, shape, dtype, (Piece("zeros", 0, ""),)))
+            out.append(OutTensor(name, shape, code, (Piece("zeros", 0, ""),)))
             continue
         inter = shared_layout.intermediate_size
         shape = (inter, hidden) if proj != "down" else (hidden, inter)
         scale = shared.residual_scale if proj == "down" and shared.residual_scale is not None else 1.0
         piece = Piece("shared", 0, shared_layout.mlp[layer][proj], 0, shared.noise_scale or 0.0, scale)
-        out.append(OutTensor(name, shape, dtype, (piece,)))
+        out.append(OutTensor(name, shape, code, (piece,)))
     gate = Piece("zeros" if shared is None else "shared_gate", layer, "")
-    out.append(OutTensor(f"{prefix}.mlp.shared_expert_gate.weight", (1, hidden), dtype, (gate,)))
+    out.append(OutTensor(f"{prefix}.mlp.shared_expert_gate.weight", (1, hidden), code, (gate,)))
     return out
 
 
@@ -505,7 +510,7 @@ def build_moe(
                 ),
                 expert_mlps=lambda e: _expert_mlps(plan, e),
             )
-            specs = [TensorSpec(t.name, t.dtype, t.shape) for t in plan.tensors]
+            specs = [TensorSpec(t.name, t.code, t.shape) for t in plan.tensors]
             with ShardedWriter(out.path, specs, shard_bytes) as writer:
                 _stream(plan, writer, routers, random_seed, workers, quiet)
                 writer.finish()

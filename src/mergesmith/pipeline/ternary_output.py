@@ -82,10 +82,10 @@ class TernaryOutput:
         for t in self.tensors:
             module = t.name[: -len(".weight")]
             if t.name.endswith(".weight") and module in self.modules:
-                specs.append(TensorSpec(t.name, torch.uint8, (packed_rows(t.shape[0]), *t.shape[1:])))
-                specs.append(TensorSpec(f"{module}.weight_scale", t.out_dtype, (1,)))
+                specs.append(TensorSpec(t.name, "U8", (packed_rows(t.shape[0]), *t.shape[1:])))
+                specs.append(TensorSpec(f"{module}.weight_scale", t.out_code, (1,)))
             else:
-                specs.append(TensorSpec(t.name, t.out_dtype, t.shape))
+                specs.append(TensorSpec(t.name, t.out_code, t.shape))
         return specs
 
     def hook(self, writer: ShardedWriter) -> TernaryHook:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from mergesmith.core.bitnet.pack import VALUES_PER_BYTE, chunk_spans, packed_rows, unpack_chunk
+from mergesmith.core.dtypes import FLOAT_CODES
 from mergesmith.core.errors import MergeError
 from mergesmith.core.model import ModelSource, TensorInfo, read_tensor
 
@@ -111,7 +112,7 @@ class BitnetModelSource(ModelSource):
 
     def _unpacked_info(self, packed: TensorInfo, scale: TensorInfo) -> TensorInfo:
         module = packed.name[: -len(".weight")]
-        if packed.dtype != torch.uint8 or len(packed.shape) != 2 or scale.numel != 1:
+        if packed.code != "U8" or len(packed.shape) != 2 or scale.numel != 1:
             raise MergeError(
                 f"model {self.ref!r}: {packed.name} has a weight_scale but is not a packed uint8 matrix "
                 f"with one scale ({packed.dtype}, {list(packed.shape)})"
@@ -121,11 +122,11 @@ class BitnetModelSource(ModelSource):
             raise MergeError(
                 f"model {self.ref!r}: {module} has {rows} rows, which do not pack into {packed.shape[0]}"
             )
-        dtype = scale.dtype if self.linear_class == "autobitlinear" else torch.float32
-        if not dtype.is_floating_point:
-            raise MergeError(f"model {self.ref!r}: {scale.name} has dtype {dtype}, expected a float")
+        code = scale.code if self.linear_class == "autobitlinear" else "F32"
+        if code not in FLOAT_CODES:
+            raise MergeError(f"model {self.ref!r}: {scale.name} has dtype {scale.dtype}, expected a float")
         shape = (rows, packed.shape[1])
-        return PackedTensorInfo(packed.name, dtype, shape, packed.file, packed.offset, packed, scale)
+        return PackedTensorInfo(packed.name, code, shape, packed.file, packed.offset, packed, scale)
 
     def gamma(self, module: str) -> torch.Tensor:
         """``gamma`` of a packed module as a float32 0-d tensor: ``weight_scale`` or its inverse."""

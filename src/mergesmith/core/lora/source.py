@@ -123,11 +123,11 @@ class LoraModelSource(ModelSource):
     def _read_columns(self, info: TensorInfo, cols: tuple[int, int]) -> torch.Tensor:
         """Columns [c0, c1) of a 2-D adapter tensor: one small read per row (r rows of a vocabulary-wide A)."""
         (c0, c1), (n_rows, n_cols) = cols, info.shape
-        size = info.dtype.itemsize
+        size = info.itemsize
         parts = [
             read_tensor(
                 TensorInfo(
-                    info.name, info.dtype, (c1 - c0,), info.file, info.offset + (i * n_cols + c0) * size
+                    info.name, info.code, (c1 - c0,), info.file, info.offset + (i * n_cols + c0) * size
                 ),
                 None,
                 self._fd(info.file),
