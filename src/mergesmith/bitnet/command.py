@@ -10,7 +10,7 @@ import argparse
 from typing import Any
 
 from mergesmith.core.bitnet.constants import DEFAULT_INCLUDE, DEFAULT_LINEAR_CLASS, LINEAR_CLASSES, QTYPES
-from mergesmith.core.cliargs import add_output_folder, add_verbosity
+from mergesmith.core.cliargs import add_output_folder, add_verbosity, options_from_args
 from mergesmith.core.defaults import DEFAULT_SHARD_SIZE
 
 DESCRIPTION = """\
@@ -102,22 +102,6 @@ def run(args: argparse.Namespace) -> int:
     """Run the command; returns 0. Expected failures raise MergeError."""
     from mergesmith.bitnet.export import BitnetOptions, export
 
-    options = BitnetOptions(
-        model=args.model,
-        out_dir=args.out_dir,
-        format=args.format,
-        linear_class=args.linear_class,
-        gguf_type=args.gguf_type,
-        include=args.include,
-        exclude=args.exclude,
-        out_shard_size=args.out_shard_size,
-        heal=args.heal,
-        heal_data=args.heal_data,
-        heal_lr=args.heal_lr,
-        heal_seq=args.heal_seq,
-        overwrite=args.overwrite,
-        force=args.force,
-        quiet=args.quiet,
-    )
+    options = options_from_args(BitnetOptions, args)
     export(options)
     return 0

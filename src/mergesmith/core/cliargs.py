@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
+from typing import Any, TypeVar
 
 from mergesmith.core.errors import MergeError
+
+T = TypeVar("T")
 
 
 def positive_int(text: str) -> int:
@@ -61,3 +65,12 @@ def add_workers(p: argparse.ArgumentParser, what: str) -> None:
 def add_device(p: argparse.ArgumentParser, what: str) -> None:
     """``--device``, checked by :func:`mergesmith.core.devices.check_device` when the command runs."""
     p.add_argument("--device", default="cpu", help=f"{what}: cpu (default), cuda or cuda:N")
+
+
+def options_from_args(cls: type[T], args: argparse.Namespace, **given: Any) -> T:
+    """An options dataclass from parsed flags: each field from the flag of the same name where the
+    command has one (else the field's default), ``given`` for fields whose flag reads differently
+    (``--no-model-card`` -> ``write_model_card``)."""
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    found = {name: getattr(args, name) for name in names if hasattr(args, name) and name not in given}
+    return cls(**found, **given)

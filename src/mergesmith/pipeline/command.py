@@ -7,7 +7,13 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from mergesmith.core.cliargs import add_device, add_output_folder, add_verbosity, add_workers
+from mergesmith.core.cliargs import (
+    add_device,
+    add_output_folder,
+    add_verbosity,
+    add_workers,
+    options_from_args,
+)
 from mergesmith.core.defaults import DEFAULT_SHARD_SIZE, OUT_FORMATS
 
 if TYPE_CHECKING:
@@ -116,22 +122,8 @@ def _merge(args: argparse.Namespace) -> int:
     from mergesmith.pipeline.api import merge_with
     from mergesmith.pipeline.options import MergeOptions
 
-    options = MergeOptions(
-        random_seed=args.random_seed,
-        out_shard_size=args.out_shard_size,
-        copy_tokenizer=not args.no_copy_tokenizer,
-        write_model_card=not args.no_model_card,
-        allow_crimes=args.allow_crimes,
-        out_format=args.out_format,
-        memory_limit=args.memory_limit,
-        workers=args.workers,
-        device=args.device,
-        backend=args.backend,
-        strict=args.strict,
-        quiet=args.quiet,
-        overwrite=args.overwrite,
-        force=args.force,
-        intermediate_dir=args.intermediate_dir,
+    options = options_from_args(
+        MergeOptions, args, copy_tokenizer=not args.no_copy_tokenizer, write_model_card=not args.no_model_card
     )
     merge_with(args.config, args.out_dir, options)
     return 0
@@ -140,7 +132,8 @@ def _merge(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from mergesmith.pipeline.api import make_plan
     from mergesmith.pipeline.config import config_json_schema
-    from mergesmith.pipeline.run import exec_options
+    from mergesmith.pipeline.options import MergeOptions
+    from mergesmith.pipeline.run import exec_options_for
     from mergesmith.pipeline.stages import is_multi_stage, plan_stages
 
     if args.json_schema:
@@ -149,13 +142,7 @@ def _plan(args: argparse.Namespace) -> int:
     if not args.config:
         print("mergesmith plan: error: CONFIG.yml is required", file=sys.stderr)
         return 2
-    options = exec_options(
-        memory_limit=args.memory_limit,
-        workers=args.workers,
-        device=args.device,
-        random_seed=args.random_seed,
-        backend=args.backend,
-    )
+    options = exec_options_for(options_from_args(MergeOptions, args))
     if not is_multi_stage(args.config):
         plan = make_plan(args.config, allow_crimes=args.allow_crimes, strict=args.strict)
         try:

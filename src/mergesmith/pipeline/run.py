@@ -72,6 +72,17 @@ def exec_options(
     )
 
 
+def exec_options_for(options: MergeOptions) -> ExecOptions:
+    """The executor's options of a merge (:func:`exec_options` with the merge's flags)."""
+    return exec_options(
+        memory_limit=options.memory_limit,
+        workers=options.workers,
+        device=options.device,
+        random_seed=options.random_seed,
+        backend=options.backend,
+    )
+
+
 def config_refs(cfg: MergeConfig) -> list[str]:
     """Every model reference a merge config reads (models, slice sources, base models, tokenizer)."""
     refs = [m.model for m in cfg.models or []]
@@ -114,13 +125,7 @@ def merge_one(
     shard_bytes = parse_size(options.out_shard_size)
     if shard_bytes <= 0:
         raise MergeError("--out-shard-size must be positive")
-    run = exec_options(
-        memory_limit=options.memory_limit,
-        workers=options.workers,
-        device=options.device,
-        random_seed=options.random_seed,
-        backend=options.backend,
-    )
+    run = exec_options_for(options)
     t0 = time.perf_counter()
     inputs = input_paths(config_refs(cfg))
     with OutputFolder(
