@@ -107,3 +107,27 @@ def test_help_describes_the_command(run_cli, capsys: pytest.CaptureFixture[str])
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "--tasks FILE.jsonl" in out and "--ppl FILE.txt" in out and "--json" in out
+
+
+def test_small_models_are_scored_on_one_torch_thread(run_cli, tiny_llama: Path, monkeypatch) -> None:
+    """Tiny models gain nothing from a second intra-op thread and lose 4-10x on a busy machine: eval
+    scores them on one thread and gives the threads back afterwards."""
+    import torch
+
+    from mergesmith.eval import tasks as tasks_module
+
+    seen: list[int] = []
+    real = tasks_module.score_task
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tasks_module, "score_task", spy)
+    torch.set_num_threads(2)
+    code, _, err = run_cli(
+        "eval", str(tiny_llama), "--tasks", str(DATA / "rev" / "test.jsonl"), "--limit", "4", "--quiet"
+    )
+    assert code == 0, err
+    assert seen == [1]
+    assert torch.get_num_threads() == 2

@@ -128,6 +128,7 @@ def _heal_source(
     from mergesmith.bitnet.convert import DictSource
     from mergesmith.core.bitnet.source import BitnetModelSource
     from mergesmith.core.hf_load import load_causal_lm
+    from mergesmith.core.threads import threads_for
 
     if args.heal < 1:
         raise MergeError("--heal needs a positive number of steps")
@@ -141,7 +142,7 @@ def _heal_source(
     evals = [held_out(i) for i in range(2)]
     cfg = heal.HealConfig(steps=args.heal, lr=args.heal_lr)
     start = time.perf_counter()
-    with heal.threads_for(teacher):
+    with threads_for(teacher):
         before = heal.quantised_loss(teacher, teacher, evals, selector)
         with heal_progress(args.heal, err, args.quiet) as on_step:
             student, _ = heal.heal_copy(teacher, train, cfg, selector, on_step)

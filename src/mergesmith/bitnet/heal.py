@@ -22,9 +22,8 @@ This is for tiny models and demos on a CPU; at LLM scale QAT needs billions of t
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -151,25 +150,6 @@ def quantised_loss(
     probe = copy.deepcopy(model)
     prepare_qat(probe, selector)
     return evaluate(probe, teacher, batches, temperature)
-
-
-#: Below this many elements in its largest matrix a model is "small": one intra-op thread is faster, as
-#: the matrices are too small to split and extra threads only synchronise (on a busy 2-core machine two
-#: threads made each step 4-10x slower: docs/bitnet.md).
-SMALL_MATRIX = 1 << 20
-
-
-@contextlib.contextmanager
-def threads_for(model: nn.Module) -> Iterator[None]:
-    """Run the block with one torch thread when ``model`` is small (see SMALL_MATRIX), else as is."""
-    largest = max((p.numel() for p in model.parameters() if p.dim() == 2), default=0)
-    before = torch.get_num_threads()
-    if largest < SMALL_MATRIX:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def heal(
