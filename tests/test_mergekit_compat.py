@@ -250,8 +250,11 @@ def test_weights_mergekit_ignores_warn_once_and_compat_ignores_them(llama_trio, 
 
 @pytest.mark.parametrize("weights", [(2.0, 2.0), (1.0, 1.0)])
 def test_equal_weights_give_mergekits_result_and_no_warning(llama_trio, weights):
-    lines, warnings = plan_lines(stock(*llama_trio, weights=weights), strict=True)
+    cfg = stock(*llama_trio, weights=weights)
+    lines, warnings = plan_lines(cfg, strict=True)
     assert warnings == []
+    unweighted = {**cfg, "models": [{"model": m["model"]} for m in cfg["models"]]}
+    assert plan_lines(cfg, mergekit_compat=True)[0] == plan_lines(unweighted)[0]
 
 
 def test_model_stock_compat_writes_the_unweighted_merge(llama_trio, tmp_path, capsys):

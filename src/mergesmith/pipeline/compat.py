@@ -58,8 +58,9 @@ def apply_extensions(
             f"parameter {name!r} changes this merge's result from mergekit's ({shown} for tensor {tensor}): "
             f"{spec.extension}. Pass --mergekit-compat (mergekit_compat=True) for mergekit's result"
         )
-    if not (mergekit_compat and first):
+    if not mergekit_compat:
         return tensors
+    # every tensor, also where equal weights cancel only up to rounding
     return [_reset(t, specs) if t.method == method.name else t for t in tensors]
 
 
