@@ -21,7 +21,7 @@ def test_gradient_interpolation_golden():
 
 
 def test_layer_position():
-    assert layer_position(0, 5) == 0.0 and layer_position(4, 5) == 1.0 and layer_position(0, 1) == 0.0
+    assert layer_position(0, 5) == 0.0 and layer_position(4, 5) == 1.0 and layer_position(0, 1) == 1.0
 
 
 def test_filters_first_match_wins_and_fall_through():

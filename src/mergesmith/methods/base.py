@@ -68,6 +68,9 @@ class ParamSpec:
     doc: str = ""
     # the values for which the method is defined; None: any finite number (weights, lambda, t of slerp)
     domain: Domain | None = None
+    # a parameter that mergekit 0.1.5's method does not take: what mergekit does instead (a config that
+    # sets it merges differently there; pipeline/compat.py warns and offers mergekit's result)
+    extension: str = ""
 
 
 def check_domain(spec: ParamSpec, value: Any, where: str) -> None:

@@ -80,7 +80,13 @@ register(
         kernel=ModelStockKernel,
         params=(
             ParamSpec("filter_wise", per_model=False, default=False, kind=bool, doc="one ratio per row"),
-            ParamSpec("weight", per_model=True, default=1.0, doc="weight of each model in the mean"),
+            ParamSpec(
+                "weight",
+                per_model=True,
+                default=1.0,
+                doc="weight of each model in the mean",
+                extension="mergekit's model_stock takes no weights and averages the models equally",
+            ),
         ),
         base=BaseRule.REQUIRED,
         min_models=2,

@@ -109,6 +109,7 @@ register(
                 per_model=True,
                 default=1.0,
                 doc="scale of each model's coefficient (mergekit: none)",
+                extension="mergekit's sce takes no weights and weighs the models' coefficients equally",
             ),
             ParamSpec(
                 "int8_mask",

@@ -15,15 +15,22 @@ from mergesmith.pipeline.stages import is_multi_stage, run_stages
 
 
 def make_plan(
-    config: str | Path | dict | MergeConfig, *, allow_crimes: bool = False, strict: bool = False
+    config: str | Path | dict | MergeConfig,
+    *,
+    allow_crimes: bool = False,
+    strict: bool = False,
+    mergekit_compat: bool = False,
 ) -> MergePlan:
     """Parse the config, open the models (headers only) and plan every output tensor.
 
     ``allow_crimes``: merge models of different architectures (mergekit's --allow-crimes); a tensor only
     some models have is copied from one that has it. ``strict``: every warning (``plan.warnings``) is an
-    error instead.
+    error instead. ``mergekit_compat``: mergekit's result where a mergesmith extension of a method would
+    change it (model_stock's, karcher's and sce's ``weight``, which mergekit ignores).
     """
-    return build_plan(load_config(config), allow_crimes=allow_crimes, strict=strict)
+    return build_plan(
+        load_config(config), allow_crimes=allow_crimes, strict=strict, mergekit_compat=mergekit_compat
+    )
 
 
 def merge(
@@ -47,7 +54,7 @@ def merge(
     :mod:`mergesmith.pipeline.backends.native`; both give the same bytes). ``out_format="bitnet"`` ternarises the merged linear weights of the decoder layers and writes them
     packed, as transformers' ``quant_method: bitnet`` checkpoints hold them (see docs/bitnet.md).
     ``allow_crimes``: merge models of different architectures (see :func:`make_plan`); ``strict``: every
-    warning of the plan is an error. Warnings are logged (logger ``mergesmith``) before the merge starts.
+    warning of the plan is an error; ``mergekit_compat``: see :func:`make_plan`. Warnings are logged (logger ``mergesmith``) before the merge starts.
     """
     return merge_with(config, out_dir, MergeOptions(**options), before_commit)
 

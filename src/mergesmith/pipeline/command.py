@@ -54,6 +54,12 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="make every warning an error (e.g. a parameter the method ignores where it is written)",
     )
+    p.add_argument(
+        "--mergekit-compat",
+        action="store_true",
+        help="mergekit's result where a mergesmith extension would change it: ignore the per-model weights "
+        "of model_stock, karcher and sce, as mergekit does (docs/config.md)",
+    )
 
 
 def register(sub) -> None:
@@ -144,13 +150,20 @@ def _plan(args: argparse.Namespace) -> int:
         return 2
     options = exec_options_for(options_from_args(MergeOptions, args))
     if not is_multi_stage(args.config):
-        plan = make_plan(args.config, allow_crimes=args.allow_crimes, strict=args.strict)
+        plan = make_plan(
+            args.config,
+            allow_crimes=args.allow_crimes,
+            strict=args.strict,
+            mergekit_compat=args.mergekit_compat,
+        )
         try:
             _print_plan(plan, options, args.summary or args.quiet)
         finally:
             plan.close()
         return 0
-    stages = plan_stages(args.config, allow_crimes=args.allow_crimes, strict=args.strict)
+    stages = plan_stages(
+        args.config, allow_crimes=args.allow_crimes, strict=args.strict, mergekit_compat=args.mergekit_compat
+    )
     try:
         for i, sp in enumerate(stages, 1):
             where = "OUT_DIR (final)" if sp.final else f"<intermediate-dir>/{sp.stage.name}"

@@ -59,6 +59,23 @@ class Slice(_Strict):
     parameters: Parameters | None = None
 
 
+class ModuleDef(_Strict):
+    """One entry of mergekit's ``modules:`` (``modules: {default: {slices: ...}}``): the slices or models of
+    one module, with parameters between the slices' and the top-level ones in precedence."""
+
+    models: list[InputModel] | None = None
+    slices: list[Slice] | None = None
+    parameters: Parameters | None = None
+
+    @model_validator(mode="after")
+    def _one_of_models_slices(self):
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of 'models' or 'slices'")
+        if self.models is not None and not self.models:
+            raise ValueError("'models' is empty")
+        return self
+
+
 class TokenizerConfig(_Strict):
     source: str = "base"
 
@@ -97,8 +114,11 @@ class MergeConfig(_Strict):
 DtypeName = Literal["float32", "float16", "bfloat16", "float64"]
 
 
-def _format_validation_error(exc: ValidationError, source: str, docs: str = "docs/config.md") -> str:
+def _format_validation_error(
+    exc: ValidationError, source: str, docs: str = "docs/config.md", prefix: tuple[str, ...] = ()
+) -> str:
     err = exc.errors()[0]
+    err["loc"] = (*prefix, *err["loc"])
     loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "tagged-")))
     loc = loc.replace(".list[FilterEntry]", "").replace(".list[union[int,float]]", "")
     msg = err["msg"]
@@ -121,8 +141,9 @@ def _format_validation_error(exc: ValidationError, source: str, docs: str = "doc
 
 # mergekit keys that mergesmith does not take, with what to do instead of a spelling suggestion
 UNSUPPORTED_KEYS = {
-    "modules": "mergekit's 'modules' (modular architectures) is not supported; use 'models' or 'slices'",
     "residual_weight": "'residual_weight' has no effect (mergekit parses it but never uses it); remove it",
+    "random_seed": "the seed is not a config key (mergekit ignores it here); pass --random-seed N "
+    "(random_seed=N in mergesmith.merge)",
 }
 
 
@@ -174,17 +195,76 @@ _CHILDREN: dict[tuple[str, str], type[BaseModel]] = {
     ("MergeConfig", "slices"): Slice,
     ("MergeConfig", "tokenizer"): TokenizerConfig,
     ("Slice", "sources"): SliceSource,
+    ("ModuleDef", "models"): InputModel,
+    ("ModuleDef", "slices"): Slice,
 }
 
 
 def parse_config(data: Any, source: str = "config") -> MergeConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a merge config must be a YAML mapping, got {type(data).__name__}")
+    if "modules" in data:
+        data = _modules_to_slices(data, source)
     _check_keys(data, MergeConfig, "", source)
     try:
         return MergeConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def _modules_to_slices(data: dict, source: str) -> dict:
+    """mergekit's ``modules: {default: {models | slices, parameters}}`` as the same config written with
+    ``models``/``slices``. ``default`` is the one module mergekit gives a model with one stack of layers;
+    other names select parts of multimodal or encoder-decoder models, which are not planned separately
+    here. The module's parameters rank between a slice's and the top-level ones, which is what merging
+    them into the top-level ones (``_stack_parameters``) gives when there is one module."""
+    modules = data["modules"]
+    where = f"{source}: invalid config at 'modules'"
+    if not isinstance(modules, dict) or not modules:
+        raise ConfigError(f"{where}: must map module names to {{models or slices, parameters}}")
+    names = [str(n) for n in modules]
+    if names != ["default"]:
+        raise ConfigError(
+            f"{where}: module(s) {', '.join(repr(n) for n in names if n != 'default')} select parts of "
+            "a multimodal or encoder-decoder model, which mergesmith does not merge separately; write "
+            "'models:' or 'slices:' (every part merged alike; per-part values as parameter filters on the "
+            "tensor names)"
+        )
+    if "models" in data or "slices" in data:
+        raise ConfigError(f"{where}: give exactly one of 'models', 'slices' or 'modules'")
+    module = modules["default"]
+    if not isinstance(module, dict):
+        raise ConfigError(f"{where}.default: must be a mapping with 'models' or 'slices'")
+    _check_keys(module, ModuleDef, "modules.default", source)
+    try:
+        ModuleDef.model_validate(module)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source, prefix=("modules", "default"))) from None
+    out = {k: v for k, v in data.items() if k != "modules"}
+    out.update({k: v for k, v in module.items() if k in ("models", "slices")})
+    if module.get("parameters"):
+        out["parameters"] = _stack_parameters(module["parameters"], data.get("parameters") or {})
+    return out
+
+
+def _stack_parameters(high: dict, low: Any) -> dict:
+    """One parameter level that answers as ``high`` asked first, then ``low``: a filter list of ``high``
+    that matches nothing falls through to ``low``'s value, so the two are concatenated (a plain value of
+    ``low`` becomes a catch-all entry)."""
+    if not isinstance(low, dict):
+        return high  # not a mapping: the top-level validation reports it
+    out = dict(low)
+    for name, value in high.items():
+        below = low.get(name)
+        if below is None or not _is_filter_list(value):
+            out[name] = value
+        else:
+            out[name] = [*value, *(below if _is_filter_list(below) else [{"value": below}])]
+    return out
+
+
+def _is_filter_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
 
 
 #: A merge config is a few hundred values a few levels deep. Past these bounds a document is hostile or

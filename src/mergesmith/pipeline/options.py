@@ -51,6 +51,8 @@ class MergeOptions:
     write_model_card: bool = output(True)
     allow_crimes: bool = output(False, lambda v: True if v else OMIT)  # copies tensors instead of refusing
     out_format: str = output("safetensors", lambda v: OMIT if v == "safetensors" else v)
+    # mergekit's result where a mergesmith extension of a method (model_stock's weights) would change it
+    mergekit_compat: bool = output(False, lambda v: True if v else OMIT)
     # how it runs: the backends and any worker count, memory limit or chunking write the same bytes
     memory_limit: str | int | None = run_only(None)
     workers: int | None = run_only(None)

@@ -18,8 +18,9 @@ _MISSING = object()
 
 
 def layer_position(index: int, count: int) -> float:
-    """Position of layer ``index`` inside a slice of ``count`` layers, in [0, 1]."""
-    return index / (count - 1) if count > 1 else 0.0
+    """Position of layer ``index`` inside a slice of ``count`` layers, in [0, 1]; the one layer of a
+    one-layer slice sits at 1, as in mergekit (a gradient gives it its last value)."""
+    return index / (count - 1) if count > 1 else 1.0
 
 
 def interpolate_gradient(values: Sequence[float], position: float) -> float:

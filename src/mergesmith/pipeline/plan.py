@@ -27,6 +27,7 @@ from mergesmith.core.hf_load import drop_remote_code
 from mergesmith.core.model import ModelSource, TensorInfo
 from mergesmith.core.sources import open_source
 from mergesmith.methods import BaseRule, Method, all_parameter_names, get_method
+from mergesmith.pipeline.compat import apply_extensions
 from mergesmith.pipeline.config import MergeConfig, Parameters
 from mergesmith.pipeline.params import layer_position, resolve
 
@@ -168,9 +169,11 @@ def build_plan(
     *,
     allow_crimes: bool = False,
     strict: bool = False,
+    mergekit_compat: bool = False,
 ) -> MergePlan:
     """Plan every output tensor. ``allow_crimes`` merges models of different architectures, copying a
-    tensor that only some models have from one that has it; ``strict`` makes every warning an error."""
+    tensor that only some models have from one that has it; ``strict`` makes every warning an error;
+    ``mergekit_compat`` leaves out mergesmith's extensions of mergekit's methods (pipeline/compat.py)."""
     method = get_method(config.merge_method)
     warn = Warnings(strict)
     _check_parameter_names(config, method, warn)
@@ -218,6 +221,7 @@ def build_plan(
             continue
         tensors.append(planner.plan_tensor(name, last, {s.model: name for s in last.sources}, 0.0))
     planner.report_carried(warn)
+    tensors = apply_extensions(tensors, method, mergekit_compat, warn)
 
     _rewrite_config(out_config, slices, layouts[config_model], offset, tensors)
     remote = drop_remote_code(out_config, config_model)
@@ -272,7 +276,12 @@ def _check_parameter_names(config: MergeConfig, method: Method, warn: Warnings) 
     def check(params: Parameters | None, where: str, level: str) -> None:
         for key in params or {}:
             spec = method.param_index.get(key)
-            if spec is None:
+            if spec is None and key == "random_seed":
+                warn(
+                    f"parameter 'random_seed' {where} is ignored, as mergekit ignores it: the seed is not a "
+                    "merge parameter; pass --random-seed N (random_seed=N in mergesmith.merge)"
+                )
+            elif spec is None:
                 takes = ", ".join(method.param_index) or "no parameters"
                 if key not in known_any:
                     hint = did_you_mean(key, method.param_index) or did_you_mean(key, known_any)

@@ -131,7 +131,12 @@ def merge_one(
     with OutputFolder(
         out_dir, options.overwrite, force=options.force, inputs=inputs, quiet=options.quiet
     ) as out:
-        plan = build_plan(cfg, allow_crimes=options.allow_crimes, strict=options.strict)
+        plan = build_plan(
+            cfg,
+            allow_crimes=options.allow_crimes,
+            strict=options.strict,
+            mergekit_compat=options.mergekit_compat,
+        )
         try:
             for warning in plan.warnings:
                 log.warning("%s", warning)

@@ -262,17 +262,23 @@ def plan_stages(
     *,
     allow_crimes: bool = False,
     strict: bool = False,
+    mergekit_compat: bool = False,
 ) -> list[StagePlan]:
     """Plan every stage in order, later ones against the planned outputs of earlier ones; nothing is read
-    but headers and nothing is written. Close each plan (``plan.close()``) when done. ``allow_crimes`` and
-    ``strict`` apply to every stage (see :func:`mergesmith.pipeline.plan.build_plan`)."""
+    but headers and nothing is written. Close each plan (``plan.close()``) when done. ``allow_crimes``,
+    ``strict`` and ``mergekit_compat`` apply to every stage (see :func:`mergesmith.pipeline.plan.build_plan`)."""
     stages = load_stages(config)
     inter = Path(intermediate_dir or "<intermediate-dir>")
-    return _plan_all(stage_order(stages), final_stage(stages), inter, allow_crimes, strict)
+    return _plan_all(stage_order(stages), final_stage(stages), inter, allow_crimes, strict, mergekit_compat)
 
 
 def _plan_all(
-    order: Sequence[Stage], final: Stage, inter: Path, allow_crimes: bool = False, strict: bool = False
+    order: Sequence[Stage],
+    final: Stage,
+    inter: Path,
+    allow_crimes: bool = False,
+    strict: bool = False,
+    mergekit_compat: bool = False,
 ) -> list[StagePlan]:
     from mergesmith.core.lora.source import LoraModelSource
 
@@ -289,7 +295,13 @@ def _plan_all(
                 upstream = planned[dep]
                 models[ref] = upstream if ref == dep else LoraModelSource.open(ref, base=upstream)
             try:
-                plan = build_plan(st.config, models, allow_crimes=allow_crimes, strict=strict)
+                plan = build_plan(
+                    st.config,
+                    models,
+                    allow_crimes=allow_crimes,
+                    strict=strict,
+                    mergekit_compat=mergekit_compat,
+                )
             except MergeError as exc:
                 raise type(exc)(f"stage {st.label}: {exc}") from None
             out.append(StagePlan(st, plan, st is final))
@@ -429,7 +441,7 @@ def _run_stages(stages: list[Stage], inputs: list[Path], out: Path, options: Mer
     )
     _check_folders(out, inter)
     dests = {st.index: out if st is final else inter / str(st.name) for st in order}
-    for sp in _plan_all(order, final, inter, options.allow_crimes, options.strict):
+    for sp in _plan_all(order, final, inter, options.allow_crimes, options.strict, options.mergekit_compat):
         sp.plan.close()  # every stage checked before the first one runs
     identity_options = output_identity(options)
     names = {s.name for s in stages if s.name}
