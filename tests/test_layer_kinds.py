@@ -333,6 +333,14 @@ def test_fields_that_cannot_be_rewritten(config, field):
         rewrite(config, [0, 0, 1, 2])
 
 
+@pytest.mark.parametrize("field", ["first_k_dense_replace", "num_dense_layers"])
+def test_dense_prefix_is_refitted(field):
+    kinds = [frozenset("d"), frozenset("m"), frozenset("m")]
+    assert rewrite({field: 1}, [0, 0, 1, 2], kinds)[field] == 2
+    with pytest.raises(MergeError, match=field):
+        rewrite({field: 1}, [1, 0, 2], kinds)
+
+
 def test_unexplained_kinds_are_refused():
     kinds = [frozenset("a"), frozenset("b"), frozenset("a")]
     with pytest.raises(MergeError, match="layers 0 and 1 hold different tensors"):

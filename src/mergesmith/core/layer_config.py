@@ -96,12 +96,14 @@ def _period(c: dict, i: int, stem: str) -> bool:
     return i % period == (c.get(f"{stem}_offset") or 0)
 
 
+def _dense_prefix(field: str) -> Rule:
+    """The first ``config[field]`` layers are dense, the others MoE."""
+    return Rule((field,), lambda c, i, n: i < c[field], refit=lambda kinds: _prefix_true(kinds, field))
+
+
 RULES = (
-    Rule(
-        ("first_k_dense_replace",),
-        lambda c, i, n: i < c["first_k_dense_replace"],
-        refit=lambda kinds: _prefix_true(kinds, "first_k_dense_replace"),
-    ),
+    _dense_prefix("first_k_dense_replace"),
+    _dense_prefix("num_dense_layers"),
     Rule(
         ("moe_layer_freq",), lambda c, i, n: isinstance(c["moe_layer_freq"], int) and i % c["moe_layer_freq"]
     ),
