@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from mergesmith.core.layer_config import VALUE_KEYS
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -80,8 +82,8 @@ def tiny_config(model_type: str):
                 out[k] = VOCAB
             elif k.endswith(("_token_id", "_token_index")) and isinstance(v, int) and v >= VOCAB:
                 out[k] = VOCAB - 1 - (hash(k) % 64)
-            elif k in ("layer_types", "mlp_layer_types", "layers_block_type") and isinstance(v, list):
-                out[k] = None
+            elif k in VALUE_KEYS and isinstance(v, list):
+                out[k] = None  # the family's default for the tiny depth
             elif k in PERIODS and isinstance(v, int):
                 out[k] = PERIODS[k]
             elif k == "first_k_dense_replace" and isinstance(v, int):
@@ -102,7 +104,7 @@ def tiny_config(model_type: str):
             for k in ("num_hidden_layers", "num_layers", "n_layer"):
                 if k in small[key]:
                     small[key][k] = TEXT_LAYERS
-    return cls(**{k: v for k, v in small.items() if v is not None or k not in ("layer_types",)})
+    return cls(**{k: v for k, v in small.items() if v is not None or k not in VALUE_KEYS})
 
 
 class Timeout(Exception):

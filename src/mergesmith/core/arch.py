@@ -19,8 +19,15 @@ from mergesmith.core.errors import MergeError
 from mergesmith.core.layer_config import count_from_fields
 
 LAYER_RE = re.compile(r"(?:^|\.)(layers|h|blocks|layer|decoder_layers)\.(\d+)\.")
-# config.json keys that hold the decoder's layer count (``decoder_layers``: seq2seq decoders)
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers")
+# config.json keys that hold the decoder's layer count (``decoder_layers``, ``num_decoder_layers``: seq2seq)
+LAYER_COUNT_KEYS = (
+    "num_hidden_layers",
+    "n_layer",
+    "num_layers",
+    "n_layers",
+    "decoder_layers",
+    "num_decoder_layers",
+)
 # where a multimodal config keeps its language model's keys
 TEXT_CONFIG_KEYS = ("text_config", "language_config", "llm_config")
 # words in a stack's prefix that say it is not the language model, and words that say it is

@@ -37,6 +37,7 @@ VALUE_KEYS = (
     "num_key_value_heads_per_layer",
     "attn_layers",
     "block_types",
+    "indexer_types",
 )
 # one character per layer
 STRING_KEYS = ("hybrid_override_pattern",)
@@ -172,7 +173,9 @@ def rewrite_layer_fields(
 
     for key, value in config.items():
         if key in VALUE_KEYS and isinstance(value, list) and value:
-            if len(value) != n:
+            if (
+                len(value) < n
+            ):  # (longer lists occur: no_rope_layers may be; entries past the last are unused)
                 raise MergeError(
                     f"config.json field {field(key)!r} has {len(value)} entries for {n} layers; mergesmith cannot "
                     "rewrite it for a passthrough that changes the layers"
