@@ -307,6 +307,7 @@ def test_field_shapes():
             "ple_layer_ids": [2],  # one-based
             "per_layer_config": {"1": {"head_dim": 16}},
             "hybrid_override_pattern": "M*-",
+            "no_rope_layers": [1, 0, 1, 1, 1],  # may be longer than the layers: the rest is unused
             "time_step_limit": [0.0, 1.0, 2.0],  # not per layer: its name does not say so
         },
         [2, 1, 1, 0],
@@ -316,6 +317,7 @@ def test_field_shapes():
     assert cfg["ple_layer_ids"] == [2, 3]
     assert cfg["per_layer_config"] == {"1": {"head_dim": 16}, "2": {"head_dim": 16}}
     assert cfg["hybrid_override_pattern"] == "-**M"
+    assert cfg["no_rope_layers"] == [1, 0, 0, 1]
     assert cfg["time_step_limit"] == [0.0, 1.0, 2.0]
 
 
