@@ -272,6 +272,13 @@ def test_equal_depths_are_told_apart_by_name():
         )
 
 
+def test_layers_under_unknown_names_are_whole_tensors():
+    """xlm keeps its layers as ``attentions.N``: no stack is found, every tensor is merged as a whole."""
+    lay = Layout.infer("m", ["attentions.0.q_lin.weight", "embeddings.weight"], {"n_layers": 1})
+    assert lay.decoder is None and lay.num_layers == 0
+    assert lay.pre == ("embeddings.weight",) and lay.post == ("attentions.0.q_lin.weight",)
+
+
 def test_layer_count_from_a_per_layer_list():
     """nemotron_h's config.json has no count key: its layers_block_type gives the count."""
     names = names_of({"backbone.layers": (3, ["norm.weight"])})

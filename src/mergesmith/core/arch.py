@@ -226,13 +226,9 @@ def _find_decoder(model_ref: str, stacks: list[Stack], config: dict) -> tuple[st
         derived = count_from_fields(config)
         if derived is not None:
             counts = [(None, derived)]
-    if not stacks:
-        if counts and counts[0][1]:
-            key, n = counts[0]
-            raise MergeError(
-                f"model {model_ref!r}: config.json says {key or 'its per-layer fields give'}={n} layers but no "
-                "tensor name holds a layer number (like 'model.layers.0.')"
-            )
+    if (
+        not stacks
+    ):  # layers under names mergesmith does not know (xlm's attentions.N): merged as whole tensors
         return (counts[0][0] if counts else None), None
     if not counts:
         return None, _pick(model_ref, stacks, "config.json has no layer count")
