@@ -27,6 +27,7 @@ LAYER_COUNT_KEYS = (
     "n_layers",
     "decoder_layers",
     "num_decoder_layers",
+    "layers",  # kosmos-2.5's text config
 )
 # where a multimodal config keeps its language model's keys
 TEXT_CONFIG_KEYS = ("text_config", "language_config", "llm_config")
