@@ -191,3 +191,102 @@ def make_char_llama(
         **CHAR_IDS,
     )
     return save(build(cfg, seed), folder, tokenizer_files)
+
+
+# Models whose layers are not all alike, or that hold more than one layer stack (tests/test_layer_kinds.py)
+
+_TEXT = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    vocab_size=96,
+    max_position_embeddings=64,
+)
+_TOWER = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, image_size=16, patch_size=8)
+
+
+def layer_kinds_config(family: str):
+    """``(config, auto class name)`` of a tiny model of ``family``: ``deepseek_v3`` (a dense first layer, then
+    MoE layers), ``jamba`` (attention every other layer, placed by period/offset fields), ``bamba``
+    (attention at the layers ``attn_layer_indices`` lists), ``qwen3_next`` (``layer_types``), ``falcon_h1``
+    (2 layers and lists of length 2 that are not per layer), ``gemma4`` (``per_layer_config``), ``llava``
+    (a vision tower deeper than the text stack), ``smolvlm`` (a shallower one)."""
+    import transformers as T
+
+    text = {**_TEXT, "num_hidden_layers": 3}
+    lm = "AutoModelForCausalLM"
+    vlm = "AutoModelForImageTextToText"
+    if family == "deepseek_v3":
+        kv = dict(kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)
+        moe = dict(
+            n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, moe_intermediate_size=16
+        )
+        return T.DeepseekV3Config(
+            **{**text, "num_key_value_heads": 4, "head_dim": 4}, **kv, **moe, first_k_dense_replace=1
+        ), lm
+    if family == "jamba":
+        return T.JambaConfig(
+            **{**text, "num_hidden_layers": 4},
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            expert_layer_period=2,
+            expert_layer_offset=1,
+            num_experts=4,
+            num_experts_per_tok=2,
+            mamba_d_state=4,
+            mamba_dt_rank=4,
+        ), lm
+    mamba2 = dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=16)
+    if family == "bamba":
+        return T.BambaConfig(**text, attn_layer_indices=[1], **mamba2), lm
+    if family == "qwen3_next":
+        return T.Qwen3NextConfig(
+            **{**text, "num_hidden_layers": 4},
+            layer_types=["linear_attention", "full_attention"] * 2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=16,
+            linear_num_value_heads=4,
+            linear_num_key_heads=2,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+        ), lm
+    if family == "falcon_h1":
+        return T.FalconH1Config(
+            **{**text, "num_hidden_layers": 2}, **mamba2, mamba_d_ssm=64, mlp_multipliers=[0.5, 2.0]
+        ), lm
+    if family == "gemma4":
+        return T.Gemma4TextConfig(
+            **text,
+            layer_types=["sliding_attention", "full_attention", "full_attention"],
+            sliding_window=16,
+            global_head_dim=16,
+            hidden_size_per_layer_input=0,
+        ), lm
+    if family == "llava":
+        vision = dict(model_type="clip_vision_model", **_TOWER, num_hidden_layers=3, projection_dim=16)
+        return T.LlavaConfig(
+            text_config=dict(model_type="llama", **{**text, "num_hidden_layers": 2}),
+            vision_config=vision,
+            image_token_id=95,
+        ), vlm
+    if family == "smolvlm":
+        return T.SmolVLMConfig(
+            text_config=dict(model_type="llama", **text),
+            vision_config=dict(**_TOWER, num_hidden_layers=1),
+            scale_factor=1,
+            image_token_id=95,
+        ), vlm
+    raise ValueError(family)
+
+
+def layer_kinds_model(folder: Path, family: str, seed: int = 0) -> Path:
+    """A tiny random model of :func:`layer_kinds_config`'s ``family`` saved in ``folder``."""
+    import transformers
+
+    config, auto = layer_kinds_config(family)
+    torch.manual_seed(seed)
+    return save(getattr(transformers, auto).from_config(config), folder)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from mergesmith.core import dtypes
 from mergesmith.core.arch import (
     Layout,
+    Stack,
     get_nested,
     is_embedding,
     set_nested,
@@ -24,6 +25,7 @@ from mergesmith.core.arch import (
 from mergesmith.core.dtypes import dtype_name, parse_code
 from mergesmith.core.errors import ConfigError, MergeError
 from mergesmith.core.hf_load import drop_remote_code
+from mergesmith.core.layer_config import count_from_fields, rewrite_layer_fields
 from mergesmith.core.model import ModelSource, TensorInfo
 from mergesmith.core.sources import open_source
 from mergesmith.methods import BaseRule, Method, all_parameter_names, get_method
@@ -204,16 +206,22 @@ def build_plan(
     planner = _Planner(config, method, models, layouts, allow_crimes)
     tensors: list[OutputTensor] = []
     first, last = slices[0], slices[-1]
+    # the input side (embeddings, towers, projectors) comes from the first slice's models; a tower layer's
+    # gradient position is its position in its own tower
+    first_layout = layouts[_name_model(first, config_model)]
     for name in _names(first, config_model, layouts, lambda lay: lay.pre):
-        tensors.append(planner.plan_tensor(name, first, {s.model: name for s in first.sources}, 0.0))
+        pos = first_layout.position(name)
+        tensors.append(planner.plan_tensor(name, first, {s.model: name for s in first.sources}, pos))
     offset = 0
     for sl in slices:
-        templates = _names(sl, config_model, layouts, lambda lay: lay.layer_templates)
+        out_stack = layouts[_name_model(sl, config_model)].decoder
         for j in range(sl.length):
             pos = layer_position(j, sl.length)
-            for template in templates:
-                out_name = template.format(offset + j)
-                names = {s.model: template.format(s.start + j) for s in sl.sources}
+            # each layer's own tensors: those of the source layers this output layer takes
+            for suffix in _layer_suffixes(sl, config_model, layouts, j):
+                assert out_stack is not None
+                names = {s.model: _decoder(layouts, s.model).name(s.start + j, suffix) for s in sl.sources}
+                out_name = out_stack.name(offset + j, suffix)
                 tensors.append(planner.plan_tensor(out_name, sl, names, pos))
         offset += sl.length
     for name in _names(last, config_model, layouts, lambda lay: lay.post):
@@ -259,6 +267,21 @@ def _names(sl: _Slice, preferred: str, layouts: dict[str, Layout], part) -> list
     naming model's first, in its order, then those only other models have (they are not dropped)."""
     first = _name_model(sl, preferred)
     return _unique([*part(layouts[first]), *(n for s in sl.sources for n in part(layouts[s.model]))])
+
+
+def _decoder(layouts: dict[str, Layout], ref: str) -> Stack:
+    stack = layouts[ref].decoder
+    assert stack is not None  # a slice with layers has models with a decoder
+    return stack
+
+
+def _layer_suffixes(sl: _Slice, preferred: str, layouts: dict[str, Layout], j: int) -> list[str]:
+    """The tensor names (after ``<stack>.<N>.``) of the slice's ``j``-th layer, over every model of the slice:
+    the naming model's first, in its order, then those only other models' layers have."""
+    first = _name_model(sl, preferred)
+    order = [first] + [s.model for s in sl.sources if s.model != first]
+    start = {s.model: s.start for s in sl.sources}
+    return _unique([x for ref in order for x in _decoder(layouts, ref).layers[start[ref] + j]])
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -452,13 +475,18 @@ class _Planner:
         have = [ref for ref, info in found.items() if info is not None]
         lack = [ref for ref, info in found.items() if info is None]
         if lack:
-            return self._carry(out_name, have, lack, base_ref, found)
+            return self._carry(out_name, have, lack, base_ref, found, names)
         infos: dict[str, TensorInfo] = {ref: info for ref, info in found.items() if info is not None}
         # the aliased lm_head of a tied model is read under its embedding name
         src = {ref: TensorSource(ref, infos[ref].name) for ref in infos}
         self._check_shapes(out_name, infos)
         shape = next(iter(infos.values())).shape
         in_dtypes = {i.code for i in infos.values()}
+        if in_dtypes.isdisjoint(dtypes.FLOAT_CODES) and len(in_dtypes) == 1:
+            # integer tensors (a routing table, an index map) are not merged and not cast: they pass through
+            # as stored, from the base model or the first model
+            ref = base_ref or others[0].model
+            return self._verbatim(out_name, src[ref], infos[ref])
 
         params: dict[str, Any] = {}
         for spec in method.params:
@@ -518,10 +546,18 @@ class _Planner:
         lack: list[str],
         base_ref: str | None,
         found: dict[str, TensorInfo | None],
+        names: dict[str, str],
     ) -> OutputTensor:
         """A tensor that only some models have: an error, or with --allow-crimes a copy of it from the
         base model if it has it, else from the first model that does (never dropped silently)."""
         if not self.allow_crimes:
+            if len(set(names.values())) > 1:  # a slice that pairs different layers of its models
+                raise MergeError(
+                    f"model {lack[0]!r} has no tensor {names[lack[0]]!r}, which {have[0]!r} has as "
+                    f"{names[have[0]]!r} (output tensor {out_name!r}): the slice pairs layers of different kinds; "
+                    "choose layer ranges that pair layers holding the same tensors, or pass --allow-crimes to "
+                    "copy it from the model that has it"
+                )
             raise MergeError(
                 f"tensor {out_name!r} is in {_refs(have)} but not in {_refs(lack)}; merge models that have "
                 "the same tensors, or pass --allow-crimes to copy it from the model that has it"
@@ -544,6 +580,21 @@ class _Planner:
             cast_code=self.cast if info.code in dtypes.FLOAT_CODES else None,
             compute_code="F64" if "F64" in (self.cast, info.code) else "F32",
             copy=out == info.code and self.cast in (None, info.code),
+        )
+
+    @staticmethod
+    def _verbatim(out_name: str, source: TensorSource, info: TensorInfo) -> OutputTensor:
+        return OutputTensor(
+            name=out_name,
+            shape=info.shape,
+            out_code=info.code,
+            method="passthrough",
+            base=None,
+            inputs=(source,),
+            params=(("scale", (None,)),),
+            cast_code=None,
+            compute_code="F32",
+            copy=True,
         )
 
     def report_carried(self, warn: Warnings) -> None:
@@ -621,16 +672,23 @@ def _misplaced_hint(name: str, method: str, sl: _Slice) -> str:
 def _rewrite_config(
     out_config: dict, slices: list[_Slice], layout: Layout, total_layers: int, tensors
 ) -> None:
-    key = layout.layer_key
-    if key:
-        n_src = get_nested(out_config, key)
-        # per-layer lists (e.g. layer_types) follow the layers they describe
-        src_layers = [s.sources[0].start + j for s in slices for j in range(s.length)]
-        container = out_config if "." not in key else get_nested(out_config, key.rsplit(".", 1)[0])
-        for k, v in list(container.items()):
-            if isinstance(v, list) and len(v) == n_src and k not in ("architectures",) and n_src > 1:
-                container[k] = [v[i] for i in src_layers]
-        set_nested(out_config, key, total_layers)
+    """The output's config.json: the config model's, with the decoder's layer count and its per-layer fields
+    following the layers the slices took (core/layer_config.py), and the dtype of the tensors written."""
+    if layout.decoder is not None:
+        source = [s.sources[0].start + j for s in slices for j in range(s.length)]
+        key = layout.layer_key
+        parent = key.rsplit(".", 1)[0] if key and "." in key else None
+        container = get_nested(out_config, parent) if parent else out_config
+        kinds = [layout.decoder.kind(i) for i in range(layout.decoder.depth)]
+        rewrite_layer_fields(container, f"{parent}." if parent else "", source, kinds)
+        if key:
+            set_nested(out_config, key, total_layers)
+        elif total_layers != layout.decoder.depth and count_from_fields(container) is None:
+            raise MergeError(
+                "config.json has no layer count that mergesmith knows (num_hidden_layers, n_layer, "
+                "decoder_layers, ...) nor a per-layer list; it cannot write one for a passthrough of "
+                f"{total_layers} layers"
+            )
     floats = {t.out_code for t in tensors if t.out_code in dtypes.FLOAT_CODES}
     if floats:
         name = dtype_name(max(floats, key=dtypes.itemsize) if len(floats) > 1 else next(iter(floats)))
