@@ -69,11 +69,16 @@ class ModuleDef(_Strict):
 
     @model_validator(mode="after")
     def _one_of_models_slices(self):
-        if (self.models is None) == (self.slices is None):
-            raise ValueError("give exactly one of 'models' or 'slices'")
-        if self.models is not None and not self.models:
-            raise ValueError("'models' is empty")
+        _check_models_or_slices(self.models, self.slices)
         return self
+
+
+def _check_models_or_slices(models: list | None, slices: list | None) -> None:
+    """Exactly one of ``models`` and ``slices``, and ``models`` not empty (a config or a module)."""
+    if (models is None) == (slices is None):
+        raise ValueError("give exactly one of 'models' or 'slices'")
+    if models is not None and not models:
+        raise ValueError("'models' is empty")
 
 
 class TokenizerConfig(_Strict):
@@ -95,10 +100,7 @@ class MergeConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_of_models_slices(self):
-        if (self.models is None) == (self.slices is None):
-            raise ValueError("give exactly one of 'models' or 'slices'")
-        if self.models is not None and not self.models:
-            raise ValueError("'models' is empty")
+        _check_models_or_slices(self.models, self.slices)
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise ValueError("give 'tokenizer_source' or 'tokenizer', not both")
         return self
