@@ -301,3 +301,54 @@ def test_a_one_layer_slice_takes_a_gradients_last_value_as_mergekit_does(llama_t
             assert value == 2.0, name
         elif ".layers.0." in name or "embed_tokens" in name:
             assert value == 0.5, name
+
+
+# --- values and keys as configs in the wild write them ---------------------------------------------------
+
+
+def _ties(base, ft1, ft2, weight, density, lam) -> dict:
+    return {
+        "merge_method": "ties",
+        "base_model": str(base),
+        "models": [
+            {"model": str(ft1), "parameters": {"weight": weight, "density": density}},
+            {"model": str(ft2), "parameters": {"weight": 0.5, "density": 0.5}},
+        ],
+        "parameters": {"lambda": lam},
+    }
+
+
+def test_numbers_written_as_strings_read_as_numbers(llama_trio):
+    """YAML 1.1 reads `1e-5` (no dot) as a string, and quoted numbers are strings: mergekit reads both as
+    numbers, and so do we; the plan is the one the numbers give."""
+    base, ft1, ft2 = llama_trio
+    text = yaml.safe_dump(_ties(base, ft1, ft2, "0.5", "5e-1", "1"))
+    loaded = yaml.safe_load(text.replace("'5e-1'", "5e-1"))  # unquoted, as a user writes it
+    assert loaded["models"][0]["parameters"]["density"] == "5e-1"  # still a string after YAML
+    assert plan_lines(loaded, strict=True) == plan_lines(_ties(base, ft1, ft2, 0.5, 0.5, 1.0), strict=True)
+
+
+def test_text_that_is_no_number_stays_an_error(llama_trio):
+    base, ft1, ft2 = llama_trio
+    with pytest.raises(ConfigError, match="parameter 'density' .*expected a number, got 'half'"):
+        make_plan(_ties(base, ft1, ft2, 0.5, "half", 1.0))
+
+
+def test_parameters_written_at_the_top_level_are_ignored_with_a_warning(llama_trio):
+    """An unindented `int8_mask: true` or `normalize: true`: mergekit ignores it; we merge the same and
+    say so, once per key; --strict refuses it; a key that is no parameter stays an error."""
+    base, ft1, ft2 = llama_trio
+    plain = _ties(base, ft1, ft2, 0.5, 0.5, 1.0)
+    stray = {**plain, "int8_mask": True, "normalize": False}
+    lines, warnings = plan_lines(stray)
+    assert lines == plan_lines(plain)[0]
+    assert len(warnings) == 2
+    assert (
+        "top-level key 'int8_mask' is ignored" in warnings[0]
+        and "`parameters: {int8_mask: true}`" in warnings[0]
+    )
+    assert "'normalize'" in warnings[1]
+    with pytest.raises(ConfigError, match="top-level key 'int8_mask' is ignored.*--strict"):
+        make_plan(stray, strict=True)
+    with pytest.raises(ConfigError, match="unknown key; did you mean 'base_model'"):
+        make_plan({**plain, "base_modle": str(base)})

@@ -7,11 +7,20 @@ ignores unknown keys, which turns a typo into a wrong merge.
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mergesmith.core.errors import ConfigError
 
@@ -97,6 +106,8 @@ class MergeConfig(_Strict):
     tokenizer: TokenizerConfig | None = None
     chat_template: str | None = None
     name: str | None = None
+    # warnings found while reading the file (keys mergekit ignores); build_plan reports them
+    _read_warnings: list[str] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _one_of_models_slices(self):
@@ -207,11 +218,32 @@ def parse_config(data: Any, source: str = "config") -> MergeConfig:
         raise ConfigError(f"{source}: a merge config must be a YAML mapping, got {type(data).__name__}")
     if "modules" in data:
         data = _modules_to_slices(data, source)
+    data, ignored = _top_level_parameters(data)
     _check_keys(data, MergeConfig, "", source)
     try:
-        return MergeConfig.model_validate(data)
+        config = MergeConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, source)) from None
+    config._read_warnings.extend(ignored)
+    return config
+
+
+def _top_level_parameters(data: dict) -> tuple[dict, list[str]]:
+    """Merge parameters written at the top level of the file instead of under ``parameters:`` (e.g. an
+    unindented ``int8_mask: true``): mergekit ignores them, and models were published from that behaviour,
+    so they are dropped with a warning each (an error under --strict). Other unknown keys stay errors."""
+    from mergesmith.methods import all_parameter_names
+
+    known = all_parameter_names()
+    stray = [k for k in data if k not in MergeConfig.model_fields and k in known]
+    if not stray:
+        return data, []
+    warnings = [
+        f"top-level key {k!r} is ignored, as mergekit ignores it: merge parameters go under `parameters:` "
+        f"(e.g. `parameters: {{{k}: {json.dumps(data[k])}}}`)"
+        for k in stray
+    ]
+    return {k: v for k, v in data.items() if k not in stray}, warnings
 
 
 def _modules_to_slices(data: dict, source: str) -> dict:

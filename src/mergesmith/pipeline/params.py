@@ -59,6 +59,14 @@ def lookup(name: str, levels: Sequence[Parameters | None], tensor_name: str, pos
     return _MISSING
 
 
+def _number_from_text(text: str) -> float | str:
+    """A number written as a string (`1e-5`, `"0.5"`) as that number; other text unchanged."""
+    try:
+        return float(text.strip())
+    except ValueError:
+        return text
+
+
 def coerce(spec: ParamSpec, value: Any, where: str) -> Any:
     if value is None:
         if spec.default is None:
@@ -71,6 +79,8 @@ def coerce(spec: ParamSpec, value: Any, where: str) -> Any:
             return bool(value)
         raise ConfigError(f"parameter {spec.name!r} {where}: expected true or false, got {value!r}")
     if spec.kind in (float, int):
+        if isinstance(value, str):
+            value = _number_from_text(value)  # YAML 1.1 reads `1e-5` (no dot) as a string; mergekit takes it
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"parameter {spec.name!r} {where}: expected a number, got {value!r}")
         if not math.isfinite(value):

@@ -178,6 +178,8 @@ def build_plan(
     ``mergekit_compat`` leaves out mergesmith's extensions of mergekit's methods (pipeline/compat.py)."""
     method = get_method(config.merge_method)
     warn = Warnings(strict)
+    for message in config._read_warnings:
+        warn(message)
     _check_parameter_names(config, method, warn)
     slices = _normalise_slices(config, method)
     if not slices:
