@@ -123,15 +123,11 @@ def main() -> int:
         f"demo: {len(METHODS)} merges of {len(names)} experts ({', '.join(names)}), each evaluated on "
         f"{args.limit or 'all'} {args.split} prompts per skill; loading torch and transformers ..."
     )
-    import torch
-
     from mergesmith.eval import load_tasks
 
-    importlib.import_module("mergesmith.eval.loading")  # transformers' model classes, now, not in step 1
-
-    # The models are 128 wide: their matrices are too small to split between threads, and on a busy
-    # 2-core machine two threads made every evaluation 6-10 times slower than one (same answers).
-    torch.set_num_threads(1)
+    # transformers' model classes, now, not in step 1; evaluation runs these small models on one torch
+    # thread (mergesmith.core.threads: two were 6-10x slower on a busy 2-core machine, same answers)
+    importlib.import_module("mergesmith.eval.loading")
 
     tasks = []
     for n in names:

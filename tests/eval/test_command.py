@@ -117,13 +117,13 @@ def test_small_models_are_scored_on_one_torch_thread(run_cli, tiny_llama: Path, 
     from mergesmith.eval import tasks as tasks_module
 
     seen: list[int] = []
-    real = tasks_module.score_task
+    real = tasks_module.generate_answers
 
     def spy(*args, **kwargs):
         seen.append(torch.get_num_threads())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tasks_module, "score_task", spy)
+    monkeypatch.setattr(tasks_module, "generate_answers", spy)
     torch.set_num_threads(2)
     code, _, err = run_cli(
         "eval", str(tiny_llama), "--tasks", str(DATA / "rev" / "test.jsonl"), "--limit", "4", "--quiet"

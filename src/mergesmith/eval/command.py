@@ -98,7 +98,6 @@ def evaluate_models(
     """Load each model in turn (one in memory at a time) and score it on every input."""
     from tqdm import tqdm
 
-    from mergesmith.core.threads import threads_for
     from mergesmith.eval.loading import load_model
     from mergesmith.eval.ppl import count_windows, score_text
     from mergesmith.eval.tasks import score_task
@@ -110,16 +109,15 @@ def evaluate_models(
             bar.set_description(Path(name).name or name)
             model, tokenizer = load_model(name)
             result = ModelResult(model=name)
-            with threads_for(model):
-                for task in tasks:
-                    result.tasks.append(
-                        score_task(model, tokenizer, task, max_new_tokens, batch_size, on_batch=bar.update)
-                    )
-                for text in texts:
-                    windows = count_windows(tokenizer, model, text)
-                    with tqdm(total=windows, disable=quiet, file=sys.stderr, unit="row", leave=False) as sub:
-                        sub.set_description(f"ppl {text.name}")
-                        result.ppl[text.name] = score_text(model, tokenizer, text, on_batch=sub.update).value
+            for task in tasks:
+                result.tasks.append(
+                    score_task(model, tokenizer, task, max_new_tokens, batch_size, on_batch=bar.update)
+                )
+            for text in texts:
+                windows = count_windows(tokenizer, model, text)
+                with tqdm(total=windows, disable=quiet, file=sys.stderr, unit="row", leave=False) as sub:
+                    sub.set_description(f"ppl {text.name}")
+                    result.ppl[text.name] = score_text(model, tokenizer, text, on_batch=sub.update).value
             results.append(result)
             del model
     return results

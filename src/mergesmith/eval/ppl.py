@@ -88,17 +88,20 @@ def score_text(
     batch_size: int = 16,
     on_batch: Callable[[int], None] | None = None,
 ) -> Perplexity:
-    """Perplexity of one loaded model on one text set."""
+    """Perplexity of one loaded model on one text set (a small model on one torch thread)."""
+    from mergesmith.core.threads import threads_for
+
     width = context_length(model)
     rows = [w for line in text.lines for w in _windows(tokenizer(line)["input_ids"], width)]
     if not rows:
         raise MergeError(f"text file {text.path}: every line is a single token; nothing to predict")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     nll = 0.0
-    for start in range(0, len(rows), batch_size):
-        nll += _score_rows(model, rows[start : start + batch_size], pad_id)
-        if on_batch is not None:
-            on_batch(min(batch_size, len(rows) - start))
+    with threads_for(model):
+        for start in range(0, len(rows), batch_size):
+            nll += _score_rows(model, rows[start : start + batch_size], pad_id)
+            if on_batch is not None:
+                on_batch(min(batch_size, len(rows) - start))
     return Perplexity(text.name, nll, sum(len(r) - 1 for r in rows))
 
 

@@ -152,9 +152,12 @@ def score_task(
     batch_size: int = 64,
     on_batch: Callable[[int], None] | None = None,
 ) -> TaskScore:
-    """Exact-match score of one loaded model on one task."""
+    """Exact-match score of one loaded model on one task (a small model on one torch thread)."""
+    from mergesmith.core.threads import threads_for
+
     budget = max_new_tokens or default_max_new_tokens(tokenizer, task.answers)
-    predictions = generate_answers(model, tokenizer, task.prompts, budget, batch_size, on_batch)
+    with threads_for(model):
+        predictions = generate_answers(model, tokenizer, task.prompts, budget, batch_size, on_batch)
     correct = sum(p == a.strip() for p, a in zip(predictions, task.answers, strict=True))
     return TaskScore(task.name, correct, len(task))
 
