@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -160,12 +161,17 @@ UNSUPPORTED_KEYS = {
 }
 
 
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``; did you mean 'x'?`` for the nearest of ``choices``, or an empty string."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def _unknown_key(key: Any, known: list[str], where: str, source: str) -> ConfigError:
     path = f"{where}.{key}" if where else str(key)
     if key in UNSUPPORTED_KEYS:
         return ConfigError(f"{source}: invalid config at '{path}': {UNSUPPORTED_KEYS[key]}")
-    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else f" (known keys here: {', '.join(known)})"
+    hint = did_you_mean(str(key), known) or f" (known keys here: {', '.join(known)})"
     return ConfigError(f"{source}: invalid config at '{path}': unknown key{hint}")
 
 

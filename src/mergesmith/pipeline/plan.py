@@ -7,9 +7,8 @@ vocabulary sizes, dtypes, parameters), so a bad merge fails before anything is w
 from __future__ import annotations
 
 import copy
-import difflib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +29,7 @@ from mergesmith.core.model import ModelSource, TensorInfo
 from mergesmith.core.sources import open_source
 from mergesmith.methods import BaseRule, Method, all_parameter_names, get_method
 from mergesmith.pipeline.compat import apply_extensions
-from mergesmith.pipeline.config import MergeConfig, Parameters
+from mergesmith.pipeline.config import MergeConfig, Parameters, did_you_mean
 from mergesmith.pipeline.params import layer_position, resolve
 
 if TYPE_CHECKING:
@@ -284,12 +283,6 @@ def _layer_suffixes(sl: _Slice, preferred: str, layouts: dict[str, Layout], j: i
     order = [first] + [s.model for s in sl.sources if s.model != first]
     start = {s.model: s.start for s in sl.sources}
     return _unique([x for ref in order for x in _decoder(layouts, ref).layers[start[ref] + j]])
-
-
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """``; did you mean 'x'?`` for the nearest of ``choices``, or an empty string."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _check_parameter_names(config: MergeConfig, method: Method, warn: Warnings) -> None:
