@@ -290,3 +290,49 @@ def layer_kinds_model(folder: Path, family: str, seed: int = 0) -> Path:
     config, auto = layer_kinds_config(family)
     torch.manual_seed(seed)
     return save(getattr(transformers, auto).from_config(config), folder)
+
+
+# MoE models as inputs: transformers 5 keeps experts fused (``mlp.experts.gate_up_proj``, every expert in one
+# tensor) and writes the per-expert layout of published checkpoints (``block_sparse_moe.experts.N.w1``) when
+# it saves; both are on the hub
+MOE_FAMILIES = {
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 4, "moe_intermediate_size": 24, "head_dim": 8}),
+}
+
+
+def make_moe_input(
+    folder: Path, family: str = "mixtral", fused: bool = False, seed: int = 0, tune: int | None = None
+) -> Path:
+    """A tiny random MoE model (2 layers, 4 experts, 2 per token) saved with its experts fused (the tensors
+    transformers 5 holds in memory) or per expert (what ``save_pretrained`` writes, as published). ``tune``:
+    a "fine-tune", every weight plus 0.3 of its standard deviation of noise drawn with that seed (the same
+    values in either layout)."""
+    import transformers
+
+    cls, extra = MOE_FAMILIES[family]
+    config = getattr(transformers, cls)(
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=64,
+        max_position_embeddings=64,
+        num_experts_per_tok=2,
+        tie_word_embeddings=False,
+        **extra,
+    )
+    model = build(config, seed)
+    if tune is not None:
+        g = torch.Generator().manual_seed(tune)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.3 * p.std())
+    save(model, folder)
+    if fused:
+        for f in folder.glob("*.safetensors"):
+            f.unlink()
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder

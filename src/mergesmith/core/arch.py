@@ -264,3 +264,27 @@ def _pick(model_ref: str, stacks: list[Stack], why: str) -> Stack:
         f"model {model_ref!r}: {why} layer stacks ({shown}) and their names do not say which is the language "
         "model; mergesmith cannot tell which stack the layer ranges refer to"
     )
+
+
+# Per-expert MoE tensors, as published Mixtral/Qwen-MoE checkpoints store them: ``<...>.experts.<N>.<leaf>``.
+_EXPERT_RE = re.compile(r"^(.*\.experts)\.(\d+)\.([^.]+)(.*)$")
+# the per-expert leaves that transformers 5 fuses into one tensor of every expert (gate_up_proj), in the order
+# it stacks them; every other leaf (w2, down_proj, ...) is stacked over the experts on its own
+_FUSED_PAIRS = {
+    "w1": ("w1+w3", 0),
+    "w3": ("w1+w3", 1),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+def expert_group(name: str) -> tuple[str, tuple[int, int]] | None:
+    """For a per-expert tensor, the name of the fused tensor that transformers 5 (and so mergekit 0.1.5) makes of
+    it and its siblings, and its place there (expert, part): ``...experts.3.w3.weight`` ->
+    (``...experts.*.w1+w3.weight``, (3, 1)). None for any other tensor."""
+    m = _EXPERT_RE.match(name)
+    if m is None:
+        return None
+    prefix, expert, leaf, tail = m.groups()
+    fused, part = _FUSED_PAIRS.get(leaf, (leaf, 0))
+    return f"{prefix}.*.{fused}{tail}", (int(expert), part)

@@ -16,7 +16,9 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
+
+import numpy as np
 
 from mergesmith.core import dtypes
 from mergesmith.core._torch import torch
@@ -27,7 +29,7 @@ from mergesmith.core.write import ShardedWriter
 from mergesmith.methods import Chunk, Method, get_method
 from mergesmith.pipeline.backends import Backend, Span
 from mergesmith.pipeline.backends.torch import TorchBackend
-from mergesmith.pipeline.plan import MergePlan, OutputTensor
+from mergesmith.pipeline.plan import MergePlan, OutputTensor, TensorSource, merge_units
 
 DEFAULT_BUDGET = 768 * 2**20  # bytes of tensor data in flight when no --memory-limit is given
 BASELINE_RSS = 400 * 2**20  # Python, torch and the rest, when it cannot be measured (measured ~230 MiB)
@@ -103,7 +105,7 @@ def task_bytes(t: OutputTensor, share: int) -> int:
 def estimate_peak(plan: MergePlan, options: ExecOptions, backend: str | None = None) -> int:
     """Peak memory estimate: baseline (with ``backend``'s engine) + the largest tasks in flight at once."""
     share = options.budget // max(1, options.workers)
-    sizes = sorted((task_bytes(t, share) for t in plan.tensors), reverse=True)
+    sizes = sorted((task_bytes(t, share) for t in merge_units(plan.tensors)), reverse=True)
     return baseline_rss(backend) + sum(sizes[: options.workers])
 
 
@@ -115,7 +117,7 @@ def settle_budget(plan: MergePlan, options: ExecOptions, baseline: int, backend:
     limit that works."""
     if options.limit is None:
         return fit_budget(plan, options)
-    need = max((task_bytes(t, 0) for t in plan.tensors), default=0)
+    need = max((task_bytes(t, 0) for t in merge_units(plan.tensors)), default=0)
     if options.limit < baseline + need:
         smallest = baseline + need
         raise MergeError(
@@ -133,9 +135,10 @@ def fit_budget(plan: MergePlan, options: ExecOptions) -> ExecOptions:
     Each worker gets budget / workers; when the largest one-row need does not fit that share, fewer
     workers run. If it does not fit the whole budget, the merge cannot keep to the limit.
     """
-    need = max((task_bytes(t, 0) for t in plan.tensors), default=0)  # one row, or a whole unchunkable tensor
+    units = merge_units(plan.tensors)
+    need = max((task_bytes(t, 0) for t in units), default=0)  # one row, or a whole unchunkable tensor
     if need > options.budget:
-        worst = max(plan.tensors, key=lambda t: task_bytes(t, 0))
+        worst = max(units, key=lambda t: task_bytes(t, 0))
         raise MergeError(
             f"memory limit too small: tensor {worst.name!r} needs at least {human_size(need)} in flight "
             f"with method {worst.method!r}; raise --memory-limit"
@@ -181,12 +184,17 @@ class Executor:
             self._run(progress)
 
     def _run(self, progress) -> None:
-        tensors = self.plan.tensors
+        tensors = merge_units(self.plan.tensors)
+
+        def report(t: OutputTensor) -> None:
+            if progress:
+                for part in t.parts or (t,):  # the bar counts the tensors written
+                    progress(part)
+
         if self.options.workers <= 1:
             for t in tensors:
                 self.produce(t)
-                if progress:
-                    progress(t)
+                report(t)
             return
         pool = ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="mergesmith")
         try:
@@ -198,8 +206,7 @@ class Executor:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for f in sorted(done, key=lambda f: futures[f][0]):
                     f.result()  # re-raise the first failure
-                    if progress:
-                        progress(futures[f][1])
+                    report(futures[f][1])
         except BaseException:
             self._cancel.set()
             raise
@@ -217,11 +224,13 @@ class Executor:
         n_rows = t.shape[0] if t.shape else 1
         spans = [(r, min(r + rows, n_rows)) for r in range(0, n_rows, rows)] if t.shape else [None]
         chunks = self._chunks(t, method, spans)
-        if len(spans) > 1 and self.hook is not None and self.hook.scans(t):
+        if len(spans) > 1 and self.hook is not None and any(self.hook.scans(p) for p in t.parts or (t,)):
             for span, data in chunks():  # a whole-tensor statistic first: the chunks are made twice
-                self.hook.scan(t, data, span)
+                for part, piece, part_span in _split(t, data, span):
+                    self.hook.scan(part, piece, part_span)
         for span, data in chunks():
-            self._write(t, data, span)
+            for part, piece, part_span in _split(t, data, span):
+                self._write(part, piece, part_span)
 
     def _chunks(self, t: OutputTensor, method: Method, spans: list) -> Callable[[], Iterator]:
         """A function that yields ``(span, output chunk)`` for every span, each call anew; the
@@ -245,11 +254,25 @@ class Executor:
 
     def _load(self, t: OutputTensor, span, rng) -> Chunk:
         raw = get_method(t.method).raw_inputs
-        read = self.backend.read
+        read = self._read_group if t.parts else self.backend.read
         base = read(t, t.base, span, raw) if t.base is not None else None
         models = [read(t, s, span, raw) for s in t.inputs]
         start = span[0] * row_elems(t) if span else 0
         return Chunk(base, models, start, rng, self.backend.chunk_dtype(t))
+
+    def _read_group(self, t: OutputTensor, src: TensorSource, span, raw: bool):
+        """Rows ``span`` of a group's input ``src`` (a source of its first member): the same model's rows of
+        each member they cover, one after another."""
+        index = t.sources.index(src)
+        pieces = [
+            self.backend.read(part, part.sources[index], part_span, raw)
+            for part, _, part_span in _part_spans(t, span)
+        ]
+        if len(pieces) == 1:
+            return pieces[0]
+        if isinstance(pieces[0], np.ndarray):
+            return np.concatenate(pieces)
+        return torch.cat(pieces)
 
     def _finish(self, t: OutputTensor, out):
         out, finite = self.backend.finish(t, out)
@@ -267,6 +290,29 @@ class Executor:
             return
         offset = span[0] * row_elems(t) * dtypes.itemsize(t.out_code) if span else 0
         self.writer.write(t.name, data, offset)
+
+
+def _part_spans(t: OutputTensor, span) -> Iterator[tuple[OutputTensor, int, tuple[int, int]]]:
+    """The members of group ``t`` that its rows ``span`` cover: each with its first row in the group and
+    the rows of its own that the span covers."""
+    start, end = span if span else (0, t.shape[0])
+    first = 0
+    for part in t.parts:
+        lo, hi = max(start, first), min(end, first + part.shape[0])
+        if lo < hi:
+            yield part, first, (lo - first, hi - first)
+        first += part.shape[0]
+
+
+def _split(t: OutputTensor, data, span) -> Iterator[tuple[OutputTensor, Any, Any]]:
+    """An output chunk as the (tensor, data, span) pieces to write: itself, or a group's, per member."""
+    if not t.parts:
+        yield t, data, span
+        return
+    start = span[0] if span else 0
+    rows = data.reshape(-1, row_elems(t))
+    for part, first, (lo, hi) in _part_spans(t, span):
+        yield part, rows[first + lo - start : first + hi - start], (lo, hi)
 
 
 _allocator_tuned = False

@@ -7,6 +7,7 @@ vocabulary sizes, dtypes, parameters), so a bad merge fails before anything is w
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from mergesmith.core import dtypes
 from mergesmith.core.arch import (
     Layout,
     Stack,
+    expert_group,
     get_nested,
     is_embedding,
     set_nested,
@@ -62,6 +64,10 @@ class OutputTensor:
     cast_code: str | None  # config `dtype`: inputs are rounded to it before the maths
     compute_code: str
     copy: bool = False  # a verbatim byte copy of one input (passthrough, same dtype, no scale)
+    # per-expert MoE tensors merged as one, as the fused tensor transformers 5 makes of them (expert_group):
+    # the fused tensor's name on every member; the members themselves on the unit that merges them
+    group: str | None = None
+    parts: tuple[OutputTensor, ...] = ()
 
     @property
     def out_dtype(self) -> torch.dtype:
@@ -96,7 +102,8 @@ class OutputTensor:
         inputs = " ".join(f"{s.model}:{s.tensor}" for s in self.inputs)
         how = "copy" if self.copy else self.method
         shape = "x".join(str(d) for d in self.shape)
-        return f"{self.name} [{shape} {dtype_name(self.out_code)}] {how} {params}{base} <- {inputs}".replace(
+        group = f" (merged as one with {self.group})" if self.group else ""
+        return f"{self.name} [{shape} {dtype_name(self.out_code)}] {how} {params}{base} <- {inputs}{group}".replace(
             "  ", " "
         )
 
@@ -171,10 +178,13 @@ def build_plan(
     allow_crimes: bool = False,
     strict: bool = False,
     mergekit_compat: bool = False,
+    per_expert: bool = False,
 ) -> MergePlan:
     """Plan every output tensor. ``allow_crimes`` merges models of different architectures, copying a
     tensor that only some models have from one that has it; ``strict`` makes every warning an error;
-    ``mergekit_compat`` leaves out mergesmith's extensions of mergekit's methods (pipeline/compat.py)."""
+    ``mergekit_compat`` leaves out mergesmith's extensions of mergekit's methods (pipeline/compat.py);
+    ``per_expert`` merges per-expert MoE tensors each on its own instead of as the fused tensor that
+    transformers 5 and mergekit make of them (:func:`group_experts`)."""
     method = get_method(config.merge_method)
     warn = Warnings(strict)
     for message in config._read_warnings:
@@ -231,6 +241,8 @@ def build_plan(
         tensors.append(planner.plan_tensor(name, last, {s.model: name for s in last.sources}, 0.0))
     planner.report_carried(warn)
     tensors = apply_extensions(tensors, method, mergekit_compat, warn)
+    if not per_expert:
+        tensors = group_experts(tensors, models)
 
     _rewrite_config(out_config, slices, layouts[config_model], offset, tensors)
     remote = drop_remote_code(out_config, config_model)
@@ -251,6 +263,63 @@ def build_plan(
         num_layers=offset,
         warnings=list(warn),
     )
+
+
+def group_experts(tensors: list[OutputTensor], models: dict[str, ModelSource]) -> list[OutputTensor]:
+    """Mark per-expert MoE tensors (``...experts.N.w1.weight``) to be merged as one: the fused tensor that
+    transformers 5 makes of them (every expert's w1 and w3, or gate_proj and up_proj, in one; w2 or
+    down_proj in another), which is the tensor mergekit 0.1.5 merges, so that a whole-tensor statistic (TIES's
+    top-k, a norm) is taken over the same elements as there. Each member is still written under its own
+    name. Members that differ in anything but their data (parameters set per expert by a filter, dtypes,
+    shapes of a row) are left on their own."""
+    members: dict[str, list[OutputTensor]] = {}
+    for t in tensors:
+        found = expert_group(t.name)
+        if found is not None and not t.copy and t.method != "passthrough" and len(t.shape) == 2:
+            members.setdefault(found[0], []).append(t)
+
+    def alike(t: OutputTensor) -> tuple:
+        codes = tuple(models[s.model].tensors[s.tensor].code for s in t.sources)
+        return (
+            t.method,
+            repr(t.params),
+            t.base.model if t.base else None,
+            tuple(s.model for s in t.inputs),
+            t.out_code,
+            t.cast_code,
+            t.compute_code,
+            t.shape[1:],
+            codes,
+        )
+
+    grouped = {
+        t.name: key
+        for key, ts in members.items()
+        if len(ts) > 1 and len({alike(t) for t in ts}) == 1
+        for t in ts
+    }
+    if not grouped:
+        return tensors
+    return [dataclasses.replace(t, group=grouped[t.name]) if t.name in grouped else t for t in tensors]
+
+
+def merge_units(tensors: Sequence[OutputTensor]) -> list[OutputTensor]:
+    """What the executor merges: every tensor on its own, except the members of a group (``group``), merged
+    as one tensor with their rows one after another in the fused order (expert by expert; w1 before w3),
+    in the place of the first member. Its ``parts`` are the members, each written under its own name."""
+    groups: dict[str, list[OutputTensor]] = {}
+    for t in tensors:
+        if t.group is not None:
+            groups.setdefault(t.group, []).append(t)
+    units: list[OutputTensor] = []
+    for t in tensors:
+        if t.group is None:
+            units.append(t)
+        elif t is groups[t.group][0]:
+            parts = sorted(groups[t.group], key=lambda p: expert_group(p.name)[1])  # type: ignore[index]
+            rows = sum(p.shape[0] for p in parts)
+            units.append(dataclasses.replace(t, name=t.group, shape=(rows, *t.shape[1:]), parts=tuple(parts)))
+    return units
 
 
 def _unique(items: Sequence[str]) -> list[str]:
