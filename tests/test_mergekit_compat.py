@@ -328,6 +328,36 @@ def test_numbers_written_as_strings_read_as_numbers(llama_trio):
     assert plan_lines(loaded, strict=True) == plan_lines(_ties(base, ft1, ft2, 0.5, 0.5, 1.0), strict=True)
 
 
+@pytest.mark.parametrize(
+    ("weight", "density", "lam"),
+    [
+        (1, 1, 2),  # ints where floats are meant
+        ([1], [1.0], [2]),  # one-element lists: a gradient of one value is that value everywhere
+        ([1.0], 1, "2"),
+        (1, [{"filter": "mlp", "value": [1]}, {"value": 1}], 2),  # inside a filter too
+    ],
+)
+def test_ints_and_one_element_lists_read_as_the_number(llama_trio, weight, density, lam):
+    """mergekit reads `weight: 1` as 1.0 and `weight: [1]` as a gradient of one value; so do we: the plan
+    is the one of the plain floats (a different number would show in every line)."""
+    base, ft1, ft2 = llama_trio
+    expected = plan_lines(_ties(base, ft1, ft2, 1.0, 1.0, 2.0), strict=True)
+    assert plan_lines(_ties(base, ft1, ft2, weight, density, lam), strict=True) == expected
+    assert plan_lines(_ties(base, ft1, ft2, 1.0, 1.0, 3.0), strict=True) != expected
+
+
+def test_slerp_t_as_an_int_or_a_one_element_list(llama_trio):
+    base, ft1, _ = llama_trio
+    cfg = {
+        "merge_method": "slerp",
+        "base_model": str(base),
+        "models": [{"model": str(base)}, {"model": str(ft1)}],
+    }
+    expected = plan_lines({**cfg, "parameters": {"t": 0.0}}, strict=True)
+    for t in (0, [0], [0.0], "0"):
+        assert plan_lines({**cfg, "parameters": {"t": t}}, strict=True) == expected, t
+
+
 def test_text_that_is_no_number_stays_an_error(llama_trio):
     base, ft1, ft2 = llama_trio
     with pytest.raises(ConfigError, match="parameter 'density' .*expected a number, got 'half'"):

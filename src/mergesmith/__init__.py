@@ -18,7 +18,7 @@ def merge(config, out_dir, **options):
 
 def make_plan(config, **options):
     """The merge plan of ``config`` (every output tensor, its inputs, method and parameters), checked but
-    not run; what ``mergesmith plan`` prints. Options: ``allow_crimes``, ``strict``, ``mergekit_compat``."""
+    not run; what ``mergesmith plan`` prints. Options: ``allow_crimes``, ``strict``, ``mergekit_compat``, ``per_expert``."""
     from mergesmith.pipeline.api import make_plan as _make_plan
 
     return _make_plan(config, **options)

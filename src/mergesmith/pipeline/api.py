@@ -20,16 +20,23 @@ def make_plan(
     allow_crimes: bool = False,
     strict: bool = False,
     mergekit_compat: bool = False,
+    per_expert: bool = False,
 ) -> MergePlan:
     """Parse the config, open the models (headers only) and plan every output tensor.
 
     ``allow_crimes``: merge models of different architectures (mergekit's --allow-crimes); a tensor only
     some models have is copied from one that has it. ``strict``: every warning (``plan.warnings``) is an
     error instead. ``mergekit_compat``: mergekit's result where a mergesmith extension of a method would
-    change it (model_stock's, karcher's and sce's ``weight``, which mergekit ignores).
+    change it (model_stock's, karcher's and sce's ``weight``, which mergekit ignores). ``per_expert``:
+    per-expert MoE tensors (``experts.N.w1``) merged each on its own; by default the experts of a layer are
+    merged as the one fused tensor that transformers 5 and mergekit make of them (docs/config.md).
     """
     return build_plan(
-        load_config(config), allow_crimes=allow_crimes, strict=strict, mergekit_compat=mergekit_compat
+        load_config(config),
+        allow_crimes=allow_crimes,
+        strict=strict,
+        mergekit_compat=mergekit_compat,
+        per_expert=per_expert,
     )
 
 

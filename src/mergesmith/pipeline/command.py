@@ -60,6 +60,13 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
         help="mergekit's result where a mergesmith extension would change it: ignore the per-model weights "
         "of model_stock, karcher and sce, as mergekit does (docs/config.md)",
     )
+    p.add_argument(
+        "--per-expert",
+        action="store_true",
+        help="merge per-expert MoE tensors (experts.N.w1) each on its own: TIES's density and other "
+        "whole-tensor statistics per expert, instead of per fused tensor of every expert as mergekit "
+        "(docs/config.md)",
+    )
 
 
 def register(sub) -> None:
@@ -155,6 +162,7 @@ def _plan(args: argparse.Namespace) -> int:
             allow_crimes=args.allow_crimes,
             strict=args.strict,
             mergekit_compat=args.mergekit_compat,
+            per_expert=args.per_expert,
         )
         try:
             _print_plan(plan, options, args.summary or args.quiet)
@@ -162,7 +170,11 @@ def _plan(args: argparse.Namespace) -> int:
             plan.close()
         return 0
     stages = plan_stages(
-        args.config, allow_crimes=args.allow_crimes, strict=args.strict, mergekit_compat=args.mergekit_compat
+        args.config,
+        allow_crimes=args.allow_crimes,
+        strict=args.strict,
+        mergekit_compat=args.mergekit_compat,
+        per_expert=args.per_expert,
     )
     try:
         for i, sp in enumerate(stages, 1):

@@ -53,6 +53,8 @@ class MergeOptions:
     out_format: str = output("safetensors", lambda v: OMIT if v == "safetensors" else v)
     # mergekit's result where a mergesmith extension of a method (model_stock's weights) would change it
     mergekit_compat: bool = output(False, lambda v: True if v else OMIT)
+    # per-expert MoE tensors merged each on its own, not as the fused tensor mergekit merges (TIES's top-k)
+    per_expert: bool = output(False, lambda v: True if v else OMIT)
     # how it runs: the backends and any worker count, memory limit or chunking write the same bytes
     memory_limit: str | int | None = run_only(None)
     workers: int | None = run_only(None)

@@ -136,6 +136,7 @@ def merge_one(
             allow_crimes=options.allow_crimes,
             strict=options.strict,
             mergekit_compat=options.mergekit_compat,
+            per_expert=options.per_expert,
         )
         try:
             for warning in plan.warnings:

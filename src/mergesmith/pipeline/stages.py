@@ -263,13 +263,17 @@ def plan_stages(
     allow_crimes: bool = False,
     strict: bool = False,
     mergekit_compat: bool = False,
+    per_expert: bool = False,
 ) -> list[StagePlan]:
     """Plan every stage in order, later ones against the planned outputs of earlier ones; nothing is read
     but headers and nothing is written. Close each plan (``plan.close()``) when done. ``allow_crimes``,
-    ``strict`` and ``mergekit_compat`` apply to every stage (see :func:`mergesmith.pipeline.plan.build_plan`)."""
+    ``strict``, ``mergekit_compat`` and ``per_expert`` apply to every stage (see
+    :func:`mergesmith.pipeline.plan.build_plan`)."""
     stages = load_stages(config)
     inter = Path(intermediate_dir or "<intermediate-dir>")
-    return _plan_all(stage_order(stages), final_stage(stages), inter, allow_crimes, strict, mergekit_compat)
+    return _plan_all(
+        stage_order(stages), final_stage(stages), inter, allow_crimes, strict, mergekit_compat, per_expert
+    )
 
 
 def _plan_all(
@@ -279,6 +283,7 @@ def _plan_all(
     allow_crimes: bool = False,
     strict: bool = False,
     mergekit_compat: bool = False,
+    per_expert: bool = False,
 ) -> list[StagePlan]:
     from mergesmith.core.lora.source import LoraModelSource
 
@@ -301,6 +306,7 @@ def _plan_all(
                     allow_crimes=allow_crimes,
                     strict=strict,
                     mergekit_compat=mergekit_compat,
+                    per_expert=per_expert,
                 )
             except MergeError as exc:
                 raise type(exc)(f"stage {st.label}: {exc}") from None
@@ -441,7 +447,10 @@ def _run_stages(stages: list[Stage], inputs: list[Path], out: Path, options: Mer
     )
     _check_folders(out, inter)
     dests = {st.index: out if st is final else inter / str(st.name) for st in order}
-    for sp in _plan_all(order, final, inter, options.allow_crimes, options.strict, options.mergekit_compat):
+    checked = _plan_all(
+        order, final, inter, options.allow_crimes, options.strict, options.mergekit_compat, options.per_expert
+    )
+    for sp in checked:
         sp.plan.close()  # every stage checked before the first one runs
     identity_options = output_identity(options)
     names = {s.name for s in stages if s.name}
