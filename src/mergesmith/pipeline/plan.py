@@ -271,11 +271,14 @@ def group_experts(tensors: list[OutputTensor], models: dict[str, ModelSource]) -
     down_proj in another), which is the tensor mergekit 0.1.5 merges, so that a whole-tensor statistic (TIES's
     top-k, a norm) is taken over the same elements as there. Each member is still written under its own
     name. Members that differ in anything but their data (parameters set per expert by a filter, dtypes,
-    shapes of a row) are left on their own."""
+    shapes of a row) are left on their own, and so are those of methods that work per matrix (SVD)."""
     members: dict[str, list[OutputTensor]] = {}
     for t in tensors:
         found = expert_group(t.name)
-        if found is not None and not t.copy and t.method != "passthrough" and len(t.shape) == 2:
+        # a method that works on whole matrices (SVD: tsv, iso_c) is not chunkable, and an expert's matrix
+        # is a matrix of its own: stacked experts are none
+        chunkable = get_method(t.method).chunkable
+        if found is not None and not t.copy and t.method != "passthrough" and len(t.shape) == 2 and chunkable:
             members.setdefault(found[0], []).append(t)
 
     def alike(t: OutputTensor) -> tuple:

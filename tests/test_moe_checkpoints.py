@@ -182,3 +182,19 @@ def test_experts_with_parameters_of_their_own_are_merged_on_their_own(trios):
     cfg["models"][0]["parameters"]["density"] = [{"filter": "experts.1.w1", "value": 0.9}, {"value": 0.5}]
     lines = [t.describe().split(" ")[0] for t in make_plan(cfg).tensors if t.group]
     assert lines and all(name.endswith(".w2.weight") for name in lines)  # the w1+w3 groups are split
+
+
+def test_methods_that_work_per_matrix_merge_each_expert_on_its_own(trios):
+    """tsv's SVD is of each expert's matrix, not of a stack of them: no group is formed."""
+    base, ft1, ft2 = trios["mixtral", False]
+    cfg = {
+        "merge_method": "tsv",
+        "base_model": str(base),
+        "models": [{"model": str(ft1)}, {"model": str(ft2)}],
+    }
+    plan = make_plan(cfg)
+    try:
+        assert not any(t.group for t in plan.tensors)
+    finally:
+        plan.close()
+    assert any(t.group for t in make_plan(_ties(trios["mixtral", False])).tensors)
