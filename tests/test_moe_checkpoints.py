@@ -14,6 +14,7 @@ from safetensors.numpy import load_file
 
 import mergesmith
 from mergesmith.core.arch import expert_group
+from mergesmith.core.errors import MergeError
 from mergesmith.core.write import ShardedWriter, TensorSpec
 from mergesmith.pipeline.api import make_plan
 from mergesmith.pipeline.backends.native import NativeBackend
@@ -198,3 +199,12 @@ def test_methods_that_work_per_matrix_merge_each_expert_on_its_own(trios):
     finally:
         plan.close()
     assert any(t.group for t in make_plan(_ties(trios["mixtral", False])).tensors)
+
+
+def test_models_with_experts_in_different_layouts_are_a_one_line_error(trios):
+    base = trios["mixtral", True][0]
+    ft = trios["mixtral", False][1]
+    cfg = {"merge_method": "ties", "base_model": str(base), "models": [{"model": str(ft)}]}
+    cfg["models"][0]["parameters"] = {"weight": 1.0, "density": 0.5}
+    with pytest.raises(MergeError, match="MoE experts in different layouts.*save_pretrained"):
+        make_plan(cfg)

@@ -625,6 +625,13 @@ class _Planner:
                     "choose layer ranges that pair layers holding the same tensors, or pass --allow-crimes to "
                     "copy it from the model that has it"
                 )
+            if ".experts." in out_name and self._expert_layouts_differ(have + lack):
+                raise MergeError(
+                    f"tensor {out_name!r} is in {_refs(have)} but not in {_refs(lack)}: these models store their "
+                    "MoE experts in different layouts (one fused tensor per layer, experts.gate_up_proj, in some; "
+                    "a tensor per expert, experts.N..., in others); give them one layout (transformers' "
+                    "save_pretrained writes the per-expert one) and merge again"
+                )
             raise MergeError(
                 f"tensor {out_name!r} is in {_refs(have)} but not in {_refs(lack)}; merge models that have "
                 "the same tensors, or pass --allow-crimes to copy it from the model that has it"
@@ -648,6 +655,11 @@ class _Planner:
             compute_code="F64" if "F64" in (self.cast, info.code) else "F32",
             copy=out == info.code and self.cast in (None, info.code),
         )
+
+    def _expert_layouts_differ(self, refs: list[str]) -> bool:
+        """Whether some of the models store MoE experts per expert and others do not."""
+        per_expert = {any(expert_group(n) for n in self.models[ref].tensors) for ref in refs}
+        return len(per_expert) > 1
 
     @staticmethod
     def _verbatim(out_name: str, source: TensorSource, info: TensorInfo) -> OutputTensor:
