@@ -27,7 +27,15 @@ from mergesmith.core.errors import MergeError, one_line
 from mergesmith.core.model import ModelSource, TensorInfo
 from mergesmith.core.sources import open_source
 from mergesmith.inspection import compat
-from mergesmith.inspection.stats import Sums, election, figures, merged_sums, pair_sums, slerp_angle
+from mergesmith.inspection.stats import (
+    Sums,
+    election,
+    figures,
+    merged_sums,
+    pair_sums,
+    slerp_angle,
+    trimmed_sums,
+)
 
 log = logging.getLogger("mergesmith")
 
@@ -341,10 +349,7 @@ class Streamer:
                 trimmed[i] = taus[i]
             else:
                 trimmed[i] = sel.trim(taus[i])
-            gone = (taus[i] != 0) & (trimmed[i] == 0)
-            s.ties_trimmed[i] += int(np.count_nonzero(gone))
-            lost = taus[i][gone].astype(np.float64)
-            s.ties_trimmed_mass[i] += float(np.dot(lost, lost))
+            trimmed_sums(s, i, taus[i], trimmed[i])
         election(s, trimmed, weights)
 
     def _method_sums(self, s: Sums, job: Job) -> None:
@@ -509,8 +514,13 @@ def base_distance(per_tensor: list[tuple[Job, Sums]], i: int) -> float | None:
 
 
 def conflict_score(row: dict[str, Any], m: int) -> float:
-    """How much the task vectors fight in a group: the largest pairwise sign-conflict share, weighted
-    by how much of the base the vectors move there (a conflict among vanishing vectors costs nothing)."""
+    """How much the task vectors fight in a group. Under TIES, the largest share of a task vector's mass
+    the sign election throws away there (what the merge loses); otherwise the largest pairwise
+    sign-conflict share, weighted by how much of the base the vectors move there (a conflict among
+    vanishing vectors costs nothing)."""
+    lost = (row["method"] or {}).get("ties_sign_lost_mass")
+    if lost is not None:
+        return max((x for x in lost if x is not None), default=0.0)
     pairs = [row["sign_conflict"][i][k] for i in range(m) for k in range(i + 1, m)]
     pairs = [p for p in pairs if p is not None]
     rel = [r for r in row["relative_norm"] if r is not None]
@@ -548,10 +558,21 @@ def verdict_line(report: dict[str, Any]) -> str:
         if cos:
             words.append(f"task-vector cosines {min(cos):.2f} to {max(cos):.2f}")
         if conf:
-            words.append(f"sign conflicts {min(conf):.2f} to {max(conf):.2f}")
+            words.append(f"sign conflicts {min(conf):.2f} to {max(conf):.2f} (0.5: as unrelated as noise)")
         if report["worst"] and report["worst"][0]["score"] > 0:
             w = report["worst"][0]
-            words.append(f"most conflict in {w['layer']} {w['module']}")
+            group = next(
+                g for g in report["groups"] if (g["layer"], g["module"]) == (w["layer"], w["module"])
+            )
+            lost = (group["method"] or {}).get("ties_sign_lost_mass")
+            if lost is not None:
+                i = max(range(m), key=lambda k: lost[k] or 0.0)
+                words.append(
+                    f"TIES's sign election drops most in {w['layer']} {w['module']} "
+                    f"({_short(report['models'][i])}: {lost[i]:.2f} of its mass)"
+                )
+            else:
+                words.append(f"most sign conflict in {w['layer']} {w['module']}")
     merged = t.get("merged")
     if merged:
         surv = ", ".join(

@@ -92,7 +92,9 @@ def table(report: dict[str, Any], top: int) -> str:
     m = len(report["models"])
     names = [short(r) for r in report["models"]]
     by_key = {(g["layer"], g["module"]): g for g in report["groups"]}
-    rows = [by_key[(w["layer"], w["module"])] for w in report["worst"]][:top]
+    ranked = [by_key[(w["layer"], w["module"])] for w in report["worst"]]
+    unchanged = [g for g in ranked if not any(g["relative_norm"])]  # no model moved these: nothing to show
+    rows = [g for g in ranked if any(g["relative_norm"])][:top]
     method = report["method"]
     head = ["layer", "module", "rel|tau| " + "/".join(names)]
     if m >= 2:
@@ -122,9 +124,14 @@ def table(report: dict[str, Any], top: int) -> str:
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
     out = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *body]]
     out.insert(1, "  ".join("-" * w for w in widths))
-    more = len(report["groups"]) - len(rows)
+    more = len(ranked) - len(rows) - len(unchanged)
     if more > 0:
         out.append(f"({more} more layer/module groups in --json and --report)")
+    if unchanged:
+        shown = ", ".join(f"{g['layer']} {g['module']}" for g in unchanged[:4])
+        out.append(
+            f"({len(unchanged)} groups no model changes: {shown}{' ...' if len(unchanged) > 4 else ''})"
+        )
     return "\n".join(out)
 
 

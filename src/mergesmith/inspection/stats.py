@@ -17,83 +17,145 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True, nogil=True, boundscheck=False)
-def _pair_sums(base, taus, gram, bt, conflicts, both, nnz):  # pragma: no cover - compiled
-    """One pass over a chunk: <tau_i, tau_k> (float64), <base, tau_i>, entries where tau_i and tau_k have
-    opposite signs, entries where both are nonzero, nonzero entries of each; returns ||base||^2."""
-    m, n = taus.shape
-    bb = 0.0
-    for j in range(n):
-        b = np.float64(base[j])
-        bb += b * b
-        for i in range(m):
-            x = taus[i, j]
-            if x != 0:
-                nnz[i] += 1
-            xd = np.float64(x)
-            bt[i] += b * xd
-            gram[i, i] += xd * xd
-            for k in range(i + 1, m):
-                y = taus[k, j]
-                gram[i, k] += xd * np.float64(y)
-                if x != 0 and y != 0:
-                    both[i, k] += 1
-                    if (x < 0) != (y < 0):
-                        conflicts[i, k] += 1
-    return bb
+# Reductions may be reordered (SIMD); the sums are float64 of float32 values, so the order changes them by
+# far less than the 6 digits reported, and a given chunk always sums in the same order.
+FAST = {"reassoc", "nsz", "contract"}
 
 
-@njit(cache=True, nogil=True, boundscheck=False)
-def _merged_sums(base, merged, taus, dt):  # pragma: no cover - compiled
-    """||merged - base||^2 (returned) and <merged - base, tau_i> (added to ``dt``), in float64."""
-    m, n = taus.shape
-    dd = 0.0
-    for j in range(n):
+@njit(cache=True, nogil=True, boundscheck=False, fastmath=FAST)
+def _square_sum(x):  # pragma: no cover - compiled
+    acc = 0.0
+    for j in range(x.shape[0]):
+        v = np.float64(x[j])
+        acc += v * v
+    return acc
+
+
+@njit(cache=True, nogil=True, boundscheck=False, fastmath=FAST)
+def _one(base, x):  # pragma: no cover - compiled
+    """(<base, x>, ||x||^2, nonzero entries of x)."""
+    bx = 0.0
+    xx = 0.0
+    nz = 0
+    for j in range(x.shape[0]):
+        v = np.float64(x[j])
+        bx += np.float64(base[j]) * v
+        xx += v * v
+        nz += v != 0
+    return bx, xx, nz
+
+
+@njit(cache=True, nogil=True, boundscheck=False, fastmath=FAST)
+def _two(x, y):  # pragma: no cover - compiled
+    """(<x, y>, entries where both are nonzero, entries where their signs differ). A float32 product is
+    exact in float64, so its sign is the sign comparison, without branches."""
+    xy = 0.0
+    both = 0
+    conflicts = 0
+    for j in range(x.shape[0]):
+        p = np.float64(x[j]) * np.float64(y[j])
+        xy += p
+        both += p != 0
+        conflicts += p < 0
+    return xy, both, conflicts
+
+
+@njit(cache=True, nogil=True, boundscheck=False, fastmath=FAST)
+def _lost(x, total, w):  # pragma: no cover - compiled
+    """TIES's sign election for one trimmed task vector ``x`` against ``total`` = sum_i w_i trimmed_i
+    (float32; its sign is the elected one, 0 counting as +, as the merge's combine does): (entries kept,
+    their squared mass, entries of the other sign: lost, their mass)."""
+    kept = 0
+    kept_mass = 0.0
+    lost = 0
+    lost_mass = 0.0
+    for j in range(x.shape[0]):
+        v = np.float64(x[j])
+        wx = np.float32(w) * x[j]
+        k = v != 0
+        gone = (wx != 0) & ((wx < 0) != (total[j] < 0))
+        kept += k
+        kept_mass += k * v * v
+        lost += gone
+        lost_mass += gone * v * v
+    return kept, kept_mass, lost, lost_mass
+
+
+@njit(cache=True, nogil=True, boundscheck=False, fastmath=FAST)
+def _trimmed(x, kept):  # pragma: no cover - compiled
+    """Entries of ``x`` that are nonzero and zero in ``kept`` (the trim took them), and their mass."""
+    n = 0
+    mass = 0.0
+    for j in range(x.shape[0]):
+        v = np.float64(x[j])
+        g = (v != 0) & (kept[j] == 0)
+        n += g
+        mass += g * v * v
+    return n, mass
+
+
+@njit(cache=True, nogil=True, boundscheck=False, fastmath=FAST)
+def _difference_sums(base, merged, x):  # pragma: no cover - compiled
+    """<merged - base, x> in float64."""
+    acc = 0.0
+    for j in range(x.shape[0]):
+        acc += (np.float64(merged[j]) - np.float64(base[j])) * np.float64(x[j])
+    return acc
+
+
+@njit(cache=True, nogil=True, boundscheck=False, fastmath=FAST)
+def _difference_square(base, merged):  # pragma: no cover - compiled
+    acc = 0.0
+    for j in range(base.shape[0]):
         d = np.float64(merged[j]) - np.float64(base[j])
-        dd += d * d
-        for i in range(m):
-            dt[i] += d * np.float64(taus[i, j])
-    return dd
-
-
-@njit(cache=True, nogil=True, boundscheck=False)
-def _election(trimmed, weights, lost_count, lost_mass, kept, kept_mass):  # pragma: no cover - compiled
-    """TIES's sign election over trimmed task vectors: the elected sign of an entry is that of
-    sum_i w_i trimmed_i (float32, 0 counting as +, as the merge's combine does); an entry of model i is
-    lost when w_i trimmed_i is nonzero and of the other sign. Counts and squared magnitudes (of trimmed_i)
-    of the kept and of the lost entries are added per model."""
-    m, n = trimmed.shape
-    for j in range(n):
-        s = np.float32(0.0)
-        for i in range(m):
-            s += np.float32(weights[i]) * trimmed[i, j]
-        negative = s < 0
-        for i in range(m):
-            x = trimmed[i, j]
-            if x == 0:
-                continue
-            v = np.float64(x) * np.float64(x)
-            kept[i] += 1
-            kept_mass[i] += v
-            wx = np.float32(weights[i]) * x
-            if wx != 0 and (wx < 0) != negative:
-                lost_count[i] += 1
-                lost_mass[i] += v
+        acc += d * d
+    return acc
 
 
 def pair_sums(s: Sums, base: np.ndarray, taus: np.ndarray) -> None:
     """Add one chunk (flat float32 base, taus of shape (models, n)) to ``s``."""
-    s.bb += _pair_sums(base, taus, s.gram, s.bt, s.conflicts, s.both, s.nnz)
+    s.bb += _square_sum(base)
+    m = taus.shape[0]
+    for i in range(m):
+        bx, xx, nz = _one(base, taus[i])
+        s.bt[i] += bx
+        s.gram[i, i] += xx
+        s.nnz[i] += nz
+        for k in range(i + 1, m):
+            xy, both, conflicts = _two(taus[i], taus[k])
+            s.gram[i, k] += xy
+            s.both[i, k] += both
+            s.conflicts[i, k] += conflicts
     s.numel += base.shape[0]
 
 
 def merged_sums(s: Sums, base: np.ndarray, merged: np.ndarray, taus: np.ndarray) -> None:
-    s.dd += _merged_sums(base, merged, taus, s.dt)
+    """||merged - base||^2 and <merged - base, tau_i>, added to ``s``."""
+    s.dd += _difference_square(base, merged)
+    for i in range(taus.shape[0]):
+        s.dt[i] += _difference_sums(base, merged, taus[i])
     s.merged_numel += base.shape[0]
 
 
+def trimmed_sums(s: Sums, i: int, tau: np.ndarray, trimmed: np.ndarray) -> None:
+    n, mass = _trimmed(tau, trimmed)
+    s.ties_trimmed[i] += n
+    s.ties_trimmed_mass[i] += mass
+
+
 def election(s: Sums, trimmed: np.ndarray, weights: np.ndarray) -> None:
-    _election(trimmed, weights, s.ties_lost, s.ties_lost_mass, s.ties_kept, s.ties_kept_mass)
+    """TIES's sign election over trimmed task vectors (models, n): the elected sign of an entry is that of
+    sum_i w_i trimmed_i in float32, summed in model order; an entry of model i is lost when w_i trimmed_i
+    is nonzero and of the other sign."""
+    total = np.float32(weights[0]) * trimmed[0]
+    for i in range(1, trimmed.shape[0]):
+        total += np.float32(weights[i]) * trimmed[i]
+    for i in range(trimmed.shape[0]):
+        kept, kept_mass, lost, lost_mass = _lost(trimmed[i], total, float(weights[i]))
+        s.ties_kept[i] += kept
+        s.ties_kept_mass[i] += kept_mass
+        s.ties_lost[i] += lost
+        s.ties_lost_mass[i] += lost_mass
 
 
 def _zeros(m: int, shape: tuple[int, ...] = (), dtype: Any = np.float64) -> np.ndarray:
