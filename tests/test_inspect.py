@@ -298,3 +298,35 @@ def test_report_without_matplotlib_names_the_extra(llama_trio, tmp_path, monkeyp
     assert code == 2
     assert "pip install 'mergesmith[inspect]'" in captured.err and len(captured.err.strip().splitlines()) == 1
     assert "verdict:" in captured.out and out_json.exists() and not (tmp_path / "r.html").exists()
+
+
+def test_slerp_angle_and_dare_kept_mass(llama_trio, tmp_path):
+    """SLERP: the angle between the flattened endpoints of each tensor, as numpy gives it; DARE: the
+    expected kept mass is the density (a group's is the mass-weighted mean of its tensors')."""
+    base, ft1, ft2 = llama_trio
+    slerp = {
+        "merge_method": "slerp",
+        "base_model": str(base),
+        "models": [{"model": str(base)}, {"model": str(ft1)}],
+    }
+    (tmp_path / "s.yml").write_text(json.dumps({**slerp, "parameters": {"t": 0.5}}))
+    report = inspect_models([str(tmp_path / "s.yml")])
+    wb, w1 = _weights(base), _weights(ft1)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    t = next(t for t in report["tensors"] if t["name"] == name)
+    a, b = wb[name].astype(np.float64).reshape(-1), w1[name].astype(np.float64).reshape(-1)
+    angle = math.degrees(math.acos(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
+    assert t["method"]["slerp_angle_degrees"] == pytest.approx(angle, rel=1e-4)
+    assert report["models"] == [str(ft1)]
+
+    dare = {
+        "merge_method": "dare_ties",
+        "base_model": str(base),
+        "models": [
+            {"model": str(ft1), "parameters": {"weight": 1.0, "density": 0.3}},
+            {"model": str(ft2), "parameters": {"weight": 1.0, "density": 0.8}},
+        ],
+    }
+    (tmp_path / "d.yml").write_text(json.dumps(dare))
+    report = inspect_models([str(tmp_path / "d.yml")])
+    assert report["totals"]["method"]["dare_expected_kept_mass"] == pytest.approx([0.3, 0.8])

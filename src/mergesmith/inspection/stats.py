@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-
 # Reductions may be reordered (SIMD); the sums are float64 of float32 values, so the order changes them by
 # far less than the 6 digits reported, and a given chunk always sums in the same order.
 FAST = {"reassoc", "nsz", "contract"}
