@@ -330,3 +330,27 @@ def test_slerp_angle_and_dare_kept_mass(llama_trio, tmp_path):
     (tmp_path / "d.yml").write_text(json.dumps(dare))
     report = inspect_models([str(tmp_path / "d.yml")])
     assert report["totals"]["method"]["dare_expected_kept_mass"] == pytest.approx([0.3, 0.8])
+
+
+def test_a_lora_reference_is_read_with_its_adapter_applied(llama_trio, tmp_path):
+    """MODEL+ADAPTER is inspected as the merge reads it: the adapter's change is the task vector, in the
+    modules it targets only, and its norm is that of PEFT's own merge minus the base."""
+    import peft
+    import torch
+    import transformers
+
+    base = llama_trio[0]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    cfg = peft.LoraConfig(init_lora_weights=False, r=4, target_modules=["q_proj", "v_proj"])
+    peft.get_peft_model(model, cfg).save_pretrained(tmp_path / "adapter")
+    merged = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter"
+    ).merge_and_unload()
+    report = inspect_models([f"{base}+{tmp_path / 'adapter'}"], base=str(base))
+    wb = _weights(base)
+    changed = {t["name"] for t in report["tensors"] if t["norm"][0]}
+    assert changed and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in changed)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    want = np.linalg.norm(merged.state_dict()[name].detach().numpy().astype(np.float64) - wb[name])
+    assert next(t for t in report["tensors"] if t["name"] == name)["norm"][0] == pytest.approx(want, rel=1e-4)

@@ -235,6 +235,8 @@ def _read(src: ModelSource, name: str, rows: tuple[int, int] | None) -> np.ndarr
     """Tensor ``name`` (rows ``rows``) as flat float32, widened as the merge widens it."""
     from mergesmith.pipeline.backends.convert import to_float32
 
+    if type(src).read is not ModelSource.read:  # MODEL+ADAPTER, packed BitNet: their reads transform
+        return np.ascontiguousarray(src.read(name, rows).float().reshape(-1).numpy())
     info = src.tensors[name]
     raw = src.read_array(name, rows).reshape(-1)
     if info.code in ("F32", "BF16", "F16"):
