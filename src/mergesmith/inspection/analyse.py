@@ -9,10 +9,8 @@ model's, with ``merged``). A config's method and its resolved parameters come fr
 
 from __future__ import annotations
 
-import logging
 import math
 import re
-import sys
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,8 +34,6 @@ from mergesmith.inspection.stats import (
     slerp_angle,
     trimmed_sums,
 )
-
-log = logging.getLogger("mergesmith")
 
 SCHEMA = 1  # bumped when a key of the JSON changes meaning or goes away
 CHUNK_ELEMENTS = 1 << 22  # values per input per chunk: 16 MiB of float32 for each model read at once
@@ -276,10 +272,16 @@ class Streamer:
         return job.method == "ties" and job.params is not None
 
     def _taus(self, job: Job, rows: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+        from mergesmith.core.loops import difference
+
         base = _read(self.base, job.name, rows)
         taus = np.empty((len(self.models), base.shape[0]), dtype=np.float32)
         for i, src in enumerate(self.models):
-            np.subtract(_read(src, job.name, rows), base, out=taus[i])
+            if type(src).read is ModelSource.read and src.tensors[job.name].code in ("BF16", "F32"):
+                # widened as read, in the same pass as the subtraction (the merge's own loop)
+                difference(src.read_array(job.name, rows).reshape(-1), base, taus[i])
+            else:
+                np.subtract(_read(src, job.name, rows), base, out=taus[i])
         return base, taus
 
     def run(self, job: Job) -> Sums:
@@ -615,6 +617,18 @@ def model_pca(total: Sums) -> dict[str, Any] | None:
     }
 
 
+def top_components(x: np.ndarray, k: int, iterations: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` leading principal directions of the rows of ``x`` (columns of the result) and their
+    singular values, by seeded subspace iteration: a full SVD of a thousand rows of a thousand values takes
+    seconds on a busy CPU, this a few milliseconds."""
+    width = min(k + 8, *x.shape)
+    q = np.random.default_rng(0).standard_normal((x.shape[1], width))
+    for _ in range(iterations):
+        q, _ = np.linalg.qr(x.T @ (x @ q))
+    _, sv, vt = np.linalg.svd(x @ q, full_matrices=False)
+    return (q @ vt.T)[:, :k], sv[:k]
+
+
 def rows_pca(samples: list[RowSample], m: int) -> dict[str, Any] | None:
     """2-D PCA of sampled task-vector rows: each sampled row of each model is a point; each row position
     is scaled by the mean norm of its models' rows, so that positions weigh alike while the models'
@@ -633,11 +647,11 @@ def rows_pca(samples: list[RowSample], m: int) -> dict[str, Any] | None:
         return None
     x = np.stack(vecs)
     x -= x.mean(axis=0)
-    _, sv, vt = np.linalg.svd(x, full_matrices=False)
-    coords = x @ vt[:2].T
-    energy = float((sv**2).sum())
+    components, sv = top_components(x, 2)
+    coords = x @ components
+    energy = float((x * x).sum())
     return {
-        "explained": [_r(float(v**2) / energy) if energy > 0 else 0.0 for v in sv[:2]],
+        "explained": [_r(float(v**2) / energy) if energy > 0 else 0.0 for v in sv],
         "points": [
             {
                 "model": i,
@@ -651,7 +665,3 @@ def rows_pca(samples: list[RowSample], m: int) -> dict[str, Any] | None:
             for (i, t, r, lay, mod), (a, b) in zip(meta, coords)
         ],
     }
-
-
-def print_err(text: str) -> None:
-    print(text, file=sys.stderr)

@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from mergesmith.core.cliargs import add_verbosity, positive_int
+from mergesmith.core.errors import MergeError
 
 HELP = "see what a merge does to its models: compatibility, task-vector conflicts per layer, plots"
 DESCRIPTION = """\
@@ -68,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     json_path = (
         out.check_output_file(args.json, args.overwrite, "--json") if args.json and args.json != "-" else None
     )
+    if report_path is not None and json_path is not None and report_path.resolve() == json_path.resolve():
+        raise MergeError(f"--report and --json name the same file {args.report}; give two names")
     no_plots = out.check_matplotlib() if report_path is not None else None
     to_stdout = args.json == "-"
 
