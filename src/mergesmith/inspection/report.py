@@ -214,6 +214,11 @@ def _heatmaps(
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
     layers, modules, _ = _grid(report, lambda g: None)
+    # one colour scale for every panel, so that panels compare
+    seen = [v for _, value in panels for row in _grid(report, value)[2] for v in row if not math.isnan(v)]
+    if seen:
+        vmin = min(seen) if vmin is None else vmin
+        vmax = max(seen) if vmax is None else vmax
     fig = Figure(figsize=(3.2 * cols, 0.28 * len(layers) * rows + 1.4 * rows))
     fig.suptitle(title)
     for idx, (label, value) in enumerate(panels):
@@ -341,7 +346,10 @@ def figures_html(report: dict[str, Any]) -> list[tuple[str, str]]:
             (names[i], (lambda g, i=i: (g["merged"] or {}).get("survival", [None] * m)[i])) for i in range(m)
         ]
         out.append(
-            ("After the merge: survival of each task vector", _heatmaps(report, "survival", surv, "viridis"))
+            (
+                "After the merge: survival of each task vector",
+                _heatmaps(report, "survival", surv, "viridis", 0),
+            )
         )
     out.append(("PCA of the task vectors", _pca(report)))
     return out
