@@ -354,3 +354,55 @@ def test_a_lora_reference_is_read_with_its_adapter_applied(llama_trio, tmp_path)
     name = "model.layers.1.self_attn.q_proj.weight"
     want = np.linalg.norm(merged.state_dict()[name].detach().numpy().astype(np.float64) - wb[name])
     assert next(t for t in report["tensors"] if t["name"] == name)["norm"][0] == pytest.approx(want, rel=1e-4)
+
+
+SKILL_TOKENIZER = Path(__file__).resolve().parent.parent / "examples/skills/models/base/tokenizer.json"
+
+
+def test_tokenizer_and_config_differences_are_named(odd_models, tmp_path):
+    """Tokens moved to other ids or missing are an error, added ones a warning; other rope settings and
+    tied embeddings are warnings; each names the model."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(odd_models["base"], base)
+    shutil.copy(SKILL_TOKENIZER, base / "tokenizer.json")
+    ft = tmp_path / "ft"
+    shutil.copytree(odd_models["ft"], ft)
+    tok = json.loads(SKILL_TOKENIZER.read_text())
+    vocab = tok["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    vocab["zz"] = len(vocab)
+    (ft / "tokenizer.json").write_text(json.dumps(tok))
+    cfg = json.loads((ft / "config.json").read_text())
+    cfg["rope_theta"] = 123.0
+    cfg["tie_word_embeddings"] = not cfg.get("tie_word_embeddings", False)
+    (ft / "config.json").write_text(json.dumps(cfg))
+    report = inspect_models([str(ft)], base=str(base))
+    problems = {p["check"]: p for p in report["compatibility"]["problems"]}
+    assert problems["tokenizer"]["severity"] == "error"
+    assert "1 token(s) added ('zz')" in problems["tokenizer"]["message"]
+    assert "2 moved to other ids ('a', 'b')" in problems["tokenizer"]["message"]
+    assert problems["rope"]["severity"] == "warning" and "rope_theta 123.0" in problems["rope"]["message"]
+    assert problems["tied_embeddings"]["severity"] == "warning"
+    assert all(p["model"] == str(ft) for p in problems.values())
+    assert report["compatibility"]["verdict"] == "incompatible"
+
+
+@pytest.mark.parametrize(
+    ("name", "layer", "module"),
+    [
+        ("model.embed_tokens.weight", "pre", "embedding"),
+        ("lm_head.weight", "post", "embedding"),
+        ("model.norm.weight", "post", "norm"),
+        ("model.layers.3.post_attention_layernorm.weight", "L3", "norm"),
+        ("model.layers.0.self_attn.q_proj.weight", "L0", "attention"),
+        ("model.layers.11.mlp.down_proj.weight", "L11", "mlp"),
+        ("transformer.h.2.ln_1.weight", "L2", "norm"),
+        ("transformer.h.2.attn.c_attn.weight", "L2", "attention"),
+        ("transformer.h.2.mlp.c_fc.weight", "L2", "mlp"),
+        ("model.layers.1.block_sparse_moe.experts.0.w1.weight", "L1", "mlp"),
+    ],
+)
+def test_layer_and_module_of_a_tensor(name, layer, module):
+    assert (analyse.layer_label(name), analyse.module_of(name)) == (layer, module)
