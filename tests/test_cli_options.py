@@ -153,7 +153,7 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
 
 def test_every_command_has_the_same_handler_and_shared_flags():
     commands = _subcommands()
-    assert set(commands) == {"merge", "plan", "eval", "extract-lora", "bitnet", "moe"}
+    assert set(commands) == {"merge", "plan", "eval", "extract-lora", "bitnet", "moe", "inspect"}
     for name, sub in commands.items():
         flags = {s: a for a in sub._actions for s in a.option_strings}
         assert {"-q", "--quiet", "-v", "--verbose"} <= set(flags), name
@@ -161,7 +161,10 @@ def test_every_command_has_the_same_handler_and_shared_flags():
         assert func.__name__ == "run" and list(inspect.signature(func).parameters) == ["args"], name
         if "--workers" in flags:
             assert flags["--workers"].default is None, f"{name}: --workers defaults to auto"
-        if "--overwrite" in flags:
+        if "--overwrite" in flags and name != "inspect":  # inspect replaces files it is named, never a folder
             assert "--force" in flags, name
     writes = {"merge", "extract-lora", "bitnet", "moe"}
-    assert {n for n, s in commands.items() if "--overwrite" in s._option_string_actions} == writes
+    assert {n for n, s in commands.items() if "--force" in s._option_string_actions} == writes
+    assert {n for n, s in commands.items() if "--overwrite" in s._option_string_actions} == writes | {
+        "inspect"
+    }

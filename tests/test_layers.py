@@ -7,7 +7,7 @@ Layers, bottom to top (docs/design.md):
    dtypes, architecture facts, randomness, sizes, devices, errors, the compiled loops.
 1. ``mergesmith.methods``: the merge methods' maths.
 2. ``mergesmith.pipeline``: the merge (config, plan, execute, backends, stages, API, command).
-3. features, each a sibling package: ``moe``, ``lora``, ``bitnet``, ``eval``.
+3. features, each a sibling package: ``moe``, ``lora``, ``bitnet``, ``eval``, ``inspection``.
 4. the top: ``mergesmith`` itself (the public API), ``cli``, ``__main__``.
 
 Every import counts, at module level or inside a function, also under ``TYPE_CHECKING`` (for the layers);
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "mergesmith"
-FEATURES = ("moe", "lora", "bitnet", "eval")
+FEATURES = ("moe", "lora", "bitnet", "eval", "inspection")
 LAYERS = {"core": 0, "methods": 1, "pipeline": 2, **dict.fromkeys(FEATURES, 3)}
 TOP = 4
 

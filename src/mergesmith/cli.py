@@ -18,6 +18,7 @@ from mergesmith.core.errors import MergeError, one_line
 # Modules that expose ``register(subparsers)``; order is the order shown in --help.
 COMMAND_MODULES = [
     "mergesmith.pipeline.command",
+    "mergesmith.inspection.command",
     "mergesmith.eval.command",
     "mergesmith.lora.command",
     "mergesmith.bitnet.command",
