@@ -10,7 +10,7 @@ import difflib
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -91,8 +91,46 @@ def _check_models_or_slices(models: list | None, slices: list | None) -> None:
         raise ValueError("'models' is empty")
 
 
+class ModelTokenSource(_Strict):
+    """A token's row taken from a model's row of a token (``token`` or ``token_id``), mergekit's."""
+
+    kind: Literal["model_token"]
+    model: str
+    token: str | None = None
+    token_id: int | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self):
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("give exactly one of 'token' or 'token_id'")
+        return self
+
+
+class ZeroSource(_Strict):
+    kind: Literal["zero"]
+
+
+class MeanSource(_Strict):
+    """mergesmith's: each model's row is the mean of its own token rows."""
+
+    kind: Literal["mean"]
+
+
+TokenSource = Annotated[ModelTokenSource | ZeroSource | MeanSource, Field(discriminator="kind")]
+
+
+class TokenEmbedding(_Strict):
+    source: str | TokenSource | None = None  # a model reference, or one of the kinds
+    force: bool = False
+
+
 class TokenizerConfig(_Strict):
-    source: str = "base"
+    source: str = "union"  # base | union | a model reference (mergekit's default is union)
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
+    # mergesmith's: how a row a model lacks is made (docs/config.md), and OMP's number of shared tokens
+    default_init: Literal["omp", "mergekit", "mean", "zero"] = "omp"
+    omp_k: int = Field(default=64, ge=1)
 
 
 class MergeConfig(_Strict):

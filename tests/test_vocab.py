@@ -1,0 +1,420 @@
+"""Models with different tokenizers: tokenizer_source union / base / a model and the `tokenizer:` block.
+
+Every model's embedding and lm_head rows are re-indexed to the output vocabulary before the method runs;
+rows a model lacks are defined (OMP by default, or mergekit's rules, the mean, zeros, per-token sources).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+import mergesmith
+import tiny_models as tm
+from mergesmith.core.omp import omp
+
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory):
+    """Per tied/untied: base ``a``, a fine-tune ``b``, ``b`` with its vocabulary shuffled (and sharded),
+    ``b`` with two tokens appended, and ``a`` lacking nothing but with ``b``'s extra tokens missing."""
+
+    def make(tied: bool) -> dict[str, Path]:
+        root = tmp_path_factory.mktemp("tied" if tied else "untied")
+        cfg = tm.tiny_config("llama", layers=2, vocab=tm.VOCAB, tie_word_embeddings=tied, **tm.CHAR_IDS)
+        a = tm.save(tm.build(cfg, 0), root / "a", tm.char_tokenizer())
+        b = tm.perturb(a, root / "b", 0.5, 1)
+        perm = list(range(tm.VOCAB))
+        random.Random(0).shuffle(perm)
+        bp = tm.reshard(tm.retokenize(b, root / "bp", perm))
+        bx = tm.retokenize(b, root / "bx", None, {"!": None, "?": None})
+        return {"a": a, "b": b, "bp": bp, "bx": bx, "perm": perm}  # type: ignore[dict-item]
+
+    return {"untied": make(False), "tied": make(True)}
+
+
+def config(method: str, base: Path, other: Path, **extra) -> dict:
+    if method == "linear":
+        models = [
+            {"model": str(base), "parameters": {"weight": 1.0}},
+            {"model": str(other), "parameters": {"weight": 1.0}},
+        ]
+        return {"merge_method": "linear", "models": models, "dtype": "float32", **extra}
+    params = {"weight": 0.7, "density": 0.5}
+    return {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": [{"model": str(base)}, {"model": str(other), "parameters": params}],
+        "dtype": "float32",
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("tied", ["untied", "tied"])
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties"])
+def test_union_of_a_shuffled_vocabulary_equals_the_aligned_merge(family_models, tmp_path, method, tied):
+    m = family_models[tied]
+    aligned = mergesmith.merge(
+        config(method, m["a"], m["b"]), tmp_path / "aligned", quiet=True, random_seed=3
+    )
+    shuffled = mergesmith.merge(
+        config(method, m["a"], m["bp"], tokenizer_source="union"),
+        tmp_path / "shuffled",
+        quiet=True,
+        random_seed=3,
+    )
+    x, y = tensors(aligned), tensors(shuffled)
+    assert x.keys() == y.keys()
+    for k in x:
+        assert torch.equal(x[k], y[k]), k
+    assert json.loads((shuffled / "tokenizer.json").read_text()) == json.loads(
+        (m["a"] / "tokenizer.json").read_text()
+    )
+
+
+def test_a_shuffled_base_gives_the_permuted_rows(family_models, tmp_path):
+    """The output follows the base's token order: with the shuffled model as base, every row of the
+    result is the aligned result's row of the same token (linear and TIES; DARE's mask follows output rows)."""
+    m = family_models["untied"]
+    perm = m["perm"]
+    for method in ("linear", "ties"):
+        aligned = mergesmith.merge(config(method, m["b"], m["a"]), tmp_path / f"al-{method}", quiet=True)
+        shuffled = mergesmith.merge(
+            config(method, m["bp"], m["a"], tokenizer_source="union"), tmp_path / f"sh-{method}", quiet=True
+        )
+        x, y = tensors(aligned), tensors(shuffled)
+        for k in (EMBED, HEAD):
+            assert torch.equal(y[k][torch.tensor(perm)], x[k]), (method, k)
+        assert torch.equal(x["model.norm.weight"], y["model.norm.weight"])
+
+
+def test_union_adds_the_tokens_and_keeps_base_text_and_logits(family_models, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    m = family_models["untied"]
+    aligned = mergesmith.merge(config("linear", m["a"], m["b"]), tmp_path / "aligned", quiet=True)
+    union = mergesmith.merge(
+        config("linear", m["a"], m["bx"], tokenizer_source="union"), tmp_path / "u", quiet=True
+    )
+    x, y = tensors(aligned), tensors(union)
+    assert y[EMBED].shape[0] == tm.VOCAB + 2 and y[HEAD].shape[0] == tm.VOCAB + 2
+    for k in (EMBED, HEAD):  # the shared tokens' rows are those of the aligned merge
+        assert torch.equal(y[k][: tm.VOCAB], x[k])
+    assert json.loads((union / "config.json").read_text())["vocab_size"] == tm.VOCAB + 2
+    tok_u, tok_a = AutoTokenizer.from_pretrained(union), AutoTokenizer.from_pretrained(m["a"])
+    assert tok_u.convert_tokens_to_ids(["!", "?"]) == [tm.VOCAB, tm.VOCAB + 1]
+    data = json.loads((union / "tokenizer.json").read_text())
+    assert "!" in data["model"]["vocab"] and not any(a["content"] == "!" for a in data["added_tokens"])
+    text = "abc 12+3=15, xyz"
+    assert tok_u(text)["input_ids"] == tok_a(text)["input_ids"]
+    assert tok_u("a!b")["input_ids"][2] == tm.VOCAB
+    ids = torch.tensor([tok_u(text)["input_ids"]])
+    with torch.no_grad():
+        lu = AutoModelForCausalLM.from_pretrained(union).eval()(ids).logits
+        la = AutoModelForCausalLM.from_pretrained(aligned).eval()(ids).logits
+    assert torch.equal(lu[..., : tm.VOCAB], la)
+
+
+def _extra_row_configs(m, init: str) -> dict:
+    return config("linear", m["a"], m["bx"], tokenizer={"source": "union", "default_init": init})
+
+
+@pytest.mark.parametrize("init", ["mergekit", "zero", "mean", "omp"])
+def test_rows_a_model_lacks(family_models, tmp_path, init):
+    """``a`` lacks b's tokens '!' and '?': its row for them follows `default_init`; the linear merge
+    (weights 1:1, normalised) is the mean of a's row and b's."""
+    m = family_models["untied"]
+    out = tensors(mergesmith.merge(_extra_row_configs(m, init), tmp_path / init, quiet=True))
+    a, bx = tensors(m["a"]), tensors(m["bx"])
+    for k in (EMBED, HEAD):
+        b_rows = bx[k][tm.VOCAB :]
+        if init == "mergekit":  # the only model that has the token gives its row
+            want = b_rows
+        elif init == "zero":
+            want = b_rows / 2
+        elif init == "mean":
+            want = (b_rows + a[k].mean(dim=0)) / 2
+        else:
+            continue
+        assert torch.allclose(out[k][tm.VOCAB :], want, atol=1e-6), k
+
+
+def test_omp_row_is_the_same_combination_of_the_models_own_rows(tmp_path):
+    """b's extra token is an exact combination of 3 shared tokens of b; a (another embedding of the same
+    tokens) gets the same combination of its own rows."""
+    cfg = tm.tiny_config("llama", layers=1, vocab=tm.VOCAB, tie_word_embeddings=False, **tm.CHAR_IDS)
+    a = tm.save(tm.build(cfg, 0), tmp_path / "a", tm.char_tokenizer())
+    b = tm.perturb(a, tmp_path / "b", 1.0, 1)
+    bt = tensors(b)
+    combo = {k: 2.0 * bt[k][5] - 0.5 * bt[k][17] + bt[k][30] for k in (EMBED, HEAD)}
+    bx = tm.retokenize(b, tmp_path / "bx", None, {"!": combo[EMBED]})
+    t = tensors(bx)  # retokenize appends the same row to both tensors: set the head's own combination
+    t[HEAD][tm.VOCAB] = combo[HEAD]
+    from safetensors.torch import save_file
+
+    save_file(t, bx / "model.safetensors", metadata={"format": "pt"})
+    cfg_m = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(a), "parameters": {"weight": 1.0}},
+            {"model": str(bx), "parameters": {"weight": 0.0}},
+        ],
+        "tokenizer_source": "union",
+        "dtype": "float32",
+    }
+    out = tensors(mergesmith.merge(cfg_m, tmp_path / "o", quiet=True))
+    at = tensors(a)
+    for k in (EMBED, HEAD):
+        want = 2.0 * at[k][5] - 0.5 * at[k][17] + at[k][30]
+        assert torch.allclose(out[k][tm.VOCAB], want, atol=1e-4), k
+
+
+def test_omp_recovers_an_exact_sparse_combination():
+    torch.manual_seed(0)
+    d = torch.randn(60, 24, dtype=torch.float64)
+    y = torch.stack([2 * d[3] - 0.5 * d[17] + d[40], d[7], torch.zeros(24)])
+    idx, w = omp(d, y, k=8)
+    got = {int(i): float(v) for i, v in zip(idx[0], w[0]) if abs(v) > 1e-9}
+    assert got.keys() == {3, 17, 40}
+    assert got[3] == pytest.approx(2.0) and got[17] == pytest.approx(-0.5) and got[40] == pytest.approx(1.0)
+    rec = torch.einsum("mk,mkh->mh", w, d[idx])
+    assert torch.allclose(rec, y, atol=1e-10)
+    assert float(w[2].abs().sum()) == 0.0
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10**6), st.integers(1, 5))
+def test_omp_properties(seed, nnz):
+    """Orthonormal atoms: the exact support and weights of a sparse target; any dictionary with k = h
+    atoms: an exact fit of any target (the chosen atoms span the space)."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(32, 24, generator=g, dtype=torch.float64))
+    d = q.T  # 24 orthonormal rows of width 32
+    support = torch.randperm(24, generator=g)[:nnz]
+    coef = torch.randn(nnz, generator=g, dtype=torch.float64).sign() * (0.5 + torch.rand(nnz, generator=g))
+    y = (coef[:, None] * d[support]).sum(dim=0, keepdim=True)
+    idx, w = omp(d, y, k=8)
+    got = {int(i): float(v) for i, v in zip(idx[0], w[0]) if abs(v) > 1e-9}
+    assert got == pytest.approx(dict(zip(support.tolist(), coef.tolist())))
+    full = torch.randn(40, 16, generator=g, dtype=torch.float64)
+    target = torch.randn(3, 16, generator=g, dtype=torch.float64)
+    idx, w = omp(full, target, k=16)
+    assert torch.allclose(torch.einsum("mk,mkh->mh", w, full[idx]), target, atol=1e-8)
+
+
+# --- per-token sources -------------------------------------------------------------------------------------
+
+
+def test_token_sources_and_force(family_models, tmp_path):
+    m = family_models["untied"]
+    tokens = {
+        "a": {"source": str(m["b"]), "force": True},  # every model's row of 'a' is b's
+        "!": {"source": {"kind": "zero"}},  # a lacks '!': zeros
+        "b": {"source": {"kind": "model_token", "model": str(m["a"]), "token": "c"}, "force": True},
+    }
+    cfg = config(
+        "linear", m["a"], m["bx"], tokenizer={"source": "union", "tokens": tokens, "pad_to_multiple_of": 8}
+    )
+    out = tensors(mergesmith.merge(cfg, tmp_path / "o", quiet=True))
+    a, b, bx = tensors(m["a"]), tensors(m["b"]), tensors(m["bx"])
+    ia, ib, ic = 4, 5, 6  # the character tokenizer's ids of a, b, c
+    for k in (EMBED, HEAD):
+        assert out[k].shape[0] == 48  # 46 + 2 tokens, padded to a multiple of 8
+        assert torch.allclose(out[k][ia], b[k][ia])
+        assert torch.allclose(out[k][ib], a[k][ic])
+        assert torch.allclose(out[k][tm.VOCAB], bx[k][tm.VOCAB] / 2)
+
+
+def test_pad_to_multiple_of_adds_mean_rows(family_models, tmp_path):
+    m = family_models["untied"]
+    cfg = config("linear", m["a"], m["b"], tokenizer={"source": "base", "pad_to_multiple_of": 16})
+    out = mergesmith.merge(cfg, tmp_path / "o", quiet=True)
+    t, a, b = tensors(out), tensors(m["a"]), tensors(m["b"])
+    assert t[EMBED].shape[0] == 48 and json.loads((out / "config.json").read_text())["vocab_size"] == 48
+    want = (a[EMBED].mean(0) + b[EMBED].mean(0)) / 2
+    assert torch.allclose(t[EMBED][46], want, atol=1e-6)
+
+
+def test_tokenizer_source_model_reindexes_and_rewrites_special_ids(family_models, tmp_path):
+    """The output takes the shuffled model's tokenizer: rows follow its ids, config ids too."""
+    m = family_models["untied"]
+    out = mergesmith.merge(
+        config("linear", m["a"], m["b"], tokenizer_source=str(m["bp"])), tmp_path / "o", quiet=True
+    )
+    aligned = tensors(mergesmith.merge(config("linear", m["a"], m["b"]), tmp_path / "al", quiet=True))
+    t = tensors(out)
+    perm = torch.tensor(m["perm"])
+    assert torch.equal(t[EMBED][perm], aligned[EMBED])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["bos_token_id"] == m["perm"][1] and cfg["eos_token_id"] == m["perm"][2]
+
+
+# --- BPE ----------------------------------------------------------------------------------------------------
+
+
+def _bpe(folder: Path, corpus: list[str], size: int) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=size,
+        special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bpe_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bpe")
+    base = _bpe(root / "base", ["the cat sat on the mat", "a cat and a hat"] * 20, 300)
+    other = _bpe(root / "other", ["tokenizers merge vocabularies", "zebra quiz jumps"] * 20, 320)
+    return base, other
+
+
+def _union_of(base: Path, other: Path):
+    from mergesmith.core.model import ModelSource
+    from mergesmith.core.vocab import read_tokenizer, union_tokenizer
+
+    infos = [read_tokenizer(ModelSource(str(p), p), "test") for p in (base, other)]
+    return infos, union_tokenizer(infos[0], infos[1:])
+
+
+def test_bpe_union_adds_real_vocabulary(bpe_pair):
+    (base, _), union = _union_of(*bpe_pair)
+    assert union.new_real and len(union.new_real) > 10
+    for t in union.new_real:
+        assert union.data["model"]["vocab"][t] == union.vocab[t]
+    assert all(base.vocab[t] == union.vocab[t] for t in base.vocab)
+
+
+def test_bpe_union_reaches_new_tokens(bpe_pair):
+    from tokenizers import Tokenizer
+
+    _, union = _union_of(*bpe_pair)
+    tok = Tokenizer.from_str(json.dumps(union.data))
+    ids = tok.encode("zebra").ids
+    assert any(i >= min(union.vocab[t] for t in union.new_real) for i in ids)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_bpe_union_splits_base_text_as_the_base_did(bpe_pair, data):
+    """Text made of the base's tokens (and containing no new token's string) gets the same ids."""
+    from tokenizers import Tokenizer
+
+    (info_base, _), union = _union_of(*bpe_pair)
+    base_tok = Tokenizer.from_file(str(bpe_pair[0] / "tokenizer.json"))
+    union_tok = Tokenizer.from_str(json.dumps(union.data))
+    pieces = sorted(base_tok.decode([i]) for i in range(4, info_base.size))
+    text = "".join(data.draw(st.lists(st.sampled_from(pieces), min_size=1, max_size=12)))
+    new_strings = [union_tok.decode([union.vocab[t]]) for t in union.new_real]
+    if any(s and s in text for s in new_strings):
+        return
+    assert union_tok.encode(text).ids == base_tok.encode(text).ids
+
+
+def test_wordlevel_union_splits_base_text_as_the_base_did(family_models, tmp_path):
+    from tokenizers import Tokenizer
+
+    m = family_models["untied"]
+    union = mergesmith.merge(
+        config("linear", m["a"], m["bx"], tokenizer_source="union"), tmp_path / "u", quiet=True
+    )
+    ut = Tokenizer.from_file(str(union / "tokenizer.json"))
+    bt = Tokenizer.from_file(str(m["a"] / "tokenizer.json"))
+    rng = random.Random(0)
+    for _ in range(50):
+        text = "".join(rng.choice(tm.CHARS) for _ in range(rng.randint(1, 30)))
+        assert ut.encode(text).ids == bt.encode(text).ids
+
+
+# --- bad inputs -------------------------------------------------------------------------------------------
+
+
+def _cli(cfg: dict, tmp_path: Path) -> subprocess.CompletedProcess:
+    import yaml
+
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return subprocess.run(
+        [sys.executable, "-m", "mergesmith", "merge", str(path), str(tmp_path / "out"), "-q"],
+        capture_output=True,
+        text=True,
+    )
+
+
+def _one_line_error(r: subprocess.CompletedProcess, *words: str, out: Path) -> None:
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    assert not out.exists()
+
+
+def test_unreadable_tokenizer_is_one_line(family_models, tmp_path):
+    import shutil
+
+    m = family_models["untied"]
+    bad = tmp_path / "bad"
+    shutil.copytree(m["bx"], bad)
+    (bad / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": 3}}')
+    r = _cli(config("linear", m["a"], bad, tokenizer_source="union"), tmp_path)
+    _one_line_error(r, "tokenizer.json cannot be read", str(bad), out=tmp_path / "out")
+
+
+def test_tokenizer_larger_than_the_embedding_is_one_line(family_models, tmp_path):
+    import shutil
+
+    m = family_models["untied"]
+    bad = tmp_path / "bad"
+    shutil.copytree(m["b"], bad)
+    shutil.copy(m["bx"] / "tokenizer.json", bad / "tokenizer.json")  # 48 tokens, 46 rows
+    r = _cli(config("linear", m["a"], bad, tokenizer_source="union"), tmp_path)
+    _one_line_error(r, "48 token ids", "46", out=tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "tokens, words",
+    [
+        ({"§": {"source": {"kind": "zero"}, "force": True}}, ["'§'", "not in the output vocabulary"]),
+        ({"a": {"force": True}}, ["'force' needs a 'source'"]),
+        ({"!": {"source": "MODEL_A"}}, ["has no token '!'"]),
+    ],
+)
+def test_bad_token_rules_are_one_line(family_models, tmp_path, tokens, words):
+    m = family_models["untied"]
+    tokens = json.loads(json.dumps(tokens).replace("MODEL_A", str(m["a"])))
+    r = _cli(config("linear", m["a"], m["bx"], tokenizer={"source": "union", "tokens": tokens}), tmp_path)
+    _one_line_error(r, *words, out=tmp_path / "out")
+
+
+def test_union_without_tokenizer_json_is_one_line(tmp_path):
+    a = tm.make_model(tmp_path / "a", vocab=tm.VOCAB)
+    b = tm.make_finetune(a, tmp_path / "b")
+    r = _cli(config("linear", a, b, tokenizer_source="union"), tmp_path)
+    _one_line_error(r, "has no tokenizer.json", out=tmp_path / "out")
