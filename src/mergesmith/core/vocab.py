@@ -35,7 +35,7 @@ from mergesmith.core.omp import DEFAULT_K, omp
 if TYPE_CHECKING:
     import torch as _t
 
-INITS = ("omp", "mergekit", "mean", "zero")  # how a row a model lacks is made (`default_init`)
+INITS = ("omp", "mergekit", "mean", "zero", "subword")  # how a row a model lacks is made (`default_init`)
 GATHER_GAP = 32  # rows read in one pread when the needed rows are this close (fewer, larger reads)
 REAL_VOCAB_KINDS = ("BPE", "WordLevel", "WordPiece", "Unigram")
 
@@ -321,6 +321,8 @@ class VocabPlan:
     k: int = DEFAULT_K
     base: str | None = None
     union: UnionTokenizer | None = None  # the tokenizer to write (None: the source's files are copied)
+    tokenizers: dict[str, dict] = field(default_factory=dict)  # tokenizer.json of every model (subword)
+    out_tokenizer: dict | None = None  # the output's tokenizer.json (subword: a token's text)
 
     @cached_property
     def tokens(self) -> list[str | None]:
@@ -424,6 +426,7 @@ class Filler:
         self.sources = sources
         self._lock = threading.Lock()
         self._done: dict[tuple[str, str], tuple[np.ndarray, Any]] = {}
+        self._toks: dict[str, Any] = {}  # tokenizers.Tokenizer objects (subword), made on first need
 
     def fills(self, ref: str, name: str) -> tuple[np.ndarray, _t.Tensor]:
         """Per output row, the index of its row in the returned float32 matrix (-1: the model's own)."""
@@ -464,6 +467,9 @@ class Filler:
                 values[j] = self._rule(rule, ref, name, tok, own_mean)
             else:
                 holders = [r for r in plan.order if tok in plan.vocabs.get(r, {}) and r != ref]
+                if plan.init == "subword":
+                    values[j] = self._subword(ref, name, int(o), own_mean)
+                    continue
                 if plan.init == "zero" or not holders and plan.init != "mean":
                     continue
                 if plan.init == "mean":
@@ -478,6 +484,24 @@ class Filler:
         for donor, targets in omp_targets.items():
             self._omp(ref, name, donor, targets, values)
         return pos, values.to(torch.float32)
+
+    def _subword(self, ref: str, name: str, out_id: int, own_mean) -> _t.Tensor:
+        """The mean of the model's own rows of the tokens its tokenizer splits the token's text into."""
+        from tokenizers import Tokenizer
+
+        with_tok = self._toks
+        for key, data in (("<out>", self.plan.out_tokenizer), (ref, self.plan.tokenizers.get(ref))):
+            if key not in with_tok and data is not None:
+                with_tok[key] = Tokenizer.from_str(json.dumps(data))
+        if "<out>" not in with_tok or ref not in with_tok:
+            return own_mean()
+        text = with_tok["<out>"].decode([out_id], skip_special_tokens=False)
+        ids = [
+            i for i in with_tok[ref].encode(text, add_special_tokens=False).ids if i < self.plan.sizes[ref]
+        ]
+        if not ids:
+            return own_mean()
+        return gather_rows(self.sources[ref], name, np.array(ids)).to(torch.float64).mean(dim=0)
 
     def _rule(self, rule: TokenRule, ref: str, name: str, tok: str, own_mean) -> _t.Tensor:
         if rule.kind == "zero":

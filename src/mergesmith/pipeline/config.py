@@ -129,7 +129,7 @@ class TokenizerConfig(_Strict):
     tokens: dict[str, TokenEmbedding] | None = None
     pad_to_multiple_of: int | None = Field(default=None, ge=1)
     # mergesmith's: how a row a model lacks is made (docs/config.md), and OMP's number of shared tokens
-    default_init: Literal["omp", "mergekit", "mean", "zero"] = "omp"
+    default_init: Literal["omp", "mergekit", "mean", "zero", "subword"] = "omp"
     omp_k: int = Field(default=64, ge=1)
 
 

@@ -69,7 +69,7 @@ def plan_vocab(
         vocab = base_tok.vocab
     n = max(vocab.values(), default=-1) + 1
     rows = n
-    if src_ref in inputs and union is None:
+    if union is None and _has_rows(models[src_ref]):
         rows = max(n, vocab_tensors(models[src_ref])[1])  # the source's own padding rows stay
     pad = tc.pad_to_multiple_of if tc else None
     if pad:
@@ -109,6 +109,8 @@ def plan_vocab(
         k=tc.omp_k if tc else 64,
         base=base,
         union=union,
+        tokenizers={r: t.data for r, t in toks.items()},
+        out_tokenizer=union.data if union is not None else base_tok.data,
     )
 
 
