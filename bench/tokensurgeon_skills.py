@@ -1,18 +1,19 @@
 """tokensurgeon on the shipped skill models: exact-match accuracy with a perturbed donor tokenizer.
 
-The donor is the skill base model with its tokenizer perturbed two ways: every id shuffled, and two new
-tokens, each two characters merged into one (``": "``, which every prompt has, and the commonest letter
-pair of the test prompts), added to the donor's tokenizer. A model trained with that tokenizer would have
-rows for them; as a stand-in, the donor's row of each is the mean of its rows of the two characters. For
-two skill models, this measures exact-match accuracy on the test split (``mergesmith.eval``) of
+The donor is the skill base model with its tokenizer perturbed two ways: every id shuffled, and new tokens
+that each merge two characters into one (the ``--n-pairs`` commonest letter pairs of the test prompts),
+added to the donor's tokenizer. A model trained with that tokenizer would have rows for them; as a
+stand-in, the donor's row of each is the mean of its rows of the two characters. For two skill models this
+measures, on the test split (``mergesmith.eval``'s exact match, and the teacher-forced negative
+log-likelihood of the right answer):
 
 * the original model with its own tokenizer;
 * the model after ``tokensurgeon`` with a donor that only shuffles ids (must equal the original);
-* the model after ``tokensurgeon`` with the perturbed donor, rows of the new tokens by OMP (default) and by
-  the mean row (``--init mean``), and their tokenizer: every prompt now holds a token the model was never
-  trained on.
+* the model after ``tokensurgeon`` with the perturbed donor, rows of the new tokens by OMP (default), the
+  mean row and zeros, with the donor's tokenizer: on all prompts and on those holding a new token (the
+  model never saw one token stand for two characters).
 
-    PYTHONPATH=src nice -n 5 python bench/tokensurgeon_skills.py [--n 200] [--json out.json]
+    PYTHONPATH=src nice -n 5 python bench/tokensurgeon_skills.py [--n 500] [--json out.json]
 """
 
 from __future__ import annotations

@@ -418,3 +418,17 @@ def test_union_without_tokenizer_json_is_one_line(tmp_path):
     b = tm.make_finetune(a, tmp_path / "b")
     r = _cli(config("linear", a, b, tokenizer_source="union"), tmp_path)
     _one_line_error(r, "has no tokenizer.json", out=tmp_path / "out")
+
+
+def test_plan_prints_the_vocabulary(family_models, tmp_path, capsys):
+    import yaml
+
+    from mergesmith.cli import main
+
+    m = family_models["untied"]
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump(config("linear", m["a"], m["bx"], tokenizer_source="union")))
+    assert main(["plan", str(path), "--summary"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "vocabulary" in ln)
+    assert "48 tokens (2 new as vocabulary, 0 as added tokens), 48 rows" in line
+    assert f"re-indexed: {m['a']}" in line and f"{m['a']}: 2" in line

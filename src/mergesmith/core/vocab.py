@@ -324,6 +324,20 @@ class VocabPlan:
     tokenizers: dict[str, dict] = field(default_factory=dict)  # tokenizer.json of every model (subword)
     out_tokenizer: dict | None = None  # the output's tokenizer.json (subword: a token's text)
 
+    def describe(self) -> str:
+        """One line: the output vocabulary, what was added, which models are re-indexed and how rows
+        they lack are made."""
+        lacking = {r: int((m < 0).sum()) for r, m in self.maps.items()}
+        moved = [r for r, m in self.maps.items() if not np.array_equal(m, np.arange(len(m)))]
+        new = ""
+        if self.union is not None:
+            new = f" ({len(self.union.new_real)} new as vocabulary, {len(self.union.new_added)} as added tokens)"
+        missing = ", ".join(f"{r}: {n}" for r, n in lacking.items() if n)
+        return (
+            f"vocabulary: {len(self.vocab)} tokens{new}, {self.rows} rows; re-indexed: "
+            f"{', '.join(moved) or 'none'}; rows made ({self.init}): {missing or 'none'}"
+        )
+
     @cached_property
     def tokens(self) -> list[str | None]:
         """Output row -> token (None for padding rows)."""

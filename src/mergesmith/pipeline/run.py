@@ -41,7 +41,7 @@ from mergesmith.pipeline.execute import (
 )
 from mergesmith.pipeline.options import MergeOptions
 from mergesmith.pipeline.plan import MergePlan, build_plan
-from mergesmith.pipeline.vocab import rewrite_token_ids
+from mergesmith.pipeline.vocab import rewrite_token_ids, token_refs
 
 if TYPE_CHECKING:
     from mergesmith.pipeline.ternary_output import TernaryOutput
@@ -93,7 +93,7 @@ def config_refs(cfg: MergeConfig) -> list[str]:
     refs += [r for r in [cfg.base_model, *(sl.base_model for sl in cfg.slices or [])] if r]
     if cfg.tokenizer_choice not in ("base", "union"):
         refs.append(cfg.tokenizer_choice)
-    return refs
+    return refs + token_refs(cfg)
 
 
 def settle(plan: MergePlan, options: ExecOptions, backend: str) -> ExecOptions:

@@ -44,6 +44,7 @@ from mergesmith.pipeline.config import MergeConfig, load_yaml_documents, parse_c
 from mergesmith.pipeline.options import MergeOptions, output_identity
 from mergesmith.pipeline.plan import MergePlan, build_plan
 from mergesmith.pipeline.run import config_refs, merge_one
+from mergesmith.pipeline.vocab import token_refs
 
 MARKER = "mergesmith_stage.json"
 MARKER_FORMAT = 1
@@ -134,7 +135,7 @@ def model_refs(cfg: MergeConfig) -> list[str]:
     tok = cfg.tokenizer_choice
     if tok not in ("base", "union"):
         refs.append(tok)
-    return _unique(refs)
+    return _unique(refs + token_refs(cfg))
 
 
 def stage_of(ref: str, names: set[str]) -> str | None:
@@ -228,6 +229,12 @@ def rewrite_refs(doc: dict[str, Any], fn: Callable[[str], str]) -> dict[str, Any
     tok = out.get("tokenizer")
     if isinstance(tok, dict) and tok.get("source") not in (None, "base", "union"):
         tok["source"] = fn(tok["source"])
+    for emb in (tok.get("tokens") or {}).values() if isinstance(tok, dict) else ():
+        src = emb.get("source") if isinstance(emb, dict) else None
+        if isinstance(src, str):
+            emb["source"] = fn(src)
+        elif isinstance(src, dict) and isinstance(src.get("model"), str):
+            src["model"] = fn(src["model"])
     return out
 
 
