@@ -432,3 +432,40 @@ def test_plan_prints_the_vocabulary(family_models, tmp_path, capsys):
     line = next(ln for ln in capsys.readouterr().out.splitlines() if "vocabulary" in ln)
     assert "48 tokens (2 new as vocabulary, 0 as added tokens), 48 rows" in line
     assert f"re-indexed: {m['a']}" in line and f"{m['a']}: 2" in line
+
+
+def _unigram(folder: Path, corpus: list[str], size: int) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=size, special_tokens=["<pad>", "<unk>"], unk_token="<unk>")
+    tok.train_from_iterator(corpus, trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def test_unigram_union_adds_pieces_and_keeps_base_text(tmp_path):
+    from tokenizers import Tokenizer
+
+    base = _unigram(tmp_path / "base", ["the cat sat on the mat", "a cat and a hat"] * 30, 60)
+    other = _unigram(tmp_path / "other", ["zebra quiz jumps over lazy dogs", "the cat"] * 30, 80)
+    (info, _), union = _union_of(base, other)
+    assert union.new_real and not union.new_added
+    pieces = [p[0] for p in union.data["model"]["vocab"]]
+    assert all(pieces[union.vocab[t]] == t for t in union.new_real)  # a piece's id is its position
+    base_tok = Tokenizer.from_file(str(base / "tokenizer.json"))
+    union_tok = Tokenizer.from_str(json.dumps(union.data))
+    rng = random.Random(0)
+    words = ["the", "cat", "sat", "on", "mat", "a", "and", "hat"]
+    checked = 0
+    for _ in range(40):
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(1, 8)))
+        if any(t.replace("▁", " ").strip() and t.replace("▁", " ").strip() in text for t in union.new_real):
+            continue
+        assert union_tok.encode(text).ids == base_tok.encode(text).ids
+        checked += 1
+    assert checked >= 20
+    assert any(i >= info.size for i in union_tok.encode("zebra quiz").ids)

@@ -23,14 +23,15 @@ def omp(dictionary: _t.Tensor, targets: _t.Tensor, k: int = DEFAULT_K) -> tuple[
     """Indices (``[m, k']`` int64, rows of ``dictionary``) and weights (``[m, k']`` float64) such that
     ``targets[j] ~= sum_i weights[j, i] * dictionary[indices[j, i]]``; ``k' = min(k, n, h)``. A target
     whose fit is exact before ``k'`` atoms gets zero weights on the rest (its indices repeat its first)."""
-    d = dictionary.to(torch.float64)
+    # the dictionary (a whole vocabulary's rows) is held once, in float32 unless given in float64; the
+    # atoms chosen and the fit are float64
+    d = dictionary if dictionary.dtype == torch.float64 else dictionary.to(torch.float32)
     y = targets.to(torch.float64)
     n, h = d.shape
     m = y.shape[0]
     k = max(1, min(k, n, h))
     norms = d.norm(dim=1)
-    unit = d / norms.clamp_min(1e-30)[:, None]
-    unit[norms == 0] = 0.0  # a zero row is never chosen
+    unit = d / norms.clamp_min(1e-30)[:, None]  # a zero row scores 0 and is never chosen
     idx = torch.zeros(m, k, dtype=torch.int64)
     weights = torch.zeros(m, k, dtype=torch.float64)
     residual = y.clone()
@@ -41,7 +42,7 @@ def omp(dictionary: _t.Tensor, targets: _t.Tensor, k: int = DEFAULT_K) -> tuple[
     for step in range(k):
         if not bool(active.any()):
             break
-        corr = (residual @ unit.T).abs()
+        corr = (residual.to(d.dtype) @ unit.T).abs()
         corr[taken] = -1.0
         pick = corr.argmax(dim=1)
         # a target that is already fitted keeps repeating its first atom with weight 0
@@ -49,7 +50,7 @@ def omp(dictionary: _t.Tensor, targets: _t.Tensor, k: int = DEFAULT_K) -> tuple[
         idx[:, step] = pick
         taken[rows[active], pick[active]] = True
         sel = rows[active]
-        atoms = d[idx[sel, : step + 1]]  # [a, step+1, h]
+        atoms = d[idx[sel, : step + 1]].to(torch.float64)  # [a, step+1, h]
         sol = torch.linalg.lstsq(atoms.transpose(1, 2), y[sel].unsqueeze(2)).solution.squeeze(2)
         weights[sel, : step + 1] = sol
         residual[sel] = y[sel] - torch.einsum("as,ash->ah", sol, atoms)
