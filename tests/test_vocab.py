@@ -469,3 +469,30 @@ def test_unigram_union_adds_pieces_and_keeps_base_text(tmp_path):
         checked += 1
     assert checked >= 20
     assert any(i >= info.size for i in union_tok.encode("zebra quiz").ids)
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties"])
+def test_row_chunked_union_equals_the_aligned_merge(family_models, tmp_path, monkeypatch, method):
+    """Embedding and lm_head read 5 rows at a time (statistic passes re-read them): the same bytes."""
+    import mergesmith.pipeline.execute as ex
+
+    m = family_models["untied"]
+    aligned = tensors(
+        mergesmith.merge(config(method, m["a"], m["b"]), tmp_path / "al", quiet=True, random_seed=5)
+    )
+    real = ex.rows_per_chunk
+    seen = []
+
+    def small(t, method_, share):
+        rows = real(t, method_, share)
+        if t.name in (EMBED, HEAD) and rows > 5:
+            seen.append(t.name)
+            return 5
+        return rows
+
+    monkeypatch.setattr(ex, "rows_per_chunk", small)
+    cfg = config(method, m["a"], m["bp"], tokenizer_source="union")
+    out = tensors(mergesmith.merge(cfg, tmp_path / "sh", quiet=True, random_seed=5, workers=1))
+    assert set(seen) == {EMBED, HEAD}
+    for k in aligned:
+        assert torch.equal(out[k], aligned[k]), k
