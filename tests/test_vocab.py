@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import mergesmith
+import mergesmith.pipeline.stages
 import tiny_models as tm
 from mergesmith.core.omp import omp
 
@@ -496,3 +497,22 @@ def test_row_chunked_union_equals_the_aligned_merge(family_models, tmp_path, mon
     assert set(seen) == {EMBED, HEAD}
     for k in aligned:
         assert torch.equal(out[k], aligned[k]), k
+
+
+def test_multi_stage_union_plans_with_the_stage_tokenizer(family_models, tmp_path):
+    """A later stage takes the union of a stage's output, whose tokenizer (itself a union) is known from
+    its plan before it runs."""
+    m = family_models["untied"]
+    mid = {"name": "mid", **config("linear", m["a"], m["bx"], tokenizer_source="union")}
+    final = config("linear", m["b"], m["a"], tokenizer_source="union")
+    final["models"][0]["model"] = "mid"
+    plans = mergesmith.pipeline.stages.plan_stages([mid, final], tmp_path / "inter")
+    try:
+        assert plans[-1].plan.vocab is not None and plans[-1].plan.vocab.rows == tm.VOCAB + 2
+    finally:
+        for sp in plans:
+            sp.plan.close()
+    out = mergesmith.merge([mid, final], tmp_path / "out", quiet=True)
+    t = tensors(out)
+    assert t[EMBED].shape[0] == tm.VOCAB + 2
+    assert json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]["!"] == tm.VOCAB

@@ -60,13 +60,12 @@ def read_tokenizer(model: ModelSource, why: str) -> TokenizerInfo:
     """``model``'s tokenizer.json, read (and checked loadable) with the ``tokenizers`` library."""
     from tokenizers import Tokenizer
 
-    path = model.optional_file("tokenizer.json")
-    if path is None:
+    text = model.tokenizer_text()
+    if text is None:
         raise MergeError(
             f"model {model.ref!r} has no tokenizer.json, which {why} needs; save its tokenizer as a fast "
             "tokenizer (AutoTokenizer.from_pretrained(...).save_pretrained(folder))"
         )
-    text = path.read_text(encoding="utf-8", errors="replace")
     try:
         tok = Tokenizer.from_str(text)
         data = json.loads(text)

@@ -249,6 +249,7 @@ class PlannedModelSource(ModelSource):
 
     def __init__(self, ref: str, path: Path, plan: MergePlan):
         super().__init__(ref, path)
+        self.plan = plan
         # fill ModelSource's cached properties directly: there is no file to read them from yet
         self.__dict__["config"] = copy.deepcopy(plan.out_config)
         target = path / "model.safetensors"
@@ -258,6 +259,13 @@ class PlannedModelSource(ModelSource):
 
     def read(self, name: str, rows: tuple[int, int] | None = None):
         raise MergeError(f"stage {self.ref!r} has not been merged yet")
+
+    def tokenizer_text(self) -> str | None:
+        """The tokenizer.json the stage will write: its union, or its tokenizer source's."""
+        vocab = self.plan.vocab
+        if vocab is not None and vocab.union is not None:
+            return json.dumps(vocab.union.data)
+        return self.plan.models[self.plan.tokenizer_model].tokenizer_text()
 
     def tokenizer_files(self) -> list[Path]:
         return []

@@ -50,7 +50,7 @@ def plan_vocab(
     required = choice == "union" or (tc is not None and bool(tc.tokens or tc.pad_to_multiple_of))
     why = f"tokenizer_source {choice}" if choice in ("base", "union") else "a tokenizer source"
     refs = list(dict.fromkeys([src_ref, *inputs]))
-    if not required and any(models[r].optional_file("tokenizer.json") is None for r in refs):
+    if not required and any(models[r].tokenizer_text() is None for r in refs):
         return None  # the tokenizer files are copied as they are; shapes are checked as before
     toks = {r: read_tokenizer(models[r], why) for r in refs}
     extra = [r for r in token_refs(config) if r not in toks]
