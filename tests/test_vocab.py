@@ -516,3 +516,24 @@ def test_multi_stage_union_plans_with_the_stage_tokenizer(family_models, tmp_pat
     t = tensors(out)
     assert t[EMBED].shape[0] == tm.VOCAB + 2
     assert json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]["!"] == tm.VOCAB
+
+
+@pytest.mark.parametrize(
+    "tokens, words",
+    [
+        ({"a": {"forse": True}}, "tokenizer.tokens.a.forse': unknown key"),
+        ({"a": {"source": {"kind": "zer"}}}, "{kind: model_token | zero | mean}, got kind 'zer'"),
+        (
+            {"a": {"source": {"kind": "model_token", "model": "x"}}},
+            "give exactly one of 'token' or 'token_id'",
+        ),
+        ({"a": {"source": {"kind": "model_token", "model": "x", "tokn": "b"}}}, "tokn: Extra inputs"),
+    ],
+)
+def test_token_block_typos_name_the_key(tokens, words):
+    from mergesmith.core.errors import ConfigError
+    from mergesmith.pipeline.config import parse_config
+
+    with pytest.raises(ConfigError, match=None) as e:
+        parse_config({"merge_method": "linear", "models": [{"model": "a"}], "tokenizer": {"tokens": tokens}})
+    assert words in str(e.value) and "\n" not in str(e.value)

@@ -119,9 +119,35 @@ class MeanSource(_Strict):
 TokenSource = Annotated[ModelTokenSource | ZeroSource | MeanSource, Field(discriminator="kind")]
 
 
+_TOKEN_KINDS: dict[str, type[BaseModel]] = {
+    "model_token": ModelTokenSource,
+    "zero": ZeroSource,
+    "mean": MeanSource,
+}
+
+
 class TokenEmbedding(_Strict):
     source: str | TokenSource | None = None  # a model reference, or one of the kinds
     force: bool = False
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _one_source(cls, v: Any) -> Any:
+        """A model reference, or a mapping with a known ``kind`` checked as that kind (pydantic's own
+        message for a union names every member it tried)."""
+        if v is None or isinstance(v, str):
+            return v
+        kinds = " | ".join(_TOKEN_KINDS)
+        if not isinstance(v, dict) or v.get("kind") not in _TOKEN_KINDS:
+            got = f"kind {v.get('kind')!r}" if isinstance(v, dict) else type(v).__name__
+            raise ValueError(f"a token's source is a model reference or {{kind: {kinds}}}, got {got}")
+        try:
+            return _TOKEN_KINDS[v["kind"]].model_validate(v)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            raise ValueError(f"kind {v['kind']}: {where + ': ' if where else ''}{msg}") from None
 
 
 class TokenizerConfig(_Strict):
