@@ -537,3 +537,20 @@ def test_token_block_typos_name_the_key(tokens, words):
     with pytest.raises(ConfigError, match=None) as e:
         parse_config({"merge_method": "linear", "models": [{"model": "a"}], "tokenizer": {"tokens": tokens}})
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bpe_token_no_merge_reaches_is_an_added_token_of_its_text(bpe_pair, tmp_path):
+    """'Ġzzzzq' (no two known halves): an added token whose content is the text it stands for."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    other = shutil.copytree(bpe_pair[1], tmp_path / "other")
+    data = json.loads((other / "tokenizer.json").read_text())
+    data["model"]["vocab"]["Ġzzzzq"] = max(data["model"]["vocab"].values()) + 1
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    _, union = _union_of(bpe_pair[0], other)
+    assert union.spelled["Ġzzzzq"] == " zzzzq"
+    assert any(a["content"] == " zzzzq" for a in union.new_added)
+    tok = Tokenizer.from_str(json.dumps(union.data))
+    assert union.vocab["Ġzzzzq"] in tok.encode("the zzzzq").ids

@@ -55,6 +55,13 @@ class TokenizerInfo:
     def size(self) -> int:
         return max(self.vocab.values(), default=-1) + 1
 
+    @cached_property
+    def tokenizer(self) -> Any:
+        """The ``tokenizers.Tokenizer`` of ``data``."""
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_str(json.dumps(self.data))
+
 
 def read_tokenizer(model: ModelSource, why: str) -> TokenizerInfo:
     """``model``'s tokenizer.json, read (and checked loadable) with the ``tokenizers`` library."""
@@ -86,6 +93,9 @@ class UnionTokenizer:
     vocab: dict[str, int]  # token (as the models spell it) -> output id
     new_real: list[str] = field(default_factory=list)  # new tokens that are real vocabulary
     new_added: list[dict] = field(default_factory=list)  # new tokens that are added tokens (entries)
+    # an added token made from a vocabulary entry is matched as text: its content is the entry decoded
+    # ('Ġhello' -> ' hello'); the row maps keep the vocabulary spelling
+    spelled: dict[str, str] = field(default_factory=dict)
 
 
 def union_tokenizer(base: TokenizerInfo, others: Sequence[TokenizerInfo]) -> UnionTokenizer:
@@ -142,9 +152,22 @@ def _add_token(out: UnionTokenizer, tok: str, new_id: int, src: TokenizerInfo) -
     entry = dict(src.added.get(tok) or {"single_word": False, "lstrip": False, "rstrip": False})
     entry.setdefault("normalized", tok not in src.added)
     entry.setdefault("special", False)
-    entry.update(id=new_id, content=tok)
+    content = tok if tok in src.added else _decoded(src, tok)
+    if content != tok:
+        out.spelled[tok] = content
+    entry.update(id=new_id, content=content)
     out.data.setdefault("added_tokens", []).append(entry)
     out.new_added.append(entry)
+
+
+def _decoded(src: TokenizerInfo, tok: str) -> str:
+    """The text a vocabulary entry stands for (its tokenizer's decoder), or the entry if it decodes to
+    nothing."""
+    try:
+        text = src.tokenizer.decode([src.vocab[tok]], skip_special_tokens=False)
+    except Exception:  # a decoder the library cannot run on one token: keep the spelling
+        return tok
+    return text or tok
 
 
 def _bpe_union(out: UnionTokenizer, model: dict, real: dict[str, TokenizerInfo]) -> None:
@@ -202,11 +225,12 @@ def _check_union(out: UnionTokenizer, base: TokenizerInfo) -> None:
         loaded = Tokenizer.from_str(json.dumps(out.data)).get_vocab(with_added_tokens=True)
     except Exception as e:  # a bug here, reported as one line naming the base
         raise MergeError(f"the union of the tokenizers (base {base.ref!r}) does not load: {e}") from None
-    wrong = [t for t, i in out.vocab.items() if loaded.get(t) != i]
+    wrong = [t for t, i in out.vocab.items() if loaded.get(out.spelled.get(t, t)) != i]
     if wrong:
         raise MergeError(
             f"the union of the tokenizers (base {base.ref!r}) gives token {wrong[0]!r} id "
-            f"{loaded.get(wrong[0])}, not {out.vocab[wrong[0]]}; use tokenizer_source: base"
+            f"{loaded.get(out.spelled.get(wrong[0], wrong[0]))}, not {out.vocab[wrong[0]]}; use "
+            "tokenizer_source: base"
         )
 
 
