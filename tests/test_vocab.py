@@ -554,3 +554,15 @@ def test_bpe_token_no_merge_reaches_is_an_added_token_of_its_text(bpe_pair, tmp_
     assert any(a["content"] == " zzzzq" for a in union.new_added)
     tok = Tokenizer.from_str(json.dumps(union.data))
     assert union.vocab["Ġzzzzq"] in tok.encode("the zzzzq").ids
+
+
+def test_omp_rows_do_not_depend_on_the_batch(family_models, tmp_path, monkeypatch):
+    import mergesmith.core.vocab as vocab
+
+    m = family_models["untied"]
+    whole = tensors(mergesmith.merge(_extra_row_configs(m, "omp"), tmp_path / "whole", quiet=True))
+    monkeypatch.setattr(vocab, "OMP_BATCH", 1)
+    one = tensors(mergesmith.merge(_extra_row_configs(m, "omp"), tmp_path / "one", quiet=True))
+    for k in (EMBED, HEAD):
+        assert torch.allclose(whole[k], one[k], atol=1e-6)
+        assert not torch.equal(whole[k][tm.VOCAB], torch.zeros_like(whole[k][tm.VOCAB]))

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     import torch as _t
 
 INITS = ("omp", "mergekit", "mean", "zero", "subword")  # how a row a model lacks is made (`default_init`)
+OMP_BATCH = 256  # tokens solved together by OMP
 GATHER_GAP = 32  # rows read in one pread when the needed rows are this close (fewer, larger reads)
 REAL_VOCAB_KINDS = ("BPE", "WordLevel", "WordPiece", "Unigram")
 
@@ -560,18 +561,20 @@ class Filler:
             return
         dsrc = self.sources[donor]
         dname = row_tensor(dsrc, name)
-        dict_rows = gather_rows(dsrc, dname, np.array([theirs[t] for t in shared]))
-        tgt = gather_rows(dsrc, dname, np.array([theirs[t] for _, t in targets]))
-        dict_rows = dict_rows.reshape(len(shared), -1)
-        idx, w = omp(dict_rows, tgt.reshape(len(targets), -1), plan.k)
+        dict_rows = gather_rows(dsrc, dname, np.array([theirs[t] for t in shared])).reshape(len(shared), -1)
         own_ids = np.array([mine[t] for t in shared])
-        chosen = torch.unique(idx)
-        rows = gather_rows(self.sources[ref], name, own_ids[chosen.numpy()]).to(torch.float64)
-        lookup = torch.full((len(shared),), -1, dtype=torch.int64)
-        lookup[chosen] = torch.arange(len(chosen))
-        flat = rows.reshape(len(chosen), -1)
-        for n, (j, _) in enumerate(targets):
-            values[j] = (w[n] @ flat[lookup[idx[n]]]).reshape(values.shape[1:])
+        # targets in batches: a step of OMP holds a batch x vocabulary matrix of correlations
+        for b0 in range(0, len(targets), OMP_BATCH):
+            batch = targets[b0 : b0 + OMP_BATCH]
+            tgt = gather_rows(dsrc, dname, np.array([theirs[t] for _, t in batch]))
+            idx, w = omp(dict_rows, tgt.reshape(len(batch), -1), plan.k)
+            chosen = torch.unique(idx)
+            rows = gather_rows(self.sources[ref], name, own_ids[chosen.numpy()]).to(torch.float64)
+            lookup = torch.full((len(shared),), -1, dtype=torch.int64)
+            lookup[chosen] = torch.arange(len(chosen))
+            flat = rows.reshape(len(chosen), -1)
+            for n, (j, _) in enumerate(batch):
+                values[j] = (w[n] @ flat[lookup[idx[n]]]).reshape(values.shape[1:])
 
 
 # files of a tokenizer that describe the vocabulary in another form: stale once tokens are added
