@@ -566,3 +566,24 @@ def test_omp_rows_do_not_depend_on_the_batch(family_models, tmp_path, monkeypatc
     for k in (EMBED, HEAD):
         assert torch.allclose(whole[k], one[k], atol=1e-6)
         assert not torch.equal(whole[k][tm.VOCAB], torch.zeros_like(whole[k][tm.VOCAB]))
+
+
+def test_bpe_models_union_merge_loads_in_transformers(bpe_pair, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergesmith.core.model import ModelSource
+    from mergesmith.core.vocab import read_tokenizer
+
+    folders = []
+    for i, tok_dir in enumerate(bpe_pair):
+        size = read_tokenizer(ModelSource("t", tok_dir), "test").size
+        cfg = tm.tiny_config("llama", layers=1, vocab=size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        folders.append(tm.save(tm.build(cfg, i), tmp_path / f"m{i}", [tok_dir / "tokenizer.json"]))
+    out = mergesmith.merge(config("linear", *folders, tokenizer_source="union"), tmp_path / "out", quiet=True)
+    _, union = _union_of(*bpe_pair)
+    tok_u, tok_b = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(folders[0])
+    text = "the cat sat on a mat and a hat"
+    assert tok_u(text)["input_ids"] == tok_b(text)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.vocab_size == len(union.vocab) == tensors(out)[EMBED].shape[0]
+    assert max(tok_u("zebra quiz")["input_ids"]) >= read_tokenizer(ModelSource("t", bpe_pair[0]), "t").size
