@@ -153,7 +153,16 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
 
 def test_every_command_has_the_same_handler_and_shared_flags():
     commands = _subcommands()
-    assert set(commands) == {"merge", "plan", "eval", "extract-lora", "bitnet", "moe", "inspect"}
+    assert set(commands) == {
+        "merge",
+        "plan",
+        "eval",
+        "extract-lora",
+        "bitnet",
+        "moe",
+        "inspect",
+        "tokensurgeon",
+    }
     for name, sub in commands.items():
         flags = {s: a for a in sub._actions for s in a.option_strings}
         assert {"-q", "--quiet", "-v", "--verbose"} <= set(flags), name
@@ -163,7 +172,7 @@ def test_every_command_has_the_same_handler_and_shared_flags():
             assert flags["--workers"].default is None, f"{name}: --workers defaults to auto"
         if "--overwrite" in flags and name != "inspect":  # inspect replaces files it is named, never a folder
             assert "--force" in flags, name
-    writes = {"merge", "extract-lora", "bitnet", "moe"}
+    writes = {"merge", "extract-lora", "bitnet", "moe", "tokensurgeon"}
     assert {n for n, s in commands.items() if "--force" in s._option_string_actions} == writes
     assert {n for n, s in commands.items() if "--overwrite" in s._option_string_actions} == writes | {
         "inspect"

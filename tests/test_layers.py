@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "mergesmith"
-FEATURES = ("moe", "lora", "bitnet", "eval", "inspection")
+FEATURES = ("moe", "lora", "bitnet", "eval", "inspection", "tokens")
 LAYERS = {"core": 0, "methods": 1, "pipeline": 2, **dict.fromkeys(FEATURES, 3)}
 TOP = 4
 

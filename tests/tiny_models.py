@@ -336,3 +336,87 @@ def make_moe_input(
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
+
+
+# Models whose tokenizers differ (tests/test_vocab.py, tests/tokens/)
+
+
+def _rows_of(config: dict) -> int:
+    return config.get("vocab_size") or config["text_config"]["vocab_size"]
+
+
+def retokenize(
+    src: Path,
+    dst: Path,
+    perm: list[int] | None = None,
+    extra: dict[str, torch.Tensor] | None = None,
+    seed: int = 0,
+) -> Path:
+    """A copy of model folder ``src`` (with a tokenizer.json) whose token ``i`` has id ``perm[i]`` (rows of
+    the embedding and lm_head moved with it, config ids too), plus ``extra`` tokens appended to the
+    tokenizer's vocabulary with the given rows (or random ones for a ``None`` value) in both tensors."""
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    n = _rows_of(config)
+    perm = list(range(n)) if perm is None else perm
+    extra = extra or {}
+    tok = json.loads((dst / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    if isinstance(vocab, dict):
+        tok["model"]["vocab"] = {t: perm[i] for t, i in vocab.items()}
+        for j, t in enumerate(extra):
+            tok["model"]["vocab"][t] = n + j
+    for a in tok.get("added_tokens") or []:
+        a["id"] = perm[a["id"]]
+    post = tok.get("post_processor") or {}
+    for spec in (post.get("special_tokens") or {}).values():
+        spec["ids"] = [perm[i] for i in spec["ids"]]
+    (dst / "tokenizer.json").write_text(json.dumps(tok))
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if isinstance(config.get(key), int):
+            config[key] = perm[config[key]]
+    config["vocab_size"] = n + len(extra)
+    (dst / "config.json").write_text(json.dumps(config))
+    gen = dst / "generation_config.json"
+    if gen.exists():
+        g = json.loads(gen.read_text())
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if isinstance(g.get(key), int):
+                g[key] = perm[g[key]]
+        gen.write_text(json.dumps(g))
+    gen_rows = torch.Generator().manual_seed(seed)
+    index = torch.tensor(perm)
+    for f in dst.glob("*.safetensors"):
+        tensors = load_file(f)
+        for k, v in tensors.items():
+            if ("embed_tokens" in k or k.endswith("lm_head.weight")) and v.shape[0] == n:
+                out = torch.empty_like(v)
+                out[index] = v
+                add = [
+                    (
+                        r if r is not None else torch.randn(v.shape[1:], generator=gen_rows) * v.float().std()
+                    ).to(v.dtype)
+                    for r in extra.values()
+                ]
+                tensors[k] = torch.cat([out, torch.stack(add)]) if add else out
+        save_file(tensors, f, metadata={"format": "pt"})
+    return dst
+
+
+def reshard(folder: Path, parts: int = 3) -> Path:
+    """``folder``'s weights split into ``parts`` shards with an index (sharded inputs)."""
+    files = list(folder.glob("*.safetensors"))
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(f))
+        f.unlink()
+    names = sorted(tensors)
+    weight_map = {}
+    for p in range(parts):
+        chunk = names[p::parts]
+        fname = f"model-{p + 1:05d}-of-{parts:05d}.safetensors"
+        save_file({k: tensors[k] for k in chunk}, folder / fname, metadata={"format": "pt"})
+        weight_map.update({k: fname for k in chunk})
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder

@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "mergesmith.lora.command",
     "mergesmith.bitnet.command",
     "mergesmith.moe.command",
+    "mergesmith.tokens.command",
 ]
 
 

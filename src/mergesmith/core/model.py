@@ -495,6 +495,11 @@ class ModelSource:
                 os.close(fd)
             self._fds.clear()
 
+    def tokenizer_text(self) -> str | None:
+        """The text of this model's tokenizer.json, or None when it has none."""
+        path = self.optional_file("tokenizer.json")
+        return None if path is None else path.read_text(encoding="utf-8", errors="replace")
+
     def tokenizer_files(self) -> list[Path]:
         """The tokenizer files to copy into an output, each checked to lie inside the model folder."""
         return [p for p in (self.optional_file(f) for f in TOKENIZER_FILES) if p is not None]

@@ -198,6 +198,8 @@ def _print_plan(plan: MergePlan, options: ExecOptions, summary_only: bool) -> No
             print(t.describe())
     for w in plan.warnings:
         print(f"warning: {w}")
+    if plan.vocab is not None:
+        print(f"# {plan.vocab.describe()}")
     from mergesmith.pipeline.run import log_choices, settle
 
     backend, why = choose_backend(plan, options.backend, options.device, transformed_output=False)

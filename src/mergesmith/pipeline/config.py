@@ -10,7 +10,7 @@ import difflib
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -91,8 +91,72 @@ def _check_models_or_slices(models: list | None, slices: list | None) -> None:
         raise ValueError("'models' is empty")
 
 
+class ModelTokenSource(_Strict):
+    """A token's row taken from a model's row of a token (``token`` or ``token_id``), mergekit's."""
+
+    kind: Literal["model_token"]
+    model: str
+    token: str | None = None
+    token_id: int | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self):
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("give exactly one of 'token' or 'token_id'")
+        return self
+
+
+class ZeroSource(_Strict):
+    kind: Literal["zero"]
+
+
+class MeanSource(_Strict):
+    """mergesmith's: each model's row is the mean of its own token rows."""
+
+    kind: Literal["mean"]
+
+
+TokenSource = Annotated[ModelTokenSource | ZeroSource | MeanSource, Field(discriminator="kind")]
+
+
+_TOKEN_KINDS: dict[str, type[BaseModel]] = {
+    "model_token": ModelTokenSource,
+    "zero": ZeroSource,
+    "mean": MeanSource,
+}
+
+
+class TokenEmbedding(_Strict):
+    source: str | TokenSource | None = None  # a model reference, or one of the kinds
+    force: bool = False
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _one_source(cls, v: Any) -> Any:
+        """A model reference, or a mapping with a known ``kind`` checked as that kind (pydantic's own
+        message for a union names every member it tried)."""
+        if v is None or isinstance(v, str):
+            return v
+        kinds = " | ".join(_TOKEN_KINDS)
+        if not isinstance(v, dict) or v.get("kind") not in _TOKEN_KINDS:
+            got = f"kind {v.get('kind')!r}" if isinstance(v, dict) else type(v).__name__
+            raise ValueError(f"a token's source is a model reference or {{kind: {kinds}}}, got {got}")
+        try:
+            return _TOKEN_KINDS[v["kind"]].model_validate(v)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            raise ValueError(f"kind {v['kind']}: {where + ': ' if where else ''}{msg}") from None
+
+
 class TokenizerConfig(_Strict):
-    source: str = "base"
+    source: str = "union"  # base | union | a model reference (mergekit's default is union)
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
+    # mergesmith's: how a row a model lacks is made (docs/config.md), and OMP's number of shared tokens
+    default_init: Literal["omp", "mergekit", "mean", "zero", "subword"] = "omp"
+    omp_k: int = Field(default=64, ge=1)
 
 
 class MergeConfig(_Strict):

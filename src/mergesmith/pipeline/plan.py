@@ -29,10 +29,12 @@ from mergesmith.core.hf_load import drop_remote_code
 from mergesmith.core.layer_config import count_from_fields, rewrite_layer_fields
 from mergesmith.core.model import ModelSource, TensorInfo
 from mergesmith.core.sources import open_source
+from mergesmith.core.vocab import VocabPlan, wrap_sources
 from mergesmith.methods import BaseRule, Method, all_parameter_names, get_method
 from mergesmith.pipeline.compat import apply_extensions
 from mergesmith.pipeline.config import MergeConfig, Parameters, did_you_mean
 from mergesmith.pipeline.params import layer_position, resolve
+from mergesmith.pipeline.vocab import plan_vocab, rewrite_token_ids, set_vocab_size, token_refs
 
 if TYPE_CHECKING:
     import torch
@@ -147,6 +149,7 @@ class MergePlan:
     base_model: str | None
     num_layers: int
     warnings: list[str] = field(default_factory=list)
+    vocab: VocabPlan | None = None  # the output vocabulary when models' rows are re-indexed to it
 
     @property
     def total_bytes(self) -> int:
@@ -200,17 +203,26 @@ def build_plan(
     tok = config.tokenizer_choice
     if tok not in ("base", "union") and tok not in refs:
         refs.append(tok)
+    refs = _unique(refs + token_refs(config))
     models = dict(models or {})
     for ref in refs:
         if ref not in models:
             models[ref] = open_source(ref)
     _check_architectures(inputs, models, allow_crimes)
+    config_model = config.base_model or slices[0].sources[0].model
+    # models with different tokenizers: every input's vocabulary rows are read in the output's order
+    vocab = plan_vocab(config, inputs, models, config_model)
+    if vocab is not None:
+        models = wrap_sources(models, vocab)
     layouts = {ref: Layout.infer(ref, list(models[ref].tensors), models[ref].config) for ref in refs}
     _fill_ranges(slices, layouts)
     _check_slices(slices, method)
 
-    config_model = config.base_model or slices[0].sources[0].model
     out_config = copy.deepcopy(models[config_model].config)
+    if vocab is not None:
+        set_vocab_size(out_config, vocab.rows)
+        if tok not in ("base", "union"):
+            rewrite_token_ids(out_config, vocab.vocabs[config_model], vocab.vocab)
     out_tied = tie_word_embeddings(out_config) and not any(
         n.endswith("lm_head.weight") for n in models[config_model].tensors
     )
@@ -248,9 +260,7 @@ def build_plan(
     remote = drop_remote_code(out_config, config_model)
     if remote:
         warn.append(remote)  # not an error under --strict: the output is still what was asked
-    tokenizer_model = config_model if tok == "base" else tok
-    if tok == "union":
-        raise ConfigError("tokenizer source 'union' is not supported yet; use 'base' or a model path")
+    tokenizer_model = config_model if tok in ("base", "union") else tok
     return MergePlan(
         config=config,
         method=method,
@@ -262,6 +272,7 @@ def build_plan(
         base_model=config.base_model,
         num_layers=offset,
         warnings=list(warn),
+        vocab=vocab,
     )
 
 
@@ -694,8 +705,8 @@ class _Planner:
         if is_embedding(out_name) and len(rows) > 1 and len(rest) == 1:
             raise MergeError(
                 f"tensor {out_name!r}: vocabulary sizes differ ({detail}); the models use different tokenizers "
-                "or padded vocabularies. Align them first (resize the embeddings of the models to one "
-                "tokenizer) or merge only models that share a tokenizer"
+                "or padded vocabularies; set tokenizer_source (union, base or a model) to re-index every model's "
+                "rows to one tokenizer (docs/config.md, Tokenizers), or merge only models that share one"
             )
         differ = _config_differences({ref: self.models[ref].config for ref in infos})
         why = f"config.json differs: {differ}" if differ else "the models are not the same size"

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 from mergesmith.core.cliargs import check_workers
 from mergesmith.core.devices import check_device, default_workers
 from mergesmith.core.errors import MergeError
+from mergesmith.core.model import read_json_file
 from mergesmith.core.sizes import human_size, parse_size
+from mergesmith.core.vocab import write_union_tokenizer
 from mergesmith.core.write import (
     OutputFolder,
     ShardedWriter,
@@ -39,6 +41,7 @@ from mergesmith.pipeline.execute import (
 )
 from mergesmith.pipeline.options import MergeOptions
 from mergesmith.pipeline.plan import MergePlan, build_plan
+from mergesmith.pipeline.vocab import rewrite_token_ids, token_refs
 
 if TYPE_CHECKING:
     from mergesmith.pipeline.ternary_output import TernaryOutput
@@ -90,7 +93,7 @@ def config_refs(cfg: MergeConfig) -> list[str]:
     refs += [r for r in [cfg.base_model, *(sl.base_model for sl in cfg.slices or [])] if r]
     if cfg.tokenizer_choice not in ("base", "union"):
         refs.append(cfg.tokenizer_choice)
-    return refs
+    return refs + token_refs(cfg)
 
 
 def settle(plan: MergePlan, options: ExecOptions, backend: str) -> ExecOptions:
@@ -243,9 +246,16 @@ def _write_metadata(
     gen = config_model.optional_file("generation_config.json")  # checked to lie inside the model folder
     if gen is not None:
         copy_files([gen], folder)
+        if plan.vocab is not None and plan.tokenizer_model != plan.config_model:
+            gen_cfg = read_json_file(folder / "generation_config.json", "generation_config.json")
+            rewrite_token_ids(gen_cfg, plan.vocab.vocabs[plan.config_model], plan.vocab.vocab)
+            write_json(folder / "generation_config.json", gen_cfg)
     if copy_tokenizer:
         tok = plan.models[plan.tokenizer_model]
-        copy_files(tok.tokenizer_files(), folder)
+        if plan.vocab is not None and plan.vocab.union is not None:
+            write_union_tokenizer(plan.vocab.union, tok, folder)
+        else:
+            copy_files(tok.tokenizer_files(), folder)
     if plan.config.chat_template:
         template = resolve_chat_template(plan.config.chat_template, list(plan.models.values()))
         if template:

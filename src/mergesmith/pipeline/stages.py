@@ -44,6 +44,7 @@ from mergesmith.pipeline.config import MergeConfig, load_yaml_documents, parse_c
 from mergesmith.pipeline.options import MergeOptions, output_identity
 from mergesmith.pipeline.plan import MergePlan, build_plan
 from mergesmith.pipeline.run import config_refs, merge_one
+from mergesmith.pipeline.vocab import token_refs
 
 MARKER = "mergesmith_stage.json"
 MARKER_FORMAT = 1
@@ -134,7 +135,7 @@ def model_refs(cfg: MergeConfig) -> list[str]:
     tok = cfg.tokenizer_choice
     if tok not in ("base", "union"):
         refs.append(tok)
-    return _unique(refs)
+    return _unique(refs + token_refs(cfg))
 
 
 def stage_of(ref: str, names: set[str]) -> str | None:
@@ -228,6 +229,12 @@ def rewrite_refs(doc: dict[str, Any], fn: Callable[[str], str]) -> dict[str, Any
     tok = out.get("tokenizer")
     if isinstance(tok, dict) and tok.get("source") not in (None, "base", "union"):
         tok["source"] = fn(tok["source"])
+    for emb in (tok.get("tokens") or {}).values() if isinstance(tok, dict) else ():
+        src = emb.get("source") if isinstance(emb, dict) else None
+        if isinstance(src, str):
+            emb["source"] = fn(src)
+        elif isinstance(src, dict) and isinstance(src.get("model"), str):
+            src["model"] = fn(src["model"])
     return out
 
 
@@ -242,6 +249,7 @@ class PlannedModelSource(ModelSource):
 
     def __init__(self, ref: str, path: Path, plan: MergePlan):
         super().__init__(ref, path)
+        self.plan = plan
         # fill ModelSource's cached properties directly: there is no file to read them from yet
         self.__dict__["config"] = copy.deepcopy(plan.out_config)
         target = path / "model.safetensors"
@@ -251,6 +259,13 @@ class PlannedModelSource(ModelSource):
 
     def read(self, name: str, rows: tuple[int, int] | None = None):
         raise MergeError(f"stage {self.ref!r} has not been merged yet")
+
+    def tokenizer_text(self) -> str | None:
+        """The tokenizer.json the stage will write: its union, or its tokenizer source's."""
+        vocab = self.plan.vocab
+        if vocab is not None and vocab.union is not None:
+            return json.dumps(vocab.union.data)
+        return self.plan.models[self.plan.tokenizer_model].tokenizer_text()
 
     def tokenizer_files(self) -> list[Path]:
         return []

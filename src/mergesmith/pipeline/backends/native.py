@@ -33,7 +33,7 @@ def backend_problem(plan: MergePlan, device: str, transformed_output: bool) -> s
         return "the output format transforms the merged tensors (--out-format)"
     for ref, model in plan.models.items():
         if type(model) is not ModelSource:
-            return f"model {ref!r} is not a plain safetensors model (LoRA adapter or packed BitNet weights)"
+            return f"model {ref!r} is not a plain safetensors model (LoRA adapter, packed BitNet weights, or rows re-indexed to another tokenizer)"
     for t in plan.tensors:
         if t.copy:
             continue
