@@ -62,6 +62,10 @@ class Calibration(_Strict):
     #: Whose feed-forward blocks the prompt pass runs: each expert's own prompts through the base with
     #: that expert's MLPs (``expert``: what the MoE computes when its routing is right), or the base only.
     trunk: Literal["expert", "base"] = "expert"
+    #: Tokens of each expert's own greedy continuation of its prompts (generated at build time) that are
+    #: calibration samples too: the MoE routes the answer tokens it generates, not only the prompt's.
+    #: 0 calibrates on prompt tokens only.
+    max_new_tokens: int = Field(default=32, ge=0)
 
 
 class MoEConfig(_Strict):

@@ -41,6 +41,8 @@ class LayerReport:
     layer: int
     max_cosine: float | None = None
     calibrated: CalibratedLayer | None = None
+    prompt_accuracy: float | None = None  # calibrated: routing accuracy on the prompts' own tokens
+    answer_accuracy: float | None = None  # ... and on the experts' continuations (None without any)
 
 
 @dataclass
@@ -127,6 +129,7 @@ def _warn_chance(
     neg: Sequence[Tensor | None],
     experts: Sequence[Expert],
     opts: Calibration,
+    folds: Sequence[Tensor] | None = None,
 ) -> None:
     """One warning naming the layers whose calibrated router routes its own calibration prompts no better
     than chance, and what to do. When negative prompts are given, it says whether the fit without them
@@ -143,7 +146,9 @@ def _warn_chance(
     )
     if any(n is not None for n in neg):
         without = [
-            calibrated_router([s[r.layer] for s in pos], [None] * len(pos), opts.target_top1, opts.shrinkage)
+            calibrated_router(
+                [s[r.layer] for s in pos], [None] * len(pos), opts.target_top1, opts.shrinkage, folds
+            )
             for r in bad
         ]
         if all(f.train_accuracy > chance + 1e-9 for f in without):
@@ -172,17 +177,32 @@ def _calibrated(
     feed-forward blocks in every layer: the MoE computes exactly that on those prompts once its routing
     is right, so deeper layers' routers are fitted on the activations they will see, not on the base's.
     Negative prompts (whose expert is not known) run through the base.
+
+    With ``max_new_tokens`` > 0 each expert also answers its prompts (greedy, through the same trunk), and
+    the tokens of its answers are calibration samples as well: the MoE routes every token it generates,
+    and at an answer token the router input must still say which expert the prompt asked for.
     """
     last_only = opts.tokens == "last"
+    answers = 0 if last_only else opts.max_new_tokens
+
+    own_mlps = opts.trunk == "expert" and expert_mlps is not None
+
+    def trunk(i: int):
+        return run.swapped(expert_mlps(i)) if own_mlps else contextlib.nullcontext()  # type: ignore[misc]
 
     def positive(i: int, e: Expert) -> PromptStates | None:
-        own_mlps = opts.trunk == "expert" and expert_mlps is not None
-        with run.swapped(expert_mlps(i)) if own_mlps else contextlib.nullcontext():
-            return _states(run, e.positive_prompts, True)
+        with trunk(i):
+            prompts = list(e.positive_prompts or ())
+            # the expert's own answers, generated through the trunk it runs in (see the docstring)
+            gen = run.continuations(prompts, answers) if answers else [[] for _ in prompts]
+            return run.states(prompts, router_inputs=True, continuations=[g[:-1] for g in gen])
 
     pos = [positive(i, e) for i, e in enumerate(experts)]
     neg = [_states(run, e.negative_prompts, True) for e in experts]
     pos_samples = [p.router_samples(last_only) for p in pos]  # type: ignore[union-attr]
+    kinds = [p.sample_kinds(last_only) for p in pos]  # type: ignore[union-attr]
+    folds = [index % 2 for index, _ in kinds]  # cross-validation folds, by prompt
+    is_answer = torch.cat([answer for _, answer in kinds])
     neg_samples = [n.router_samples(last_only) if n is not None else None for n in neg]
     if opts.target_top1 <= 1 / len(experts):
         raise MergeError(
@@ -197,11 +217,15 @@ def _calibrated(
             [None if s is None else s[layer] for s in neg_samples],
             target_top1=opts.target_top1,
             shrinkage=opts.shrinkage,
+            folds=folds,
         )
         weights.append(fit.weight)
-        reports.append(LayerReport(layer, _max_cos(means[layer]), fit))
+        assert fit.correct is not None
+        prompt_acc = float(fit.correct[~is_answer].double().mean())
+        answer_acc = float(fit.correct[is_answer].double().mean()) if bool(is_answer.any()) else None
+        reports.append(LayerReport(layer, _max_cos(means[layer]), fit, prompt_acc, answer_acc))
     _warn_parallel(means, experts)
-    _warn_chance(reports, pos_samples, neg_samples, experts, opts)
+    _warn_chance(reports, pos_samples, neg_samples, experts, opts, folds)
     gate = None
     if shared is not None and shared.positive_prompts:
         s = _states(run, shared.positive_prompts, True)
