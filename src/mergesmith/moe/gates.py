@@ -234,6 +234,33 @@ def _calibrated(
     return Routers(rows, _shared_or_zero(gate, shared, rows), reports)
 
 
+#: Where a sigmoid-gated family's calibrated logits put each token's largest one (see shift_for_sigmoid).
+SIGMOID_TOP = -6.0
+
+
+def shift_for_sigmoid(routers: Routers) -> Routers:
+    """Calibrated routers for families that weigh the top-k by sigmoid(z_e) / sum instead of by softmax
+    (DeepSeek-V3, GLM4-MoE).
+
+    The top-k is the same either way (sigmoid is increasing), but the weights are not: sigmoid saturates
+    for large logits, so two confident ones would share a token about equally, and underflows for very
+    negative ones (transformers adds 1e-20 to the sum). Subtracting the same amount from every logit of a
+    token changes no softmax; once a token's top logits lie around SIGMOID_TOP, sigmoid(z) ~ e^z and the
+    renormalised sigmoid weights are the softmax ones (relative error ~ e^-6). The router is linear and has
+    no bias, so the amount is linear too: v.x + SIGMOID_TOP q.x, where v.x fits the token's largest
+    logit (least squares on the calibration samples) and q.x ~ 1 (the fit's bias direction):
+    W' = W - 1 (v - SIGMOID_TOP q)'. Other modes are left alone: their top-k is kept and their weights
+    are the renormalised sigmoids of their logits.
+    """
+    weights = routers.weights.clone()
+    for r in routers.reports:
+        c = r.calibrated
+        if c is None or c.bias_dir is None or c.max_dir is None:
+            continue
+        weights[r.layer] -= (c.max_dir - SIGMOID_TOP * c.bias_dir)[None, :]
+    return Routers(weights, routers.shared_gate, routers.reports)
+
+
 def _cheap_embed(cfg: MoEConfig, base: ModelSource, run: BaseRunner, num_layers: int) -> Routers:
     """cheap_embed: one vector per expert from the input embeddings of its prompts' tokens, every layer."""
     names = [n for n in base.tensors if n.endswith("embed_tokens.weight")]

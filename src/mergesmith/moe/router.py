@@ -80,6 +80,8 @@ class CalibratedLayer:
     train_accuracy: float  # fraction of calibration samples whose top-1 expert is their own
     mean_top1: float  # mean top-1 probability on the calibration samples after scaling
     correct: Tensor | None = None  # [N] whether each calibration sample's top-1 expert is its own
+    bias_dir: Tensor | None = None  # q: the direction on which every router input projects to about 1
+    max_dir: Tensor | None = None  # v: v.x ~ the largest of x's logits (least squares on the samples)
 
 
 def _shrink(s: Tensor, alpha: float) -> Tensor:
@@ -120,6 +122,13 @@ def spd_solve(a: Tensor, b: Tensor) -> Tensor:
     if int(info) == 0:
         return torch.cholesky_solve(b if b.dim() == 2 else b[:, None], chol).reshape(b.shape)
     return torch.linalg.solve(a, b)
+
+
+def least_squares_direction(samples: Tensor, target: Tensor, ridge: float = 1e-3) -> Tensor:
+    """v = argmin ||X v - t||^2 + lam ||v||^2 with lam = ridge * tr(X'X)/d."""
+    gram = samples.T @ samples
+    gram.diagonal().add_(ridge * gram.trace() / gram.shape[0])
+    return spd_solve(gram, samples.T @ target)
 
 
 def bias_direction(samples: Tensor, ridge: float = 1e-3) -> Tensor:
@@ -271,4 +280,6 @@ def calibrated_router(
         train_accuracy=float((logits.argmax(-1) == labels).double().mean()),
         mean_top1=float(probs.max(-1).values.mean()),
         correct=logits.argmax(-1) == labels,
+        bias_dir=q.float(),
+        max_dir=least_squares_direction(everything, (s * logits).max(-1).values).float(),
     )
