@@ -72,6 +72,18 @@ def test_build_reports_prompt_and_answer_routing(llama_models, tmp_path):
     )
 
 
+def test_ledoit_wolf_shrinkage_skips_cross_validation(llama_models, tmp_path, monkeypatch):
+    import mergesmith.moe.router as router
+
+    calls = []
+    real = router.cross_validated_shrinkage
+    monkeypatch.setattr(router, "cross_validated_shrinkage", lambda *a, **k: calls.append(1) or real(*a, **k))
+    build_moe(_config(llama_models, max_new_tokens=0, shrinkage="ledoit_wolf"), tmp_path / "lw", quiet=True)
+    assert not calls
+    build_moe(_config(llama_models, max_new_tokens=0), tmp_path / "cv", quiet=True)
+    assert len(calls) >= 2  # once per layer
+
+
 def _classes(n: int, d: int, seed: int, quiet_signal: bool) -> list[torch.Tensor]:
     """Two classes that differ along one direction. With ``quiet_signal`` that direction has a tiny
     within-class variance and the others a large one: shrinkage toward mu*I drowns the signal."""

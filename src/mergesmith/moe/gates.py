@@ -147,7 +147,11 @@ def _warn_chance(
     if any(n is not None for n in neg):
         without = [
             calibrated_router(
-                [s[r.layer] for s in pos], [None] * len(pos), opts.target_top1, opts.shrinkage, folds
+                [s[r.layer] for s in pos],
+                [None] * len(pos),
+                opts.target_top1,
+                None if opts.shrinkage == "ledoit_wolf" else opts.shrinkage,
+                None if opts.shrinkage == "ledoit_wolf" else folds,
             )
             for r in bad
         ]
@@ -209,6 +213,7 @@ def _calibrated(
             f"calibration.target_top1 {opts.target_top1} is not above 1/{len(experts)} (a flat router); raise it"
         )
     layers = pos_samples[0].shape[0]
+    shrinkage = None if opts.shrinkage == "ledoit_wolf" else opts.shrinkage
     weights, reports = [], []
     means = torch.stack([s.mean(1) for s in pos_samples], dim=1)  # [L, E, d] raw means, for the warning
     for layer in range(layers):
@@ -216,8 +221,8 @@ def _calibrated(
             [s[layer] for s in pos_samples],
             [None if s is None else s[layer] for s in neg_samples],
             target_top1=opts.target_top1,
-            shrinkage=opts.shrinkage,
-            folds=folds,
+            shrinkage=shrinkage,
+            folds=None if opts.shrinkage == "ledoit_wolf" else folds,
         )
         weights.append(fit.weight)
         assert fit.correct is not None
