@@ -17,6 +17,7 @@ from torch import Tensor
 
 from mergesmith.core.errors import MergeError
 from mergesmith.core.model import ModelSource
+from mergesmith.core.threads import threads_for
 from mergesmith.moe.activations import BaseRunner, PromptStates
 from mergesmith.moe.config import Calibration, Expert, MoEConfig
 from mergesmith.moe.router import (
@@ -93,9 +94,10 @@ def build_routers(
         raise MergeError(
             f"base model {base.ref!r}: transformers built {run.num_layers} layers, expected {num_layers}"
         )
-    if cfg.mode == "calibrated":
-        return _calibrated(cfg.experts, shared, run, cfg.calibration or Calibration(), expert_mlps)
-    return _hidden(cfg.experts, shared, run, last=cfg.mode == "hidden")
+    with threads_for(run.model):  # small models: one torch thread (the build's generation and passes)
+        if cfg.mode == "calibrated":
+            return _calibrated(cfg.experts, shared, run, cfg.calibration or Calibration(), expert_mlps)
+        return _hidden(cfg.experts, shared, run, last=cfg.mode == "hidden")
 
 
 def _states(run: BaseRunner, prompts: Sequence[str] | None, router_inputs: bool) -> PromptStates | None:
