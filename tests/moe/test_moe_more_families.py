@@ -157,3 +157,13 @@ def test_llama_experts_cannot_be_deepseek(llama_models, tmp_path):
     assert "cannot build an MoE from 'llama' models; supported inputs: DeepSeek-V3 from deepseek_v3" in str(
         err.value
     )
+
+
+@pytest.mark.parametrize(("family", "key"), [("deepseek_v3", "deepseek"), ("granite", "granitemoe")])
+def test_fused_layout_is_the_dense_model_too(dense, tmp_path, family, key):
+    """--fused-experts writes transformers 5's in-memory names (``...experts.gate_up_proj``, the in-memory
+    router name), which transformers loads as they are."""
+    base = dense[family]
+    cfg = _config(base, "random", key, False)
+    model = load(build_moe(cfg, tmp_path / "moe", quiet=True, fused_experts=True).path)
+    torch.testing.assert_close(logits(model), logits(load(base)), atol=1e-5, rtol=1e-5)
