@@ -7,14 +7,17 @@ For the models in ``examples/skills/models`` (a base and one fine-tune per skill
   calibrated), each expert prompted with ``--prompts`` prompts drawn from its skill's training split;
 * measures routing on the held-out test prompts, per layer, through the built model's own router
   (transformers' ``router_logits``): the fraction of a skill's test prompts whose top-1 expert at the last
-  prompt token is that skill's expert ("last"), the same over every prompt token ("tokens"), and the mean
-  top-1 router probability (1/E is a flat router, 1 a one-hot one);
+  prompt token is that skill's expert ("last"), the same over every prompt token ("tokens") and over the
+  reference answer's tokens fed after the prompt ("answer"), and the mean top-1 router probability (1/E
+  is a flat router, 1 a one-hot one);
 * scores exact-match accuracy (greedy generation, ``mergesmith.eval``) per skill of the base, each expert,
   each MoE and a TIES merge of the same experts (``mergesmith.merge``; the best of a grid of densities and
   lambdas on the validation split);
 * scores the ceiling of any router: for each skill, the trunk (base or TIES merge) with that skill's
   expert's feed-forward blocks in every layer ("oracle routing": what an MoE on that trunk computes when
   every token goes to the right expert);
+* builds the calibrated MoE as it was before answer tokens were calibration samples
+  (``calibration: {max_new_tokens: 0, shrinkage: ledoit_wolf}``), and reports every build's time;
 * builds calibrated MoEs with other ``calibration.target_top1`` values (``--targets``: the temperature),
   with ``calibration.tokens: last`` and with one expert per token, on the TIES trunk, and with the
   prompt pass on the base alone (``calibration.trunk: base``);
