@@ -7,14 +7,17 @@ For the models in ``examples/skills/models`` (a base and one fine-tune per skill
   calibrated), each expert prompted with ``--prompts`` prompts drawn from its skill's training split;
 * measures routing on the held-out test prompts, per layer, through the built model's own router
   (transformers' ``router_logits``): the fraction of a skill's test prompts whose top-1 expert at the last
-  prompt token is that skill's expert ("last"), the same over every prompt token ("tokens"), and the mean
-  top-1 router probability (1/E is a flat router, 1 a one-hot one);
+  prompt token is that skill's expert ("last"), the same over every prompt token ("tokens") and over the
+  reference answer's tokens fed after the prompt ("answer"), and the mean top-1 router probability (1/E
+  is a flat router, 1 a one-hot one);
 * scores exact-match accuracy (greedy generation, ``mergesmith.eval``) per skill of the base, each expert,
   each MoE and a TIES merge of the same experts (``mergesmith.merge``; the best of a grid of densities and
   lambdas on the validation split);
 * scores the ceiling of any router: for each skill, the trunk (base or TIES merge) with that skill's
   expert's feed-forward blocks in every layer ("oracle routing": what an MoE on that trunk computes when
   every token goes to the right expert);
+* builds the calibrated MoE as it was before answer tokens were calibration samples
+  (``calibration: {max_new_tokens: 0, shrinkage: ledoit_wolf}``), and reports every build's time;
 * builds calibrated MoEs with other ``calibration.target_top1`` values (``--targets``: the temperature),
   with ``calibration.tokens: last`` and with one expert per token, on the TIES trunk, and with the
   prompt pass on the base alone (``calibration.trunk: base``);
@@ -110,34 +113,55 @@ def ties_config(root: Path, skills: list[str], density: float, lam: float) -> di
 
 
 @torch.no_grad()
-def routing(model_dir: Path, prompts_by_skill: dict[str, list[str]], skills: list[str]) -> dict:
-    """Per layer: last-token and every-token routing accuracy and mean top-1 probability, per skill."""
+def routing(model_dir: Path, pairs_by_skill: dict[str, list[tuple[str, str]]], skills: list[str]) -> dict:
+    """Per layer, per skill: the share of test prompts whose last prompt token's top-1 expert is the
+    skill's ("last"), the same over every ordinary prompt token ("tokens") and over the answer's tokens
+    ("answer": the reference answer fed after the prompt, as generation feeds the expert's own), and the
+    mean top-1 probability over prompt tokens ("top1")."""
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    tok.padding_side = "left"
-    special = set(tok.all_special_ids)
+    special = torch.tensor(sorted(set(tok.all_special_ids)))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     layers = model.config.num_hidden_layers
     out: dict[str, dict[str, list[float]]] = {}
     for expert, skill in enumerate(skills):
-        last, every, top1 = [0.0] * layers, [0.0] * layers, [0.0] * layers
-        count = 0
-        prompts = prompts_by_skill[skill]
-        for start in range(0, len(prompts), 128):
-            enc = tok(prompts[start : start + 128], return_tensors="pt", padding=True)
-            res = model(**enc, output_router_logits=True)
-            mask = enc["attention_mask"].bool() & ~torch.isin(enc["input_ids"], torch.tensor(sorted(special)))
-            count += int(mask.sum())
+        sums = {k: [0.0] * layers for k in ("last", "tokens", "answer", "top1")}
+        n_prompt = n_answer = 0
+        pairs = pairs_by_skill[skill]
+        for start in range(0, len(pairs), 128):
+            chunk = pairs[start : start + 128]
+            prompts = [tok(p)["input_ids"] for p, _ in chunk]
+            answers = [tok(a, add_special_tokens=False)["input_ids"] for _, a in chunk]
+            width = max(len(p) + len(a) for p, a in zip(prompts, answers))
+            ids = torch.full((len(chunk), width), pad)
+            mask = torch.zeros_like(ids)
+            is_answer = torch.zeros_like(ids, dtype=torch.bool)
+            last = torch.zeros(len(chunk), dtype=torch.long)
+            for row, (p, a) in enumerate(zip(prompts, answers)):  # left padding
+                seq = p + a
+                ids[row, width - len(seq) :] = torch.tensor(seq)
+                mask[row, width - len(seq) :] = 1
+                is_answer[row, width - len(a) :] = True
+                last[row] = width - len(a) - 1
+            res = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
+            ordinary = mask.bool() & ~torch.isin(ids, special)
+            prompt_tokens = ordinary & ~is_answer
+            answer_tokens = ordinary & is_answer
+            n_prompt += int(prompt_tokens.sum())
+            n_answer += int(answer_tokens.sum())
+            rows = torch.arange(len(chunk))
             for layer, logits in enumerate(res.router_logits):
-                probs = logits.float().softmax(-1).reshape(*enc["input_ids"].shape, -1)
-                top = probs.argmax(-1)
-                last[layer] += float((top[:, -1] == expert).sum())
-                every[layer] += float(((top == expert) & mask).sum())
-                top1[layer] += float(probs.max(-1).values[mask].sum())
-        n = len(prompts)
+                probs = logits.float().softmax(-1).reshape(*ids.shape, -1)
+                right = probs.argmax(-1) == expert
+                sums["last"][layer] += float(right[rows, last].sum())
+                sums["tokens"][layer] += float((right & prompt_tokens).sum())
+                sums["answer"][layer] += float((right & answer_tokens).sum())
+                sums["top1"][layer] += float(probs.max(-1).values[prompt_tokens].sum())
         out[skill] = {
-            "last": [x / n for x in last],
-            "tokens": [x / count for x in every],
-            "top1": [x / count for x in top1],
+            "last": [x / len(pairs) for x in sums["last"]],
+            "tokens": [x / n_prompt for x in sums["tokens"]],
+            "answer": [x / max(n_answer, 1) for x in sums["answer"]],
+            "top1": [x / n_prompt for x in sums["top1"]],
         }
     return out
 
@@ -194,9 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     skills = skills_of(root, args.only)
     args.work.mkdir(parents=True, exist_ok=True)
     prompts = {s: train_prompts(root, s, args.prompts, args.seed) for s in skills}
-    test_prompts = {
-        s: list(load_tasks(root / "data" / s / "test.jsonl").prompts[: args.limit]) for s in skills
-    }
+    test_pairs = {}
+    for s in skills:
+        t = load_tasks(root / "data" / s / "test.jsonl")
+        test_pairs[s] = list(zip(t.prompts, t.answers))[: args.limit]
     results: dict = {"skills": skills, "prompts_per_expert": args.prompts, "k": args.experts_per_token}
     t0 = time.perf_counter()
 
@@ -239,6 +264,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # (label, gate mode, trunk, config overrides)
     variants: list[tuple[str, str, Path, dict]] = [(f"{m}, base", m, trunks[0][1], {}) for m in args.modes]
+    if "calibrated" in args.modes:  # the calibrated router before answer tokens were calibration samples
+        variants.append(
+            (
+                "calibrated on prompt tokens only, base",
+                "calibrated",
+                trunks[0][1],
+                {"calibration": {"max_new_tokens": 0, "shrinkage": "ledoit_wolf"}},
+            )
+        )
     last_trunk_name, last_trunk = trunks[-1]
     if not args.no_trunk:
         variants += [(f"{m}, TIES trunk", m, ties, {}) for m in ("hidden", "calibrated") if m in args.modes]
@@ -273,8 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     for label, mode, trunk, overrides in variants:
         out = args.work / ("moe-" + label.replace(", ", "-").replace(" ", "_"))
         config = {**moe_config(root, skills, mode, prompts, args.experts_per_token, trunk), **overrides}
+        started = time.perf_counter()
         build_moe(config, out, overwrite=True, quiet=True)
-        results["routing"][label] = routing(out, test_prompts, skills)
+        results.setdefault("build_seconds", {})[label] = time.perf_counter() - started
+        results["routing"][label] = routing(out, test_pairs, skills)
         acc[f"MoE {label}"] = accuracy(out, root, skills, "test", args.limit)
         tick(f"MoE {label} built and scored")
     results["accuracy"] = acc
@@ -286,22 +322,40 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_tables(results: dict, skills: list[str]) -> None:
     print("\n## Routing accuracy on held-out test prompts (top-1 expert = the skill's expert)\n")
-    print("| gate mode | layer | last token | every token | mean top-1 prob |")
-    print("|---|---|---|---|---|")
+    print("| gate mode | layer | last prompt token | prompt tokens | answer tokens | mean top-1 prob |")
+    print("|---|---|---|---|---|---|")
     for mode, by_skill in results["routing"].items():
         layers = len(next(iter(by_skill.values()))["last"])
         for layer in range(layers):
             mean = {
                 key: sum(by_skill[s][key][layer] for s in skills) / len(skills)
-                for key in ("last", "tokens", "top1")
+                for key in ("last", "tokens", "answer", "top1")
             }
-            print(f"| {mode} | {layer} | {mean['last']:.3f} | {mean['tokens']:.3f} | {mean['top1']:.3f} |")
+            print(
+                f"| {mode} | {layer} | {mean['last']:.3f} | {mean['tokens']:.3f} | {mean['answer']:.3f} "
+                f"| {mean['top1']:.3f} |"
+            )
+    print("\n## Answer-token routing per skill (layers 0, 1, ...)\n")
+    for mode, by_skill in results["routing"].items():
+        if mode.startswith("calibrated"):
+            cells = ", ".join(f"{s} " + "/".join(f"{x:.2f}" for x in by_skill[s]["answer"]) for s in skills)
+            print(f"- {mode}: {cells}")
     print("\n## Exact-match accuracy on the test split\n")
     print("| model | " + " | ".join(skills) + " | mean |")
     print("|---|" + "---|" * (len(skills) + 1))
     for name, scores in results["accuracy"].items():
         row = [scores.get(s, float("nan")) for s in skills]
         print(f"| {name} | " + " | ".join(f"{x:.3f}" for x in row) + f" | {sum(row) / len(row):.3f} |")
+    experts = {s: results["accuracy"].get(f"expert {s}", {}).get(s) for s in skills}
+    if all(experts.values()):
+        print("\n## Exact match normalised by each skill's expert (MoE / expert)\n")
+        for name, scores in results["accuracy"].items():
+            if name.startswith(("MoE", "TIES", "oracle")):
+                row = [scores.get(s, float("nan")) / experts[s] for s in skills]  # type: ignore[operator]
+                cells = " | ".join(f"{x:.3f}" for x in row)
+                print(f"| {name} | {cells} | {sum(row) / len(row):.3f} |")
+    for label, seconds in results.get("build_seconds", {}).items():
+        print(f"build time, {label}: {seconds:.1f} s")
     print(
         "\nTIES validation mean accuracy: "
         + ", ".join(f"{k}: {v:.3f}" for k, v in results["ties_val"].items())

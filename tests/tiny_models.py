@@ -26,13 +26,48 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "gemma": {"head_dim": 8},
     "phi3": {"pad_token_id": 0},
 }
-MORE_FAMILIES: dict[str, dict[str, Any]] = {"qwen3": {"head_dim": 8}, "olmo2": {}}  # MoE tests only
+#: MoE tests only. The dense DeepSeek-V3 and GLM4-MoE models have every layer dense (first_k_dense_replace
+#: above the layer count); Granite's multipliers are set away from 1 so that tests see them.
+MORE_FAMILIES: dict[str, dict[str, Any]] = {
+    "qwen3": {"head_dim": 8},
+    "olmo2": {},
+    "granite": {
+        "embedding_multiplier": 2.0,
+        "residual_multiplier": 0.5,
+        "attention_multiplier": 0.3,
+        "logits_scaling": 3.0,
+    },
+    "deepseek_v3": {
+        "num_key_value_heads": 4,  # multi-head latent attention: no grouped key-value heads
+        "first_k_dense_replace": 64,
+        "q_lora_rank": None,
+        "kv_lora_rank": 16,
+        "qk_rope_head_dim": 4,
+        "qk_nope_head_dim": 4,
+        "v_head_dim": 8,
+        "moe_intermediate_size": 64,
+        "n_routed_experts": 4,
+        "n_group": 1,
+        "topk_group": 1,
+    },
+    "glm4_moe": {
+        "first_k_dense_replace": 64,
+        "head_dim": 8,
+        "moe_intermediate_size": 64,
+        "n_routed_experts": 4,
+        "n_group": 1,
+        "topk_group": 1,
+    },
+}
 _CONFIG_CLASSES = {
     "llama": "LlamaConfig",
     "mistral": "MistralConfig",
     "qwen2": "Qwen2Config",
     "qwen3": "Qwen3Config",
     "olmo2": "Olmo2Config",
+    "granite": "GraniteConfig",
+    "deepseek_v3": "DeepseekV3Config",
+    "glm4_moe": "Glm4MoeConfig",
     "gemma": "GemmaConfig",
     "phi3": "Phi3Config",
 }
@@ -50,7 +85,7 @@ def tiny_config(family: str = "llama", *, layers: int = 3, vocab: int = 96, **ov
 
     if family == "gpt2":
         return transformers.GPT2Config(n_embd=32, n_layer=layers, n_head=4, vocab_size=vocab, n_positions=64)
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=layers,
@@ -58,8 +93,8 @@ def tiny_config(family: str = "llama", *, layers: int = 3, vocab: int = 96, **ov
         num_key_value_heads=2,
         vocab_size=vocab,
         max_position_embeddings=64,
-        **{**FAMILIES, **MORE_FAMILIES}[family],
     )
+    kwargs.update({**FAMILIES, **MORE_FAMILIES}[family])
     kwargs.update(overrides)
     return getattr(transformers, _CONFIG_CLASSES[family])(**kwargs)
 

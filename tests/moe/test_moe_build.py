@@ -148,7 +148,7 @@ def test_cli_builds(llama_models, tmp_path, capsys):
     )
     assert main(["moe", str(path), str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err
-    assert "wrote a Mixtral model with 2 experts" in err and "prompt-token routing accuracy" in err
+    assert "wrote a Mixtral model with 2 experts" in err and "routing accuracy on prompt tokens" in err
     assert main(["moe", str(path), str(tmp_path / "out")]) == 2  # exists
     assert "--overwrite" in capsys.readouterr().err
 

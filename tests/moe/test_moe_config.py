@@ -137,6 +137,25 @@ def test_calibration_only_with_calibrated_mode():
     assert c.calibration.target_top1 == 0.8
 
 
+def test_calibration_answers_and_shrinkage_keys():
+    c = load_moe_config(cfg(gate_mode="calibrated", calibration={}))
+    assert c.calibration.max_new_tokens == 32 and c.calibration.shrinkage is None  # cross-validated
+    for value in ("ledoit_wolf", 0.0, 0.25, 1):
+        c = load_moe_config(cfg(gate_mode="calibrated", calibration={"shrinkage": value}))
+        assert c.calibration.shrinkage == value
+    assert "calibration.shrinkage" in error_of(cfg(gate_mode="calibrated", calibration={"shrinkage": 1.5}))
+    assert "calibration.shrinkage" in error_of(cfg(gate_mode="calibrated", calibration={"shrinkage": "lw"}))
+    assert "calibration.max_new_tokens" in error_of(
+        cfg(gate_mode="calibrated", calibration={"max_new_tokens": -1})
+    )
+    assert (
+        load_moe_config(
+            cfg(gate_mode="calibrated", calibration={"max_new_tokens": 0})
+        ).calibration.max_new_tokens
+        == 0
+    )
+
+
 def test_at_most_one_shared_expert():
     shared = [{"source_model": "./c"}, {"source_model": "./d"}]
     assert "at most one" in error_of(cfg(shared_experts=shared))

@@ -52,7 +52,9 @@ def test_old_docs_example_warns_and_names_the_negative_prompts(tmp_path, monkeyp
     monkeypatch.chdir(ROOT)
     with caplog.at_level(logging.WARNING, logger="mergesmith.moe"):
         result = build_moe(yaml.safe_load(OLD_EXAMPLE), tmp_path / "moe", quiet=True)
-    assert [round(r.calibrated.train_accuracy, 3) for r in result.reports] == [0.406] * 3
+    assert [round(r.calibrated.train_accuracy, 3) for r in result.reports] == [
+        0.446
+    ] * 3  # prompt and answer tokens
     (line,) = _chance_warnings(caplog)
-    assert "layer(s) 0 (0.406), 1 (0.406), 2 (0.406)" in line
+    assert "layer(s) 0 (0.446), 1 (0.446), 2 (0.446)" in line
     assert "without negative_prompts these layers would route 1.000, 1.000, 1.000" in line

@@ -37,19 +37,33 @@ class PromptStates:
 
     ``layer_last[p, l]``: layer l's input at prompt p's last token; ``layer_mean[p, l]``: its mean over
     the prompt's ordinary (non-special) tokens. ``router_tokens[p][l, t]``: layer l's router input at
-    ordinary token t of prompt p (only when router inputs were asked for).
+    ordinary token t of prompt p followed by its continuation, if one was given (only when router inputs
+    were asked for); the first ``prompt_tokens[p]`` of them are the prompt's.
     """
 
     layer_last: torch.Tensor  # [P, L, d]
     layer_mean: torch.Tensor  # [P, L, d]
     router_tokens: tuple[torch.Tensor, ...] | None  # P x [L, T_p, d]
+    prompt_tokens: tuple[int, ...] = ()  # ordinary prompt tokens per prompt (the rest: its continuation)
 
     def router_samples(self, last_only: bool = False) -> torch.Tensor:
-        """All router-input samples as one [L, N, d] tensor (every ordinary token, or each last one)."""
+        """All router-input samples as one [L, N, d] tensor (every ordinary token, or the last prompt
+        token of each prompt)."""
         if self.router_tokens is None:
             raise ValueError("router inputs were not captured")
-        parts = [t[:, -1:] if last_only else t for t in self.router_tokens]
+        parts = [t[:, n - 1 : n] if last_only else t for t, n in zip(self.router_tokens, self.prompt_tokens)]
         return torch.cat(parts, dim=1)
+
+    def sample_kinds(self, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each sample of ``router_samples``: its prompt's index, and whether it is an answer token
+        (a continuation token) rather than a prompt token."""
+        assert self.router_tokens is not None
+        index, answer = [], []
+        for p, (t, n) in enumerate(zip(self.router_tokens, self.prompt_tokens)):
+            count = 1 if last_only else t.shape[1]
+            index.append(torch.full((count,), p, dtype=torch.long))
+            answer.append(torch.arange(count) >= (count if last_only else n))
+        return torch.cat(index), torch.cat(answer)
 
 
 @dataclass
@@ -110,25 +124,81 @@ class BaseRunner:
                 for name, value in saved.items():
                     params[name].copy_(value)
 
-    @torch.no_grad()
-    def states(self, prompts: Sequence[str], router_inputs: bool = False) -> PromptStates:
-        """Run the prompts (batched, longest first) and gather the activations described above."""
+    def _prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
         ids = self.tokenize(prompts)
         if any(len(x) == 0 for x in ids):
             raise MergeError("a prompt tokenises to no tokens at all; remove it")
         self._check_lengths(prompts, ids)
+        return ids
+
+    @torch.no_grad()
+    def continuations(self, prompts: Sequence[str], max_new_tokens: int) -> list[list[int]]:
+        """The model's greedy continuation of each prompt: the tokens it generates, up to and including
+        the first end token. Generation feeds all but the last of them back into the model (``fed``).
+        Batched with left padding (position ids follow the attention mask)."""
+        if max_new_tokens <= 0:
+            return [[] for _ in prompts]
+        ids = self._prompt_ids(prompts)
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        stops = _stop_ids(self.model, self.tokenizer)
+        pad = self.tokenizer.pad_token_id
+        pad = (min(stops) if stops else 0) if pad is None else pad
+        out: list[list[int]] = [[] for _ in ids]
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            width = max(len(ids[i]) for i in batch)
+            budget = max_new_tokens
+            if isinstance(context, int) and context > 0:
+                budget = min(budget, context - width)
+            if budget <= 0:
+                continue
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                input_ids[row, width - len(ids[i]) :] = torch.tensor(ids[i])
+                attention[row, width - len(ids[i]) :] = 1
+            generated = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention.to(self.device),
+                max_new_tokens=budget,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=pad,
+                eos_token_id=sorted(stops) or None,
+            )
+            for row, i in enumerate(batch):
+                new = generated[row, width:].tolist()
+                end = next((j + 1 for j, t in enumerate(new) if t in stops), len(new))
+                out[i] = new[:end]
+        return out
+
+    @torch.no_grad()
+    def states(
+        self,
+        prompts: Sequence[str],
+        router_inputs: bool = False,
+        continuations: Sequence[Sequence[int]] | None = None,
+    ) -> PromptStates:
+        """Run the prompts (batched, longest first) and gather the activations described above. With
+        ``continuations``, each prompt's is appended to it and its tokens' router inputs are kept too."""
+        ids = self._prompt_ids(prompts)
+        extra = [list(c) for c in continuations] if continuations is not None else [[] for _ in ids]
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]) - len(extra[i]))
         last: list[torch.Tensor | None] = [None] * len(ids)
         mean: list[torch.Tensor | None] = [None] * len(ids)
         routed: list[torch.Tensor | None] = [None] * len(ids)
+        counts: list[int] = [0] * len(ids)
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
-            for i, (lst, avg, rt) in zip(batch, self._run_batch([ids[i] for i in batch], router_inputs)):
-                last[i], mean[i], routed[i] = lst, avg, rt
+            rows = self._run_batch([ids[i] for i in batch], [extra[i] for i in batch], router_inputs)
+            for i, (lst, avg, rt, n) in zip(batch, rows):
+                last[i], mean[i], routed[i], counts[i] = lst, avg, rt, n
         return PromptStates(
             layer_last=torch.stack(last),  # type: ignore[arg-type]
             layer_mean=torch.stack(mean),  # type: ignore[arg-type]
             router_tokens=tuple(routed) if router_inputs else None,  # type: ignore[arg-type]
+            prompt_tokens=tuple(counts),
         )
 
     def _check_lengths(self, prompts: Sequence[str], ids: list[list[int]]) -> None:
@@ -145,7 +215,8 @@ class BaseRunner:
                     f"(max_position_embeddings): {start!r}; shorten it"
                 )
 
-    def _run_batch(self, batch: list[list[int]], router_inputs: bool):
+    def _run_batch(self, prompts: list[list[int]], extra: list[list[int]], router_inputs: bool):
+        batch = [p + e for p, e in zip(prompts, extra)]
         width = max(len(x) for x in batch)
         pad = self.tokenizer.pad_token_id
         pad = 0 if pad is None else pad
@@ -173,13 +244,15 @@ class BaseRunner:
         layers = self.num_layers
         hidden = torch.stack([h.float().cpu() for h in out.hidden_states[:layers]], dim=1)  # [B, L, T, d]
         routed = torch.stack([c.float().cpu() for c in captured], dim=1) if router_inputs else None
-        for row, x in enumerate(batch):
+        for row, (x, p) in enumerate(zip(batch, prompts)):
             keep = self.ordinary_mask(x)
-            h = hidden[row, :, : len(x)]
+            prompt_keep = keep[: len(p)]
+            h = hidden[row, :, : len(p)]
             yield (
-                h[:, len(x) - 1].clone(),
-                h[:, keep].mean(dim=1),
+                h[:, len(p) - 1].clone(),
+                h[:, prompt_keep].mean(dim=1),
                 routed[row, :, : len(x)][:, keep].clone() if routed is not None else None,
+                int(prompt_keep.sum()),
             )
 
     @property
@@ -208,6 +281,20 @@ def load_tokenizer(path: Path, ref: str) -> Any:
         return hf_load.load_tokenizer(path, ref, hint)
     except MergeError as exc:
         raise MergeError(f"base {exc}") from None
+
+
+def _stop_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The tokens that end a generation: the generation config's end tokens and the tokenizer's."""
+    stops: set[int] = set()
+    for value in (
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+        tokenizer.eos_token_id,
+    ):
+        if isinstance(value, int):
+            stops.add(value)
+        elif isinstance(value, (list, tuple)):
+            stops.update(v for v in value if isinstance(v, int))
+    return stops
 
 
 def _capture(store: list[torch.Tensor]):

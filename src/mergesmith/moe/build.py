@@ -46,7 +46,7 @@ from mergesmith.moe.card import moe_card
 from mergesmith.moe.config import MoEConfig, load_moe_config
 from mergesmith.moe.dense import DenseLayout
 from mergesmith.moe.families import Family, choose_family, expected_tensors, transformers_config
-from mergesmith.moe.gates import LayerReport, Routers, build_routers
+from mergesmith.moe.gates import LayerReport, Routers, build_routers, shift_for_sigmoid
 from mergesmith.pipeline.config import config_text  # one definition for merge and MoE builds
 
 log = logging.getLogger("mergesmith.moe")
@@ -208,7 +208,15 @@ def _plan(
     code = _out_code(cfg, base)
     tied = "lm_head.weight" not in base.tensors
     attention_bias = any(n.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")) for n in base.tensors)
-    shared_size = shared_layout.intermediate_size if shared_layout else (1 if family.shared_expert else None)
+    shared_size = (
+        shared_layout.intermediate_size if shared_layout else (1 if family.shared_style == "qwen" else 0)
+    )
+    if family.shared_style == "deepseek" and shared_size % base_layout.intermediate_size:
+        raise MergeError(
+            f"{family.name}'s shared expert must be a whole number of routed experts wide "
+            f"({base_layout.intermediate_size}), but shared expert {cfg.shared_expert.source_model!r} is "  # type: ignore[union-attr]
+            f"{shared_size} wide; use a shared expert of that width, or architecture: qwen"
+        )
     kwargs = family.config(
         base.config,
         num_experts=len(experts),
@@ -279,7 +287,9 @@ def _tensor_plan(
     missing = [
         n
         for n in expected
-        if n not in provided and not (tied and n == "lm_head.weight") and not _is_expert_param(n, fused)
+        if n not in provided
+        and not (tied and n == "lm_head.weight")
+        and not _is_expert_param(family, n, fused)
     ]
     if missing:
         raise MergeError(
@@ -288,12 +298,12 @@ def _tensor_plan(
     return out
 
 
-def _is_expert_param(name: str, fused: bool) -> bool:
-    """transformers' in-memory fused expert names, which the per-expert layout writes differently."""
+def _is_expert_param(family: Family, name: str, fused: bool) -> bool:
+    """transformers' in-memory expert and router names, which the checkpoint layout names otherwise."""
     return not fused and (
-        name.endswith(".experts.gate_up_proj")
-        or name.endswith(".experts.down_proj")
-        or name.endswith(".mlp.gate.weight")
+        name.endswith(f".{family.memory_experts}.gate_up_proj")
+        or name.endswith(f".{family.memory_experts}.down_proj")
+        or name.endswith(f".{family.memory_router}")
     )
 
 
@@ -312,8 +322,10 @@ def _moe_block(
     n, hidden, inter = len(cfg.experts), layout.hidden_size, layout.intermediate_size
     router = family.router_tensor(prefix, fused)
     out = [OutTensor(router, (n, hidden), code, (Piece("router", layer, ""),))]
-    if router.replace("block_sparse_moe", "mlp") not in expected:
+    if f"{prefix}.{family.memory_router}" not in expected:
         raise MergeError(f"internal error: {family.name} has no router parameter {router!r}")
+    if family.score_bias:  # selection-only bias, kept at zero so that the top-k is the logits' top-k
+        out.append(OutTensor(f"{prefix}.{family.score_bias}", (n,), "F32", (Piece("zeros", 0, ""),)))
 
     def piece(e: int, proj: str, offset: int = 0) -> Piece:
         expert = cfg.experts[e]
@@ -326,35 +338,46 @@ def _moe_block(
             scale=expert.residual_scale if proj == "down" and expert.residual_scale is not None else 1.0,
         )
 
-    if fused:
-        block = f"{prefix}.mlp.experts"
+    if fused or family.stacked:
+        # [E, 2I, d] with each expert's gate rows before its up rows, and [E, d, I]: transformers 5's
+        # in-memory layout, and the checkpoint layout of families that store experts stacked
+        if fused:
+            names = (
+                f"{prefix}.{family.memory_experts}.gate_up_proj",
+                f"{prefix}.{family.memory_experts}.down_proj",
+            )
+        else:
+            names = (f"{prefix}.{family.stacked[0]}", f"{prefix}.{family.stacked[1]}")  # type: ignore[index]
         matrix = inter * hidden * dtypes.itemsize(code)
         gate_up = tuple(
             p
             for e in range(n)
             for p in (piece(e, "gate", 2 * e * matrix), piece(e, "up", (2 * e + 1) * matrix))
         )
-        out.append(OutTensor(f"{block}.gate_up_proj", (n, 2 * inter, hidden), code, gate_up))
+        out.append(OutTensor(names[0], (n, 2 * inter, hidden), code, gate_up))
         out.append(
             OutTensor(
-                f"{block}.down_proj",
-                (n, hidden, inter),
-                code,
-                tuple(piece(e, "down", e * matrix) for e in range(n)),
+                names[1], (n, hidden, inter), code, tuple(piece(e, "down", e * matrix) for e in range(n))
             )
         )
-        for t in out[-2:]:
-            if expected.get(t.name) != t.shape:
+        memory = (
+            f"{prefix}.{family.memory_experts}.gate_up_proj",
+            f"{prefix}.{family.memory_experts}.down_proj",
+        )
+        for t, name in zip(out[-2:], memory):
+            if expected.get(name) != t.shape:
                 raise MergeError(
-                    f"internal error: {t.name} {t.shape} does not match transformers' {expected.get(t.name)}"
+                    f"internal error: {t.name} {t.shape} does not match transformers' {expected.get(name)}"
                 )
     else:
         for e in range(n):
             for proj in ("gate", "up", "down"):
                 shape = (inter, hidden) if proj != "down" else (hidden, inter)
                 out.append(OutTensor(family.expert_tensor(prefix, e, proj), shape, code, (piece(e, proj),)))
-    if family.shared_expert:
+    if family.shared_style == "qwen":
         out.extend(_shared_block(cfg, prefix, layout, shared_layout, layer, code))
+    elif family.shared_style is not None and (family.shared_style == "deepseek" or shared_layout):
+        out.extend(_ungated_shared_block(cfg, family, prefix, layout, shared_layout, layer, code))
     return out
 
 
@@ -384,6 +407,46 @@ def _shared_block(
         out.append(OutTensor(name, shape, code, (piece,)))
     gate = Piece("zeros" if shared is None else "shared_gate", layer, "")
     out.append(OutTensor(f"{prefix}.mlp.shared_expert_gate.weight", (1, hidden), code, (gate,)))
+    return out
+
+
+def _ungated_shared_block(
+    cfg: MoEConfig,
+    family: Family,
+    prefix: str,
+    layout: DenseLayout,
+    shared_layout: DenseLayout | None,
+    layer: int,
+    code: str,
+) -> list[OutTensor]:
+    """An always-active shared expert (no gate): DeepSeek-V3 / GLM4-MoE ``mlp.shared_experts.*`` (none
+    given: zero-width tensors, n_shared_experts 0), GraniteMoeShared ``shared_mlp`` (gate and up rows
+    stacked in ``input_linear``, down in ``output_linear``)."""
+    hidden = layout.hidden_size
+    shared = cfg.shared_expert
+    inter = shared_layout.intermediate_size if shared_layout is not None else 0
+
+    def piece(proj: str, offset: int = 0) -> Piece:
+        assert shared is not None and shared_layout is not None
+        scale = shared.residual_scale if proj == "down" and shared.residual_scale is not None else 1.0
+        return Piece("shared", 0, shared_layout.mlp[layer][proj], offset, shared.noise_scale or 0.0, scale)
+
+    if family.shared_style == "granite":
+        half = inter * hidden * dtypes.itemsize(code)
+        return [
+            OutTensor(
+                f"{prefix}.shared_mlp.input_linear.weight",
+                (2 * inter, hidden),
+                code,
+                (piece("gate"), piece("up", half)),
+            ),
+            OutTensor(f"{prefix}.shared_mlp.output_linear.weight", (hidden, inter), code, (piece("down"),)),
+        ]
+    out = []
+    for proj in ("gate", "up", "down"):
+        shape = (inter, hidden) if proj != "down" else (hidden, inter)
+        pieces = (piece(proj),) if inter else ()
+        out.append(OutTensor(f"{prefix}.mlp.shared_experts.{proj}_proj.weight", shape, code, pieces))
     return out
 
 
@@ -510,6 +573,8 @@ def build_moe(
                 ),
                 expert_mlps=lambda e: _expert_mlps(plan, e),
             )
+            if plan.family.sigmoid_gate:
+                routers = shift_for_sigmoid(routers)
             specs = [TensorSpec(t.name, t.code, t.shape) for t in plan.tensors]
             with ShardedWriter(out.path, specs, shard_bytes) as writer:
                 _stream(plan, writer, routers, random_seed, workers, quiet)

@@ -94,9 +94,12 @@ def report_lines(reports: list[LayerReport]) -> list[str]:
             parts.append(f"max cosine {r.max_cosine:.3f}")
         c = r.calibrated
         if c is not None:
+            prompt = c.train_accuracy if r.prompt_accuracy is None else r.prompt_accuracy
+            routing = f"routing accuracy on prompt tokens {prompt:.3f}"
+            if r.answer_accuracy is not None:
+                routing += f", on answer tokens {r.answer_accuracy:.3f}"
             parts.append(
-                f"prompt-token routing accuracy {c.train_accuracy:.3f}, mean top-1 probability {c.mean_top1:.3f}, "
-                f"scale {c.scale:.3g}, shrinkage {c.shrinkage:.3g}"
+                f"{routing}, mean top-1 probability {c.mean_top1:.3f}, scale {c.scale:.3g}, shrinkage {c.shrinkage:.3g}"
             )
         if len(parts) > 1:
             lines.append("mergesmith: router " + ", ".join(parts))

@@ -8,7 +8,7 @@ made here, before any file is opened.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -57,11 +57,16 @@ class Calibration(_Strict):
     target_top1: float = Field(default=0.97, gt=0.0, lt=1.0)
     #: Which prompt tokens are calibration samples: every token after the special ones, or the last one.
     tokens: Literal["all", "last"] = "all"
-    #: Covariance shrinkage in [0, 1] for the whitening; null picks it by Ledoit-Wolf.
-    shrinkage: float | None = Field(default=None, ge=0.0, le=1.0)
+    #: Covariance shrinkage in [0, 1] for the whitening; null picks it by cross-validation over the
+    #: calibration prompts, ``ledoit_wolf`` by the Ledoit-Wolf formula (the choice before answer tokens).
+    shrinkage: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["ledoit_wolf"] | None = None
     #: Whose feed-forward blocks the prompt pass runs: each expert's own prompts through the base with
     #: that expert's MLPs (``expert``: what the MoE computes when its routing is right), or the base only.
     trunk: Literal["expert", "base"] = "expert"
+    #: Tokens of each expert's own greedy continuation of its prompts (generated at build time) that are
+    #: calibration samples too: the MoE routes the answer tokens it generates, not only the prompt's.
+    #: 0 calibrates on prompt tokens only.
+    max_new_tokens: int = Field(default=32, ge=0)
 
 
 class MoEConfig(_Strict):

@@ -31,7 +31,7 @@ SPARSE_EVERYWHERE = (("norm_topk_prob", True), ("decoder_sparse_step", 1), ("mlp
 
 @dataclass(frozen=True)
 class Family:
-    """One MoE output: its names, the dense families it accepts, and how its experts are named."""
+    """One MoE output: its names, the dense families it accepts, and how its tensors are named."""
 
     name: str  # as in mergekit's `architecture:` ("Mixtral", "Qwen MoE", "Qwen3 MoE")
     model_type: str
@@ -46,10 +46,27 @@ class Family:
         None  # config key of the experts' intermediate size, if not intermediate_size
     )
     bias_key: str | None = None  # config key saying whether q/k/v have biases, if the class can have them
+    #: the router's name in the checkpoint and in transformers 5's memory, under the layer
+    router: str = "mlp.gate.weight"
+    memory_router: str = "mlp.gate.weight"
+    #: the experts' block in transformers 5's memory (``<it>.gate_up_proj``, ``<it>.down_proj``)
+    memory_experts: str = "mlp.experts"
+    #: checkpoint names of stacked experts [E, 2I, d] and [E, d, I], for families whose checkpoints hold
+    #: them stacked (GraniteMoE); None: one tensor per expert and projection
+    stacked: tuple[str, str] | None = None
+    #: how the shared expert is written: "qwen" (sigmoid-gated), "deepseek" (always on, a multiple of the
+    #: experts' width), "granite" (always on, stacked gate/up)
+    shared_style: str | None = None
+    #: a zero score-correction bias [E] the router keeps (DeepSeek-V3, GLM4-MoE)
+    score_bias: str | None = None
+    #: the router weighs the top-k by sigmoid(z) / sum instead of softmax: see gates.shift_for_sigmoid
+    sigmoid_gate: bool = False
+    #: why the family is refused whatever the inputs (no dense family shares its trunk, ...)
+    refusal: str | None = None
 
     def matches(self, wanted: str) -> bool:
         """mergekit's rule: ``architecture`` is a case-insensitive prefix of the name; the model_type
-        (``mixtral``, ``qwen2_moe``, ``qwen3_moe``, ``flex_olmo``) also works."""
+        (``mixtral``, ``qwen2_moe``, ``qwen3_moe``, ``flex_olmo``, ...) also works."""
         w = wanted.strip().lower()
         return self.name.lower().startswith(w) or self.model_type == w
 
@@ -58,7 +75,7 @@ class Family:
         return f"{layer_prefix}.{self.block}.experts.{expert}.{name}.weight"
 
     def router_tensor(self, layer_prefix: str, fused: bool) -> str:
-        return f"{layer_prefix}.{'mlp' if fused else self.block}.gate.weight"
+        return f"{layer_prefix}.{self.memory_router if fused else self.router}"
 
     def config(
         self,
@@ -88,10 +105,26 @@ class Family:
         cfg[self.expert_size_key or "intermediate_size"] = expert_intermediate
         if self.bias_key:
             cfg[self.bias_key] = attention_bias
-        if self.shared_expert:
+        if self.shared_style == "qwen":
             cfg["shared_expert_intermediate_size"] = shared_intermediate
+        elif self.shared_style == "deepseek":
+            cfg["n_shared_experts"] = (shared_intermediate or 0) // expert_intermediate
+        elif self.shared_style == "granite":
+            cfg["shared_intermediate_size"] = shared_intermediate or 0
         return cfg
 
+
+#: DeepSeek-V3's router, set so that it routes as mergesmith's routers do: one expert group (so
+#: group-limited top-k is plain top-k), a zero score-correction bias, top-k weights renormalised, no scale.
+#: Every layer sparse (first_k_dense_replace 0).
+DEEPSEEK_ROUTING = (
+    ("first_k_dense_replace", 0),
+    ("n_group", 1),
+    ("topk_group", 1),
+    ("norm_topk_prob", True),
+    ("routed_scaling_factor", 1.0),
+)
+PROJ_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 FAMILIES: tuple[Family, ...] = (
     Family(
@@ -104,6 +137,7 @@ FAMILIES: tuple[Family, ...] = (
         expert_names=("w1", "w3", "w2"),
         count_key="num_local_experts",
         settings=(("router_jitter_noise", 0.0),),
+        router="block_sparse_moe.gate.weight",
     ),
     Family(
         "Qwen MoE",
@@ -112,11 +146,12 @@ FAMILIES: tuple[Family, ...] = (
         ("qwen2", "llama", "mistral"),
         shared_expert=True,
         block="mlp",
-        expert_names=("gate_proj", "up_proj", "down_proj"),
+        expert_names=PROJ_NAMES,
         count_key="num_experts",
         settings=SPARSE_EVERYWHERE,
         expert_size_key="moe_intermediate_size",
         bias_key="qkv_bias",
+        shared_style="qwen",
     ),
     Family(
         "Qwen3 MoE",
@@ -125,7 +160,7 @@ FAMILIES: tuple[Family, ...] = (
         ("qwen3",),
         shared_expert=False,
         block="mlp",
-        expert_names=("gate_proj", "up_proj", "down_proj"),
+        expert_names=PROJ_NAMES,
         count_key="num_experts",
         settings=SPARSE_EVERYWHERE,
         expert_size_key="moe_intermediate_size",
@@ -138,10 +173,102 @@ FAMILIES: tuple[Family, ...] = (
         ("olmo2",),
         shared_expert=False,
         block="mlp",
-        expert_names=("gate_proj", "up_proj", "down_proj"),
+        expert_names=PROJ_NAMES,
         count_key="num_experts",
         settings=(("norm_topk_prob", True),),
         bias_key="attention_bias",
+    ),
+    Family(
+        "DeepSeek-V3",
+        "deepseek_v3",
+        "DeepseekV3ForCausalLM",
+        ("deepseek_v3",),
+        shared_expert=True,
+        block="mlp",
+        expert_names=PROJ_NAMES,
+        count_key="n_routed_experts",
+        settings=DEEPSEEK_ROUTING,
+        expert_size_key="moe_intermediate_size",
+        bias_key="attention_bias",
+        shared_style="deepseek",
+        score_bias="mlp.gate.e_score_correction_bias",
+        sigmoid_gate=True,
+    ),
+    Family(
+        "GLM4-MoE",
+        "glm4_moe",
+        "Glm4MoeForCausalLM",
+        ("glm4_moe",),
+        shared_expert=True,
+        block="mlp",
+        expert_names=PROJ_NAMES,
+        count_key="n_routed_experts",
+        settings=DEEPSEEK_ROUTING,
+        expert_size_key="moe_intermediate_size",
+        bias_key="attention_bias",
+        shared_style="deepseek",
+        score_bias="mlp.gate.e_score_correction_bias",
+        sigmoid_gate=True,
+    ),
+    Family(
+        "GraniteMoE",
+        "granitemoe",
+        "GraniteMoeForCausalLM",
+        ("granite",),
+        shared_expert=False,
+        block="block_sparse_moe",
+        expert_names=PROJ_NAMES,
+        count_key="num_local_experts",
+        bias_key="attention_bias",
+        router="block_sparse_moe.router.layer.weight",
+        memory_router="block_sparse_moe.router.weight",
+        memory_experts="block_sparse_moe.experts",
+        stacked=("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight"),
+    ),
+    Family(
+        "GraniteMoeShared",
+        "granitemoeshared",
+        "GraniteMoeSharedForCausalLM",
+        ("granite",),
+        shared_expert=True,
+        block="block_sparse_moe",
+        expert_names=PROJ_NAMES,
+        count_key="num_local_experts",
+        bias_key="attention_bias",
+        router="block_sparse_moe.router.layer.weight",
+        memory_router="block_sparse_moe.router.weight",
+        memory_experts="block_sparse_moe.experts",
+        stacked=("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight"),
+        shared_style="granite",
+    ),
+    Family(
+        "OLMoE",
+        "olmoe",
+        "OlmoeForCausalLM",
+        (),
+        shared_expert=False,
+        block="mlp",
+        expert_names=PROJ_NAMES,
+        count_key="num_experts",
+        refusal=(
+            "no dense transformers family shares its trunk (pre-norm layers with full-width q/k norms: "
+            "OLMo 2's are post-norm, and its MoE is FlexOlmo, architecture: flex_olmo)"
+        ),
+    ),
+    Family(
+        "PhiMoE",
+        "phimoe",
+        "PhimoeForCausalLM",
+        (),
+        shared_expert=False,
+        block="block_sparse_moe",
+        expert_names=("w1", "w3", "w2"),
+        count_key="num_local_experts",
+        refusal=(
+            "its sparsemixer router's top-k weights do not sum to one (identical experts would not give "
+            "the dense model back), and no dense transformers family shares its trunk (LayerNorm with "
+            "biases)"
+        ),
     ),
 )
 
@@ -156,6 +283,11 @@ def choose_family(model_type: str, wanted: str | None, has_shared: bool) -> Fami
     candidates = [f for f in FAMILIES if wanted is None or f.matches(wanted)]
     if not candidates:
         raise MergeError(f"architecture {wanted!r} names no MoE output family; choose one of {names}")
+    refused = [f for f in candidates if f.refusal]
+    if wanted is not None and len(refused) == len(candidates):
+        f = refused[0]
+        raise MergeError(f"mergesmith does not write {f.name} MoEs: {f.refusal}")
+    candidates = [f for f in candidates if not f.refusal]
     accepting = [f for f in candidates if model_type in f.inputs]
     if not accepting:
         which = (
@@ -172,7 +304,7 @@ def choose_family(model_type: str, wanted: str | None, has_shared: bool) -> Fami
     if has_shared and not family.shared_expert:
         raise MergeError(
             f"{family.name} has no shared expert, but shared_experts is given; remove it or choose "
-            "architecture: qwen (Qwen MoE)"
+            "an architecture with one (Qwen MoE, DeepSeek-V3, GLM4-MoE, GraniteMoeShared)"
         )
     return family
 

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from mergesmith.core.errors import MergeError
 from mergesmith.core.model import ModelSource
+from mergesmith.core.threads import threads_for
 from mergesmith.moe.activations import BaseRunner, PromptStates
 from mergesmith.moe.config import Calibration, Expert, MoEConfig
 from mergesmith.moe.router import (
@@ -41,6 +42,8 @@ class LayerReport:
     layer: int
     max_cosine: float | None = None
     calibrated: CalibratedLayer | None = None
+    prompt_accuracy: float | None = None  # calibrated: routing accuracy on the prompts' own tokens
+    answer_accuracy: float | None = None  # ... and on the experts' continuations (None without any)
 
 
 @dataclass
@@ -91,9 +94,10 @@ def build_routers(
         raise MergeError(
             f"base model {base.ref!r}: transformers built {run.num_layers} layers, expected {num_layers}"
         )
-    if cfg.mode == "calibrated":
-        return _calibrated(cfg.experts, shared, run, cfg.calibration or Calibration(), expert_mlps)
-    return _hidden(cfg.experts, shared, run, last=cfg.mode == "hidden")
+    with threads_for(run.model):  # small models: one torch thread (the build's generation and passes)
+        if cfg.mode == "calibrated":
+            return _calibrated(cfg.experts, shared, run, cfg.calibration or Calibration(), expert_mlps)
+        return _hidden(cfg.experts, shared, run, last=cfg.mode == "hidden")
 
 
 def _states(run: BaseRunner, prompts: Sequence[str] | None, router_inputs: bool) -> PromptStates | None:
@@ -127,6 +131,7 @@ def _warn_chance(
     neg: Sequence[Tensor | None],
     experts: Sequence[Expert],
     opts: Calibration,
+    folds: Sequence[Tensor] | None = None,
 ) -> None:
     """One warning naming the layers whose calibrated router routes its own calibration prompts no better
     than chance, and what to do. When negative prompts are given, it says whether the fit without them
@@ -143,7 +148,13 @@ def _warn_chance(
     )
     if any(n is not None for n in neg):
         without = [
-            calibrated_router([s[r.layer] for s in pos], [None] * len(pos), opts.target_top1, opts.shrinkage)
+            calibrated_router(
+                [s[r.layer] for s in pos],
+                [None] * len(pos),
+                opts.target_top1,
+                None if opts.shrinkage == "ledoit_wolf" else opts.shrinkage,
+                None if opts.shrinkage == "ledoit_wolf" else folds,
+            )
             for r in bad
         ]
         if all(f.train_accuracy > chance + 1e-9 for f in without):
@@ -172,23 +183,39 @@ def _calibrated(
     feed-forward blocks in every layer: the MoE computes exactly that on those prompts once its routing
     is right, so deeper layers' routers are fitted on the activations they will see, not on the base's.
     Negative prompts (whose expert is not known) run through the base.
+
+    With ``max_new_tokens`` > 0 each expert also answers its prompts (greedy, through the same trunk), and
+    the tokens of its answers are calibration samples as well: the MoE routes every token it generates,
+    and at an answer token the router input must still say which expert the prompt asked for.
     """
     last_only = opts.tokens == "last"
+    answers = 0 if last_only else opts.max_new_tokens
+
+    own_mlps = opts.trunk == "expert" and expert_mlps is not None
+
+    def trunk(i: int):
+        return run.swapped(expert_mlps(i)) if own_mlps else contextlib.nullcontext()  # type: ignore[misc]
 
     def positive(i: int, e: Expert) -> PromptStates | None:
-        own_mlps = opts.trunk == "expert" and expert_mlps is not None
-        with run.swapped(expert_mlps(i)) if own_mlps else contextlib.nullcontext():
-            return _states(run, e.positive_prompts, True)
+        with trunk(i):
+            prompts = list(e.positive_prompts or ())
+            # the expert's own answers, generated through the trunk it runs in (see the docstring)
+            gen = run.continuations(prompts, answers) if answers else [[] for _ in prompts]
+            return run.states(prompts, router_inputs=True, continuations=[g[:-1] for g in gen])
 
     pos = [positive(i, e) for i, e in enumerate(experts)]
     neg = [_states(run, e.negative_prompts, True) for e in experts]
     pos_samples = [p.router_samples(last_only) for p in pos]  # type: ignore[union-attr]
+    kinds = [p.sample_kinds(last_only) for p in pos]  # type: ignore[union-attr]
+    folds = [index % 2 for index, _ in kinds]  # cross-validation folds, by prompt
+    is_answer = torch.cat([answer for _, answer in kinds])
     neg_samples = [n.router_samples(last_only) if n is not None else None for n in neg]
     if opts.target_top1 <= 1 / len(experts):
         raise MergeError(
             f"calibration.target_top1 {opts.target_top1} is not above 1/{len(experts)} (a flat router); raise it"
         )
     layers = pos_samples[0].shape[0]
+    shrinkage = None if opts.shrinkage == "ledoit_wolf" else opts.shrinkage
     weights, reports = [], []
     means = torch.stack([s.mean(1) for s in pos_samples], dim=1)  # [L, E, d] raw means, for the warning
     for layer in range(layers):
@@ -196,18 +223,49 @@ def _calibrated(
             [s[layer] for s in pos_samples],
             [None if s is None else s[layer] for s in neg_samples],
             target_top1=opts.target_top1,
-            shrinkage=opts.shrinkage,
+            shrinkage=shrinkage,
+            folds=None if opts.shrinkage == "ledoit_wolf" else folds,
         )
         weights.append(fit.weight)
-        reports.append(LayerReport(layer, _max_cos(means[layer]), fit))
+        assert fit.correct is not None
+        prompt_acc = float(fit.correct[~is_answer].double().mean())
+        answer_acc = float(fit.correct[is_answer].double().mean()) if bool(is_answer.any()) else None
+        reports.append(LayerReport(layer, _max_cos(means[layer]), fit, prompt_acc, answer_acc))
     _warn_parallel(means, experts)
-    _warn_chance(reports, pos_samples, neg_samples, experts, opts)
+    _warn_chance(reports, pos_samples, neg_samples, experts, opts, folds)
     gate = None
     if shared is not None and shared.positive_prompts:
         s = _states(run, shared.positive_prompts, True)
         gate = unit(s.router_samples(last_only).mean(1))[:, None, :]  # type: ignore[union-attr]
     rows = torch.stack(weights)
     return Routers(rows, _shared_or_zero(gate, shared, rows), reports)
+
+
+#: Where a sigmoid-gated family's calibrated logits put each token's largest one (see shift_for_sigmoid).
+SIGMOID_TOP = -6.0
+
+
+def shift_for_sigmoid(routers: Routers) -> Routers:
+    """Calibrated routers for families that weigh the top-k by sigmoid(z_e) / sum instead of by softmax
+    (DeepSeek-V3, GLM4-MoE).
+
+    The top-k is the same either way (sigmoid is increasing), but the weights are not: sigmoid saturates
+    for large logits, so two confident ones would share a token about equally, and underflows for very
+    negative ones (transformers adds 1e-20 to the sum). Subtracting the same amount from every logit of a
+    token changes no softmax; once a token's top logits lie around SIGMOID_TOP, sigmoid(z) ~ e^z and the
+    renormalised sigmoid weights are the softmax ones (relative error ~ e^-6). The router is linear and has
+    no bias, so the amount is linear too: v.x + SIGMOID_TOP q.x, where v.x fits the token's largest
+    logit (least squares on the calibration samples) and q.x ~ 1 (the fit's bias direction):
+    W' = W - 1 (v - SIGMOID_TOP q)'. Other modes are left alone: their top-k is kept and their weights
+    are the renormalised sigmoids of their logits.
+    """
+    weights = routers.weights.clone()
+    for r in routers.reports:
+        c = r.calibrated
+        if c is None or c.bias_dir is None or c.max_dir is None:
+            continue
+        weights[r.layer] -= (c.max_dir - SIGMOID_TOP * c.bias_dir)[None, :]
+    return Routers(weights, routers.shared_gate, routers.reports)
 
 
 def _cheap_embed(cfg: MoEConfig, base: ModelSource, run: BaseRunner, num_layers: int) -> Routers:
