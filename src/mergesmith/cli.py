@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "mergesmith.lora.command",
     "mergesmith.bitnet.command",
     "mergesmith.moe.command",
+    "mergesmith.search.command",
 ]
 
 
