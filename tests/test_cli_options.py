@@ -153,7 +153,7 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
 
 def test_every_command_has_the_same_handler_and_shared_flags():
     commands = _subcommands()
-    assert set(commands) == {"merge", "plan", "eval", "extract-lora", "bitnet", "moe"}
+    assert set(commands) == {"merge", "plan", "eval", "extract-lora", "bitnet", "moe", "search"}
     for name, sub in commands.items():
         flags = {s: a for a in sub._actions for s in a.option_strings}
         assert {"-q", "--quiet", "-v", "--verbose"} <= set(flags), name

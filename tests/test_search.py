@@ -94,6 +94,34 @@ def summary_of(result) -> list[tuple]:
     return [(c.evaluation, c.generation, c.x, c.fitness, c.cached) for c in result.candidates]
 
 
+def test_in_memory_merge_equals_the_merge_written_with_or_without_the_input_cache(models, tmp_path):
+    cfg = {
+        "merge_method": "ties",
+        "base_model": str(models["base"]),
+        "models": [
+            {"model": str(models["a"]), "parameters": {"weight": [0.2, 0.9, 0.4, 1.3], "density": 0.4}},
+            {"model": str(models["b"]), "parameters": {"weight": 0.7, "density": [0.8, 0.1]}},
+        ],
+    }
+    written = mergesmith_merge(cfg, tmp_path / "out")
+    for cache_bytes in (None, 0):  # 0: nothing kept, every read streams from disk
+        merger = Merger(cache_bytes=cache_bytes)
+        for _ in range(2):  # the second merge reads from the cache (when there is one)
+            _, tensors = merger.merge(cfg)
+            assert {k: v.tobytes() for k, v in tensors.items()} == {
+                k: v.tobytes() for k, v in written.items()
+            }
+        assert bool(merger.cache) == (cache_bytes is None)
+        merger.close()
+
+
+def mergesmith_merge(cfg: dict, out: Path) -> dict[str, np.ndarray]:
+    import mergesmith
+
+    mergesmith.merge(cfg, out, quiet=True)
+    return load_file(str(out / "model.safetensors"))
+
+
 # --- config errors: one line, exit 2, nothing written ----------------------------------------------------
 
 

@@ -37,9 +37,10 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--workers",
         type=positive_int,
-        default=1,
+        default=None,
         metavar="N",
-        help="candidates evaluated at once (processes, or Ray actors)",
+        help="candidates evaluated at once: worker processes, or Ray actors (default: 1; with --ray, "
+        "one per CPU of the Ray cluster)",
     )
     p.add_argument(
         "--ray",
@@ -58,14 +59,13 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from mergesmith.search.run import search
 
-    workers = args.workers if not (args.ray and args.workers == 1) else 2
     try:
         search(
             args.config,
             args.out_dir,
             max_evals=args.max_evals,
             seed=args.seed,
-            workers=workers,
+            workers=args.workers,
             ray=args.ray,
             resume=args.resume,
             write_model=not args.no_model,

@@ -32,7 +32,7 @@ from mergesmith.pipeline.plan import MergePlan, OutputTensor, build_plan
 #: --random-seed is given, so best.yml re-merges to the same bytes with no flag.
 MERGE_SEED = 0
 
-Key = tuple[str, str, Any, bool]
+Key = tuple
 Cache = dict[Key, Any]
 
 
@@ -40,20 +40,32 @@ class CachingBackend:
     """A backend whose reads come from memory after the first: each input tensor is read from disk
     once per process. Kernels may work in place on what they are given, so each read is a copy."""
 
-    def __init__(self, inner: Any, cache: Cache):
+    def __init__(self, inner: Any, cache: Cache, limit: int | None = None):
         self.inner = inner
         self.cache = cache
+        self.limit = cache_limit() if limit is None else limit
+        self.size = sum(_nbytes(v) for v in cache.values())
+
+    def _keep(self, key: Key, value: Any) -> None:
+        """Cache ``value`` while the cache stays under its limit; past it, reads stream from disk."""
+        if self.size + _nbytes(value) <= self.limit:
+            self.cache[key] = value
+            self.size += _nbytes(value)
 
     def read(self, t: OutputTensor, src, span, raw: bool):
         key = (src.model, src.tensor, span, raw, t.cast_code, t.compute_code)
-        if key not in self.cache:
-            self.cache[key] = self.inner.read(t, src, span, raw)
-        return _copy(self.cache[key])
+        if key in self.cache:
+            return _copy(self.cache[key])
+        value = self.inner.read(t, src, span, raw)
+        self._keep(key, _copy(value))
+        return value
 
     def read_copy(self, t: OutputTensor, span):
-        key = ("copy", t.inputs[0].model, t.inputs[0].tensor, span)
+        key = ("copy", t.inputs[0].model, t.inputs[0].tensor, span, False, None, None)
         if key not in self.cache:
-            self.cache[key] = self.inner.read_copy(t, span)
+            value = self.inner.read_copy(t, span)
+            self._keep(key, value)
+            return value
         return self.cache[key]  # written as is, never changed
 
     def finish(self, t: OutputTensor, out):
@@ -64,6 +76,23 @@ class CachingBackend:
 
     def threads(self):
         return self.inner.threads()
+
+
+def cache_limit() -> int:
+    """Bytes of input tensors kept in memory: half of what the machine has available (the merged model
+    and the model being scored need the rest); inputs beyond it are read from disk per candidate."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except (OSError, ValueError, IndexError):
+        pass
+    return 4 * 2**30
+
+
+def _nbytes(x: Any) -> int:
+    return int(x.nbytes) if isinstance(x, np.ndarray) else int(x.numel() * x.element_size())
 
 
 def _copy(x: Any) -> Any:
@@ -104,9 +133,10 @@ def _empty_like(data: Any, shape: tuple[int, ...]) -> Any:
 class Merger:
     """In-memory merges of configs over one set of models (headers opened once, inputs read once)."""
 
-    def __init__(self, cache: Cache | None = None):
+    def __init__(self, cache: Cache | None = None, cache_bytes: int | None = None):
         self.models: dict[str, Any] = {}
         self.cache: Cache = cache if cache is not None else {}
+        self.cache_bytes = cache_bytes  # None: half the available memory (cache_limit)
 
     def plan(self, config: dict) -> MergePlan:
         cfg = load_config(config)
@@ -119,7 +149,7 @@ class Merger:
         same backend choice, the same seed), by output name."""
         plan = self.plan(config)
         chosen, _ = choose_backend(plan, "auto", "cpu", transformed_output=False)
-        backend = CachingBackend(make_backend(chosen, plan, "cpu"), self.cache)
+        backend = CachingBackend(make_backend(chosen, plan, "cpu"), self.cache, self.cache_bytes)
         options = fit_budget(plan, ExecOptions(workers=1, seed=MERGE_SEED))
         sink = MemorySink()
         Executor(plan, None, options, sink, backend).run()  # type: ignore[arg-type]

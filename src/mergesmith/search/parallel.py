@@ -83,7 +83,7 @@ class RayPool:
     def __init__(
         self,
         address: str | None,
-        workers: int,
+        workers: int | None,
         terms: list,
         model_ref: str,
         tokenizer_ref: str,
@@ -95,9 +95,11 @@ class RayPool:
         self.started = not ray.is_initialized()
         if self.started:
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-            if address is None:
+            if address is None and workers is not None:
                 kwargs["num_cpus"] = workers
             ray.init(address=address, **kwargs)
+        if workers is None:  # one actor per CPU of the cluster
+            workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
         cache_ref = ray.put(cache)  # once; every actor on a node maps the same copy
         actor = ray.remote(num_cpus=1)(_RayWorker)
         self.actors = [

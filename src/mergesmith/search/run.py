@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from mergesmith.core.cliargs import check_workers
 from mergesmith.core.errors import MergeError
 from mergesmith.core.write import check_relations, input_paths, output_lock
 from mergesmith.search.config import SearchConfig, check_files, read_search_config
@@ -64,7 +65,7 @@ class SearchResult:
 class RunOptions:
     max_evals: int = 100
     seed: int = 0
-    workers: int = 1
+    workers: int | None = None  # None: 1, or with Ray one per CPU of the cluster
     ray: bool = False
     ray_address: str | None = None
     resume: bool = False
@@ -78,7 +79,7 @@ def search(
     *,
     max_evals: int = 100,
     seed: int = 0,
-    workers: int = 1,
+    workers: int | None = None,
     ray: bool | str = False,
     resume: bool = False,
     write_model: bool = True,
@@ -148,8 +149,7 @@ class Search:
         o = self.options
         if o.max_evals < 1:
             raise MergeError(f"--max-evals must be at least 1, got {o.max_evals}")
-        if o.workers < 1:
-            raise MergeError(f"--workers must be at least 1, got {o.workers}")
+        check_workers(o.workers)
         if o.ray:
             need("ray", "--ray")
 
@@ -225,7 +225,7 @@ class Search:
         args = (self.terms, self.model_ref, self.tokenizer_ref, self.evaluator.merger.cache)
         if o.ray:
             return parallel.RayPool(o.ray_address, o.workers, *args, score_fn=self.score_fn)
-        if o.workers > 1:
+        if (o.workers or 1) > 1:
             return parallel.ProcessPool(o.workers, *args, score_fn=self.score_fn)
         return parallel.SerialPool(self.evaluator)
 
