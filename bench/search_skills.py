@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from mergesmith.eval import evaluate_tasks, load_tasks
 from mergesmith.search import search
 from mergesmith.search.config import parse_search_config
 from mergesmith.search.engine import Merger, Scorer
+from mergesmith.search.genome import SearchSpace
 from mergesmith.search.terms import FitnessTerm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,19 +72,13 @@ def normalized(scores: dict[str, float], experts: dict[str, float]) -> float:
     return sum(by_skill[s] / experts[s] for s in NAMES) / len(NAMES)
 
 
-def curve(result, experts_test: dict[str, float], experts_val: dict[str, float]) -> list[dict]:
+def curve(result, cfg, experts_test: dict[str, float], experts_val: dict[str, float]) -> list[dict]:
     """Test (and val) normalized accuracy of the running best, at every evaluation that improved it."""
     merger = Merger()
     terms = [FitnessTerm(s, "tasks", 1.0, load_tasks(SKILLS / "data" / s / "test.jsonl", s)) for s in NAMES]
     scorer = Scorer(terms, str(SKILLS / "models" / "base"), str(SKILLS / "models" / "base"))
     rows, best = [], -1e9
-    space_config = result.best_config  # the shape; each improvement's own config is rebuilt below
-    del space_config
-    from mergesmith.search.genome import SearchSpace
-
-    space = SearchSpace(
-        parse_search_config(json.loads((result.out_dir / "journal" / "header.json").read_text())["config"]), 3
-    )
+    space = SearchSpace(cfg, 3)  # the skill models' 3 layers
     for c in result.candidates:
         if c.fitness <= best:
             continue
@@ -136,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         result = search(cfg, args.out / "search", max_evals=args.max_evals, seed=args.seed, write_model=False)
         figures["search_wall_s"] = round(time.perf_counter() - t0, 1)
         experts_test, experts_val = expert_scores("test"), expert_scores("val")
-        rows = curve(result, experts_test, experts_val)
+        rows = curve(result, cfg, experts_test, experts_val)
         summary = json.loads((args.out / "search" / "summary.json").read_text())
         fresh = [c for c in result.candidates if not c.cached]
         figures.update(
