@@ -36,8 +36,25 @@ SKILLS = ROOT / "examples" / "skills"
 NAMES = ("count", "rev", "shift", "sort")
 
 
+def hand_tuned(out: Path) -> Path:
+    """docs/skills.md's best hand-tuned TIES (density 0.2, lambda 1.5): the baseline of the table."""
+    path = out / "hand-tuned-ties.yml"
+    models = "".join(f"  - model: {SKILLS / 'models' / s}\n    parameters: {{weight: 1.0}}\n" for s in NAMES)
+    path.write_text(
+        f"merge_method: ties\nbase_model: {SKILLS / 'models' / 'base'}\n"
+        f"parameters: {{density: 0.2, lambda: 1.5}}\nmodels:\n{models}"
+    )
+    return path
+
+
 def search_config(
-    method: str, limit: int, granularity: int, filters: list[str] | None, population: int | None
+    method: str,
+    limit: int,
+    granularity: int,
+    filters: list[str] | None,
+    population: int | None,
+    init: dict[str, float],
+    baseline: Path,
 ) -> dict:
     genome: dict = {
         "models": [str(SKILLS / "models" / s) for s in NAMES],
@@ -48,12 +65,14 @@ def search_config(
     }
     if filters:
         genome["filters"] = filters
-    init = {"weight": 1.0, "density": 0.3} if method != "task_arithmetic" else {"weight": 1.0}
+    if method == "task_arithmetic":
+        init = {k: v for k, v in init.items() if k != "density"}
     return {
         "genome": genome,
         "tasks": [{"name": s, "tasks_file": str(SKILLS / "data" / s / "val.jsonl")} for s in NAMES],
         "held_out": [str(SKILLS / "data" / s / "test.jsonl") for s in NAMES],
         "limit": limit,
+        "baseline": str(baseline),
         "optimizer": {"name": "cmaes", "init": init, **({"population": population} if population else {})},
     }
 
@@ -114,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--filters", nargs="*", default=None)
     p.add_argument("--population", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-weight", type=float, default=1.5, help="start point (the hand-tuned TIES's scale)")
+    p.add_argument("--init-density", type=float, default=0.2, help="start point (the hand-tuned TIES's)")
     p.add_argument(
         "--ray-evals", type=int, default=0, help="also compare Ray (2 workers) with serial on this many"
     )
@@ -122,9 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     figures: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
-    cfg = parse_search_config(
-        search_config(args.method, args.limit, args.granularity, args.filters, args.population)
+    init = {"weight": args.init_weight, "density": args.init_density}
+    raw = search_config(
+        args.method, args.limit, args.granularity, args.filters, args.population, init, hand_tuned(args.out)
     )
+    cfg = parse_search_config(raw)
     if not args.skip_search:
         t0 = time.perf_counter()
         result = search(cfg, args.out / "search", max_evals=args.max_evals, seed=args.seed, write_model=False)

@@ -131,7 +131,8 @@ def mergesmith_merge(cfg: dict, out: Path) -> dict[str, np.ndarray]:
         (lambda c: c["genome"].update(merge_methd="ties"), "unknown key; did you mean 'merge_method'?"),
         (lambda c: c.update(optimiser={"name": "cmaes"}), "unknown key; did you mean 'optimizer'?"),
         (lambda c: c["tasks"][0].update(limt=3), "'tasks.0.limt': unknown key; did you mean 'limit'?"),
-        (lambda c: c["optimizer"].update(bounds={"density": [0, 2]}), "must lie within [0, 1]"),
+        (lambda c: c["optimizer"].update(bounds={"density": [0.1, 2]}), "must lie within (0, 1]"),
+        (lambda c: c["optimizer"].update(bounds={"density": [0, 1]}), "a density of 0 keeps nothing"),
         (lambda c: c["optimizer"].update(name="nelder"), "optimizer.name"),
         (lambda c: c["optimizer"].update(init={"wieght": 1.0}), "did you mean 'weight'?"),
         (lambda c: c["optimizer"].update(init={"weight": 3.0}), "outside its range [0.0, 1.0]"),
@@ -167,6 +168,12 @@ def test_missing_optional_packages_name_the_extra(models, tmp_path, capsys, monk
     path.write_text(yaml.safe_dump(cfg))
     assert main(["search", str(path), str(tmp_path / "out"), "-q"]) == 2
     assert "optimizer tpe needs the 'optuna' package" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    cfg = genome_config(models)
+    cfg["tasks"] = [{"name": "arc_easy", "metric": "acc,none"}]
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["search", str(path), str(tmp_path / "out"), "-q"]) == 2
+    assert "lm-eval task" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

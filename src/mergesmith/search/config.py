@@ -163,8 +163,13 @@ def _check_semantics(config: SearchConfig, source: str) -> None:
             raise ConfigError(
                 f"{source}: optimizer.bounds.{key}: the low end {lo} must be below the high end {hi}"
             )
-        if key in ("density", "t") and (lo < 0 or hi > 1):
-            raise ConfigError(f"{source}: optimizer.bounds.{key}: must lie within [0, 1], got [{lo}, {hi}]")
+        if key == "t" and (lo < 0 or hi > 1):
+            raise ConfigError(f"{source}: optimizer.bounds.t: must lie within [0, 1], got [{lo}, {hi}]")
+        if key == "density" and (lo <= 0 or hi > 1):
+            raise ConfigError(
+                f"{source}: optimizer.bounds.density: must lie within (0, 1] (a density of 0 keeps nothing), "
+                f"got [{lo}, {hi}]"
+            )
         if key == "weight" and lo < 0 and not g.allow_negative_weights:
             raise ConfigError(
                 f"{source}: optimizer.bounds.weight: {lo} is negative; set genome.allow_negative_weights: true"

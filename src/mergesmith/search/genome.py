@@ -25,7 +25,8 @@ from mergesmith.search.config import Genome, SearchConfig, searched_params
 #: Digits kept of every searched value: the config stays readable and a 1e-4 change is far below what
 #: a merge's score can tell apart; the same rounded values are merged, scored and written to best.yml.
 DIGITS = 4
-DEFAULT_BOUNDS = {"weight": (0.0, 2.0), "density": (0.0, 1.0), "t": (0.0, 1.0)}
+# density: the methods take (0, 1] (0 would keep nothing), so the search stops at 0.01
+DEFAULT_BOUNDS = {"weight": (0.0, 2.0), "density": (0.01, 1.0), "t": (0.0, 1.0)}
 # mergekit-evolve sets normalize: true for these methods when the genome leaves it out
 NORMALIZED_BY_DEFAULT = ("ties", "dare_ties", "linear")
 
