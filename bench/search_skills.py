@@ -55,13 +55,14 @@ def search_config(
     population: int | None,
     init: dict[str, float],
     baseline: Path,
+    normalize: bool,
 ) -> dict:
     genome: dict = {
         "models": [str(SKILLS / "models" / s) for s in NAMES],
         "base_model": str(SKILLS / "models" / "base"),
         "merge_method": method,
         "layer_granularity": granularity,
-        "normalize": False,
+        "normalize": normalize,
     }
     if filters:
         genome["filters"] = filters
@@ -133,8 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--filters", nargs="*", default=None)
     p.add_argument("--population", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--init-weight", type=float, default=1.5, help="start point (the hand-tuned TIES's scale)")
+    p.add_argument("--init-weight", type=float, default=1.0, help="start point (the hand-tuned TIES's)")
     p.add_argument("--init-density", type=float, default=0.2, help="start point (the hand-tuned TIES's)")
+    p.add_argument("--init-lambda", type=float, default=1.5, help="start point (the hand-tuned TIES's)")
+    p.add_argument(
+        "--no-normalize", action="store_true", help="normalize: false (then lambda is not searched)"
+    )
     p.add_argument(
         "--ray-evals", type=int, default=0, help="also compare Ray (2 workers) with serial on this many"
     )
@@ -144,8 +149,17 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     figures: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
     init = {"weight": args.init_weight, "density": args.init_density}
+    if not args.no_normalize:
+        init["lambda"] = args.init_lambda
     raw = search_config(
-        args.method, args.limit, args.granularity, args.filters, args.population, init, hand_tuned(args.out)
+        args.method,
+        args.limit,
+        args.granularity,
+        args.filters,
+        args.population,
+        init,
+        hand_tuned(args.out),
+        not args.no_normalize,
     )
     cfg = parse_search_config(raw)
     if not args.skip_search:

@@ -122,6 +122,33 @@ def mergesmith_merge(cfg: dict, out: Path) -> dict[str, np.ndarray]:
     return load_file(str(out / "model.safetensors"))
 
 
+@pytest.mark.parametrize(
+    ("method", "normalize", "params"),
+    [
+        ("task_arithmetic", None, ["weight"]),  # density has no effect there; lambda only scales the weights
+        ("ties", None, ["weight", "density", "lambda"]),  # normalized (mergekit-evolve's default): lambda scales
+        ("ties", False, ["weight", "density"]),
+        ("slerp", None, ["t"]),
+    ],
+)
+def test_searched_parameters_follow_the_method(models, method, normalize, params):
+    from mergesmith.search.genome import SearchSpace
+
+    cfg = genome_config(models)
+    cfg["genome"].update(merge_method=method, filters=["mlp"])
+    if normalize is not None:
+        cfg["genome"]["normalize"] = normalize
+    space = SearchSpace(parse_search_config(cfg), 4)
+    per_model = {"weight", "density"}
+    assert sorted({lab.split(".")[-3] for lab in space.labels()}) == sorted(params)
+    expected = sum((2 if p in per_model else 1) * 2 * 2 for p in params)  # models x groups x blocks
+    assert space.dim == expected
+    config = space.to_config(space.clip(space.x0))
+    if "lambda" in params:
+        assert config["parameters"]["lambda"] == [{"filter": "mlp", "value": [1.0] * 4}, {"value": [1.0] * 4}]
+        assert config["parameters"]["normalize"] is True
+
+
 # --- config errors: one line, exit 2, nothing written ----------------------------------------------------
 
 

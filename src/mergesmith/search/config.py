@@ -15,16 +15,23 @@ from mergesmith.core.errors import ConfigError
 from mergesmith.pipeline.config import did_you_mean
 
 #: Parameters the search varies when the method has them; per-model ones get one value per model.
-SEARCHABLE = ("weight", "density", "t")
+SEARCHABLE = ("weight", "density", "t", "lambda")
 
 
-def searched_params(method: Any) -> list:
+def searched_params(method: Any, normalize: bool | None = None) -> list:
     """The method's parameters that the search varies: those of :data:`SEARCHABLE` it takes, less a
-    ``density`` its kernel ignores (task arithmetic keeps every entry, as in mergekit-evolve)."""
+    ``density`` its kernel ignores (task arithmetic keeps every entry, as in mergekit-evolve), and
+    ``lambda`` unless the weights are normalized (``normalize``: then it is the only scale of the merged
+    task vector; without normalizing, the weights already scale it)."""
     ignores_density = getattr(method.kernel, "sparsify", None) == "none"
-    return [
-        p for p in method.params if p.name in SEARCHABLE and not (p.name == "density" and ignores_density)
-    ]
+    out = []
+    for p in method.params:
+        if p.name not in SEARCHABLE or (p.name == "density" and ignores_density):
+            continue
+        if p.name == "lambda" and not normalize:
+            continue
+        out.append(p)
+    return out
 
 
 class _Strict(BaseModel):
@@ -174,7 +181,7 @@ def _check_semantics(config: SearchConfig, source: str) -> None:
             raise ConfigError(
                 f"{source}: optimizer.bounds.weight: {lo} is negative; set genome.allow_negative_weights: true"
             )
-    if not searched_params(method):
+    if not searched_params(method, True):
         raise ConfigError(
             f"{source}: genome.merge_method {g.merge_method!r} has none of the searched parameters "
             f"({', '.join(SEARCHABLE)}); pick a method such as ties, task_arithmetic, dare_ties or slerp"

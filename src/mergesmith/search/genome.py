@@ -26,7 +26,7 @@ from mergesmith.search.config import Genome, SearchConfig, searched_params
 #: a merge's score can tell apart; the same rounded values are merged, scored and written to best.yml.
 DIGITS = 4
 # density: the methods take (0, 1] (0 would keep nothing), so the search stops at 0.01
-DEFAULT_BOUNDS = {"weight": (0.0, 2.0), "density": (0.01, 1.0), "t": (0.0, 1.0)}
+DEFAULT_BOUNDS = {"weight": (0.0, 2.0), "density": (0.01, 1.0), "t": (0.0, 1.0), "lambda": (0.0, 3.0)}
 # mergekit-evolve sets normalize: true for these methods when the genome leaves it out
 NORMALIZED_BY_DEFAULT = ("ties", "dare_ties", "linear")
 
@@ -72,7 +72,8 @@ class SearchSpace:
         self.model_labels = (
             stems if len(set(stems)) == len(stems) else [f"{i}-{s}" for i, s in enumerate(stems)]
         )
-        params = searched_params(self.method)
+        self.normalize = normalize_of(g, self.method)
+        params = searched_params(self.method, self.normalize)
         self.params = [p.name for p in params]
         self.genes: list[Gene] = []
         for p in params:
@@ -86,7 +87,7 @@ class SearchSpace:
         if g.allow_negative_weights and "weight" not in (opt.bounds or {}):
             bounds["weight"] = (-2.0, 2.0)
         self.bounds = np.array([bounds[gene.param] for gene in self.genes], dtype=np.float64)
-        init = {"weight": 1.0 / len(g.models), "density": 1.0, "t": 0.5, **(opt.init or {})}
+        init = {"weight": 1.0 / len(g.models), "density": 1.0, "t": 0.5, "lambda": 1.0, **(opt.init or {})}
         for name, value in init.items():
             lo, hi = bounds[name]
             if not lo <= value <= hi:
@@ -140,12 +141,8 @@ class SearchSpace:
             params = {p: values[(p, i)] for p in self.params if (p, i) in values}
             models.append({"model": model_ref(ref), "parameters": params})
         top: dict[str, Any] = {p: values[(p, None)] for p in self.params if (p, None) in values}
-        if "normalize" in self.method.param_index:
-            normalize = (
-                g.normalize if g.normalize is not None else (g.merge_method in NORMALIZED_BY_DEFAULT or None)
-            )
-            if normalize is not None:
-                top["normalize"] = normalize
+        if "normalize" in self.method.param_index and (g.normalize is not None or self.normalize):
+            top["normalize"] = self.normalize
         config: dict[str, Any] = {"merge_method": g.merge_method}
         if g.base_model is not None:
             config["base_model"] = model_ref(g.base_model)
@@ -157,3 +154,14 @@ class SearchSpace:
         if g.tokenizer_source is not None:
             config["tokenizer_source"] = model_ref(g.tokenizer_source)
         return config
+
+
+def normalize_of(genome: Genome, method: Method) -> bool:
+    """Whether the merge normalizes the weights: the genome's ``normalize``, else mergekit-evolve's rule
+    (true for ties, dare_ties and linear), else the method's default."""
+    if genome.normalize is not None:
+        return genome.normalize
+    if genome.merge_method in NORMALIZED_BY_DEFAULT:
+        return True
+    spec = method.param_index.get("normalize")
+    return bool(spec.default) if spec is not None else False
