@@ -126,7 +126,11 @@ def mergesmith_merge(cfg: dict, out: Path) -> dict[str, np.ndarray]:
     ("method", "normalize", "params"),
     [
         ("task_arithmetic", None, ["weight"]),  # density has no effect there; lambda only scales the weights
-        ("ties", None, ["weight", "density", "lambda"]),  # normalized (mergekit-evolve's default): lambda scales
+        (
+            "ties",
+            None,
+            ["weight", "density", "lambda"],
+        ),  # normalized (mergekit-evolve's default): lambda scales
         ("ties", False, ["weight", "density"]),
         ("slerp", None, ["t"]),
     ],
