@@ -273,6 +273,66 @@ def test_resume_after_interrupts_equals_an_uninterrupted_run(models, distance, t
     assert summary_of(again) == summary_of(whole)
 
 
+# a fitness written once, run both in a subprocess that is killed and in this process
+FITNESS_SOURCE = """
+import time
+import numpy as np
+
+def fitness(tensors):
+    time.sleep(0.05)  # slow enough for the kill to land inside the search
+    return -sum(abs(float(np.mean(np.asarray(v, np.float64))) - 0.01) for v in tensors.values())
+"""
+
+
+def test_resume_after_kill_9_equals_an_uninterrupted_run(models, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    namespace: dict = {}
+    exec(FITNESS_SOURCE, namespace)
+    cfg_path = tmp_path / "search.yml"
+    cfg_path.write_text(yaml.safe_dump(genome_config(models)))
+    whole = search(
+        cfg_path,
+        tmp_path / "whole",
+        max_evals=40,
+        quiet=True,
+        write_model=False,
+        score_fn=namespace["fitness"],
+    )
+    out = tmp_path / "killed"
+    script = FITNESS_SOURCE + (
+        "from mergesmith.search import search\n"
+        f"search({str(cfg_path)!r}, {str(out)!r}, max_evals=40, quiet=True, write_model=False, score_fn=fitness)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env)
+    evals = out / "journal" / "evals.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if evals.is_file() and len(evals.read_text().splitlines()) >= 13:  # inside the second generation
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    before = len([line for line in evals.read_text().splitlines() if line.endswith("}")])
+    assert 13 <= before < 40
+    calls = []
+
+    def counted(tensors):
+        calls.append(1)
+        return namespace["fitness"](tensors)
+
+    resumed = search(cfg_path, out, max_evals=40, quiet=True, write_model=False, score_fn=counted)
+    assert summary_of(resumed) == summary_of(whole)
+    merged = {c.x for c in whole.candidates}
+    # only what the killed run had not journalled is merged again, and the baseline, scored at the end
+    assert len(calls) == len(merged) - before + 1
+
+
 def test_workers_give_the_same_candidates_and_best(models, distance, tmp_path):
     serial = run_search(models, tmp_path / "serial", distance, max_evals=24)
     parallel = run_search(models, tmp_path / "parallel", distance, max_evals=24, workers=2)
