@@ -162,6 +162,7 @@ def test_every_command_has_the_same_handler_and_shared_flags():
         "moe",
         "inspect",
         "tokensurgeon",
+        "search",
     }
     for name, sub in commands.items():
         flags = {s: a for a in sub._actions for s in a.option_strings}

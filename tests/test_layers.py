@@ -7,8 +7,10 @@ Layers, bottom to top (docs/design.md):
    dtypes, architecture facts, randomness, sizes, devices, errors, the compiled loops.
 1. ``mergesmith.methods``: the merge methods' maths.
 2. ``mergesmith.pipeline``: the merge (config, plan, execute, backends, stages, API, command).
-3. features, each a sibling package: ``moe``, ``lora``, ``bitnet``, ``eval``, ``inspection``.
-4. the top: ``mergesmith`` itself (the public API), ``cli``, ``__main__``.
+3. features, each a sibling package: ``moe``, ``lora``, ``bitnet``, ``eval``, ``inspection``, ``tokens``.
+4. workflows that compose features: ``search`` (merges candidates and scores them with ``eval``); they may
+   import every layer below, features included, and not each other.
+5. the top: ``mergesmith`` itself (the public API), ``cli``, ``__main__``.
 
 Every import counts, at module level or inside a function, also under ``TYPE_CHECKING`` (for the layers);
 the cycle check leaves out ``TYPE_CHECKING`` imports, which never run.
@@ -23,8 +25,9 @@ import pytest
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "mergesmith"
 FEATURES = ("moe", "lora", "bitnet", "eval", "inspection", "tokens")
-LAYERS = {"core": 0, "methods": 1, "pipeline": 2, **dict.fromkeys(FEATURES, 3)}
-TOP = 4
+WORKFLOWS = ("search",)
+LAYERS = {"core": 0, "methods": 1, "pipeline": 2, **dict.fromkeys(FEATURES, 3), **dict.fromkeys(WORKFLOWS, 4)}
+TOP = 5
 
 
 def module_names() -> dict[str, Path]:
@@ -85,7 +88,7 @@ def layer_of(module: str) -> tuple[int, str | None]:
     parts = module.split(".")
     if len(parts) == 1 or parts[1] not in LAYERS:
         return TOP, None
-    return LAYERS[parts[1]], parts[1] if parts[1] in FEATURES else None
+    return LAYERS[parts[1]], parts[1] if parts[1] in FEATURES + WORKFLOWS else None
 
 
 def problems(graph: dict[str, list[tuple[str, bool]]]) -> list[str]:
@@ -97,7 +100,8 @@ def problems(graph: dict[str, list[tuple[str, bool]]]) -> list[str]:
             t_layer, t_feature = layer_of(target)
             if t_layer > layer:
                 found.append(f"{module} imports {target}, a layer above it")
-            elif feature and t_feature and t_feature != feature:
+            elif feature and t_feature and t_feature != feature and t_layer == layer:
+                # a workflow (layer 4) composes features; siblings on one layer stay apart
                 found.append(f"{module} imports {target}, another feature")
     found += [f"import cycle: {' -> '.join(c)}" for c in cycles(graph)]
     return found
@@ -147,6 +151,12 @@ def test_imports_go_down_only_and_never_in_a_circle():
     assert problems(package_graph()) == []
 
 
+def test_a_workflow_may_import_features():
+    graph = package_graph()
+    assert any(t.startswith("mergesmith.eval") for t, _ in graph["mergesmith.search.engine"])
+    assert problems(graph) == []
+
+
 def test_every_package_has_a_layer():
     for name in MODULES:
         parts = name.split(".")
@@ -162,6 +172,8 @@ def test_every_package_has_a_layer():
         ("mergesmith.pipeline.plan", "from mergesmith.bitnet.convert import HfPlan", "a layer above"),
         ("mergesmith.moe.build", "from mergesmith.lora.extract import extract_lora", "another feature"),
         ("mergesmith.eval.loading", "from ..bitnet import heal", "another feature"),
+        ("mergesmith.eval.tasks", "from mergesmith.search.run import search", "a layer above"),
+        ("mergesmith.moe.build", "    from mergesmith.search import engine", "a layer above"),
         ("mergesmith.pipeline.execute", "from mergesmith.pipeline import stages", "import cycle"),
     ],
 )

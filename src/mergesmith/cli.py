@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "mergesmith.bitnet.command",
     "mergesmith.moe.command",
     "mergesmith.tokens.command",
+    "mergesmith.search.command",
 ]
 
 
