@@ -394,7 +394,7 @@ def main() -> int:
         shutil.rmtree(out, ignore_errors=True)
         drop_cache(files)
         load = os.getloadavg()[0]
-        wall, rss, rc = run_measured(
+        wall, rss, rc, _ = run_measured(
             [*ms, "merge", str(cfg), str(out), "--quiet", *args.extra.split(), *extra]
         )
         digests[label] = digest(out) if rc == 0 else "failed"
