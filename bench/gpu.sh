@@ -15,8 +15,8 @@
 #   3. bench/gpu_check.py: every merge of bench/identity.py on the CPU and on the GPU, compared
 #      (up to float rounding; DARE's dropped entries identical);
 #   4. bench/speed.py on three bf16 models of the Llama-3.2-3B shape (made there, once), for ties,
-#      dare_ties and slerp: mergesmith on the CPU with one worker per core, mergesmith --device cuda
-#      (its output compared with the CPU one), and mergekit --cuda.
+#      dare_ties and slerp: mergesmith on the CPU with one worker per core (--memory-limit 32G: few
+#      chunks), mergesmith --device cuda (its output compared with the CPU one), and mergekit --cuda.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -55,7 +55,7 @@ fi
 
 echo "== 4. speed: $SHAPE, ties dare_ties slerp; CPU ($CORES workers), $DEVICE_ARGS, mergekit ${MERGEKIT_ARGS:-(CPU)}"
 SPEED=(bench/speed.py --shape "$SHAPE" --methods ties dare_ties slerp --runs "$RUNS"
-  --mergesmith "$PY -m mergesmith" "--extra=--workers $CORES" "--device-args=$DEVICE_ARGS")
+  --mergesmith "$PY -m mergesmith" "--extra=--workers $CORES --memory-limit 32G" "--device-args=$DEVICE_ARGS")
 if [[ -n "$MERGEKIT" ]]; then
   SPEED+=(--mergekit "$MERGEKIT")
   [[ -n "$MERGEKIT_ARGS" ]] && SPEED+=("--mergekit-args=$MERGEKIT_ARGS")

@@ -241,25 +241,33 @@ while p.poll() is None:
         break
 wall = time.perf_counter() - t0
 reader.join(5)
-rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
 sys.stderr.buffer.write(b"".join(err)[-3000:])
-print(wall, rss, p.returncode, why.replace(" ", "_") or "-")
+print(wall, usage.ru_maxrss, p.returncode, why.replace(" ", "_") or "-", usage.ru_utime + usage.ru_stime)
 """
 
 
+LAST_CPU = [0.0]  # CPU seconds of the last command measured
+
+
 def run_measured(cmd: list[str], timeout: float = 0, max_anon: int = 0) -> tuple[float, float, int, str]:
-    """Wall seconds, peak RSS (MiB), exit code of ``cmd`` and why it was stopped ('' if it was not):
+    """Wall seconds, peak RSS (MiB), exit code of ``cmd`` and why it was stopped ('' if it was not)
+    (its CPU seconds, user and system, go to ``LAST_CPU``):
     after ``timeout`` seconds, or when its anonymous memory passes ``max_anon`` bytes (0: no limit),
     so that a tool that needs more memory than the machine has is stopped before the kernel's
     out-of-memory killer picks a process."""
     done = subprocess.run(
-        [sys.executable, "-c", LAUNCHER, str(timeout), str(max_anon), *cmd], capture_output=True, text=True
+        [sys.executable, "-c", LAUNCHER, str(timeout), str(max_anon), *cmd],
+        capture_output=True,
+        text=True,
+        errors="replace",  # a tool's stderr cut at 3000 bytes may end inside a UTF-8 character
     )
     try:
-        wall, maxrss_kb, rc, why = done.stdout.split()
+        wall, maxrss_kb, rc, why, cpu = done.stdout.split()
     except ValueError:
         raise SystemExit(f"launcher failed: {done.stderr[-2000:]}") from None
     why = "" if why == "-" else why.replace("_", " ")
+    LAST_CPU[0] = float(cpu)
     if int(rc) != 0 and not why:
         print(f"command failed ({rc}): {' '.join(cmd)}\n{done.stderr[-2000:]}", file=sys.stderr)
     return float(wall), int(maxrss_kb) / 1024, int(rc), why
@@ -400,7 +408,7 @@ def main() -> int:
         digests[label] = digest(out) if rc == 0 else "failed"
         rows.append((label, wall, rss, rc, load))
         print(
-            f"{label:28s} {wall:7.1f} s  x{wall / floor:.2f} floor  peak RSS {rss:6.0f} MiB  "
+            f"{label:28s} {wall:7.1f} s  x{wall / floor:.2f} floor  CPU {LAST_CPU[0]:5.0f} s  peak RSS {rss:6.0f} MiB  "
             f"(load {load:.1f}) {'' if rc == 0 else f'exit {rc}'}",
             flush=True,
         )
