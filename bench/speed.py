@@ -7,6 +7,12 @@ time and peak RSS of each tool, their ratios, and the I/O floor (reading the inp
 writing the output bytes). Checks that both tools' outputs agree.
 
     python bench/speed.py [--runs 3] [--methods ties slerp] [--mergekit mergekit-yaml] [--deep]
+    python bench/speed.py --shape llama3b --device-args="--device cuda" --mergekit-args=--cuda  # bench/gpu.sh
+
+``--shape llama3b`` uses three models of the Llama-3.2-3B shape instead (bench/speed_large.py makes them;
+``llama-tiny`` is a small model of that layout, to try the script). ``--device-args`` adds a second
+mergesmith run per method with those arguments and compares its output with the first one's: tensor by
+tensor up to float rounding, and for DARE whether the same entries were dropped.
 """
 
 from __future__ import annotations
@@ -83,6 +89,32 @@ def qwen2_shapes(layers: int) -> dict[str, tuple[int, ...]]:
             }
         )
     return out
+
+
+LLAMA_SHAPES = {
+    "llama3b": dict(vocab=128256, hidden=3072, inter=8192, heads=24, kv_heads=8, layers=28),
+    "llama-tiny": dict(vocab=1024, hidden=256, inter=512, heads=4, kv_heads=2, layers=2),
+}
+
+
+def make_llama_models(shape: str) -> Path:
+    """Three models (base, ft1, ft2) of a Llama shape, made once by bench/speed_large.py's generator."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import speed_large
+
+    s = dict(LLAMA_SHAPES[shape])
+    layers = s.pop("layers")
+    root = CACHE / f"{shape}-{layers}L"
+    if not (root / "ft2" / "done").exists():
+        need = 4 * speed_large.model_bytes(layers, s)
+        root.mkdir(parents=True, exist_ok=True)
+        if shutil.disk_usage(root).free < need:
+            raise SystemExit(
+                f"{root}: {need / 1e9:.1f} GB of free disk needed for three models and an output"
+            )
+        print(f"creating three {shape} models in {root} (once)...", file=sys.stderr)
+        speed_large.generate(root, layers, s, models=("base", "ft1", "ft2"))
+    return root
 
 
 def make_models(layers: int) -> Path:
@@ -208,6 +240,20 @@ def agreement(a: Path, b: Path) -> str:
     )
 
 
+def dropped_agreement(a: Path, b: Path, base: Path) -> str:
+    """For DARE: whether two outputs dropped the same entries, as the entries left equal to the base's
+    (a dropped entry in every model leaves the base; the rest may differ by float rounding)."""
+    ta, tb, tbase = load_all(a), load_all(b), load_all(base)
+    differ = total = 0
+    for k in ta:
+        if k not in tbase:
+            continue
+        same_a, same_b = ta[k] == tbase[k], tb[k] == tbase[k]
+        differ += int((same_a != same_b).sum())
+        total += same_a.numel()
+    return f"entries left at the base: {differ} of {total} differ ({'identical masks' if differ == 0 else 'masks differ'})"
+
+
 def _agreement_in_child(a: Path, b: Path) -> str:
     done = subprocess.run(
         [sys.executable, __file__, "--_agree", str(a), str(b)], capture_output=True, text=True
@@ -234,9 +280,16 @@ def main() -> int:
         help="the configs' dtype; float32 (with out_dtype bfloat16) makes mergekit compute in float32 as mergesmith does",
     )
     ap.add_argument("--extra", default="", help="extra mergesmith arguments, e.g. '--device cuda'")
+    ap.add_argument("--shape", choices=["qwen2-0.5b", *LLAMA_SHAPES], default="qwen2-0.5b")
+    ap.add_argument(
+        "--device-args",
+        default="",
+        help="run mergesmith a second time per method with these arguments (e.g. '--device cuda') and compare",
+    )
+    ap.add_argument("--mergekit-args", default="", help="extra mergekit arguments, e.g. '--cuda'")
     args = ap.parse_args()
 
-    root = make_models(SHAPE["layers"])
+    root = make_models(SHAPE["layers"]) if args.shape == "qwen2-0.5b" else make_llama_models(args.shape)
     work = CACHE / "runs"
     work.mkdir(parents=True, exist_ok=True)
     out_bytes = sum(f.stat().st_size for f in (root / "base").glob("*.safetensors"))
@@ -263,7 +316,7 @@ def main() -> int:
         cfg.write_text(text)
         ours_out, theirs_out = work / f"{method}-mergesmith", work / f"{method}-mergekit"
         ours_cmd = [
-            args.mergesmith,
+            *args.mergesmith.split(),
             "merge",
             str(cfg),
             str(ours_out),
@@ -272,14 +325,27 @@ def main() -> int:
             *args.extra.split(),
         ]
         theirs_cmd = (
-            [args.mergekit, str(cfg), str(theirs_out), "--quiet", "--out-shard-size", "5B"]
+            [
+                args.mergekit,
+                str(cfg),
+                str(theirs_out),
+                "--quiet",
+                "--out-shard-size",
+                "5B",
+                *args.mergekit_args.split(),
+            ]
             if args.mergekit
             else None
         )
-        ours, theirs = [], []
+        dev_out = work / f"{method}-mergesmith-device"
+        dev_cmd = [*(str(dev_out) if c == str(ours_out) else c for c in ours_cmd), *args.device_args.split()]
+        ours, theirs, dev = [], [], []
         for _ in range(args.runs):
             shutil.rmtree(ours_out, ignore_errors=True)  # deleting the last output is not part of a merge
             ours.append(run_measured(ours_cmd))
+            if args.device_args:
+                shutil.rmtree(dev_out, ignore_errors=True)
+                dev.append(run_measured(dev_cmd))
             if theirs_cmd:
                 shutil.rmtree(theirs_out, ignore_errors=True)
                 theirs.append(run_measured(theirs_cmd))
@@ -291,6 +357,14 @@ def main() -> int:
             "floor_s": floors[n_in],
             "startup_s": startup,
         }
+        if dev:
+            row["device_s"] = statistics.median(t for t, _ in dev)
+            row["device_mib"] = statistics.median(m for _, m in dev)
+            row["device_agree"] = (
+                agreement(ours_out, dev_out)
+                if method in DETERMINISTIC
+                else dropped_agreement(ours_out, dev_out, root / "base")
+            )
         if theirs:
             row["theirs_s"] = statistics.median(t for t, _ in theirs)
             row["theirs_mib"] = statistics.median(m for _, m in theirs)
@@ -323,6 +397,8 @@ def print_row(r: dict, runs: int) -> None:
         f"{r['method']:16s} mergesmith {r['ours_s']:6.1f} s {r['ours_mib']:6.0f} MiB | floor {r['floor_s']:4.1f} s "
         f"(x{r['ours_s'] / r['floor_s']:.2f}; after start-up x{work / r['floor_s']:.2f})"
     )
+    if "device_s" in r:
+        line += f" | with device args {r['device_s']:6.1f} s {r['device_mib']:6.0f} MiB | vs first run: {r['device_agree']}"
     if "theirs_s" in r:
         line += (
             f" | mergekit {r['theirs_s']:6.1f} s {r['theirs_mib']:6.0f} MiB | speed-up x{r['theirs_s'] / r['ours_s']:.1f}, "

@@ -221,7 +221,7 @@ def test_plan_json_schema(capsys):
 def test_cuda_without_gpu_is_a_clear_error(capsys, tmp_path, pair):
     import torch
 
-    if torch.cuda.is_available():  # the GPU path is exercised by bench/speed.py --extra '--device cuda'
+    if torch.cuda.is_available():  # the GPU path is exercised by bench/gpu.sh
         return
     cfg = ties_config(tmp_path, *pair)
     code, err = run_cli(["merge", str(cfg), str(tmp_path / "merged"), "--quiet", "--device", "cuda"], capsys)

@@ -248,3 +248,31 @@ def test_compiled_combine_equals_the_torch_steps(monkeypatch, consensus, normali
     monkeypatch.setattr(arrays, "host_stored", lambda x: None)  # force the torch operations
     stepwise = combine()
     assert np.array_equal(fused.view(np.uint32), stepwise.view(np.uint32))
+
+
+@pytest.mark.parametrize("n", [1, 2047, 2049, 5001])
+@pytest.mark.parametrize("consensus", [False, True])
+def test_compiled_combine_blocks_and_signed_zeros(monkeypatch, n, consensus):
+    """The combine's block loop at lengths around its block size, on task vectors with -0.0, exact
+    opposite values (sums of exactly 0) and NaN: the same bits as the torch steps."""
+    from mergesmith.methods import Chunk, arrays
+    from mergesmith.methods.task_arithmetic import DareLinearKernel, DareTiesKernel
+
+    rng = np.random.default_rng(n)
+    a = rng.standard_normal(n, dtype=np.float32) * (rng.random(n) < 0.5)
+    a[rng.random(n) < 0.1] = -0.0
+    b = np.where(rng.random(n) < 0.3, -a, rng.standard_normal(n, dtype=np.float32)).astype(np.float32)
+    b[rng.random(n) < 0.01] = np.nan
+    base = rng.standard_normal(n, dtype=np.float32)
+    base[rng.random(n) < 0.2] = -0.0
+    params = {"weight": (1.0, 1.0), "density": (1.0, 1.0), "lambda": 1.0, "normalize": True, "rescale": False}
+    kernel_cls = DareTiesKernel if consensus else DareLinearKernel
+
+    def combine():
+        chunk = Chunk(torch.from_numpy(base.copy()), [], 0, None, torch.float32)
+        deltas = [torch.from_numpy(a.copy()), torch.from_numpy(b.copy())]
+        return kernel_cls(params, n)._combine(chunk, deltas).numpy()
+
+    fused = combine()
+    monkeypatch.setattr(arrays, "host_stored", lambda x: None)  # force the torch operations
+    assert np.array_equal(fused.view(np.uint32), combine().view(np.uint32))

@@ -1,3 +1,4 @@
+import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -90,3 +91,30 @@ def test_exact_count_with_many_ties_whole_and_chunked(seed, n, density, rows):
     sel.end_lo()
     chunked = torch.cat([sel.trim(c) for c in chunks])
     assert torch.equal(chunked, torch.where(m, x, torch.zeros_like(x)))
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.integers(0, 100_000), st.floats(0.05, 0.95), st.integers(1, 5))
+def test_histogram_path_with_ties_across_blocks_keeps_the_last_ties(seed, density, n_chunks):
+    """Past SMALL values the threshold comes from the two histograms and the trim zeroes ties block by
+    block: the kept entries are exactly the k largest, ties ranked by position (a stable sort's order),
+    whole or in chunks of any size."""
+    g = torch.Generator().manual_seed(seed)
+    n = 70_000 + int(torch.randint(0, 9000, (1,), generator=g))
+    x = torch.randint(-6, 7, (n,), generator=g).float() * 0.25  # a few magnitudes: long runs of ties
+    k = keep_count(density, n)
+    order = torch.sort(x.abs(), stable=True).indices  # ascending; later ties rank higher
+    expected = torch.zeros(n, dtype=torch.bool)
+    expected[order[n - k :]] = True
+    expected &= x != 0  # a kept zero is still 0
+    assert torch.equal(magnitude_mask(x, density), expected)
+    sel = TopKThreshold(k)
+    chunks = list(x.tensor_split(n_chunks))
+    for c in chunks:
+        sel.observe_hi(c.numpy())
+    sel.end_hi()
+    for c in chunks:
+        sel.observe_lo(c.numpy())
+    sel.end_lo()
+    trimmed = np.concatenate([sel.trim(c.numpy()) for c in chunks])
+    assert np.array_equal(trimmed != 0, expected.numpy())

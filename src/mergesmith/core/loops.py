@@ -302,50 +302,106 @@ def combine(
     return out
 
 
-@njit(inline="always")
-def _weighted(ds, sc, w, i, j):  # pragma: no cover - compiled
-    """Task vector i's element j, scaled, then weighted: round(round(d * sc_i) * w_i)."""
-    return np.float32(np.float32(ds[i][j] * sc[i]) * w[i])
+COMBINE_BLOCK = 2048  # elements combine_kernel takes at once: its per-block buffers stay in L1
+
+# combine_kernel's steps over one block: compiled functions of their own, called on slices (inlined into
+# the block loop, LLVM did not vectorise them)
+
+
+@njit(nogil=True, boundscheck=False)
+def _weighted_into(d, sc, w, acc, first):  # pragma: no cover - compiled
+    """acc = v (first) or round(acc + v), with v = round(round(d * sc) * w) per element."""
+    for j in range(acc.shape[0]):
+        v = np.float32(np.float32(d[j] * sc) * w)
+        acc[j] = v if first else np.float32(acc[j] + v)
+
+
+@njit(nogil=True, boundscheck=False)
+def _elect(total, elected):  # pragma: no cover - compiled
+    """elected = -1 where total's sign bit is set (negative sums and -0.0), else +1."""
+    bits = total.view(np.uint32)
+    for j in range(total.shape[0]):
+        elected[j] = np.float32(-1.0) if bits[j] >> np.uint32(31) else np.float32(1.0)
+
+
+@njit(nogil=True, boundscheck=False)
+def _agree_into(d, sc, w, elected, mixed, divisor, first):  # pragma: no cover - compiled
+    """The entries of one weighted task vector that agree with the elected sign, added to ``mixed``
+    (clamped at 0 after the sign is multiplied in; NaN stays NaN), and w added to ``divisor`` where
+    they are nonzero; ``first`` sets instead of adding."""
+    zero = np.float32(0.0)
+    for j in range(mixed.shape[0]):
+        agree = np.float32(np.float32(np.float32(d[j] * sc) * w) * elected[j])
+        agree = zero if agree < zero else agree
+        step = w if agree > zero else zero
+        if first:
+            mixed[j] = agree
+            divisor[j] = step
+        else:
+            mixed[j] = np.float32(mixed[j] + agree)
+            divisor[j] = np.float32(divisor[j] + step)
+
+
+@njit(nogil=True, boundscheck=False)
+def _finish_consensus(mixed, elected, divisor, normalize, positive, lam, base, out):  # pragma: no cover
+    """out = round(round(mixed * elected [/ divisor]) * lam) + base, the divisor floored at the
+    smallest normal float (``positive`` weights) or 0 made 1."""
+    tiny = np.float32(np.finfo(np.float32).tiny)
+    one, zero = np.float32(1.0), np.float32(0.0)
+    for j in range(out.shape[0]):
+        v = np.float32(mixed[j] * elected[j])
+        if normalize:
+            dv = divisor[j]
+            if positive:
+                dv = tiny if dv < tiny else dv
+            else:
+                dv = one if dv == zero else dv
+            v = np.float32(v / dv)
+        out[j] = np.float32(np.float32(v * lam) + load(base, j))
+
+
+@njit(nogil=True, boundscheck=False)
+def _finish_sum(mixed, divide, lam, base, out):  # pragma: no cover - compiled
+    """out = round(round(mixed [/ divide]) * lam) + base (no division when divide is 0)."""
+    for j in range(out.shape[0]):
+        v = mixed[j]
+        if divide != np.float32(0.0):
+            v = np.float32(v / divide)
+        out[j] = np.float32(np.float32(v * lam) + load(base, j))
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
 def combine_kernel(ds, sc, w, consensus, normalize, positive, divide, lam, base, out):  # pragma: no cover
     """Per element: v_i = (d_i * sc_i) * w_i; with ``consensus`` the sign election and (normalised)
     disjoint sum of _disjoint_sum, else sum_i v_i (divided by ``divide`` unless it is 0); then * lam +
-    base. Multiplying by 1 changes nothing, so unit scales and weights need no special case."""
-    tiny = np.float32(np.finfo(np.float32).tiny)
-    one, zero = np.float32(1.0), np.float32(0.0)
+    base. Multiplying by 1 changes nothing, so unit scales and weights need no special case.
+
+    The work goes block by block, one task vector at a time inside a block, with selects instead of
+    branches, in loops that vectorise: element by element, the branches mispredicted on TIES's
+    half-zero, mixed-sign task vectors (15 ns an element). Each element still sees the same float32
+    operations in the same order."""
     k = len(ds)
-    for j in range(out.shape[0]):
+    n = out.shape[0]
+    total = np.empty(COMBINE_BLOCK, dtype=np.float32)
+    elected = np.empty(COMBINE_BLOCK, dtype=np.float32)
+    mixed = np.empty(COMBINE_BLOCK, dtype=np.float32)
+    divisor = np.empty(COMBINE_BLOCK, dtype=np.float32)
+    for s in range(0, n, COMBINE_BLOCK):
+        e = min(n, s + COMBINE_BLOCK)
+        m = e - s
         if consensus:
-            total = _weighted(ds, sc, w, 0, j)
-            for i in range(1, k):
-                total = np.float32(total + _weighted(ds, sc, w, i, j))
-            elected = -one if np.signbit(total) else one
-            mixed = zero
-            divisor = zero
             for i in range(k):
-                agree = np.float32(_weighted(ds, sc, w, i, j) * elected)
-                if agree < zero:  # clamp at 0; NaN stays NaN
-                    agree = zero
-                mixed = agree if i == 0 else np.float32(mixed + agree)
-                if normalize:
-                    step = w[i] if agree > zero else zero
-                    divisor = step if i == 0 else np.float32(divisor + step)
-            mixed = np.float32(mixed * elected)
-            if normalize:
-                if positive:
-                    divisor = max(divisor, tiny)
-                elif divisor == zero:
-                    divisor = one
-                mixed = np.float32(mixed / divisor)
+                _weighted_into(ds[i][s:e], sc[i], w[i], total[:m], i == 0)
+            _elect(total[:m], elected[:m])
+            for i in range(k):
+                _agree_into(ds[i][s:e], sc[i], w[i], elected[:m], mixed[:m], divisor[:m], i == 0)
+            _finish_consensus(
+                mixed[:m], elected[:m], divisor[:m], normalize, positive, lam, base[s:e], out[s:e]
+            )
         else:
-            mixed = _weighted(ds, sc, w, 0, j)
-            for i in range(1, k):
-                mixed = np.float32(mixed + _weighted(ds, sc, w, i, j))
-            if divide != zero:
-                mixed = np.float32(mixed / divide)
-        out[j] = np.float32(np.float32(mixed * lam) + load(base, j))
+            for i in range(k):
+                _weighted_into(ds[i][s:e], sc[i], w[i], mixed[:m], i == 0)
+            _finish_sum(mixed[:m], divide, lam, base[s:e], out[s:e])
 
 
 # --- whole operations, called from Python ----------------------------------------------------------

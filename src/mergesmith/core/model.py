@@ -489,6 +489,20 @@ class ModelSource:
         info = self._info(name)
         return read_array(info, rows, self._fd(info.file))
 
+    def prefetch(self, name: str) -> int:
+        """Ask the kernel to start reading tensor ``name``'s bytes into the page cache
+        (``posix_fadvise(WILLNEED)``: it returns once the reads are queued; nothing is held by this
+        process). Returns the bytes asked for; 0 where there is nothing to ask (no such tensor, no
+        fadvise on this platform)."""
+        info = self.tensors.get(name)
+        if info is None or not info.nbytes or not hasattr(os, "posix_fadvise"):
+            return 0
+        try:
+            os.posix_fadvise(self._fd(info.file), info.offset, info.nbytes, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            return 0  # a hint only: the read itself reports any real problem
+        return info.nbytes
+
     def close(self) -> None:
         with self._lock:
             for fd in self._fds.values():

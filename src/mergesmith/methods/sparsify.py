@@ -89,25 +89,48 @@ SCAN_BLOCK = 4096  # elements the trim counts the ties of at once, before zeroin
 
 @njit(cache=True, nogil=True, boundscheck=False)
 def _count_lo(bits, b, counts):  # pragma: no cover - compiled
-    """counts[low 16 bits] += 1 for the |x| whose top 16 bits are ``b``; ``counts`` has one more slot
-    at the end that takes every other value (no branch to mispredict)."""
-    for j in range(bits.shape[0]):
-        u = bits[j] & np.uint32(0x7FFFFFFF)
-        slot = np.int64(u & np.uint32(0xFFFF)) if (u >> np.uint32(16)) == b else np.int64(LO_BINS)
-        counts[slot] += 1
+    """counts[low 16 bits] += 1 for the |x| whose top 16 bits are ``b``. Each block's values in that
+    bin are first gathered without a branch (a store at a position that advances only on a match),
+    then counted: a branch per element mispredicted, and a catch-all counter bumped for every other
+    element made a chain of dependent memory updates (1-2 ns an element either way)."""
+    found = np.empty(SCAN_BLOCK + 1, dtype=np.uint32)
+    n = bits.shape[0]
+    for s in range(0, n, SCAN_BLOCK):
+        e = min(n, s + SCAN_BLOCK)
+        c = 0
+        for j in range(s, e):
+            u = bits[j] & np.uint32(0x7FFFFFFF)
+            found[c] = u
+            c += np.int64((u >> np.uint32(16)) == b)
+        for t in range(c):
+            counts[np.int64(found[t] & np.uint32(0xFFFF))] += 1
 
 
-@njit(inline="always")
-def _is_tie(v, tie_bits):  # pragma: no cover - compiled
-    """Whether |v| as float32 has the bit pattern ``tie_bits``."""
-    return (np.float32(v).view(np.uint32) & np.uint32(0x7FFFFFFF)) == tie_bits
+@njit(nogil=True, boundscheck=False)
+def _count_ties(xb, tie_bits):  # pragma: no cover - compiled
+    """How many of the float32 bit patterns ``xb`` are +-``tie_bits``. (The block loops are compiled
+    functions of their own, called on slices: inlined into the trim loop they did not vectorise, and
+    the scan took 2 ns an element instead of 0.3.)"""
+    hits = 0
+    for j in range(xb.shape[0]):
+        hits += np.int64((xb[j] & np.uint32(0x7FFFFFFF)) == tie_bits)
+    return hits
+
+
+@njit(nogil=True, boundscheck=False)
+def _zero_ties(xb, tie_bits, out):  # pragma: no cover - compiled
+    """out[j] = 0 where the bit pattern xb[j] is +-``tie_bits``."""
+    zero = out.dtype.type(0)
+    for j in range(xb.shape[0]):
+        out[j] = zero if (xb[j] & np.uint32(0x7FFFFFFF)) == tie_bits else out[j]
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def _trim_kernel(x, lam, shrink, tie_bits, budget, out):  # pragma: no cover - compiled
+def _trim_kernel(x, xb, lam, shrink, tie_bits, budget, out):  # pragma: no cover - compiled
     """out = x, with 0 where -lam <= x <= lam when ``shrink`` (torch's hardshrink; NaN stays), and
-    with 0 at the first ``budget`` elements whose |x| as float32 has the bits ``tie_bits``.
-    Returns how many of those it zeroed."""
+    with 0 at the first ``budget`` elements whose |x| as float32 has the bits ``tie_bits`` (``xb``: the
+    float32 bit patterns of x). Returns how many of those it zeroed. Ties are counted block by block
+    and zeroed only in blocks that hold some."""
     zero = x.dtype.type(0)
     if shrink:
         for j in range(x.shape[0]):
@@ -121,17 +144,13 @@ def _trim_kernel(x, lam, shrink, tie_bits, budget, out):  # pragma: no cover - c
         if seen >= budget:
             break
         e = min(n, s + SCAN_BLOCK)
-        hits = 0
-        for j in range(s, e):
-            hits += _is_tie(x[j], tie_bits)
-        if hits and seen + hits <= budget:  # every tie in the block goes: a loop that vectorises
-            for j in range(s, e):
-                if _is_tie(x[j], tie_bits):
-                    out[j] = zero
+        hits = _count_ties(xb[s:e], tie_bits)
+        if hits and seen + hits <= budget:  # every tie in the block goes
+            _zero_ties(xb[s:e], tie_bits, out[s:e])
             seen += hits
         elif hits:  # the block where the budget runs out
             for j in range(s, e):
-                if seen < budget and _is_tie(x[j], tie_bits):
+                if seen < budget and (xb[j] & np.uint32(0x7FFFFFFF)) == tie_bits:
                     out[j] = zero
                     seen += 1
     return seen
@@ -204,7 +223,8 @@ class TopKThreshold:
         shrink = self.threshold_bits != 0  # T = 0: every nonzero entry is kept, zeros stay zero
         lam = flat.dtype.type(_float_of_bits(self.threshold_bits - 1) if shrink else 0.0)
         budget = max(0, self.ties_to_drop - self.ties_seen)
-        self.ties_seen += _trim_kernel(flat, lam, shrink, np.uint32(self.threshold_bits), budget, out)
+        bits = (flat if flat.dtype == np.float32 else flat.astype(np.float32)).view(np.uint32)
+        self.ties_seen += _trim_kernel(flat, bits, lam, shrink, np.uint32(self.threshold_bits), budget, out)
         return arrays.like(out, x)
 
     def _dropped_ties(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -286,8 +306,7 @@ class OrderStatistics:
             above = int(at_or_above[b + 1]) if b + 1 < HI_BINS else 0
             self.bins.append(b)
             self.rank_in_bin.append(k - above)
-        # one spare slot at the end: _count_lo's catch-all
-        self.lo_counts = {b: np.zeros(LO_BINS + 1, dtype=np.int64) for b in set(self.bins)}
+        self.lo_counts = {b: np.zeros(LO_BINS, dtype=np.int64) for b in set(self.bins)}
 
     def _check(self, total: int) -> None:
         if any(k > total for k in self.ranks):

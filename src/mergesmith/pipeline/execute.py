@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -44,6 +44,9 @@ TORCH_IMPORT_RSS = 240 * 2**20
 # models at several --memory-limit values: temporaries inside the kernels and allocator fragmentation.
 ALLOCATOR_OVERHEAD = 2.0
 MIN_CHUNK_ELEMS = 1 << 16
+# Input bytes the prefetcher asks the kernel to read ahead of the tensors the workers have started: page
+# cache, not this process's memory. Enough for the next few tensors of a large model, little against RAM.
+PREFETCH_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -185,20 +188,27 @@ class Executor:
 
     def _run(self, progress) -> None:
         tensors = merge_units(self.plan.tensors)
+        prefetch = Prefetcher(self.plan, tensors, PREFETCH_BYTES)
+        try:
+            self._run_all(tensors, progress, prefetch)
+        finally:
+            prefetch.stop()
 
+    def _run_all(self, tensors: list[OutputTensor], progress, prefetch: Prefetcher) -> None:
         def report(t: OutputTensor) -> None:
             if progress:
                 for part in t.parts or (t,):  # the bar counts the tensors written
                     progress(part)
 
         if self.options.workers <= 1:
-            for t in tensors:
+            for i, t in enumerate(tensors):
+                prefetch.started(i)
                 self.produce(t)
                 report(t)
             return
         pool = ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="mergesmith")
         try:
-            futures = {pool.submit(self._guarded, t): (i, t) for i, t in enumerate(tensors)}
+            futures = {pool.submit(self._guarded, t, i, prefetch): (i, t) for i, t in enumerate(tensors)}
             pending = set(futures)
             while pending:
                 # every finished tensor moves the progress bar at once (FIRST_EXCEPTION would return only
@@ -213,8 +223,9 @@ class Executor:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _guarded(self, t: OutputTensor) -> None:
+    def _guarded(self, t: OutputTensor, index: int, prefetch: Prefetcher) -> None:
         if not self._cancel.is_set():
+            prefetch.started(index)
             self.produce(t)
 
     # --- one output tensor ------------------------------------------------------------------------
@@ -313,6 +324,65 @@ def _split(t: OutputTensor, data, span) -> Iterator[tuple[OutputTensor, Any, Any
     rows = data.reshape(-1, row_elems(t))
     for part, first, (lo, hi) in _part_spans(t, span):
         yield part, rows[first + lo - start : first + hi - start], (lo, hi)
+
+
+class Prefetcher:
+    """Keeps the disk reading ahead of the workers: a thread asks the kernel to read the inputs of the
+    next tensors in plan order (``ModelSource.prefetch``: posix_fadvise WILLNEED), up to ``ahead``
+    bytes past the last tensor a worker started. With inputs that are not in the page cache (models
+    larger than memory), each worker otherwise waited for its own reads while the disk waited for the
+    workers; the hints cost nothing when the inputs are already cached. Memory is the page cache's."""
+
+    def __init__(self, plan: MergePlan, units: Sequence[OutputTensor], ahead: int):
+        self._models = plan.models
+        # a group (experts merged as one tensor) reads every member's inputs
+        self._sources = [[s for part in t.parts or (t,) for s in part.sources] for t in units]
+        self._sizes = [self._input_bytes(sources) for sources in self._sources]
+        self._ahead = ahead
+        self._started = 0  # tensors that workers have started
+        self._stopped = False
+        self._cond = threading.Condition()
+        self.asked: list[int] = []  # tensors whose inputs were announced, in order (for tests)
+        self._thread = threading.Thread(target=self._run, name="mergesmith-prefetch", daemon=True)
+        self._thread.start()
+
+    def _input_bytes(self, sources) -> int:
+        total = 0
+        for s in sources:
+            info = getattr(self._models[s.model], "tensors", {}).get(s.tensor)
+            total += info.nbytes if info is not None else 0
+        return total
+
+    def started(self, index: int) -> None:
+        """A worker started tensor ``index``: the window moves on."""
+        with self._cond:
+            if index + 1 > self._started:
+                self._started = index + 1
+                self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        for i, sources in enumerate(self._sources):
+            with self._cond:
+                # the next tensor to start is always announced; later ones while they fit the window
+                while (
+                    not self._stopped
+                    and i > self._started
+                    and sum(self._sizes[self._started : i + 1]) > self._ahead
+                ):
+                    self._cond.wait()
+                if self._stopped:
+                    return
+            for s in sources:
+                fetch = getattr(self._models[s.model], "prefetch", None)
+                if fetch is not None:
+                    fetch(s.tensor)
+            self.asked.append(i)
 
 
 _allocator_tuned = False
