@@ -125,6 +125,19 @@ DEEPSEEK_ROUTING = (
     ("routed_scaling_factor", 1.0),
 )
 PROJ_NAMES = ("gate_proj", "up_proj", "down_proj")
+# DeepSeek-V3 and GLM4-MoE share their MoE block: a shared expert, a sigmoid gate with a score bias
+DEEPSEEK_STYLE: dict[str, Any] = dict(
+    shared_expert=True,
+    block="mlp",
+    expert_names=PROJ_NAMES,
+    count_key="n_routed_experts",
+    settings=DEEPSEEK_ROUTING,
+    expert_size_key="moe_intermediate_size",
+    bias_key="attention_bias",
+    shared_style="deepseek",
+    score_bias="mlp.gate.e_score_correction_bias",
+    sigmoid_gate=True,
+)
 
 FAMILIES: tuple[Family, ...] = (
     Family(
@@ -178,38 +191,8 @@ FAMILIES: tuple[Family, ...] = (
         settings=(("norm_topk_prob", True),),
         bias_key="attention_bias",
     ),
-    Family(
-        "DeepSeek-V3",
-        "deepseek_v3",
-        "DeepseekV3ForCausalLM",
-        ("deepseek_v3",),
-        shared_expert=True,
-        block="mlp",
-        expert_names=PROJ_NAMES,
-        count_key="n_routed_experts",
-        settings=DEEPSEEK_ROUTING,
-        expert_size_key="moe_intermediate_size",
-        bias_key="attention_bias",
-        shared_style="deepseek",
-        score_bias="mlp.gate.e_score_correction_bias",
-        sigmoid_gate=True,
-    ),
-    Family(
-        "GLM4-MoE",
-        "glm4_moe",
-        "Glm4MoeForCausalLM",
-        ("glm4_moe",),
-        shared_expert=True,
-        block="mlp",
-        expert_names=PROJ_NAMES,
-        count_key="n_routed_experts",
-        settings=DEEPSEEK_ROUTING,
-        expert_size_key="moe_intermediate_size",
-        bias_key="attention_bias",
-        shared_style="deepseek",
-        score_bias="mlp.gate.e_score_correction_bias",
-        sigmoid_gate=True,
-    ),
+    Family("DeepSeek-V3", "deepseek_v3", "DeepseekV3ForCausalLM", ("deepseek_v3",), **DEEPSEEK_STYLE),
+    Family("GLM4-MoE", "glm4_moe", "Glm4MoeForCausalLM", ("glm4_moe",), **DEEPSEEK_STYLE),
     Family(
         "GraniteMoE",
         "granitemoe",
