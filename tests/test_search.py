@@ -388,3 +388,25 @@ def test_best_yml_remerges_to_the_scored_bytes_and_score(tmp_path):
     assert header[:3] == ["evaluation", "generation", "fitness"] and "rev.weight.mlp.0" in header
     assert (out / "search.png").stat().st_size > 0
     shutil.rmtree(remerged)
+
+
+def test_ray_before_the_positionals_or_unreachable_is_one_line(models, tmp_path, capsys, monkeypatch):
+    """A bare --ray before SEARCH.yml took the config as its address (the error was a missing OUT_DIR);
+    a Ray that cannot be reached was a ConnectionError traceback."""
+    import types
+
+    path = tmp_path / "search.yml"
+    path.write_text(yaml.safe_dump(genome_config(models)))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        main(["search", "--ray", str(path), str(out)])
+    assert exit_.value.code == 2 and "not a Ray address" in capsys.readouterr().err
+
+    def refuse(**kwargs):
+        raise ConnectionError("ray client connection timeout")
+
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=refuse)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    assert main(["search", str(path), str(out), "--ray", "ray://nowhere:10001", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'ray://nowhere:10001'" in err and "ConnectionError" in err, err
