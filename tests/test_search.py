@@ -168,6 +168,7 @@ def test_searched_parameters_follow_the_method(models, method, normalize, params
         (lambda c: c["optimizer"].update(init={"wieght": 1.0}), "did you mean 'weight'?"),
         (lambda c: c["optimizer"].update(init={"weight": 3.0}), "outside its range [0.0, 1.0]"),
         (lambda c: c["tasks"][0].update(tasks_file="/nonexistent/val.jsonl"), "does not exist"),
+        (lambda c: c["tasks"][0].update(tasks_file=str(Path.cwd())), "is a folder, not a file"),
         (lambda c: c["genome"].update(layer_granularity=3), "does not divide the model's 4 layers"),
         (lambda c: c["genome"].update(merge_method="tiez"), "tiez"),
         (lambda c: c["genome"].update(merge_method="passthrough"), "none of the searched parameters"),
