@@ -411,3 +411,24 @@ def test_ray_before_the_positionals_or_unreachable_is_one_line(models, tmp_path,
     assert main(["search", str(path), str(out), "--ray", "ray://nowhere:10001", "-q"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'ray://nowhere:10001'" in err and "ConnectionError" in err, err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("merge_method: [\n", "not valid YAML"),  # was a yaml ParserError traceback
+        ("merge_method: linear\n", "invalid config"),  # named 'config:', not the file
+    ],
+)
+def test_bad_baseline_is_one_line_naming_the_file(models, tmp_path, capsys, text, message):
+    baseline = tmp_path / "hand.yml"
+    baseline.write_text(text)
+    cfg = genome_config(models)
+    cfg["baseline"] = str(baseline)
+    path = tmp_path / "search.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    assert main(["search", str(path), str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err and str(baseline) in err, err
+    assert not out.exists()
