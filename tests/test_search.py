@@ -432,3 +432,21 @@ def test_bad_baseline_is_one_line_naming_the_file(models, tmp_path, capsys, text
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err and str(baseline) in err, err
     assert not out.exists()
+
+
+def test_a_hand_edited_journal_is_refused_or_reevaluated(models, distance, tmp_path):
+    """A header.json that is JSON but not an object was an AttributeError traceback; an evals.jsonl line
+    that is JSON but not a record was a TypeError: now the first is refused, the second evaluated again."""
+    from mergesmith.core.errors import MergeError
+
+    whole = run_search(models, tmp_path / "whole", distance, max_evals=16)
+    out = tmp_path / "edited"
+    shutil.copytree(tmp_path / "whole", out)
+    evals = out / "journal" / "evals.jsonl"
+    lines = evals.read_text().splitlines()
+    evals.write_text("\n".join([lines[0], '{"x": 1}', "[2]", *lines[1:]]) + "\n")
+    again = run_search(models, out, distance, max_evals=16)
+    assert again.best.fitness == whole.best.fitness
+    (out / "journal" / "header.json").write_text("[]")
+    with pytest.raises(MergeError, match="not a journal header"):
+        run_search(models, out, distance, max_evals=16)
