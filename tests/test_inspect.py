@@ -406,3 +406,27 @@ def test_tokenizer_and_config_differences_are_named(odd_models, tmp_path):
 )
 def test_layer_and_module_of_a_tensor(name, layer, module):
     assert (analyse.layer_label(name), analyse.module_of(name)) == (layer, module)
+
+
+def test_output_file_mistakes_and_an_unrelated_merged_model_exit_2(odd_models, tmp_path, capsys, monkeypatch):
+    """--report - wrote a file named '-'; --json naming the config replaced it with --overwrite; --merged
+    naming a model of another size printed '-' for every survival figure."""
+    m = odd_models
+    monkeypatch.chdir(tmp_path)  # where a file named '-' would land
+    cfg = tmp_path / "merge.yml"
+    cfg.write_text(
+        f"merge_method: task_arithmetic\nbase_model: {m['base']}\nmodels:\n"
+        f"  - model: {m['ft']}\n    parameters: {{weight: 1.0}}\n"
+    )
+    wide = save(build(tiny_config("llama", layers=3, vocab=96, hidden_size=48)), tmp_path / "wide")
+    text = cfg.read_text()
+    capsys.readouterr()  # save()'s progress bar
+    for extra, words in [
+        (["--report", "-"], "--report -"),
+        (["--json", str(cfg), "--overwrite"], "is an input of this run"),
+        (["--merged", str(wide)], "none of its tensors"),
+    ]:
+        assert main(["inspect", str(cfg), "-q", *extra]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and words in err, err
+    assert cfg.read_text() == text and sorted(p.name for p in tmp_path.iterdir()) == ["merge.yml", "wide"]

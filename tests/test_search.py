@@ -168,6 +168,7 @@ def test_searched_parameters_follow_the_method(models, method, normalize, params
         (lambda c: c["optimizer"].update(init={"wieght": 1.0}), "did you mean 'weight'?"),
         (lambda c: c["optimizer"].update(init={"weight": 3.0}), "outside its range [0.0, 1.0]"),
         (lambda c: c["tasks"][0].update(tasks_file="/nonexistent/val.jsonl"), "does not exist"),
+        (lambda c: c["tasks"][0].update(tasks_file=str(Path.cwd())), "is a folder, not a file"),
         (lambda c: c["genome"].update(layer_granularity=3), "does not divide the model's 4 layers"),
         (lambda c: c["genome"].update(merge_method="tiez"), "tiez"),
         (lambda c: c["genome"].update(merge_method="passthrough"), "none of the searched parameters"),
@@ -388,3 +389,64 @@ def test_best_yml_remerges_to_the_scored_bytes_and_score(tmp_path):
     assert header[:3] == ["evaluation", "generation", "fitness"] and "rev.weight.mlp.0" in header
     assert (out / "search.png").stat().st_size > 0
     shutil.rmtree(remerged)
+
+
+def test_ray_before_the_positionals_or_unreachable_is_one_line(models, tmp_path, capsys, monkeypatch):
+    """A bare --ray before SEARCH.yml took the config as its address (the error was a missing OUT_DIR);
+    a Ray that cannot be reached was a ConnectionError traceback."""
+    import types
+
+    path = tmp_path / "search.yml"
+    path.write_text(yaml.safe_dump(genome_config(models)))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        main(["search", "--ray", str(path), str(out)])
+    assert exit_.value.code == 2 and "not a Ray address" in capsys.readouterr().err
+
+    def refuse(**kwargs):
+        raise ConnectionError("ray client connection timeout")
+
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=refuse)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    assert main(["search", str(path), str(out), "--ray", "ray://nowhere:10001", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'ray://nowhere:10001'" in err and "ConnectionError" in err, err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("merge_method: [\n", "not valid YAML"),  # was a yaml ParserError traceback
+        ("merge_method: linear\n", "invalid config"),  # named 'config:', not the file
+    ],
+)
+def test_bad_baseline_is_one_line_naming_the_file(models, tmp_path, capsys, text, message):
+    baseline = tmp_path / "hand.yml"
+    baseline.write_text(text)
+    cfg = genome_config(models)
+    cfg["baseline"] = str(baseline)
+    path = tmp_path / "search.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    assert main(["search", str(path), str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err and str(baseline) in err, err
+    assert not out.exists()
+
+
+def test_a_hand_edited_journal_is_refused_or_reevaluated(models, distance, tmp_path):
+    """A header.json that is JSON but not an object was an AttributeError traceback; an evals.jsonl line
+    that is JSON but not a record was a TypeError: now the first is refused, the second evaluated again."""
+    from mergesmith.core.errors import MergeError
+
+    whole = run_search(models, tmp_path / "whole", distance, max_evals=16)
+    out = tmp_path / "edited"
+    shutil.copytree(tmp_path / "whole", out)
+    evals = out / "journal" / "evals.jsonl"
+    lines = evals.read_text().splitlines()
+    evals.write_text("\n".join([lines[0], '{"x": 1}', "[2]", *lines[1:]]) + "\n")
+    again = run_search(models, out, distance, max_evals=16)
+    assert again.best.fitness == whole.best.fitness
+    (out / "journal" / "header.json").write_text("[]")
+    with pytest.raises(MergeError, match="not a journal header"):
+        run_search(models, out, distance, max_evals=16)

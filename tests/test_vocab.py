@@ -414,6 +414,19 @@ def test_bad_token_rules_are_one_line(family_models, tmp_path, tokens, words):
     _one_line_error(r, *words, out=tmp_path / "out")
 
 
+def test_tokenizer_source_rows_past_its_embedding_is_one_line(family_models, tmp_path):
+    """OMP reads the source's rows of the tokens the models lack: ids past its embedding are an error,
+    not the bytes of the next tensor."""
+    import shutil
+
+    m = family_models["untied"]
+    bad = tmp_path / "bad"
+    shutil.copytree(m["b"], bad)
+    shutil.copy(m["bx"] / "tokenizer.json", bad / "tokenizer.json")  # 48 tokens, 46 rows
+    r = _cli(config("linear", m["a"], m["b"], tokenizer_source=str(bad)), tmp_path)
+    _one_line_error(r, str(bad), "token id 47", "46 rows", out=tmp_path / "out")
+
+
 def test_union_without_tokenizer_json_is_one_line(tmp_path):
     a = tm.make_model(tmp_path / "a", vocab=tm.VOCAB)
     b = tm.make_finetune(a, tmp_path / "b")

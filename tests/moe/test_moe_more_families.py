@@ -167,3 +167,13 @@ def test_fused_layout_is_the_dense_model_too(dense, tmp_path, family, key):
     cfg = _config(base, "random", key, False)
     model = load(build_moe(cfg, tmp_path / "moe", quiet=True, fused_experts=True).path)
     torch.testing.assert_close(logits(model), logits(load(base)), atol=1e-5, rtol=1e-5)
+
+
+def test_no_shared_expert_prints_no_torch_warning(dense, tmp_path):
+    """DeepSeek-V3 without a shared expert has zero-size Linear layers; building the expected tensors
+    printed torch's 'Initializing zero-element tensors is a no-op' on the user's terminal."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_moe(_config(dense["deepseek_v3"], "random", "deepseek", False), tmp_path / "moe", quiet=True)

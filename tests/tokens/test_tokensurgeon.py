@@ -143,8 +143,18 @@ def test_bad_inputs_are_one_line_and_write_nothing(pair, tmp_path):
     model, donor, _, _ = pair
     bad = shutil.copytree(donor, tmp_path / "bad")
     (bad / "tokenizer.json").write_text("{not json")
+    bare = shutil.copytree(donor, tmp_path / "bare")  # no tokenizer.json: nothing to re-index by
+    (bare / "tokenizer.json").unlink()
+    big = shutil.copytree(donor, tmp_path / "big")  # a tokenizer with more ids than the donor's rows
+    tok = json.loads((big / "tokenizer.json").read_text())
+    n = len(tok["model"]["vocab"])
+    tok["model"]["vocab"].update({f"zz{i}": n + i for i in range(5)})
+    (big / "tokenizer.json").write_text(json.dumps(tok))
     for args, words in [
         ((str(model), str(bad)), "tokenizer.json cannot be read"),
+        ((str(model), str(bare)), "DONOR"),
+        ((str(bare), str(model)), "MODEL"),
+        ((str(model), str(big)), "does not belong"),
         ((str(model), str(model)), "same folder"),
         ((str(model), str(donor), "--init", "magic"), "invalid choice"),
     ]:

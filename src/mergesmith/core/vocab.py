@@ -299,6 +299,12 @@ def gather_rows(model: ModelSource, name: str, ids: np.ndarray) -> _t.Tensor:
         return out
     order = np.argsort(ids, kind="stable")
     s = ids[order]
+    if s[-1] >= info.shape[0]:  # a read past the tensor would take the next tensor's bytes as a row
+        raise MergeError(
+            f"model {model.ref!r}: its tokenizer has token id {int(s[-1])} but tensor {name!r} has "
+            f"{info.shape[0]} rows; the tokenizer does not belong to these weights (give the model its own "
+            "tokenizer)"
+        )
     breaks = np.nonzero(np.diff(s) > GATHER_GAP)[0] + 1
     for seg in np.split(np.arange(len(s)), breaks):
         lo, hi = int(s[seg[0]]), int(s[seg[-1]]) + 1

@@ -204,6 +204,12 @@ def plan_jobs(spec: Inputs, sources: dict[str, ModelSource]) -> tuple[list[Job],
         has_merged = m_info is not None and m_info.shape == info.shape and m_info.code in FLOAT_CODES
         method, params = by_name.get(name, (None, None))
         jobs.append(Job(name, info, method, params, has_merged))
+    if merged is not None and jobs and not any(j.merged for j in jobs):
+        # another model's folder: every survival would be a silent '-'
+        raise MergeError(
+            f"--merged {spec.merged}: none of its tensors has a name and shape of the base's; pass the "
+            "folder this merge wrote"
+        )
     return jobs, skipped
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from mergesmith.core.cliargs import add_verbosity, positive_int
@@ -65,6 +66,13 @@ def run(args: argparse.Namespace) -> int:
     from mergesmith.inspection import report as out
     from mergesmith.inspection.analyse import inspect_models
 
+    if args.report == "-":  # it would be a file named '-'
+        raise MergeError(
+            "--report -: the HTML report is written to a file; give a file name (--json - prints)"
+        )
+    for flag, name in (("--report", args.report), ("--json", args.json)):
+        if name and name != "-" and any(Path(name).resolve() == Path(i).resolve() for i in args.inputs):
+            raise MergeError(f"{flag} {name} is an input of this run; give another file name")
     report_path = out.check_output_file(args.report, args.overwrite, "--report") if args.report else None
     json_path = (
         out.check_output_file(args.json, args.overwrite, "--json") if args.json and args.json != "-" else None

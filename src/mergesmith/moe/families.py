@@ -12,6 +12,7 @@ with gate rows before up rows, ``mlp.experts.down_proj`` [E, d, I]), as mergekit
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -309,6 +310,9 @@ def expected_tensors(config: Any) -> dict[str, tuple[int, ...]]:
     meta device so that nothing is allocated."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    with torch.device("meta"), warnings.catch_warnings():
+        # an output without a shared expert (n_shared_experts 0) has empty Linear layers: torch's warning
+        # about initialising them is noise on the user's terminal
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}

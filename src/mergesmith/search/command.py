@@ -18,6 +18,17 @@ same command (or add --resume). See docs/search.md.
 """
 
 
+def ray_address(text: str) -> str:
+    """argparse ``type=`` of ``--ray``'s optional ADDRESS: a bare ``--ray`` before the positionals would
+    take SEARCH.yml (or OUT_DIR) as its address, and the error would be a missing OUT_DIR."""
+    if text in ("auto", "local") or ":" in text:
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not a Ray address (auto, local, HOST:PORT or ray://HOST:PORT); give a bare --ray after "
+        "SEARCH.yml OUT_DIR"
+    )
+
+
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "search", help=HELP, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -47,6 +58,7 @@ def register(subparsers: Any) -> None:
         nargs="?",
         const=True,
         default=False,
+        type=ray_address,
         metavar="ADDRESS",
         help="evaluate on Ray: a local one, or the cluster at ADDRESS (pip install 'mergesmith[search]')",
     )

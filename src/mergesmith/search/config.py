@@ -192,11 +192,16 @@ def _check_semantics(config: SearchConfig, source: str) -> None:
         raise ConfigError(f"{source}: genome.filters: a name is given twice")
 
 
+def _missing(path: Path) -> str:
+    """Why a file the config names cannot be read: a folder given for a file is not a missing file."""
+    return "is a folder, not a file" if path.is_dir() else "does not exist"
+
+
 def read_search_config(path: str | Path) -> SearchConfig:
     """Parse SEARCH.yml (syntax, keys, values); files are checked by :func:`check_files`."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"search config {path} does not exist; pass a SEARCH.yml file")
+        raise ConfigError(f"search config {path} {_missing(path)}; pass a SEARCH.yml file")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -211,9 +216,9 @@ def check_files(config: SearchConfig) -> None:
         for key in ("tasks_file", "ppl_file"):
             value = getattr(t, key)
             if value is not None and not Path(value).is_file():
-                raise ConfigError(f"task {t.name!r}: {key} {value} does not exist")
+                raise ConfigError(f"task {t.name!r}: {key} {value} {_missing(Path(value))}")
     for f in config.held_out:
         if not Path(f).is_file():
-            raise ConfigError(f"held_out: tasks file {f} does not exist")
+            raise ConfigError(f"held_out: tasks file {f} {_missing(Path(f))}")
     if config.baseline is not None and not Path(config.baseline).is_file():
-        raise ConfigError(f"baseline: merge config {config.baseline} does not exist")
+        raise ConfigError(f"baseline: merge config {config.baseline} {_missing(Path(config.baseline))}")

@@ -21,6 +21,7 @@ from mergesmith.core.errors import MergeError
 
 HEADER = "header.json"
 EVALS = "evals.jsonl"
+RECORD_KEYS = {"gen", "x", "fitness", "scores", "merge_s", "score_s"}  # what run.py journals per candidate
 STATE = re.compile(r"state-(\d{5})\.pkl")
 
 
@@ -47,11 +48,16 @@ class Journal:
 
     def header(self) -> dict:
         try:
-            return json.loads((self.folder / HEADER).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            header = json.loads((self.folder / HEADER).read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise MergeError(
                 f"search journal {self.folder / HEADER} cannot be read ({exc}); use a new OUT_DIR"
             ) from None
+        if not isinstance(header, dict):
+            raise MergeError(
+                f"search journal {self.folder / HEADER} is not a journal header; use a new OUT_DIR"
+            )
+        return header
 
     def evals(self) -> list[dict]:
         path = self.folder / EVALS
@@ -60,9 +66,12 @@ class Journal:
         out = []
         for line in path.read_text().splitlines():
             try:
-                out.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:  # the last line, torn by a kill: evaluated again
                 continue
+            # a line that is not a record (edited by hand): its candidate is evaluated again too
+            if isinstance(record, dict) and RECORD_KEYS <= record.keys() and isinstance(record["x"], list):
+                out.append(record)
         return out
 
     def append(self, record: dict) -> None:

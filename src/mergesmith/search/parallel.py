@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any
 
+from mergesmith.core.errors import MergeError
 from mergesmith.search.engine import Cache, Evaluation, Evaluator
 from mergesmith.search.optimizers import need
 
@@ -97,7 +98,15 @@ class RayPool:
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
             if address is None and workers is not None:
                 kwargs["num_cpus"] = workers
-            ray.init(address=address, **kwargs)
+            try:
+                ray.init(address=address, **kwargs)
+            except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+                # an address with no cluster behind it, or a bad one: Ray raises here, after its own retries
+                where = f"the Ray cluster at {address!r}" if address else "a local Ray"
+                raise MergeError(
+                    f"--ray: cannot start or reach {where} ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                    "check the address (auto, HOST:PORT or ray://HOST:PORT) and that the cluster is up"
+                ) from None
         if workers is None:  # one actor per CPU of the cluster
             workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
         cache_ref = ray.put(cache)  # once; every actor on a node maps the same copy

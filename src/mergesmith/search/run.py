@@ -3,6 +3,7 @@ journalled as they finish, and the outputs of OUT_DIR at the end."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -21,6 +22,7 @@ import yaml
 from mergesmith.core.cliargs import check_workers
 from mergesmith.core.errors import MergeError
 from mergesmith.core.write import check_relations, input_paths, output_lock
+from mergesmith.pipeline.config import parse_config
 from mergesmith.search.config import SearchConfig, check_files, read_search_config
 from mergesmith.search.engine import Evaluation, Evaluator, Scorer
 from mergesmith.search.genome import SearchSpace
@@ -156,9 +158,15 @@ class Search:
     def _baseline_config(self) -> dict:
         if self.config.baseline is None:
             return self.space.to_config(self.space.clip(self.space.x0))
-        data = yaml.safe_load(Path(self.config.baseline).read_text())
+        path = self.config.baseline
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise MergeError(f"baseline: {path}: not valid YAML ({first})") from None
         if not isinstance(data, dict):
-            raise MergeError(f"baseline: {self.config.baseline} is not a merge config (a YAML mapping)")
+            raise MergeError(f"baseline: {path} is not a merge config (a YAML mapping)")
+        parse_config(copy.deepcopy(data), f"baseline {path}")  # its errors name the file, not 'config'
         return data
 
     def header(self) -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mergesmith.core.errors import MergeError
+from mergesmith.core.model import resolve_model_dir
 from mergesmith.core.omp import DEFAULT_K
 from mergesmith.pipeline.api import merge
 
@@ -39,6 +40,13 @@ def transplant_tokenizer(
         raise MergeError(f"tokensurgeon: k must be at least 1, got {k}")
     if Path(model).resolve() == Path(donor).resolve():
         raise MergeError("tokensurgeon: MODEL and DONOR are the same folder; nothing to transplant")
+    for role, ref in (("MODEL", model), ("DONOR", donor)):
+        # without it the merge would copy the tokenizer files as they are and re-index nothing
+        if not (resolve_model_dir(str(ref)) / "tokenizer.json").is_file():
+            raise MergeError(
+                f"tokensurgeon: {role} {str(ref)!r} has no tokenizer.json, which the transplant reads; save "
+                "its tokenizer as a fast tokenizer (AutoTokenizer.from_pretrained(...).save_pretrained(folder))"
+            )
     config = {
         "merge_method": "passthrough",
         "models": [{"model": str(model)}],
