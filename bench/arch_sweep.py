@@ -19,6 +19,8 @@ import argparse
 import io
 import json
 import logging
+import os
+import resource
 import shutil
 import signal
 import sys
@@ -220,7 +222,17 @@ def main() -> None:
     ap.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
     ap.add_argument("--timeout", type=int, default=120, help="seconds per family")
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument(
+        "--max-memory-gib",
+        type=float,
+        default=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.7 / 2**30,
+        help="address-space limit of this process (default 70%% of RAM): a family whose tiny build still "
+        "asks for more (inkling_mm_model) fails to allocate and is 'not built', instead of the kernel's "
+        "out-of-memory killer ending the sweep",
+    )
     args = ap.parse_args()
+    limit = int(args.max_memory_gib * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
     from transformers.utils import logging as hf_logging
