@@ -162,6 +162,10 @@ def test_searched_parameters_follow_the_method(models, method, normalize, params
         (lambda c: c["genome"].update(merge_methd="ties"), "unknown key; did you mean 'merge_method'?"),
         (lambda c: c.update(optimiser={"name": "cmaes"}), "unknown key; did you mean 'optimizer'?"),
         (lambda c: c["tasks"][0].update(limt=3), "'tasks.0.limt': unknown key; did you mean 'limit'?"),
+        (
+            lambda c: c["tasks"][0].update(limit=True),
+            "at 'tasks.0.limit': expected a whole number, not true/false",
+        ),
         (lambda c: c["optimizer"].update(bounds={"density": [0.1, 2]}), "must lie within (0, 1]"),
         (lambda c: c["optimizer"].update(bounds={"density": [0, 1]}), "a density of 0 keeps nothing"),
         (lambda c: c["optimizer"].update(name="nelder"), "optimizer.name"),

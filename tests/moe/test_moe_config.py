@@ -145,6 +145,7 @@ def test_calibration_answers_and_shrinkage_keys():
         assert c.calibration.shrinkage == value
     assert "calibration.shrinkage" in error_of(cfg(gate_mode="calibrated", calibration={"shrinkage": 1.5}))
     assert "calibration.shrinkage" in error_of(cfg(gate_mode="calibrated", calibration={"shrinkage": "lw"}))
+    assert "not true/false" in error_of(cfg(gate_mode="calibrated", calibration={"max_new_tokens": True}))
     assert "calibration.max_new_tokens" in error_of(
         cfg(gate_mode="calibrated", calibration={"max_new_tokens": -1})
     )

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mergesmith.core.errors import ConfigError
-from mergesmith.pipeline.config import _format_validation_error, load_yaml_documents
+from mergesmith.pipeline.config import Count, _format_validation_error, load_yaml_documents
 
 GateMode = Literal[
     "hidden",
@@ -66,7 +66,7 @@ class Calibration(_Strict):
     #: Tokens of each expert's own greedy continuation of its prompts (generated at build time) that are
     #: calibration samples too: the MoE routes the answer tokens it generates, not only the prompt's.
     #: 0 calibrates on prompt tokens only.
-    max_new_tokens: int = Field(default=32, ge=0)
+    max_new_tokens: Count = Field(default=32, ge=0)
 
 
 class MoEConfig(_Strict):
@@ -74,7 +74,7 @@ class MoEConfig(_Strict):
     experts: list[Expert] = Field(min_length=1)
     gate_mode: GateMode = "hidden"
     dtype: str | None = None
-    experts_per_token: int = 2
+    experts_per_token: Count = 2
     shared_experts: list[Expert] | None = None
     architecture: str | None = None
     calibration: Calibration | None = None

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -26,6 +27,16 @@ from pydantic import (
 from mergesmith.core.errors import ConfigError
 
 Scalar = bool | int | float | str
+
+
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # pydantic reads true as 1 for an int field
+        raise ValueError("expected a whole number, not true/false")
+    return value
+
+
+#: A count in a config of ours (``max_new_tokens``, ``limit``): a whole number; ``true`` is an error, not 1.
+Count = Annotated[int, BeforeValidator(_not_bool)]
 Gradient = list[int | float]
 
 

@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mergesmith.core.errors import ConfigError
-from mergesmith.pipeline.config import did_you_mean
+from mergesmith.pipeline.config import Count, did_you_mean
 
 #: Parameters the search varies when the method has them; per-model ones get one value per model.
 SEARCHABLE = ("weight", "density", "t", "lambda")
@@ -45,7 +45,7 @@ class Genome(_Strict):
     merge_method: str
     base_model: str | None = None
     tokenizer_source: str | None = None
-    layer_granularity: int = Field(default=0, ge=0)  # 0: one value per model for the whole model
+    layer_granularity: Count = Field(default=0, ge=0)  # 0: one value per model for the whole model
     normalize: bool | None = (
         None  # None: the method's default (mergekit-evolve: true for ties/dare_ties/linear)
     )
@@ -63,7 +63,7 @@ class Task(_Strict):
     metric: str | None = None  # lm-eval tasks only
     tasks_file: str | None = None  # ours: exact-match accuracy on {"prompt", "answer"} lines
     ppl_file: str | None = None  # ours: -weight * ln(perplexity) on a text file
-    limit: int | None = Field(default=None, ge=1)  # prompts / lines scored per evaluation (the first N)
+    limit: Count | None = Field(default=None, ge=1)  # prompts / lines scored per evaluation (the first N)
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -85,7 +85,7 @@ class Optimizer(_Strict):
 
     name: Literal["cmaes", "random", "tpe"] = "cmaes"
     sigma0: float = Field(default=1 / 6, gt=0)  # CMA-ES step size, in units of each parameter's range
-    population: int | None = Field(default=None, ge=2)  # candidates per generation (default: CMA-ES's)
+    population: Count | None = Field(default=None, ge=2)  # candidates per generation (default: CMA-ES's)
     # starting point per parameter name (default: mergekit-evolve's: weight 1/len(models), density 1, t 0.5)
     init: dict[str, float] | None = None
     # search range per parameter name (default: weight [0, 2] or [-2, 2], density and t [0, 1])
@@ -99,8 +99,8 @@ class SearchConfig(_Strict):
     optimizer: Optimizer = Optimizer()
     baseline: str | None = None  # ours: a hand-set merge config, the reference in the closing table
     # mergekit-evolve's top-level keys: `limit` is every task's default; the others go to lm-eval
-    limit: int | None = Field(default=None, ge=1)
-    num_fewshot: int | None = None
+    limit: Count | None = Field(default=None, ge=1)
+    num_fewshot: Count | None = None
     shuffle: bool = False
     random_init: bool = False  # start from a random point instead of init (seeded by --seed)
     apply_chat_template: bool = True
@@ -138,8 +138,9 @@ def parse_search_config(data: Any, source: str = "search config") -> SearchConfi
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
-        msg = "required key is missing" if err["type"] == "missing" else err["msg"]
+        msg = "required key is missing" if err["type"] == "missing" else str(err["msg"])
         where = f" at '{loc}'" if loc else ""
+        msg = msg.removeprefix("Value error, ")  # pydantic's prefix for a validator's own message
         raise ConfigError(f"{source}: invalid search config{where}: {msg}") from None
     _check_semantics(config, source)
     return config
