@@ -139,6 +139,17 @@ DEEPSEEK_STYLE: dict[str, Any] = dict(
     score_bias="mlp.gate.e_score_correction_bias",
     sigmoid_gate=True,
 )
+# GraniteMoE and GraniteMoeShared share their MoE block: experts stacked in two tensors, a router module
+GRANITE_STYLE: dict[str, Any] = dict(
+    block="block_sparse_moe",
+    expert_names=PROJ_NAMES,
+    count_key="num_local_experts",
+    bias_key="attention_bias",
+    router="block_sparse_moe.router.layer.weight",
+    memory_router="block_sparse_moe.router.weight",
+    memory_experts="block_sparse_moe.experts",
+    stacked=("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight"),
+)
 
 FAMILIES: tuple[Family, ...] = (
     Family(
@@ -200,14 +211,7 @@ FAMILIES: tuple[Family, ...] = (
         "GraniteMoeForCausalLM",
         ("granite",),
         shared_expert=False,
-        block="block_sparse_moe",
-        expert_names=PROJ_NAMES,
-        count_key="num_local_experts",
-        bias_key="attention_bias",
-        router="block_sparse_moe.router.layer.weight",
-        memory_router="block_sparse_moe.router.weight",
-        memory_experts="block_sparse_moe.experts",
-        stacked=("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight"),
+        **GRANITE_STYLE,
     ),
     Family(
         "GraniteMoeShared",
@@ -215,15 +219,8 @@ FAMILIES: tuple[Family, ...] = (
         "GraniteMoeSharedForCausalLM",
         ("granite",),
         shared_expert=True,
-        block="block_sparse_moe",
-        expert_names=PROJ_NAMES,
-        count_key="num_local_experts",
-        bias_key="attention_bias",
-        router="block_sparse_moe.router.layer.weight",
-        memory_router="block_sparse_moe.router.weight",
-        memory_experts="block_sparse_moe.experts",
-        stacked=("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight"),
         shared_style="granite",
+        **GRANITE_STYLE,
     ),
     Family(
         "OLMoE",
