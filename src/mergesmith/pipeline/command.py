@@ -156,26 +156,21 @@ def _plan(args: argparse.Namespace) -> int:
         print("mergesmith plan: error: CONFIG.yml is required", file=sys.stderr)
         return 2
     options = exec_options_for(options_from_args(MergeOptions, args))
-    if not is_multi_stage(args.config):
-        plan = make_plan(
-            args.config,
-            allow_crimes=args.allow_crimes,
-            strict=args.strict,
-            mergekit_compat=args.mergekit_compat,
-            per_expert=args.per_expert,
-        )
-        try:
-            _print_plan(plan, options, args.summary or args.quiet)
-        finally:
-            plan.close()
-        return 0
-    stages = plan_stages(
-        args.config,
+    # what decides a plan: the same for one merge and for every stage of a multi-stage file
+    planning = dict(
         allow_crimes=args.allow_crimes,
         strict=args.strict,
         mergekit_compat=args.mergekit_compat,
         per_expert=args.per_expert,
     )
+    if not is_multi_stage(args.config):
+        plan = make_plan(args.config, **planning)
+        try:
+            _print_plan(plan, options, args.summary or args.quiet)
+        finally:
+            plan.close()
+        return 0
+    stages = plan_stages(args.config, **planning)
     try:
         for i, sp in enumerate(stages, 1):
             where = "OUT_DIR (final)" if sp.final else f"<intermediate-dir>/{sp.stage.name}"
