@@ -58,6 +58,8 @@ class ExecOptions:
     seed: int = 0
     check_finite: bool = True
     backend: str = "auto"  # auto | native | torch
+    # read-ahead hints for inputs on disk; off where the backend serves inputs from memory (search)
+    prefetch: bool = True
 
 
 def bytes_per_element(t: OutputTensor, method: Method) -> int:
@@ -188,13 +190,13 @@ class Executor:
 
     def _run(self, progress) -> None:
         tensors = merge_units(self.plan.tensors)
-        prefetch = Prefetcher(self.plan, tensors, PREFETCH_BYTES)
+        prefetch = Prefetcher(self.plan, tensors, PREFETCH_BYTES) if self.options.prefetch else NoPrefetch()
         try:
             self._run_all(tensors, progress, prefetch)
         finally:
             prefetch.stop()
 
-    def _run_all(self, tensors: list[OutputTensor], progress, prefetch: Prefetcher) -> None:
+    def _run_all(self, tensors: list[OutputTensor], progress, prefetch: Prefetcher | NoPrefetch) -> None:
         def report(t: OutputTensor) -> None:
             if progress:
                 for part in t.parts or (t,):  # the bar counts the tensors written
@@ -223,7 +225,7 @@ class Executor:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _guarded(self, t: OutputTensor, index: int, prefetch: Prefetcher) -> None:
+    def _guarded(self, t: OutputTensor, index: int, prefetch: Prefetcher | NoPrefetch) -> None:
         if not self._cancel.is_set():
             prefetch.started(index)
             self.produce(t)
@@ -324,6 +326,16 @@ def _split(t: OutputTensor, data, span) -> Iterator[tuple[OutputTensor, Any, Any
     rows = data.reshape(-1, row_elems(t))
     for part, first, (lo, hi) in _part_spans(t, span):
         yield part, rows[first + lo - start : first + hi - start], (lo, hi)
+
+
+class NoPrefetch:
+    """The executor's prefetcher when it is off: no thread, no hints."""
+
+    def started(self, index: int) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
 
 
 class Prefetcher:

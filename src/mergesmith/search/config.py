@@ -156,9 +156,6 @@ def _check_semantics(config: SearchConfig, source: str) -> None:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError(f"{source}: task name {dup[0]!r} is used twice; give every task its own name")
-    for t in config.tasks:
-        if t.kind == "lm_eval" and t.metric is None:
-            pass  # lm-eval's default metric, acc,none (mergekit-evolve's default)
     opt = config.optimizer
     for key in [*(opt.init or {}), *(opt.bounds or {})]:
         if key not in SEARCHABLE:

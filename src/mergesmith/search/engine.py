@@ -150,7 +150,8 @@ class Merger:
         plan = self.plan(config)
         chosen, _ = choose_backend(plan, "auto", "cpu", transformed_output=False)
         backend = CachingBackend(make_backend(chosen, plan, "cpu"), self.cache, self.cache_bytes)
-        options = fit_budget(plan, ExecOptions(workers=1, seed=MERGE_SEED))
+        # no read-ahead: after the first candidate the caching backend serves the inputs from memory
+        options = fit_budget(plan, ExecOptions(workers=1, seed=MERGE_SEED, prefetch=False))
         sink = MemorySink()
         Executor(plan, None, options, sink, backend).run()  # type: ignore[arg-type]
         return plan, sink.tensors

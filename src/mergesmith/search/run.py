@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -24,7 +25,7 @@ from mergesmith.core.errors import MergeError
 from mergesmith.core.write import check_relations, input_paths, output_lock
 from mergesmith.pipeline.config import parse_config
 from mergesmith.search.config import SearchConfig, check_files, read_search_config
-from mergesmith.search.engine import Evaluation, Evaluator, Scorer
+from mergesmith.search.engine import Evaluation, Evaluator
 from mergesmith.search.genome import SearchSpace
 from mergesmith.search.journal import Journal, write_atomic
 from mergesmith.search.optimizers import make_optimizer, need
@@ -353,7 +354,8 @@ class Search:
         base_eval = self.evaluator.evaluate(self.baseline_config)
         result.baseline_scores, result.baseline_fitness = base_eval.scores, base_eval.fitness
         if self.held_terms:
-            scorer = Scorer(self.held_terms, self.model_ref, self.tokenizer_ref)
+            # the search's scoring model, already loaded, on the held-out terms
+            scorer = dataclasses.replace(self.evaluator.scorer, terms=self.held_terms)
             for label, cfg in (("baseline", self.baseline_config), ("best", result.best_config)):
                 plan, tensors = self.evaluator.merger.merge(cfg)
                 result.held_out[label] = scorer.score(plan, tensors)
