@@ -35,7 +35,6 @@ from mergesmith.core.omp import DEFAULT_K, omp
 if TYPE_CHECKING:
     import torch as _t
 
-INITS = ("omp", "mergekit", "mean", "zero", "subword")  # how a row a model lacks is made (`default_init`)
 OMP_BATCH = 256  # tokens solved together by OMP
 GATHER_GAP = 32  # rows read in one pread when the needed rows are this close (fewer, larger reads)
 REAL_VOCAB_KINDS = ("BPE", "WordLevel", "WordPiece", "Unigram")
@@ -397,13 +396,10 @@ def check_rows(model: ModelSource, tok: TokenizerInfo) -> int:
     return rows
 
 
-def wrap_sources(
-    models: dict[str, ModelSource], plan: VocabPlan, donors: dict[str, ModelSource] | None = None
-) -> dict[str, ModelSource]:
+def wrap_sources(models: dict[str, ModelSource], plan: VocabPlan) -> dict[str, ModelSource]:
     """``models`` with every model of ``plan.maps`` whose rows are not already in output order replaced by
-    a :class:`RemappedSource`; ``donors`` are the unwrapped sources fills read from (default: models)."""
-    raw = dict(donors or models)
-    filler = Filler(plan, raw)
+    a :class:`RemappedSource`; fills read from the unwrapped ``models``."""
+    filler = Filler(plan, dict(models))
     out = dict(models)
     for ref, m in plan.maps.items():
         names, rows = vocab_tensors(models[ref])
@@ -441,10 +437,10 @@ class RemappedSource(ModelSource):
         r0, r1 = rows if rows is not None else (0, len(self.map))
         ids = self.map[r0:r1]
         info = self.inner.tensors[name]
-        out = torch.empty((r1 - r0, *info.shape[1:]), dtype=info.dtype)
         own = ids >= 0
         if own.all():
             return gather_rows(self.inner, name, ids)
+        out = torch.empty((r1 - r0, *info.shape[1:]), dtype=info.dtype)
         if own.any():
             out[torch.from_numpy(own)] = gather_rows(self.inner, name, ids[own])
         pos, values = self.filler.fills(self.ref, name)
