@@ -25,6 +25,7 @@ from mergesmith.core.errors import MergeError, one_line
 from mergesmith.core.model import ModelSource, TensorInfo
 from mergesmith.core.sources import open_source
 from mergesmith.inspection import compat
+from mergesmith.inspection.report import short
 from mergesmith.inspection.stats import (
     Sums,
     election,
@@ -402,7 +403,7 @@ class Streamer:
 def _sample_len(base: ModelSource) -> int:
     """The row length sampled for the PCA: the hidden size (rows of the projections that read the
     residual stream), else the most common row length of the matrices."""
-    hidden = compat._text_value(base.config, "hidden_size") or compat._text_value(base.config, "n_embd")
+    hidden = compat.text_value(base.config, "hidden_size") or compat.text_value(base.config, "n_embd")
     if isinstance(hidden, int) and hidden > 0:
         return hidden
     lengths = [i.shape[1] for i in base.tensors.values() if len(i.shape) == 2]
@@ -579,21 +580,17 @@ def verdict_line(report: dict[str, Any]) -> str:
                 i = max(range(m), key=lambda k: lost[k] or 0.0)
                 words.append(
                     f"TIES's sign election drops most in {w['layer']} {w['module']} "
-                    f"({_short(report['models'][i])}: {lost[i]:.2f} of its mass)"
+                    f"({short(report['models'][i])}: {lost[i]:.2f} of its mass)"
                 )
             else:
                 words.append(f"most sign conflict in {w['layer']} {w['module']}")
     merged = t.get("merged")
     if merged:
         surv = ", ".join(
-            f"{_short(ref)} {x:.2f}" for ref, x in zip(report["models"], merged["survival"]) if x is not None
+            f"{short(ref)} {x:.2f}" for ref, x in zip(report["models"], merged["survival"]) if x is not None
         )
         words.append(f"survival {surv}")
     return "; ".join(words)
-
-
-def _short(ref: str) -> str:
-    return Path(ref.rstrip("/")).name or ref
 
 
 def model_pca(total: Sums) -> dict[str, Any] | None:

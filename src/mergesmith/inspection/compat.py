@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from mergesmith.core.arch import Layout, is_embedding, tie_word_embeddings
+from mergesmith.core.arch import TEXT_CONFIG_KEYS, Layout, is_embedding, tie_word_embeddings
 from mergesmith.core.dtypes import FLOAT_CODES, dtype_name
 from mergesmith.core.model import ModelSource, read_json_file, regular_file
 
@@ -52,10 +52,11 @@ def _shown(items: Sequence[str]) -> str:
     return ", ".join(repr(x) for x in items[:SHOWN]) + more
 
 
-def _text_value(config: dict, key: str) -> Any:
+def text_value(config: dict, key: str) -> Any:
+    """``key`` of config.json, at the top level or in the language model's sub-config."""
     if key in config:
         return config[key]
-    for sub in ("text_config", "language_config", "llm_config"):
+    for sub in TEXT_CONFIG_KEYS:
         inner = config.get(sub)
         if isinstance(inner, dict) and key in inner:
             return inner[key]
@@ -165,7 +166,7 @@ def _rows_only(a, b) -> bool:
 
 def _vocabulary(base: ModelSource, m: ModelSource) -> list[Problem]:
     out = []
-    vb, vm = _text_value(base.config, "vocab_size"), _text_value(m.config, "vocab_size")
+    vb, vm = text_value(base.config, "vocab_size"), text_value(m.config, "vocab_size")
     rows = [
         f"{n} has {m.tensors[n].shape[0]} rows, the base {base.tensors[n].shape[0]}"
         for n in base.tensors
@@ -264,7 +265,7 @@ def _tied(base: ModelSource, m: ModelSource) -> list[Problem]:
 def _rope(base: ModelSource, m: ModelSource) -> list[Problem]:
     differ = []
     for key in ROPE_KEYS:
-        a, b = _text_value(base.config, key), _text_value(m.config, key)
+        a, b = text_value(base.config, key), text_value(m.config, key)
         if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
             differ.append(f"{key} {b} against {a}")
     if not differ:
