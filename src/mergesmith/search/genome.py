@@ -106,6 +106,11 @@ class SearchSpace:
         x = np.clip(np.asarray(x, dtype=np.float64), self.bounds[:, 0], self.bounds[:, 1])
         return tuple(round(float(v), DIGITS) + 0.0 for v in x)  # + 0.0: no -0.0
 
+    def from_unit(self, u: np.ndarray) -> tuple[float, ...]:
+        """The candidate of a point of the optimiser's unit cube (each parameter scaled to its bounds)."""
+        lo, hi = self.bounds[:, 0], self.bounds[:, 1]
+        return self.clip(lo + np.clip(u, 0, 1) * (hi - lo))
+
     def _values(self, x: tuple[float, ...]) -> dict[tuple[str, int | None], Any]:
         """Config value of every (parameter, owner) from the vector."""
         by_key: dict[tuple[str, int | None, int], list[float]] = {}

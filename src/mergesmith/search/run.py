@@ -247,7 +247,6 @@ class Search:
         generation, optimizer = self._start()
         population = optimizer.population
         generations = max(1, self.options.max_evals // population)
-        lo, hi = self.space.bounds[:, 0], self.space.bounds[:, 1]
         # the input tensors, read once here and shared with the workers
         self.evaluator.merger.merge(self.baseline_config)
         history = self._replay(generation, done)
@@ -265,7 +264,7 @@ class Search:
         try:
             for g in range(generation, generations):
                 points = optimizer.ask()
-                xs = [self.space.clip(lo + np.clip(p, 0, 1) * (hi - lo)) for p in points]
+                xs = [self.space.from_unit(p) for p in points]
                 todo = list(dict.fromkeys(x for x in xs if x not in done))
                 configs = [self.space.to_config(x) for x in todo]
                 assert pool is not None
@@ -292,10 +291,9 @@ class Search:
         """The candidates of the generations already told (0 .. generation-1), re-asked from the saved
         optimiser states so that their order is the uninterrupted run's."""
         history: list[Candidate] = []
-        lo, hi = self.space.bounds[:, 0], self.space.bounds[:, 1]
         for g in range(generation):
             opt = self.journal.state(g)
-            xs = [self.space.clip(lo + np.clip(p, 0, 1) * (hi - lo)) for p in opt.ask()]
+            xs = [self.space.from_unit(p) for p in opt.ask()]
             missing = [x for x in xs if x not in done]
             if missing:
                 raise MergeError(
