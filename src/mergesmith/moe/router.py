@@ -124,11 +124,16 @@ def spd_solve(a: Tensor, b: Tensor) -> Tensor:
     return torch.linalg.solve(a, b)
 
 
-def least_squares_direction(samples: Tensor, target: Tensor, ridge: float = 1e-3) -> Tensor:
-    """v = argmin ||X v - t||^2 + lam ||v||^2 with lam = ridge * tr(X'X)/d."""
+def _ridge_gram(samples: Tensor, ridge: float) -> Tensor:
+    """X'X + lam I with lam = ridge * tr(X'X)/d: the normal matrix of the ridge problems below."""
     gram = samples.T @ samples
     gram.diagonal().add_(ridge * gram.trace() / gram.shape[0])
-    return spd_solve(gram, samples.T @ target)
+    return gram
+
+
+def least_squares_direction(samples: Tensor, target: Tensor, ridge: float = 1e-3) -> Tensor:
+    """v = argmin ||X v - t||^2 + lam ||v||^2 with lam = ridge * tr(X'X)/d."""
+    return spd_solve(_ridge_gram(samples, ridge), samples.T @ target)
 
 
 def bias_direction(samples: Tensor, ridge: float = 1e-3) -> Tensor:
@@ -137,9 +142,7 @@ def bias_direction(samples: Tensor, ridge: float = 1e-3) -> Tensor:
 
     It exists because the router input is a normalised (RMSNorm times a learned gain) vector that keeps
     large components common to all tokens."""
-    gram = samples.T @ samples
-    gram.diagonal().add_(ridge * gram.trace() / gram.shape[0])
-    return spd_solve(gram, samples.sum(0))
+    return spd_solve(_ridge_gram(samples, ridge), samples.sum(0))
 
 
 def _class_means(samples: Sequence[Tensor], negatives: Sequence[Tensor | None]) -> Tensor:
