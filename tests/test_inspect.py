@@ -430,3 +430,32 @@ def test_output_file_mistakes_and_an_unrelated_merged_model_exit_2(odd_models, t
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and words in err, err
     assert cfg.read_text() == text and sorted(p.name for p in tmp_path.iterdir()) == ["merge.yml", "wide"]
+
+
+def test_progress_bar_counts_every_byte_read(llama_trio, tmp_path, monkeypatch):
+    """The bar's total is what the passes read: base and models in each of TIES's three chunked passes,
+    the merged model once (it is read in the first pass only), so the bar ends at its total."""
+    import contextlib
+
+    monkeypatch.setattr(analyse, "CHUNK_ELEMENTS", 40)
+    base, ft1, ft2 = llama_trio
+    path = _ties_config(tmp_path, base, ft1, ft2)
+    from mergesmith import merge
+
+    merge(str(path), tmp_path / "out", quiet=True)
+    seen: dict[str, int] = {"total": 0, "done": 0, "calls": 0}
+
+    class Bar:
+        def update(self, n: int) -> None:
+            seen["done"] += n
+            seen["calls"] += 1
+
+    @contextlib.contextmanager
+    def fake_progress(total, *args, **kwargs):
+        seen["total"] = total
+        yield Bar()
+
+    monkeypatch.setattr("mergesmith.core.write.byte_progress", fake_progress)
+    inspect_models([str(path)], merged=str(tmp_path / "out"))
+    # each update rounds its chunk's share down by less than one byte
+    assert 0 <= seen["total"] - seen["done"] < seen["calls"]

@@ -272,8 +272,12 @@ class Streamer:
         return 3 if self._ties(job) and len(job.chunks()) > 1 else 1
 
     def bytes_read(self, job: Job) -> int:
-        per = job.info.nbytes * (1 + len(self.models) + int(job.merged))
-        return per * self.passes(job)
+        """The bytes ``run`` reads for ``job``: base and models in every pass, the merged model in the
+        first only."""
+        return self._pass_bytes(job) * self.passes(job) + job.info.nbytes * int(job.merged)
+
+    def _pass_bytes(self, job: Job) -> int:
+        return job.info.nbytes * (1 + len(self.models))
 
     def _ties(self, job: Job) -> bool:
         return job.method == "ties" and job.params is not None
@@ -310,7 +314,7 @@ class Streamer:
                 for i, sel in enumerate(selectors):
                     if sel is not None:
                         (sel.find_in if len(chunks) == 1 else sel.observe_hi)(taus[i])
-            self.progress(self.bytes_read(job) // self.passes(job) // len(chunks))
+            self.progress((self._pass_bytes(job) + job.info.nbytes * int(job.merged)) // len(chunks))
         if selectors is not None and len(chunks) > 1:
             for sel in selectors:
                 if sel is not None:
@@ -320,7 +324,7 @@ class Streamer:
                 for i, sel in enumerate(selectors):
                     if sel is not None:
                         sel.observe_lo(taus[i])
-                self.progress(job.info.nbytes * (1 + len(self.models)) // len(chunks))
+                self.progress(self._pass_bytes(job) // len(chunks))
             for sel in selectors:
                 if sel is not None:
                     sel.end_lo()
@@ -334,7 +338,7 @@ class Streamer:
                 for rows in chunks:
                     _, taus = self._taus(job, rows)
                     self._trim(s, taus, selectors, keep, weights)
-                    self.progress(job.info.nbytes * (1 + len(self.models)) // len(chunks))
+                    self.progress(self._pass_bytes(job) // len(chunks))
             s.ties_numel = job.info.numel
         self._method_sums(s, job)
         return s
