@@ -66,8 +66,11 @@ def text_value(config: dict, key: str) -> Any:
 def check_headers(base: ModelSource, models: Sequence[ModelSource]) -> list[Problem]:
     """Every difference between each model and the base that headers and config.json show."""
     out: list[Problem] = []
+    # the base's side of every comparison, read once for all models
+    base_layers, base_vocab = _num_layers(base), _vocab_of(base)
     for m in models:
-        out += _architecture(base, m) + _layers(base, m) + _shapes(base, m) + _vocabulary(base, m)
+        out += _architecture(base, m) + _layers(base, m, base_layers) + _shapes(base, m)
+        out += _vocabulary(base, m, base_vocab)
         out += _tied(base, m) + _rope(base, m)
     out += _dtypes(base, models)
     return out
@@ -92,13 +95,16 @@ def _architecture(base: ModelSource, m: ModelSource) -> list[Problem]:
     ]
 
 
-def _layers(base: ModelSource, m: ModelSource) -> list[Problem]:
+def _num_layers(src: ModelSource) -> int | None:
     try:
-        nb = Layout.infer(base.ref, list(base.tensors), base.config).num_layers
-        nm = Layout.infer(m.ref, list(m.tensors), m.config).num_layers
+        return Layout.infer(src.ref, list(src.tensors), src.config).num_layers
     except Exception:  # noqa: BLE001 - a layout that cannot be read shows as a shape difference below
-        return []
-    if nb == nm:
+        return None
+
+
+def _layers(base: ModelSource, m: ModelSource, nb: int | None) -> list[Problem]:
+    nm = _num_layers(m) if nb is not None else None
+    if nm is None or nb == nm:
         return []
     return [
         Problem(
@@ -164,7 +170,7 @@ def _rows_only(a, b) -> bool:
     return len(a.shape) == len(b.shape) == 2 and a.shape[1:] == b.shape[1:] and a.shape[0] != b.shape[0]
 
 
-def _vocabulary(base: ModelSource, m: ModelSource) -> list[Problem]:
+def _vocabulary(base: ModelSource, m: ModelSource, base_vocab: dict[str, int] | None) -> list[Problem]:
     out = []
     vb, vm = text_value(base.config, "vocab_size"), text_value(m.config, "vocab_size")
     rows = [
@@ -183,7 +189,7 @@ def _vocabulary(base: ModelSource, m: ModelSource) -> list[Problem]:
                 "tokenizer, or merge only models that share the base's tokenizer",
             )
         )
-    diff = tokenizer_difference(base, m)
+    diff = tokenizer_difference(base, m, base_vocab)
     if diff is not None:
         added, missing, moved = diff
         if added or missing or moved:
@@ -235,10 +241,12 @@ def _vocab_of(src: ModelSource) -> dict[str, int] | None:
     return vocab or None
 
 
-def tokenizer_difference(base: ModelSource, m: ModelSource) -> tuple[list[str], list[str], list[str]] | None:
-    """(tokens added, missing, moved to another id) of ``m``'s tokenizer.json against the base's; None when
-    either has no tokenizer.json."""
-    vb, vm = _vocab_of(base), _vocab_of(m)
+def tokenizer_difference(
+    base: ModelSource, m: ModelSource, vb: dict[str, int] | None
+) -> tuple[list[str], list[str], list[str]] | None:
+    """(tokens added, missing, moved to another id) of ``m``'s tokenizer.json against the base's (``vb``,
+    the base's :func:`_vocab_of`); None when either has no tokenizer.json."""
+    vm = _vocab_of(m)
     if vb is None or vm is None:
         return None
     added = sorted((t for t in vm if t not in vb), key=lambda t: vm[t])
