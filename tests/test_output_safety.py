@@ -697,3 +697,17 @@ def _catch(fn) -> str:
     except MergeError as exc:
         return str(exc)
     return ""
+
+
+def test_write_atomic_replaces_or_refuses_and_leaves_no_temporary(tmp_path):
+    from mergesmith.core.write import write_atomic
+
+    path = tmp_path / "out.json"
+    write_atomic(path, b"one", replace=False)
+    assert path.read_bytes() == b"one"
+    with pytest.raises(FileExistsError):
+        write_atomic(path, b"two", replace=False)
+    assert path.read_bytes() == b"one"
+    write_atomic(path, b"three")
+    assert path.read_bytes() == b"three"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]

@@ -675,6 +675,25 @@ def copy_files(files: Sequence[Path], folder: Path) -> None:
         shutil.copyfile(f, folder / f.name)
 
 
+def write_atomic(path: Path, data: bytes, replace: bool = True) -> None:
+    """``path`` holds either what it held or all of ``data``, never a part: written into a hidden file
+    beside it (this process's own, so two writers never share one), synced, then renamed over ``path``
+    or, with ``replace`` false, linked into place, which raises FileExistsError if ``path`` exists."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            tmp.unlink()
+
+
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 

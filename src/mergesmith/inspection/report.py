@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mergesmith.core.errors import MergeError
+from mergesmith.core.write import write_atomic
 
 EXTRA = "pip install 'mergesmith[inspect]'"
 
@@ -40,24 +41,12 @@ def check_output_file(path: str, overwrite: bool, flag: str) -> Path:
 def write_output_file(path: Path, text: str, overwrite: bool) -> None:
     """Write ``text`` whole or not at all: into a hidden file beside ``path``, then linked into place
     (which fails if a file appeared there meanwhile) or, with ``overwrite``, renamed over it."""
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise MergeError(f"{path}: the file exists; pass --overwrite to replace it") from None
+        write_atomic(path, text.encode("utf-8"), replace=overwrite)
+    except FileExistsError:
+        raise MergeError(f"{path}: the file exists; pass --overwrite to replace it") from None
     except OSError as exc:
         raise MergeError(f"{path}: cannot write it ({exc.strerror or exc.__class__.__name__})") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def to_json_text(report: dict[str, Any]) -> str:

@@ -18,21 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from mergesmith.core.errors import MergeError
+from mergesmith.core.write import write_atomic
 
 HEADER = "header.json"
 EVALS = "evals.jsonl"
 RECORD_KEYS = {"gen", "x", "fitness", "scores", "merge_s", "score_s"}  # what run.py journals per candidate
 STATE = re.compile(r"state-(\d{5})\.pkl")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """``path`` holds either its old content or ``data``, never a part (temporary file, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Journal:

@@ -10,7 +10,6 @@ import io
 import json
 import logging
 import math
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,12 +21,12 @@ import yaml
 
 from mergesmith.core.cliargs import check_workers
 from mergesmith.core.errors import MergeError
-from mergesmith.core.write import check_relations, input_paths, output_lock
+from mergesmith.core.write import check_relations, input_paths, output_lock, write_atomic
 from mergesmith.pipeline.config import parse_config
 from mergesmith.search.config import SearchConfig, check_files, read_search_config
 from mergesmith.search.engine import Evaluation, Evaluator
 from mergesmith.search.genome import SearchSpace
-from mergesmith.search.journal import Journal, write_atomic
+from mergesmith.search.journal import Journal
 from mergesmith.search.optimizers import make_optimizer, need
 
 log = logging.getLogger("mergesmith")
@@ -460,7 +459,7 @@ def plot(result: SearchResult, path: Path) -> None:
     ax.set_ylabel("fitness (search split)")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
+    write_atomic(path, png.getvalue())
