@@ -38,7 +38,6 @@ class Family:
     model_type: str
     architecture: str
     inputs: tuple[str, ...]  # model_type of the dense base and experts
-    shared_expert: bool  # whether the class has a (single) shared expert
     block: str  # the per-expert layout's name of the sparse block ("block_sparse_moe" / "mlp")
     expert_names: tuple[str, str, str]  # per-expert names of gate, up, down projections
     count_key: str  # config key of the number of experts
@@ -64,6 +63,11 @@ class Family:
     sigmoid_gate: bool = False
     #: why the family is refused whatever the inputs (no dense family shares its trunk, ...)
     refusal: str | None = None
+
+    @property
+    def shared_expert(self) -> bool:
+        """Whether the class has a (single) shared expert: it has a way to write one."""
+        return self.shared_style is not None
 
     def matches(self, wanted: str) -> bool:
         """mergekit's rule: ``architecture`` is a case-insensitive prefix of the name; the model_type
@@ -128,7 +132,6 @@ DEEPSEEK_ROUTING = (
 PROJ_NAMES = ("gate_proj", "up_proj", "down_proj")
 # DeepSeek-V3 and GLM4-MoE share their MoE block: a shared expert, a sigmoid gate with a score bias
 DEEPSEEK_STYLE: dict[str, Any] = dict(
-    shared_expert=True,
     block="mlp",
     expert_names=PROJ_NAMES,
     count_key="n_routed_experts",
@@ -157,7 +160,6 @@ FAMILIES: tuple[Family, ...] = (
         "mixtral",
         "MixtralForCausalLM",
         ("llama", "mistral"),
-        shared_expert=False,
         block="block_sparse_moe",
         expert_names=("w1", "w3", "w2"),
         count_key="num_local_experts",
@@ -169,7 +171,6 @@ FAMILIES: tuple[Family, ...] = (
         "qwen2_moe",
         "Qwen2MoeForCausalLM",
         ("qwen2", "llama", "mistral"),
-        shared_expert=True,
         block="mlp",
         expert_names=PROJ_NAMES,
         count_key="num_experts",
@@ -183,7 +184,6 @@ FAMILIES: tuple[Family, ...] = (
         "qwen3_moe",
         "Qwen3MoeForCausalLM",
         ("qwen3",),
-        shared_expert=False,
         block="mlp",
         expert_names=PROJ_NAMES,
         count_key="num_experts",
@@ -196,7 +196,6 @@ FAMILIES: tuple[Family, ...] = (
         "flex_olmo",
         "FlexOlmoForCausalLM",
         ("olmo2",),
-        shared_expert=False,
         block="mlp",
         expert_names=PROJ_NAMES,
         count_key="num_experts",
@@ -210,7 +209,6 @@ FAMILIES: tuple[Family, ...] = (
         "granitemoe",
         "GraniteMoeForCausalLM",
         ("granite",),
-        shared_expert=False,
         **GRANITE_STYLE,
     ),
     Family(
@@ -218,7 +216,6 @@ FAMILIES: tuple[Family, ...] = (
         "granitemoeshared",
         "GraniteMoeSharedForCausalLM",
         ("granite",),
-        shared_expert=True,
         shared_style="granite",
         **GRANITE_STYLE,
     ),
@@ -227,7 +224,6 @@ FAMILIES: tuple[Family, ...] = (
         "olmoe",
         "OlmoeForCausalLM",
         (),
-        shared_expert=False,
         block="mlp",
         expert_names=PROJ_NAMES,
         count_key="num_experts",
@@ -241,7 +237,6 @@ FAMILIES: tuple[Family, ...] = (
         "phimoe",
         "PhimoeForCausalLM",
         (),
-        shared_expert=False,
         block="block_sparse_moe",
         expert_names=("w1", "w3", "w2"),
         count_key="num_local_experts",
