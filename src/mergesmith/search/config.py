@@ -8,11 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mergesmith.core.errors import ConfigError
-from mergesmith.pipeline.config import Count, did_you_mean
+from mergesmith.pipeline.config import Count, did_you_mean, load_yaml_documents
 
 #: Parameters the search varies when the method has them; per-model ones get one value per model.
 SEARCHABLE = ("weight", "density", "t", "lambda")
@@ -200,12 +199,10 @@ def read_search_config(path: str | Path) -> SearchConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"search config {path} {_missing(path)}; pass a SEARCH.yml file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{path}: not valid YAML ({first})") from None
-    return parse_search_config(data, str(path))
+    docs, label = load_yaml_documents(path)  # the merge configs' reader: syntax, encoding, size
+    if len(docs) != 1:
+        raise ConfigError(f"{label}: a search config is one YAML document; this file has {len(docs)}")
+    return parse_search_config(docs[0], label)
 
 
 def check_files(config: SearchConfig) -> None:

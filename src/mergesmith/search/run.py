@@ -22,7 +22,7 @@ import yaml
 from mergesmith.core.cliargs import check_workers
 from mergesmith.core.errors import MergeError
 from mergesmith.core.write import check_relations, input_paths, output_lock, write_atomic
-from mergesmith.pipeline.config import parse_config
+from mergesmith.pipeline.config import load_yaml_documents, parse_config
 from mergesmith.search.config import SearchConfig, check_files, read_search_config
 from mergesmith.search.engine import Evaluation, Evaluator
 from mergesmith.search.genome import SearchSpace
@@ -160,10 +160,10 @@ class Search:
             return self.space.to_config(self.space.clip(self.space.x0))
         path = self.config.baseline
         try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise MergeError(f"baseline: {path}: not valid YAML ({first})") from None
+            docs, _ = load_yaml_documents(Path(path))  # the merge configs' reader
+        except MergeError as exc:
+            raise MergeError(f"baseline: {exc}") from None
+        data = docs[0] if len(docs) == 1 else None
         if not isinstance(data, dict):
             raise MergeError(f"baseline: {path} is not a merge config (a YAML mapping)")
         parse_config(copy.deepcopy(data), f"baseline {path}")  # its errors name the file, not 'config'
