@@ -276,3 +276,115 @@ def test_compiled_combine_blocks_and_signed_zeros(monkeypatch, n, consensus):
     fused = combine()
     monkeypatch.setattr(arrays, "host_stored", lambda x: None)  # force the torch operations
     assert np.array_equal(fused.view(np.uint32), combine().view(np.uint32))
+
+
+def _kernel_output(
+    method: str, params: dict, base, models, chunks: int, seed: int = 3, passes: list | None = None
+) -> np.ndarray:
+    """A kernel's output for one tensor, its rows in ``chunks`` chunks (statistic passes over all of them,
+    then apply), or whole (chunks=1: run_whole), as the executor runs it; the statistic passes made are
+    appended to ``passes``."""
+    from mergesmith.methods import Chunk, get_method
+
+    method_ = get_method(method)
+    numel = base.numel()
+    kernel = method_.kernel(params, numel)
+    rows = base.shape[0]
+    step = -(-rows // chunks)
+    spans = [(r, min(rows, r + step)) for r in range(0, rows, step)]
+    rng = [RandomStream(seed, "t", i) for i in range(len(models))] if method_.random else None
+
+    def chunk(span):
+        lo, hi = span
+        cols = base.shape[1]
+        return Chunk(base[lo:hi].clone(), [m[lo:hi].clone() for m in models], lo * cols, rng, torch.float32)
+
+    if len(spans) == 1:
+        return kernel.run_whole(chunk(spans[0])).reshape(-1).numpy().copy()
+    kernel.observe_all(lambda: (chunk(span) for span in spans))
+    if passes is not None:
+        passes.append(kernel.passes)
+    return np.concatenate([np.asarray(kernel.apply(chunk(span))).reshape(-1) for span in spans])
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("chunks", [1, 3])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"weight": (0.7, -0.4, 1.0), "normalize": True},
+        {"density": (0.0, 1.0, 0.35), "rescale": True, "lambda": 1.4},
+    ],
+)
+def test_one_pass_sparse_task_vectors_equal_the_torch_steps(monkeypatch, method, dtype, chunks, extra):
+    """On stored CPU inputs, DARE makes, masks and combines each task vector block by block
+    (loops.dare_combine) and TIES's threshold passes count each task vector as it is made. Against the
+    torch operations, one whole task vector at a time: the same bits, with many tied magnitudes (bf16
+    task vectors on a coarse grid, where the threshold's ties are split across chunks), signed zeros and
+    blocks around the loops' block sizes."""
+    from mergesmith.methods import arrays, sparsify
+
+    rng = np.random.default_rng(5)
+    rows, cols = 41, 263  # 10783 elements: several blocks of 2048 and 4096, chunks of 14 rows
+    base = torch.from_numpy(rng.standard_normal((rows, cols), dtype=np.float32)).to(dtype)
+    models = []
+    for _ in range(3):
+        step = torch.from_numpy(rng.integers(-3, 4, (rows, cols)).astype(np.float32) / 64)
+        models.append((base.float() + step).to(dtype))
+    models[1][5, :7] = -0.0
+    params = {
+        "weight": (0.5, 0.3, 0.6),
+        "density": (0.4, 0.7, 0.5),
+        "lambda": 1.0,
+        "normalize": method != "dare_linear",
+        "rescale": method != "ties",
+        "int8_mask": False,
+    }
+    params.update(extra)
+    fused = _kernel_output(method, params, base, models, chunks)
+    monkeypatch.setattr(arrays, "host_stored", lambda x: None)  # force the torch operations
+    monkeypatch.setattr(arrays, "host_numpy", lambda x: None)
+    monkeypatch.setattr(sparsify.arrays, "host_numpy", lambda x: None)
+    stepwise = _kernel_output(method, params, base, models, chunks)
+    assert np.array_equal(fused.view(np.uint32), stepwise.view(np.uint32))
+    assert np.count_nonzero(fused != base.float().numpy().reshape(-1)) > 0
+
+
+@pytest.mark.parametrize("first_rows_scale", [1.0, 1e-3, 1e3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_ties_threshold_settled_in_the_first_pass(monkeypatch, first_rows_scale, dtype):
+    """Chunked TIES on stored inputs keeps low-bit histograms of the bins around the first chunk's
+    estimate of the threshold while it counts the first pass: where the whole tensor's threshold falls in
+    that window, the second pass is skipped; where the first chunk is unlike the rest (its task vectors
+    1000x smaller or larger), the window misses and the second pass runs. The same bits either way as
+    the torch steps, which always make both passes."""
+    from mergesmith.methods import arrays, sparsify
+
+    rng = np.random.default_rng(11)
+    rows, cols = 120, 2500  # 300000 values in four chunks of 30 rows (75000 values, more than SMALL)
+    base = torch.from_numpy(rng.standard_normal((rows, cols), dtype=np.float32)).to(dtype)
+    models = []
+    for _ in range(3):
+        step = rng.standard_normal((rows, cols), dtype=np.float32) * 0.01
+        step[:30] *= first_rows_scale
+        models.append((base.float() + torch.from_numpy(step)).to(dtype))
+    params = {
+        "weight": (0.5, 0.3, 0.6),
+        "density": (0.4, 0.7, 0.2),
+        "lambda": 1.0,
+        "normalize": True,
+        "rescale": False,
+        "int8_mask": False,
+    }
+    passes: list[int] = []
+    fused = _kernel_output("ties", params, base, models, 4, passes=passes)
+    assert passes == [1 if first_rows_scale == 1.0 else 2]
+    monkeypatch.setattr(arrays, "host_stored", lambda x: None)
+    monkeypatch.setattr(arrays, "host_numpy", lambda x: None)
+    monkeypatch.setattr(sparsify.arrays, "host_numpy", lambda x: None)
+    stepwise_passes: list[int] = []
+    stepwise = _kernel_output("ties", params, base, models, 4, passes=stepwise_passes)
+    assert stepwise_passes == [2]
+    assert np.array_equal(fused.view(np.uint32), stepwise.view(np.uint32))

@@ -35,10 +35,7 @@ def run_chunked(
         return Chunk(b, [x[sl].float().clone() for x in models], r * row_elems, rng)
 
     starts = range(0, models[0].shape[0], rows)
-    for p in range(kernel.passes):
-        for r in starts:
-            kernel.observe(p, load(r))
-        kernel.end_pass(p)
+    kernel.observe_all(lambda: (load(r) for r in starts))
     return torch.cat([kernel.apply(load(r)) for r in starts])
 
 

@@ -108,10 +108,7 @@ def _run_chunked(method_name, params, base, models, rows, seed=0):
             sl = slice(r, r + rows)
             yield Chunk(base[sl].clone(), [m[sl].clone() for m in models], r * row, rng)
 
-    for p in range(kernel.passes):
-        for c in chunks():
-            kernel.observe(p, c)
-        kernel.end_pass(p)
+    kernel.observe_all(chunks)
     return torch.cat([kernel.apply(c) for c in chunks()])
 
 

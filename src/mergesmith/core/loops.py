@@ -250,6 +250,205 @@ def mask_const(start, k0, k1, threshold, x):  # pragma: no cover - compiled
         done += run
 
 
+# --- magnitude histograms and the trim (methods/sparsify.py) ------------------------------------
+
+HI_BINS = 1 << 15  # non-negative float32: sign bit 0, so the top 16 bits fit in 15 bits
+LO_BINS = 1 << 16
+SCAN_BLOCK = 4096  # elements counted, trimmed or differenced at once
+
+
+@njit(nogil=True, boundscheck=False)
+def _count_hi_into(bits, c):  # pragma: no cover - compiled
+    """c[j % 4, top 16 bits of |x_j|] += 1 over float32 bit patterns ``bits`` (uint32): four
+    interleaved histograms (neighbouring values often share a bin)."""
+    n = bits.shape[0]
+    j = 0
+    while j + 4 <= n:
+        c[0, (bits[j] >> np.uint32(16)) & np.uint32(0x7FFF)] += 1
+        c[1, (bits[j + 1] >> np.uint32(16)) & np.uint32(0x7FFF)] += 1
+        c[2, (bits[j + 2] >> np.uint32(16)) & np.uint32(0x7FFF)] += 1
+        c[3, (bits[j + 3] >> np.uint32(16)) & np.uint32(0x7FFF)] += 1
+        j += 4
+    while j < n:
+        c[0, (bits[j] >> np.uint32(16)) & np.uint32(0x7FFF)] += 1
+        j += 1
+
+
+@njit(nogil=True, boundscheck=False)
+def _add_hi(c, counts):  # pragma: no cover - compiled
+    for b in range(counts.shape[0]):
+        counts[b] += c[0, b] + c[1, b] + c[2, b] + c[3, b]
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def count_hi(bits, counts):  # pragma: no cover - compiled
+    """counts[top 16 bits of |x|] += 1 over float32 bit patterns ``bits`` (uint32)."""
+    c = np.zeros((4, counts.shape[0]), dtype=np.int64)
+    _count_hi_into(bits, c)
+    _add_hi(c, counts)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def count_hi_difference(x, base, counts):  # pragma: no cover - compiled
+    """count_hi of the task vector x - base (stored inputs), made block by block and never stored."""
+    c = np.zeros((4, counts.shape[0]), dtype=np.int64)
+    buf = np.empty(SCAN_BLOCK, dtype=np.float32)
+    n = x.shape[0]
+    for s in range(0, n, SCAN_BLOCK):
+        m = min(n, s + SCAN_BLOCK) - s
+        difference(x[s : s + m], base[s : s + m], buf[:m])
+        _count_hi_into(buf[:m].view(np.uint32), c)
+    _add_hi(c, counts)
+
+
+@njit(nogil=True, boundscheck=False)
+def _count_window_into(bits, first, rows, hot, window, found):  # pragma: no cover - compiled
+    """window[rows[top - first], low 16 bits] += 1 for the |x| among ``bits`` (at most SCAN_BLOCK) whose
+    top 16 bits ``top`` lie in [first, first + len(rows)), except a row's ``hot`` value (the caller counts
+    those from the bin's total) and the values of the last row of ``window``, a spare for the bins of
+    that span that are not counted. The values are gathered first, as _count_lo_into does. bfloat16 task
+    vectors often hold a single value per bin, whose counts all go to one counter, a chain of dependent
+    memory updates: skipping the hot values saved about 5 % of this loop's time on such data."""
+    width = np.uint32(rows.shape[0])
+    spare = window.shape[0] - 1
+    c = 0
+    for j in range(bits.shape[0]):
+        u = bits[j] & np.uint32(0x7FFFFFFF)
+        found[c] = u
+        c += np.int64(np.uint32((u >> np.uint32(16)) - first) < width)
+    kept = 0
+    for t in range(c):
+        u = found[t]
+        r = rows[(u >> np.uint32(16)) - first]
+        found[kept] = u
+        kept += np.int64((u != hot[r]) & (r < spare))
+    for t in range(kept):
+        u = found[t]
+        window[np.int64(rows[(u >> np.uint32(16)) - first]), np.int64(u & np.uint32(0xFFFF))] += 1
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def count_hi_window_difference(x, base, counts, first, rows, hot, window):  # pragma: no cover - compiled
+    """count_hi_difference, and in the same scan the low-bit histograms of the bins [first, first +
+    len(rows)) into the rows ``rows`` of ``window`` (but each row's ``hot`` value: _count_window_into),
+    so that a threshold in one of them needs no second pass."""
+    c = np.zeros((4, counts.shape[0]), dtype=np.int64)
+    found = np.empty(SCAN_BLOCK + 1, dtype=np.uint32)
+    buf = np.empty(SCAN_BLOCK, dtype=np.float32)
+    n = x.shape[0]
+    for s in range(0, n, SCAN_BLOCK):
+        m = min(n, s + SCAN_BLOCK) - s
+        difference(x[s : s + m], base[s : s + m], buf[:m])
+        bits = buf[:m].view(np.uint32)
+        _count_hi_into(bits, c)
+        _count_window_into(bits, first, rows, hot, window, found)
+    _add_hi(c, counts)
+
+
+@njit(nogil=True, boundscheck=False)
+def _count_lo_into(bits, b, counts, found):  # pragma: no cover - compiled
+    """counts[low 16 bits] += 1 for the |x| among ``bits`` (at most SCAN_BLOCK) whose top 16 bits are
+    ``b``. The values in that bin are first gathered without a branch (a store at a position that
+    advances only on a match), then counted: a branch per element mispredicted, and a catch-all counter
+    bumped for every other element made a chain of dependent memory updates (1-2 ns an element either
+    way)."""
+    c = 0
+    for j in range(bits.shape[0]):
+        u = bits[j] & np.uint32(0x7FFFFFFF)
+        found[c] = u
+        c += np.int64((u >> np.uint32(16)) == b)
+    for t in range(c):
+        counts[np.int64(found[t] & np.uint32(0xFFFF))] += 1
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def count_lo(bits, b, counts):  # pragma: no cover - compiled
+    """counts[low 16 bits] += 1 for the |x| (float32 bit patterns ``bits``) whose top 16 bits are ``b``."""
+    found = np.empty(SCAN_BLOCK + 1, dtype=np.uint32)
+    n = bits.shape[0]
+    for s in range(0, n, SCAN_BLOCK):
+        _count_lo_into(bits[s : min(n, s + SCAN_BLOCK)], b, counts, found)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def count_lo_difference(x, base, b, counts):  # pragma: no cover - compiled
+    """count_lo of the task vector x - base (stored inputs), made block by block and never stored."""
+    found = np.empty(SCAN_BLOCK + 1, dtype=np.uint32)
+    buf = np.empty(SCAN_BLOCK, dtype=np.float32)
+    n = x.shape[0]
+    for s in range(0, n, SCAN_BLOCK):
+        m = min(n, s + SCAN_BLOCK) - s
+        difference(x[s : s + m], base[s : s + m], buf[:m])
+        _count_lo_into(buf[:m].view(np.uint32), b, counts, found)
+
+
+@njit(nogil=True, boundscheck=False)
+def _count_ties(xb, tie_bits):  # pragma: no cover - compiled
+    """How many of the float32 bit patterns ``xb`` are +-``tie_bits``. (The block loops are compiled
+    functions of their own, called on slices: inlined into the trim loop they did not vectorise, and
+    the scan took 2 ns an element instead of 0.3.)"""
+    hits = 0
+    for j in range(xb.shape[0]):
+        hits += np.int64((xb[j] & np.uint32(0x7FFFFFFF)) == tie_bits)
+    return hits
+
+
+@njit(nogil=True, boundscheck=False)
+def _zero_ties(xb, tie_bits, out):  # pragma: no cover - compiled
+    """out[j] = 0 where the bit pattern xb[j] is +-``tie_bits``."""
+    zero = out.dtype.type(0)
+    for j in range(xb.shape[0]):
+        out[j] = zero if (xb[j] & np.uint32(0x7FFFFFFF)) == tie_bits else out[j]
+
+
+@njit(nogil=True, boundscheck=False)
+def _drop_ties(xb, tie_bits, budget, out):  # pragma: no cover - compiled
+    """Zero in ``out`` the first ``budget`` (at most) entries whose bit patterns ``xb`` are +-``tie_bits``
+    (one block); returns how many it zeroed."""
+    hits = _count_ties(xb, tie_bits)
+    if hits == 0 or budget <= 0:
+        return 0
+    if hits <= budget:  # every tie in the block goes
+        _zero_ties(xb, tie_bits, out)
+        return hits
+    seen = 0  # the block where the budget runs out
+    zero = out.dtype.type(0)
+    for j in range(xb.shape[0]):
+        if seen < budget and (xb[j] & np.uint32(0x7FFFFFFF)) == tie_bits:
+            out[j] = zero
+            seen += 1
+    return seen
+
+
+@njit(nogil=True, boundscheck=False)
+def _shrink(x, lam, out):  # pragma: no cover - compiled
+    """out = x with 0 where -lam <= x <= lam (torch's hardshrink; NaN stays)."""
+    zero = x.dtype.type(0)
+    for j in range(x.shape[0]):
+        v = x[j]
+        out[j] = zero if (v >= -lam and v <= lam) else v
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def trim(x, xb, lam, shrink, tie_bits, budget, out):  # pragma: no cover - compiled
+    """out = x, with 0 where -lam <= x <= lam when ``shrink``, and with 0 at the first ``budget``
+    elements whose |x| as float32 has the bits ``tie_bits`` (``xb``: the float32 bit patterns of x).
+    Returns how many of those it zeroed. Ties are counted block by block and zeroed only in blocks that
+    hold some."""
+    if shrink:
+        _shrink(x, lam, out)
+    else:
+        out[:] = x
+    seen = 0
+    n = x.shape[0]
+    for s in range(0, n, SCAN_BLOCK):
+        if seen >= budget:
+            break
+        e = min(n, s + SCAN_BLOCK)
+        seen += _drop_ties(xb[s:e], tie_bits, budget - seen, out[s:e])
+    return seen
+
+
 # --- task vectors (methods/task_arithmetic.py) ---------------------------------------------------
 
 
@@ -370,6 +569,26 @@ def _finish_sum(mixed, divide, lam, base, out):  # pragma: no cover - compiled
         out[j] = np.float32(np.float32(v * lam) + load(base, j))
 
 
+@njit(nogil=True, boundscheck=False)
+def _combine_block(ds, s, e, sc, w, consensus, normalize, positive, divide, lam, base, out, scratch):
+    """combine_kernel's steps on elements [s, e) of the task vectors ``ds`` (a tuple of arrays, or the
+    rows of one), into ``out`` (the block's output); ``scratch``: four rows of COMBINE_BLOCK floats."""
+    k = len(ds)
+    m = e - s
+    total, elected, mixed, divisor = scratch[0, :m], scratch[1, :m], scratch[2, :m], scratch[3, :m]
+    if consensus:
+        for i in range(k):
+            _weighted_into(ds[i][s:e], sc[i], w[i], total, i == 0)
+        _elect(total, elected)
+        for i in range(k):
+            _agree_into(ds[i][s:e], sc[i], w[i], elected, mixed, divisor, i == 0)
+        _finish_consensus(mixed, elected, divisor, normalize, positive, lam, base, out)
+    else:
+        for i in range(k):
+            _weighted_into(ds[i][s:e], sc[i], w[i], mixed, i == 0)
+        _finish_sum(mixed, divide, lam, base, out)
+
+
 @njit(cache=True, nogil=True, boundscheck=False)
 def combine_kernel(ds, sc, w, consensus, normalize, positive, divide, lam, base, out):  # pragma: no cover
     """Per element: v_i = (d_i * sc_i) * w_i; with ``consensus`` the sign election and (normalised)
@@ -380,28 +599,38 @@ def combine_kernel(ds, sc, w, consensus, normalize, positive, divide, lam, base,
     branches, in loops that vectorise: element by element, the branches mispredicted on TIES's
     half-zero, mixed-sign task vectors (15 ns an element). Each element still sees the same float32
     operations in the same order."""
-    k = len(ds)
     n = out.shape[0]
-    total = np.empty(COMBINE_BLOCK, dtype=np.float32)
-    elected = np.empty(COMBINE_BLOCK, dtype=np.float32)
-    mixed = np.empty(COMBINE_BLOCK, dtype=np.float32)
-    divisor = np.empty(COMBINE_BLOCK, dtype=np.float32)
+    scratch = np.empty((4, COMBINE_BLOCK), dtype=np.float32)
+    for s in range(0, n, COMBINE_BLOCK):
+        e = min(n, s + COMBINE_BLOCK)
+        _combine_block(
+            ds, s, e, sc, w, consensus, normalize, positive, divide, lam, base[s:e], out[s:e], scratch
+        )
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def dare_combine(
+    base, models, k0, k1, keep, start, sc, w, consensus, normalize, positive, divide, lam, out
+):  # pragma: no cover - compiled
+    """DARE's output in one pass, block by block, no task vector stored whole: for each model i,
+    d_i = models[i] - base (stored inputs, converted as read), masked as ``mask_const`` masks it (element
+    ``start + j`` kept when its draw under (k0[i], k1[i]) is below ``keep[i]``), then combine_kernel's
+    steps. The same float32 operations, in the same order, as dare_rows for each model followed by
+    combine_kernel."""
+    k = len(models)
+    n = out.shape[0]
+    ds = np.empty((k, COMBINE_BLOCK), dtype=np.float32)
+    scratch = np.empty((4, COMBINE_BLOCK), dtype=np.float32)
     for s in range(0, n, COMBINE_BLOCK):
         e = min(n, s + COMBINE_BLOCK)
         m = e - s
-        if consensus:
-            for i in range(k):
-                _weighted_into(ds[i][s:e], sc[i], w[i], total[:m], i == 0)
-            _elect(total[:m], elected[:m])
-            for i in range(k):
-                _agree_into(ds[i][s:e], sc[i], w[i], elected[:m], mixed[:m], divisor[:m], i == 0)
-            _finish_consensus(
-                mixed[:m], elected[:m], divisor[:m], normalize, positive, lam, base[s:e], out[s:e]
-            )
-        else:
-            for i in range(k):
-                _weighted_into(ds[i][s:e], sc[i], w[i], mixed[:m], i == 0)
-            _finish_sum(mixed[:m], divide, lam, base[s:e], out[s:e])
+        for i in range(k):
+            d = ds[i, :m]
+            difference(models[i][s:e], base[s:e], d)
+            mask_const(start + np.uint64(s), k0[i], k1[i], keep[i], d)
+        _combine_block(
+            ds, 0, m, sc, w, consensus, normalize, positive, divide, lam, base[s:e], out[s:e], scratch
+        )
 
 
 # --- whole operations, called from Python ----------------------------------------------------------

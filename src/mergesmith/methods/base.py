@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -112,7 +112,8 @@ class Kernel:
     """Computes one output tensor from chunks of its inputs.
 
     ``passes`` statistic passes run first: for each pass p, ``observe(p, chunk)`` sees every chunk, then
-    ``end_pass(p)``. Then ``apply(chunk)`` returns each output chunk. Kernels must not keep references to
+    ``end_pass(p)``; ``end_pass`` may lower ``passes`` when a statistic is settled early (TIES's threshold
+    in its first pass). Then ``apply(chunk)`` returns each output chunk. Kernels must not keep references to
     chunk tensors between calls, and may modify chunk tensors in place inside ``apply``.
     """
 
@@ -137,10 +138,18 @@ class Kernel:
 
     def run_whole(self, chunk: Chunk) -> torch.Tensor:
         """The whole tensor in one chunk: its passes, then apply. Kernels may do this with less work."""
-        for p in range(self.passes):
-            self.observe(p, chunk)
-            self.end_pass(p)
+        self.observe_all(lambda: (chunk,))
         return self.apply(chunk)
+
+    def observe_all(self, chunks: Callable[[], Iterable[Chunk]]) -> None:
+        """Every statistic pass: ``observe`` on each chunk that ``chunks()`` yields (called anew for each
+        pass), then ``end_pass``, while passes remain (end_pass may lower their number)."""
+        p = 0
+        while p < self.passes:
+            for chunk in chunks():
+                self.observe(p, chunk)
+            self.end_pass(p)
+            p += 1
 
 
 @dataclass(frozen=True)

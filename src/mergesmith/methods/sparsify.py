@@ -6,6 +6,11 @@ value, so a 32768-bin histogram of the top 16 bits finds the bin holding the k-t
 memory, and the same answer whether the tensor is seen whole or in chunks. TopKThreshold finds one such
 order statistic (TIES); OrderStatistics finds several at once (the two ends of a Breadcrumbs band,
 quantiles); MagnitudeBand keeps the entries between two ranks.
+
+TIES on stored CPU inputs counts each task vector as it is made (``observe_hi_difference``: never stored),
+and on a tensor read in chunks its first pass also counts the low bits of the few bins where the first
+chunk puts the threshold: when the whole tensor's threshold is in one of them, as it is when the chunks
+are alike, the second pass (a second read of every chunk) is skipped.
 """
 
 from __future__ import annotations
@@ -14,13 +19,11 @@ import struct
 from collections.abc import Sequence
 
 import numpy as np
-from numba import njit
 
+from mergesmith.core import loops
 from mergesmith.core._torch import torch
+from mergesmith.core.loops import HI_BINS, LO_BINS
 from mergesmith.methods import arrays
-
-HI_BINS = 1 << 15  # non-negative float32: sign bit 0, so the top 16 bits fit in 15 bits
-LO_BINS = 1 << 16
 
 
 def keep_count(density: float, numel: int) -> int:
@@ -64,98 +67,6 @@ def _host_f32(x) -> np.ndarray | None:
     return xn.reshape(-1) if xn.dtype == np.float32 else xn.astype(np.float32).reshape(-1)
 
 
-@njit(cache=True, nogil=True, boundscheck=False)
-def _count_hi(bits, counts):  # pragma: no cover - compiled
-    """counts[top 16 bits of |x|] += 1 over float32 bit patterns ``bits`` (uint32), in four
-    interleaved histograms (neighbouring values often share a bin)."""
-    c = np.zeros((4, counts.shape[0]), dtype=np.int64)
-    n = bits.shape[0]
-    j = 0
-    while j + 4 <= n:
-        c[0, (bits[j] >> np.uint32(16)) & np.uint32(0x7FFF)] += 1
-        c[1, (bits[j + 1] >> np.uint32(16)) & np.uint32(0x7FFF)] += 1
-        c[2, (bits[j + 2] >> np.uint32(16)) & np.uint32(0x7FFF)] += 1
-        c[3, (bits[j + 3] >> np.uint32(16)) & np.uint32(0x7FFF)] += 1
-        j += 4
-    while j < n:
-        c[0, (bits[j] >> np.uint32(16)) & np.uint32(0x7FFF)] += 1
-        j += 1
-    for b in range(counts.shape[0]):
-        counts[b] += c[0, b] + c[1, b] + c[2, b] + c[3, b]
-
-
-SCAN_BLOCK = 4096  # elements the trim counts the ties of at once, before zeroing them
-
-
-@njit(cache=True, nogil=True, boundscheck=False)
-def _count_lo(bits, b, counts):  # pragma: no cover - compiled
-    """counts[low 16 bits] += 1 for the |x| whose top 16 bits are ``b``. Each block's values in that
-    bin are first gathered without a branch (a store at a position that advances only on a match),
-    then counted: a branch per element mispredicted, and a catch-all counter bumped for every other
-    element made a chain of dependent memory updates (1-2 ns an element either way)."""
-    found = np.empty(SCAN_BLOCK + 1, dtype=np.uint32)
-    n = bits.shape[0]
-    for s in range(0, n, SCAN_BLOCK):
-        e = min(n, s + SCAN_BLOCK)
-        c = 0
-        for j in range(s, e):
-            u = bits[j] & np.uint32(0x7FFFFFFF)
-            found[c] = u
-            c += np.int64((u >> np.uint32(16)) == b)
-        for t in range(c):
-            counts[np.int64(found[t] & np.uint32(0xFFFF))] += 1
-
-
-@njit(nogil=True, boundscheck=False)
-def _count_ties(xb, tie_bits):  # pragma: no cover - compiled
-    """How many of the float32 bit patterns ``xb`` are +-``tie_bits``. (The block loops are compiled
-    functions of their own, called on slices: inlined into the trim loop they did not vectorise, and
-    the scan took 2 ns an element instead of 0.3.)"""
-    hits = 0
-    for j in range(xb.shape[0]):
-        hits += np.int64((xb[j] & np.uint32(0x7FFFFFFF)) == tie_bits)
-    return hits
-
-
-@njit(nogil=True, boundscheck=False)
-def _zero_ties(xb, tie_bits, out):  # pragma: no cover - compiled
-    """out[j] = 0 where the bit pattern xb[j] is +-``tie_bits``."""
-    zero = out.dtype.type(0)
-    for j in range(xb.shape[0]):
-        out[j] = zero if (xb[j] & np.uint32(0x7FFFFFFF)) == tie_bits else out[j]
-
-
-@njit(cache=True, nogil=True, boundscheck=False)
-def _trim_kernel(x, xb, lam, shrink, tie_bits, budget, out):  # pragma: no cover - compiled
-    """out = x, with 0 where -lam <= x <= lam when ``shrink`` (torch's hardshrink; NaN stays), and
-    with 0 at the first ``budget`` elements whose |x| as float32 has the bits ``tie_bits`` (``xb``: the
-    float32 bit patterns of x). Returns how many of those it zeroed. Ties are counted block by block
-    and zeroed only in blocks that hold some."""
-    zero = x.dtype.type(0)
-    if shrink:
-        for j in range(x.shape[0]):
-            v = x[j]
-            out[j] = zero if (v >= -lam and v <= lam) else v
-    else:
-        out[:] = x
-    seen = 0
-    n = x.shape[0]
-    for s in range(0, n, SCAN_BLOCK):
-        if seen >= budget:
-            break
-        e = min(n, s + SCAN_BLOCK)
-        hits = _count_ties(xb[s:e], tie_bits)
-        if hits and seen + hits <= budget:  # every tie in the block goes
-            _zero_ties(xb[s:e], tie_bits, out[s:e])
-            seen += hits
-        elif hits:  # the block where the budget runs out
-            for j in range(s, e):
-                if seen < budget and (xb[j] & np.uint32(0x7FFFFFFF)) == tie_bits:
-                    out[j] = zero
-                    seen += 1
-    return seen
-
-
 class TopKThreshold:
     """Keeps exactly the k largest |x| of a tensor seen whole or in row chunks (TIES's trim).
 
@@ -165,9 +76,9 @@ class TopKThreshold:
     ``end_lo`` (or ``find_in`` on a whole tensor); then ``trim`` each chunk, in order.
     """
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, numel: int | None = None):
         self.k = k
-        self.stats = OrderStatistics([k])
+        self.stats = OrderStatistics([k], numel)
         self.threshold_bits: int | None = None
         self.ties_to_drop = 0  # entries equal to T that are not among the k largest (the earliest ones)
         self.ties_seen = 0  # entries equal to T met so far by trim()
@@ -176,12 +87,28 @@ class TopKThreshold:
         self.stats.observe_hi(x)
 
     def end_hi(self) -> None:
+        """End of the first pass; where it settled the threshold (see OrderStatistics._open_window),
+        ``found`` is true and the second pass may be skipped."""
         self.stats.end_hi()
+        if not self.stats.lo_pending:
+            self.end_lo()
+
+    @property
+    def found(self) -> bool:
+        return self.threshold_bits is not None
 
     def observe_lo(self, x: torch.Tensor) -> None:
         self.stats.observe_lo(x)
 
+    def observe_hi_difference(self, x: np.ndarray, base: np.ndarray) -> None:
+        self.stats.observe_hi_difference(x, base)
+
+    def observe_lo_difference(self, x: np.ndarray, base: np.ndarray) -> None:
+        self.stats.observe_lo_difference(x, base)
+
     def end_lo(self) -> None:
+        if self.found:  # settled by the first pass
+            return
         self.stats.end_lo()
         self.threshold_bits = self.stats.bits(0)
         self.ties_to_drop = self.stats.ties(0) - self.stats.ties_in_top(0)
@@ -224,7 +151,7 @@ class TopKThreshold:
         lam = flat.dtype.type(_float_of_bits(self.threshold_bits - 1) if shrink else 0.0)
         budget = max(0, self.ties_to_drop - self.ties_seen)
         bits = (flat if flat.dtype == np.float32 else flat.astype(np.float32)).view(np.uint32)
-        self.ties_seen += _trim_kernel(flat, bits, lam, shrink, np.uint32(self.threshold_bits), budget, out)
+        self.ties_seen += loops.trim(flat, bits, lam, shrink, np.uint32(self.threshold_bits), budget, out)
         return arrays.like(out, x)
 
     def _dropped_ties(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -239,6 +166,10 @@ class TopKThreshold:
 
 
 SMALL = 1 << 16  # up to this many values, OrderStatistics sorts them instead of building histograms
+# The first pass of a chunked threshold also counts the low bits of the bins around the first chunk's
+# estimate (OrderStatistics._open_window): at most WINDOW_BINS bins that hold values (bfloat16 task
+# vectors leave most bins empty), 8.5 MiB of counts per threshold while a tensor runs.
+WINDOW_BINS = 16
 
 
 class OrderStatistics:
@@ -251,14 +182,18 @@ class OrderStatistics:
     bit pattern of the i-th wanted value.
     """
 
-    def __init__(self, ranks: Sequence[int]):
+    def __init__(self, ranks: Sequence[int], numel: int | None = None):
         self.ranks = tuple(int(k) for k in ranks)
         if any(k < 1 for k in self.ranks):
             raise ValueError(f"ranks start at 1, got {self.ranks}")
+        self.numel = numel  # values in all, when known: lets observe_hi_difference keep a window
         self.hi_counts: np.ndarray | None = None
         self.bins: list[int] = []
         self.rank_in_bin: list[int] = []
         self.lo_counts: dict[int, np.ndarray] = {}
+        self.lo_pending: set[int] = set()  # bins whose low bits the second pass must still count
+        # while a first pass runs: (first bin, row of each bin from it, each row's hot value, counts)
+        self._window: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
         self._small: list[np.ndarray] | None = []
         self._small_count = 0
         self._bits: list[int] = []
@@ -281,15 +216,78 @@ class OrderStatistics:
                 self._small.append(bits.reshape(-1))
                 self._small_count += n
                 return
-            earlier, self._small = self._small, None
-            self.hi_counts = np.zeros(HI_BINS, dtype=np.int64)
-            for bits in earlier:
-                _count_hi(bits.view(np.uint32), self.hi_counts)
+            self._leave_small()
         if xf is not None:
-            _count_hi(xf.view(np.uint32), self.hi_counts)
+            loops.count_hi(xf.view(np.uint32), self.hi_counts)
         else:
             counts = torch.bincount(_high_bits(x) if hi is None else hi, minlength=HI_BINS)
             self.hi_counts += counts.cpu().numpy()
+
+    def observe_hi_difference(self, x: np.ndarray, base: np.ndarray) -> None:
+        """observe_hi of the task vector x - base, for flat stored CPU arrays as the compiled loops read
+        them (mergesmith.core.loops), counted as it is made and never stored."""
+        n = x.shape[0]
+        if self._small is not None and self._small_count + n <= SMALL:  # few values: kept, so made
+            delta = np.empty(n, dtype=np.float32)
+            loops.difference(x, base, delta)
+            self.observe_hi(delta)
+            return
+        first_chunk = self._small == [] and self.numel is not None and n < self.numel
+        if self._small is not None:
+            self._leave_small()
+        assert self.hi_counts is not None
+        if first_chunk:
+            loops.count_hi_difference(x, base, self.hi_counts)
+            self._open_window(x, base)
+        elif self._window is not None:
+            first, rows, hot, window = self._window
+            loops.count_hi_window_difference(x, base, self.hi_counts, np.uint32(first), rows, hot, window)
+        else:
+            loops.count_hi_difference(x, base, self.hi_counts)
+
+    def _leave_small(self) -> None:
+        """More than SMALL values: the ones kept so far go into the histogram, which counts from now on."""
+        assert self._small is not None
+        earlier, self._small = self._small, None
+        self.hi_counts = np.zeros(HI_BINS, dtype=np.int64)
+        for bits in earlier:
+            loops.count_hi(bits.view(np.uint32), self.hi_counts)
+
+    def _open_window(self, x: np.ndarray, base: np.ndarray) -> None:
+        """After the first of several chunks (counted in hi_counts): the bins that hold its ranks near the
+        wanted one (scaled to the chunk, give or take 2 % or four standard deviations of a sampled rank),
+        at most WINDOW_BINS of them, nearest first, get low-bit histograms from now on, this chunk's
+        included. If the whole tensor's threshold falls in one of them (chunks alike: the usual case),
+        end_hi has its low bits and the second pass is not needed; if not, the second pass counts them
+        as always."""
+        if len(self.ranks) != 1:
+            return
+        assert self.numel is not None and self.hi_counts is not None
+        at_or_above = np.cumsum(self.hi_counts[::-1])[::-1]
+        k = self.ranks[0] * x.shape[0] / self.numel
+        margin = max(0.02 * k, 4.0 * k**0.5)
+
+        def bin_of(rank: float) -> int:  # the bin of the rank-th largest value of this chunk
+            return max(0, int((at_or_above >= max(1, round(rank))).sum()) - 1)
+
+        guess, lo, hi = bin_of(k), bin_of(k + margin), bin_of(k - margin)
+        held = np.flatnonzero(self.hi_counts[lo : hi + 1]) + lo
+        bins = np.sort(held[np.argsort(np.abs(held - guess), kind="stable")[:WINDOW_BINS]])
+        if bins.size == 0:
+            return
+        first = int(bins[0])
+        rows = np.full(int(bins[-1]) - first + 1, bins.size, dtype=np.int32)  # the spare row: not counted
+        rows[bins - first] = np.arange(bins.size, dtype=np.int32)
+        window = np.zeros((bins.size + 1, LO_BINS), dtype=np.int64)
+        hot = np.full(bins.size + 1, 0xFFFFFFFF, dtype=np.uint32)  # no |x| has these bits: all counted
+        dummy = np.zeros(HI_BINS, dtype=np.int64)
+        loops.count_hi_window_difference(x, base, dummy, np.uint32(first), rows, hot, window)
+        # from now on each row's commonest value in this chunk is not counted value by value: end_hi
+        # adds it from the bin's total in the high-bit histogram
+        hot[:-1] = (bins.astype(np.uint32) << np.uint32(16)) | np.argmax(window[:-1], axis=1).astype(
+            np.uint32
+        )
+        self._window = (first, rows, hot, window)
 
     def end_hi(self) -> None:
         if self._small is not None:
@@ -306,23 +304,39 @@ class OrderStatistics:
             above = int(at_or_above[b + 1]) if b + 1 < HI_BINS else 0
             self.bins.append(b)
             self.rank_in_bin.append(k - above)
-        self.lo_counts = {b: np.zeros(LO_BINS, dtype=np.int64) for b in set(self.bins)}
+        counted: dict[int, np.ndarray] = {}
+        if self._window is not None:  # bins whose low bits the first pass counted
+            first, rows, hot, window = self._window
+            self._window = None
+            for b in np.flatnonzero(rows < window.shape[0] - 1):
+                row = window[rows[b]]
+                row[hot[rows[b]] & 0xFFFF] += self.hi_counts[first + b] - row.sum()  # the hot value's
+                counted[first + int(b)] = row
+        self.lo_counts = {b: counted.get(b, np.zeros(LO_BINS, dtype=np.int64)) for b in set(self.bins)}
+        self.lo_pending = {b for b in self.lo_counts if b not in counted}
 
     def _check(self, total: int) -> None:
         if any(k > total for k in self.ranks):
             raise ValueError(f"ranks {self.ranks} asked of {total} values")
 
     def observe_lo(self, x: torch.Tensor, hi: torch.Tensor | None = None) -> None:
-        if not self.lo_counts:
+        if not self.lo_pending:
             return
         xf = _host_f32(x)
         if xf is not None:
-            for b, counts in self.lo_counts.items():
-                _count_lo(xf.view(np.uint32), np.uint32(b), counts)
+            for b in self.lo_pending:
+                loops.count_lo(xf.view(np.uint32), np.uint32(b), self.lo_counts[b])
             return
         hi = _high_bits(x) if hi is None else hi
-        for b, counts in self.lo_counts.items():
-            counts[:LO_BINS] += torch.bincount(_low_bits_in_bin(x, hi, b), minlength=LO_BINS).cpu().numpy()
+        for b in self.lo_pending:
+            self.lo_counts[b][:LO_BINS] += (
+                torch.bincount(_low_bits_in_bin(x, hi, b), minlength=LO_BINS).cpu().numpy()
+            )
+
+    def observe_lo_difference(self, x: np.ndarray, base: np.ndarray) -> None:
+        """observe_lo of the task vector x - base (as observe_hi_difference)."""
+        for b in self.lo_pending:
+            loops.count_lo_difference(x, base, np.uint32(b), self.lo_counts[b])
 
     def end_lo(self) -> None:
         for k, b, r in zip(self.ranks, self.bins, self.rank_in_bin):
@@ -333,6 +347,7 @@ class OrderStatistics:
             self._above.append(k - r + in_bin_above)
             self._equal.append(int(self.lo_counts[b][lo]))
         self.lo_counts = {}
+        self.lo_pending = set()
 
     def observe(self, pass_index: int, x: torch.Tensor) -> None:
         (self.observe_hi if pass_index == 0 else self.observe_lo)(x)

@@ -44,7 +44,8 @@ class TaskArithmeticKernel(Kernel):
         self.threshold_passes = 0
         if self.sparsify == "magnitude":
             self.selectors = [
-                TopKThreshold(k) if 0 < k < numel else None for k in (keep_count(d, numel) for d in densities)
+                TopKThreshold(k, numel) if 0 < k < numel else None
+                for k in (keep_count(d, numel) for d in densities)
             ]
             self.threshold_passes = 2 if any(s is not None for s in self.selectors) else 0
         n = len(densities)
@@ -59,6 +60,8 @@ class TaskArithmeticKernel(Kernel):
     def observe(self, pass_index: int, chunk: Chunk) -> None:
         if pass_index >= self.threshold_passes and self._host_norms(chunk):
             return
+        if pass_index < self.threshold_passes and self._host_counts(pass_index, chunk):
+            return
         _compute_base(chunk)
         for i, model in enumerate(chunk.models):
             delta = _delta_copy(model, chunk.base)  # a new tensor: apply reads model again
@@ -70,15 +73,17 @@ class TaskArithmeticKernel(Kernel):
                 self._drop_measured(chunk, i, delta)
 
     def end_pass(self, pass_index: int) -> None:
-        for sel in self.selectors:
-            if sel is None:
-                continue
-            if pass_index == 0:
-                sel.end_hi()
-            elif pass_index == 1:
-                sel.end_lo()
-            else:
+        selectors = [sel for sel in self.selectors if sel is not None]
+        for sel in selectors:
+            if pass_index >= self.threshold_passes:
                 sel.ties_seen = 0  # the L1 pass trimmed every chunk once; apply starts over
+            elif pass_index == 0:
+                sel.end_hi()
+            else:
+                sel.end_lo()
+        if pass_index == 0 and self.threshold_passes == 2 and all(sel.found for sel in selectors):
+            # the first pass settled every threshold (TopKThreshold.end_hi): no second pass
+            self.threshold_passes, self.passes = 1, self.passes - 1
 
     def _random_keep(self, chunk: Chunk, i: int, like) -> np.ndarray:
         return chunk.rng[i].keep_array(
@@ -134,7 +139,9 @@ class TaskArithmeticKernel(Kernel):
             total = float(sum(weights))
             divide = total if self.p["normalize"] and abs(total) >= 1e-8 else None
             out = loops.task_arithmetic(base, models, weights, divide, lam)
-        elif self.sparsify == "random" and self.constant_density:
+        elif self._constant_random and not measure:
+            out = self._dare_combine(chunk, base, models)
+        elif self._constant_random:
             deltas = []
             for i, model in enumerate(models):
                 delta = np.empty(base.shape[0], dtype=np.float32)
@@ -148,6 +155,51 @@ class TaskArithmeticKernel(Kernel):
         else:
             return None
         return arrays.like(out, chunk.base)
+
+    @property
+    def _constant_random(self) -> bool:
+        return self.sparsify == "random" and self.constant_density
+
+    def _dare_combine(self, chunk: Chunk, base: np.ndarray, models: list[np.ndarray]) -> np.ndarray:
+        """DARE's apply on stored CPU inputs in one compiled pass (loops.dare_combine): each task vector
+        made, masked and combined block by block, none stored whole (the L1 norms of the rescale come
+        from the statistics pass)."""
+        weights = self.p["weight"]
+        total = float(sum(weights))
+        normalize = bool(self.p["normalize"])
+        out = np.empty(base.shape[0], dtype=np.float32)
+        loops.dare_combine(
+            base,
+            tuple(models),
+            np.asarray([r.k0 for r in chunk.rng], dtype=np.uint32),
+            np.asarray([r.k1 for r in chunk.rng], dtype=np.uint32),
+            np.asarray(
+                [threshold_of(d) for d in self.p["density"]], dtype=np.uint64
+            ),  # >= 1: 2**32, all kept
+            np.uint64(chunk.start),
+            np.asarray([self._scale(i) for i in range(len(models))], dtype=np.float32),
+            np.asarray(weights, dtype=np.float32),
+            self.consensus,
+            normalize,
+            all(w > 0 for w in weights),
+            np.float32(total if normalize and abs(total) >= 1e-8 else 0.0),
+            np.float32(self.p["lambda"]),
+            out,
+        )
+        return out
+
+    def _host_counts(self, pass_index: int, chunk: Chunk) -> bool:
+        """A threshold pass on stored CPU inputs: each task vector counted as it is made (compiled, not
+        stored); False if not possible."""
+        stored = _stored_inputs(chunk)
+        if stored is None:
+            return False
+        for sel, model in zip(self.selectors, stored[1:]):
+            if sel is not None:
+                (sel.observe_hi_difference if pass_index == 0 else sel.observe_lo_difference)(
+                    model, stored[0]
+                )
+        return True
 
     def _dare_pass(self, chunk: Chunk, i: int, model, base, out):
         """Task vector i masked into ``out`` (None: only its rows' L1 norms), and those norms before
@@ -175,7 +227,10 @@ class TaskArithmeticKernel(Kernel):
         return True
 
     def run_whole(self, chunk: Chunk) -> torch.Tensor:
-        """Whole tensor in memory: each task vector is computed and sparsified once."""
+        """Whole tensor in memory: each task vector is computed and sparsified once (stored CPU inputs with
+        a magnitude trim: the threshold passes count each task vector as it is made, as for chunks)."""
+        if self.sparsify == "magnitude" and not self.rescaling and _stored_inputs(chunk) is not None:
+            return super().run_whole(chunk)
         if (out := self._host(chunk, measure=True)) is not None:
             return out
         if self.sparsify not in ("none", "magnitude", "random"):  # subclasses with their own sparsifier

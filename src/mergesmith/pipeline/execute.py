@@ -259,10 +259,7 @@ class Executor:
         if len(spans) == 1:
             whole = [(spans[0], self._finish(t, kernel.run_whole(self._load(t, spans[0], rng))))]
             return lambda: iter(whole)
-        for p in range(kernel.passes):
-            for span in spans:
-                kernel.observe(p, self._load(t, span, rng))
-            kernel.end_pass(p)
+        kernel.observe_all(lambda: (self._load(t, span, rng) for span in spans))
         return lambda: ((span, self._finish(t, kernel.apply(self._load(t, span, rng)))) for span in spans)
 
     def _load(self, t: OutputTensor, span, rng) -> Chunk:
