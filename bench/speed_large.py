@@ -4,7 +4,8 @@ Creates (once, in --work) a bf16 base and three fine-tunes of the Llama-3.2-3B s
 3072, intermediate 8192, 28 layers, untied embeddings; random weights, the fine-tunes are the base plus
 small noise): about 6.4 GB each, 25.7 GB of inputs, more than this machine's page cache can hold. Then,
 with every input file dropped from the page cache before each run (posix_fadvise DONTNEED after a sync; the
-resident bytes left are printed), it measures in one run:
+resident bytes left are printed), it measures in one run, in ``--repeat`` rounds (default 3; the medians
+are printed at the end, each merge against the floor of its own round, as the disk's speed drifts):
 
 - the cold floor: reading every input file once, sequentially in large blocks, and writing the output's
   bytes to a new file;
@@ -26,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -352,6 +354,9 @@ def main() -> int:
     ap.add_argument(
         "--mergekit-max-gib", type=float, default=14, help="stop mergekit past this much anonymous memory"
     )
+    ap.add_argument(
+        "--repeat", type=int, default=3, help="rounds of (cold floor, each method); medians are printed"
+    )
     ap.add_argument("--generate-only", action="store_true")
     ap.add_argument(
         "--delete", action="store_true", help="delete the generated models and outputs, then exit"
@@ -381,13 +386,19 @@ def main() -> int:
         f"{'unknown (no fincore)' if left is None else human(left)}",
         flush=True,
     )
-    read_s, write_s = cold_floor(files, out_bytes, work / "floor.tmp")
-    floor = read_s + write_s
-    print(
-        f"cold floor {floor:.1f} s: read {read_s:.1f} s ({in_bytes / read_s / 1e6:.0f} MB/s), "
-        f"write {write_s:.1f} s",
-        flush=True,
-    )
+    floors: list[float] = []
+
+    def measure_floor() -> float:
+        read_s, write_s = cold_floor(files, out_bytes, work / "floor.tmp")
+        floors.append(read_s + write_s)
+        print(
+            f"cold floor {read_s + write_s:.1f} s: read {read_s:.1f} s ({in_bytes / read_s / 1e6:.0f} MB/s), "
+            f"write {write_s:.1f} s",
+            flush=True,
+        )
+        return read_s + write_s
+
+    floor = measure_floor()
     cfg_dir = work / "configs"
     cfg_dir.mkdir(exist_ok=True)
     out = work / "out"
@@ -395,6 +406,8 @@ def main() -> int:
     ms = args.mergesmith.split()
     rows = []
     digests = {}
+
+    ratios: dict[str, list[tuple[float, float, float, float]]] = {}  # label -> (x floor, wall, CPU, RSS)
 
     def ours(method: str, extra: list[str], label: str) -> None:
         cfg = cfg_dir / f"{method}.yml"
@@ -407,14 +420,31 @@ def main() -> int:
         )
         digests[label] = digest(out) if rc == 0 else "failed"
         rows.append((label, wall, rss, rc, load))
+        ratios.setdefault(label, []).append((wall / floor, wall, LAST_CPU[0], rss))
         print(
             f"{label:28s} {wall:7.1f} s  x{wall / floor:.2f} floor  CPU {LAST_CPU[0]:5.0f} s  peak RSS {rss:6.0f} MiB  "
             f"(load {load:.1f}) {'' if rc == 0 else f'exit {rc}'}",
             flush=True,
         )
 
-    for method in args.methods:
-        ours(method, [], f"mergesmith {method}")
+    for rep in range(args.repeat):
+        if rep:
+            floor = measure_floor()  # the disk's speed drifts: each round against its own floor
+        for method in args.methods:
+            ours(method, [], f"mergesmith {method}")
+    if args.repeat > 1:
+        print(f"median of {args.repeat} rounds, each run against the floor measured just before its round:")
+        for label, runs in ratios.items():
+            x, wall, cpu, rss = (statistics.median(r[i] for r in runs) for i in range(4))
+            spread = f"{min(r[0] for r in runs):.2f}-{max(r[0] for r in runs):.2f}"
+            print(
+                f"{label:28s} {wall:7.1f} s  x{x:.2f} floor ({spread})  CPU {cpu:5.0f} s  peak RSS {rss:6.0f} MiB",
+                flush=True,
+            )
+        print(
+            f"floor: median {statistics.median(floors):.1f} s ({min(floors):.1f}-{max(floors):.1f})",
+            flush=True,
+        )
     if args.memory_limit and "ties" in args.methods:
         ours("ties", ["--memory-limit", args.memory_limit], f"mergesmith ties {args.memory_limit}")
         same = digests[f"mergesmith ties {args.memory_limit}"] == digests["mergesmith ties"]
