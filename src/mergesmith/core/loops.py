@@ -288,16 +288,22 @@ def count_hi(bits, counts):  # pragma: no cover - compiled
     _add_hi(c, counts)
 
 
+@njit(nogil=True, boundscheck=False)
+def _task_vector_block(x, base, s, buf):  # pragma: no cover - compiled
+    """The float32 bit patterns of x - base (stored inputs) at elements [s, s + SCAN_BLOCK), made in
+    ``buf``."""
+    m = min(x.shape[0], s + SCAN_BLOCK) - s
+    difference(x[s : s + m], base[s : s + m], buf[:m])
+    return buf[:m].view(np.uint32)
+
+
 @njit(cache=True, nogil=True, boundscheck=False)
 def count_hi_difference(x, base, counts):  # pragma: no cover - compiled
     """count_hi of the task vector x - base (stored inputs), made block by block and never stored."""
     c = np.zeros((4, counts.shape[0]), dtype=np.int64)
     buf = np.empty(SCAN_BLOCK, dtype=np.float32)
-    n = x.shape[0]
-    for s in range(0, n, SCAN_BLOCK):
-        m = min(n, s + SCAN_BLOCK) - s
-        difference(x[s : s + m], base[s : s + m], buf[:m])
-        _count_hi_into(buf[:m].view(np.uint32), c)
+    for s in range(0, x.shape[0], SCAN_BLOCK):
+        _count_hi_into(_task_vector_block(x, base, s, buf), c)
     _add_hi(c, counts)
 
 
@@ -335,11 +341,8 @@ def count_hi_window_difference(x, base, counts, first, rows, hot, window):  # pr
     c = np.zeros((4, counts.shape[0]), dtype=np.int64)
     found = np.empty(SCAN_BLOCK + 1, dtype=np.uint32)
     buf = np.empty(SCAN_BLOCK, dtype=np.float32)
-    n = x.shape[0]
-    for s in range(0, n, SCAN_BLOCK):
-        m = min(n, s + SCAN_BLOCK) - s
-        difference(x[s : s + m], base[s : s + m], buf[:m])
-        bits = buf[:m].view(np.uint32)
+    for s in range(0, x.shape[0], SCAN_BLOCK):
+        bits = _task_vector_block(x, base, s, buf)
         _count_hi_into(bits, c)
         _count_window_into(bits, first, rows, hot, window, found)
     _add_hi(c, counts)
@@ -375,11 +378,8 @@ def count_lo_difference(x, base, b, counts):  # pragma: no cover - compiled
     """count_lo of the task vector x - base (stored inputs), made block by block and never stored."""
     found = np.empty(SCAN_BLOCK + 1, dtype=np.uint32)
     buf = np.empty(SCAN_BLOCK, dtype=np.float32)
-    n = x.shape[0]
-    for s in range(0, n, SCAN_BLOCK):
-        m = min(n, s + SCAN_BLOCK) - s
-        difference(x[s : s + m], base[s : s + m], buf[:m])
-        _count_lo_into(buf[:m].view(np.uint32), b, counts, found)
+    for s in range(0, x.shape[0], SCAN_BLOCK):
+        _count_lo_into(_task_vector_block(x, base, s, buf), b, counts, found)
 
 
 @njit(nogil=True, boundscheck=False)
