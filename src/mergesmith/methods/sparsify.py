@@ -192,8 +192,8 @@ class OrderStatistics:
         self.rank_in_bin: list[int] = []
         self.lo_counts: dict[int, np.ndarray] = {}
         self.lo_pending: set[int] = set()  # bins whose low bits the second pass must still count
-        # while a first pass runs: (first bin, row of each bin from it, each row's hot value, counts)
-        self._window: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
+        # while a first pass runs: (first bin, row of each bin from it, low-bit counts per row)
+        self._window: tuple[int, np.ndarray, np.ndarray] | None = None
         self._small: list[np.ndarray] | None = []
         self._small_count = 0
         self._bits: list[int] = []
@@ -240,8 +240,8 @@ class OrderStatistics:
             loops.count_hi_difference(x, base, self.hi_counts)
             self._open_window(x, base)
         elif self._window is not None:
-            first, rows, hot, window = self._window
-            loops.count_hi_window_difference(x, base, self.hi_counts, np.uint32(first), rows, hot, window)
+            first, rows, window = self._window
+            loops.count_hi_window_difference(x, base, self.hi_counts, np.uint32(first), rows, window)
         else:
             loops.count_hi_difference(x, base, self.hi_counts)
 
@@ -279,15 +279,9 @@ class OrderStatistics:
         rows = np.full(int(bins[-1]) - first + 1, bins.size, dtype=np.int32)  # the spare row: not counted
         rows[bins - first] = np.arange(bins.size, dtype=np.int32)
         window = np.zeros((bins.size + 1, LO_BINS), dtype=np.int64)
-        hot = np.full(bins.size + 1, 0xFFFFFFFF, dtype=np.uint32)  # no |x| has these bits: all counted
-        dummy = np.zeros(HI_BINS, dtype=np.int64)
-        loops.count_hi_window_difference(x, base, dummy, np.uint32(first), rows, hot, window)
-        # from now on each row's commonest value in this chunk is not counted value by value: end_hi
-        # adds it from the bin's total in the high-bit histogram
-        hot[:-1] = (bins.astype(np.uint32) << np.uint32(16)) | np.argmax(window[:-1], axis=1).astype(
-            np.uint32
-        )
-        self._window = (first, rows, hot, window)
+        dummy = np.zeros(HI_BINS, dtype=np.int64)  # this chunk's high bits are counted already
+        loops.count_hi_window_difference(x, base, dummy, np.uint32(first), rows, window)
+        self._window = (first, rows, window)
 
     def end_hi(self) -> None:
         if self._small is not None:
@@ -306,12 +300,9 @@ class OrderStatistics:
             self.rank_in_bin.append(k - above)
         counted: dict[int, np.ndarray] = {}
         if self._window is not None:  # bins whose low bits the first pass counted
-            first, rows, hot, window = self._window
+            first, rows, window = self._window
             self._window = None
-            for b in np.flatnonzero(rows < window.shape[0] - 1):
-                row = window[rows[b]]
-                row[hot[rows[b]] & 0xFFFF] += self.hi_counts[first + b] - row.sum()  # the hot value's
-                counted[first + int(b)] = row
+            counted = {first + int(b): window[rows[b]] for b in np.flatnonzero(rows < window.shape[0] - 1)}
         self.lo_counts = {b: counted.get(b, np.zeros(LO_BINS, dtype=np.int64)) for b in set(self.bins)}
         self.lo_pending = {b for b in self.lo_counts if b not in counted}
 
