@@ -22,6 +22,7 @@ import argparse
 import json
 import random
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -35,6 +36,9 @@ from mergesmith.eval.tasks import TaskSet
 from mergesmith.tokens import transplant_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+import tiny_models as tm  # noqa: E402
+
 SKILLS = ROOT / "examples" / "skills"
 
 
@@ -47,11 +51,7 @@ def perturbed_donor(base: Path, out: Path, pairs: list[str], seed: int) -> Path:
     n = len(vocab)
     perm = list(range(n))
     random.Random(seed).shuffle(perm)
-    tok["model"]["vocab"] = {t: perm[i] for t, i in vocab.items()}
-    for a in tok["added_tokens"]:
-        a["id"] = perm[a["id"]]
-    for spec in ((tok.get("post_processor") or {}).get("special_tokens") or {}).values():
-        spec["ids"] = [perm[i] for i in spec["ids"]]
+    tm.renumber_tokens(tok, perm)
     for j, p in enumerate(pairs):
         tok["added_tokens"].append(
             {
@@ -65,18 +65,7 @@ def perturbed_donor(base: Path, out: Path, pairs: list[str], seed: int) -> Path:
             }
         )
     (out / "tokenizer.json").write_text(json.dumps(tok))
-    cfg = json.loads((out / "config.json").read_text())
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        cfg[key] = perm[cfg[key]]
-    cfg["vocab_size"] = n + len(pairs)
-    (out / "config.json").write_text(json.dumps(cfg))
-    gen = out / "generation_config.json"
-    if gen.exists():
-        g = json.loads(gen.read_text())
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if isinstance(g.get(key), int):
-                g[key] = perm[g[key]]
-        gen.write_text(json.dumps(g))
+    tm.renumber_configs(out, perm, n + len(pairs))
     tensors = load_file(out / "model.safetensors")
     index = torch.tensor(perm)
     for k in ("model.embed_tokens.weight", "lm_head.weight"):

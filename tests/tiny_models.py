@@ -380,6 +380,35 @@ def _rows_of(config: dict) -> int:
     return config.get("vocab_size") or config["text_config"]["vocab_size"]
 
 
+def renumber_tokens(tok: dict, perm: list[int]) -> None:
+    """In tokenizer.json data ``tok``, token id ``i`` becomes ``perm[i]``: the model's vocabulary (when it
+    is a dict), the added tokens and the post-processor's special-token ids."""
+    vocab = tok["model"]["vocab"]
+    if isinstance(vocab, dict):
+        tok["model"]["vocab"] = {t: perm[i] for t, i in vocab.items()}
+    for a in tok.get("added_tokens") or []:
+        a["id"] = perm[a["id"]]
+    post = tok.get("post_processor") or {}
+    for spec in (post.get("special_tokens") or {}).values():
+        spec["ids"] = [perm[i] for i in spec["ids"]]
+
+
+def renumber_configs(folder: Path, perm: list[int], vocab_size: int) -> None:
+    """The special-token ids of ``folder``'s config.json and generation_config.json (if any) mapped
+    through ``perm``, and config.json's vocab_size set."""
+    for name in ("config.json", "generation_config.json"):
+        path = folder / name
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if isinstance(data.get(key), int):
+                data[key] = perm[data[key]]
+        if name == "config.json":
+            data["vocab_size"] = vocab_size
+        path.write_text(json.dumps(data))
+
+
 def retokenize(
     src: Path,
     dst: Path,
@@ -391,34 +420,17 @@ def retokenize(
     the embedding and lm_head moved with it, config ids too), plus ``extra`` tokens appended to the
     tokenizer's vocabulary with the given rows (or random ones for a ``None`` value) in both tensors."""
     shutil.copytree(src, dst)
-    config = json.loads((dst / "config.json").read_text())
-    n = _rows_of(config)
+    n = _rows_of(json.loads((dst / "config.json").read_text()))
     perm = list(range(n)) if perm is None else perm
     extra = extra or {}
     tok = json.loads((dst / "tokenizer.json").read_text())
+    renumber_tokens(tok, perm)
     vocab = tok["model"]["vocab"]
     if isinstance(vocab, dict):
-        tok["model"]["vocab"] = {t: perm[i] for t, i in vocab.items()}
         for j, t in enumerate(extra):
-            tok["model"]["vocab"][t] = n + j
-    for a in tok.get("added_tokens") or []:
-        a["id"] = perm[a["id"]]
-    post = tok.get("post_processor") or {}
-    for spec in (post.get("special_tokens") or {}).values():
-        spec["ids"] = [perm[i] for i in spec["ids"]]
+            vocab[t] = n + j
     (dst / "tokenizer.json").write_text(json.dumps(tok))
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if isinstance(config.get(key), int):
-            config[key] = perm[config[key]]
-    config["vocab_size"] = n + len(extra)
-    (dst / "config.json").write_text(json.dumps(config))
-    gen = dst / "generation_config.json"
-    if gen.exists():
-        g = json.loads(gen.read_text())
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if isinstance(g.get(key), int):
-                g[key] = perm[g[key]]
-        gen.write_text(json.dumps(g))
+    renumber_configs(dst, perm, n + len(extra))
     gen_rows = torch.Generator().manual_seed(seed)
     index = torch.tensor(perm)
     for f in dst.glob("*.safetensors"):
