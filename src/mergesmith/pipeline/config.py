@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -242,34 +242,51 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def _unknown_key(key: Any, known: list[str], where: str, source: str) -> ConfigError:
+def _unknown_key(
+    key: Any,
+    known: list[str],
+    where: str,
+    source: str,
+    what: str = "config",
+    unsupported: Mapping[str, str] = UNSUPPORTED_KEYS,
+) -> ConfigError:
     path = f"{where}.{key}" if where else str(key)
-    if key in UNSUPPORTED_KEYS:
-        return ConfigError(f"{source}: invalid config at '{path}': {UNSUPPORTED_KEYS[key]}")
+    if key in unsupported:
+        return ConfigError(f"{source}: invalid {what} at '{path}': {unsupported[key]}")
     hint = did_you_mean(str(key), known) or f" (known keys here: {', '.join(known)})"
-    return ConfigError(f"{source}: invalid config at '{path}': unknown key{hint}")
+    return ConfigError(f"{source}: invalid {what} at '{path}': unknown key{hint}")
 
 
-def _check_keys(data: Any, cls: type[BaseModel], where: str, source: str) -> None:
-    """Unknown keys anywhere in the config, with the nearest known key, before pydantic validates: its
-    first error would otherwise be a consequence of the typo ('merge_methd' -> "required key missing")."""
+def check_keys(
+    data: Any,
+    cls: type[BaseModel],
+    source: str,
+    children: Mapping[tuple[str, str], type[BaseModel]] | None = None,
+    what: str = "config",
+    unsupported: Mapping[str, str] = UNSUPPORTED_KEYS,
+    where: str = "",
+) -> None:
+    """Unknown keys anywhere in a config, with the nearest known key, before pydantic validates: its
+    first error would otherwise be a consequence of the typo ('merge_methd' -> "required key missing").
+    ``children`` maps (model class name, key) to the model of that key's mapping (or of each item of
+    its list); by default, the merge config's. ``what`` names the config in messages; ``unsupported``
+    gives a key's own message instead of a spelling suggestion."""
     if not isinstance(data, dict):
         return
+    children = _CHILDREN if children is None else children
     known = list(cls.model_fields)
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in cls.model_fields:
-            raise _unknown_key(key, known, where, source)
+            raise _unknown_key(key, known, where, source, what, unsupported)
         if key == "parameters" and isinstance(value, dict):
             _check_parameter_values(value, path, source)
-        child = _CHILDREN.get((cls.__name__, key))
+        child = children.get((cls.__name__, key))
         if child is None:
             continue
-        if isinstance(value, list):
-            for i, item in enumerate(value):
-                _check_keys(item, child, f"{path}.{i}", source)
-        else:
-            _check_keys(value, child, path, source)
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for i, item in items:
+            check_keys(item, child, source, children, what, unsupported, path if i is None else f"{path}.{i}")
 
 
 def _check_parameter_values(params: dict, where: str, source: str) -> None:
@@ -300,7 +317,7 @@ def parse_config(data: Any, source: str = "config") -> MergeConfig:
     if "modules" in data:
         data = _modules_to_slices(data, source)
     data, ignored = _top_level_parameters(data)
-    _check_keys(data, MergeConfig, "", source)
+    check_keys(data, MergeConfig, source)
     try:
         config = MergeConfig.model_validate(data)
     except ValidationError as exc:
@@ -350,7 +367,7 @@ def _modules_to_slices(data: dict, source: str) -> dict:
     module = modules["default"]
     if not isinstance(module, dict):
         raise ConfigError(f"{where}.default: must be a mapping with 'models' or 'slices'")
-    _check_keys(module, ModuleDef, "modules.default", source)
+    check_keys(module, ModuleDef, source, where="modules.default")
     try:
         ModuleDef.model_validate(module)
     except ValidationError as exc:

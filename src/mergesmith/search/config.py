@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mergesmith.core.errors import ConfigError
-from mergesmith.pipeline.config import Count, did_you_mean, load_yaml_documents
+from mergesmith.pipeline.config import Count, check_keys, did_you_mean, load_yaml_documents
 
 #: Parameters the search varies when the method has them; per-model ones get one value per model.
 SEARCHABLE = ("weight", "density", "t", "lambda")
@@ -106,32 +106,17 @@ class SearchConfig(_Strict):
     fewshot_as_multiturn: bool = True
 
 
-_CHILDREN: dict[str, type[BaseModel]] = {"genome": Genome, "optimizer": Optimizer, "tasks": Task}
-
-
-def _check_keys(data: Any, cls: type[BaseModel], where: str, source: str) -> None:
-    """Unknown keys with the nearest known one, before pydantic (whose first error would be a
-    consequence of the typo)."""
-    if not isinstance(data, dict):
-        return
-    known = list(cls.model_fields)
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in cls.model_fields:
-            hint = did_you_mean(str(key), known) or f" (known keys here: {', '.join(known)})"
-            raise ConfigError(f"{source}: invalid search config at '{path}': unknown key{hint}")
-        child = _CHILDREN.get(str(key)) if cls is SearchConfig else None
-        if child is Task and isinstance(value, list):
-            for i, item in enumerate(value):
-                _check_keys(item, Task, f"{path}.{i}", source)
-        elif child is not None:
-            _check_keys(value, child, path, source)
+_CHILDREN: dict[tuple[str, str], type[BaseModel]] = {
+    ("SearchConfig", "genome"): Genome,
+    ("SearchConfig", "optimizer"): Optimizer,
+    ("SearchConfig", "tasks"): Task,
+}
 
 
 def parse_search_config(data: Any, source: str = "search config") -> SearchConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a search config must be a YAML mapping, got {type(data).__name__}")
-    _check_keys(data, SearchConfig, "", source)
+    check_keys(data, SearchConfig, source, _CHILDREN, what="search config", unsupported={})
     try:
         config = SearchConfig.model_validate(data)
     except ValidationError as exc:
