@@ -217,13 +217,19 @@ def _heatmaps(
         ax.set_title(label, fontsize=9)
         ax.set_xticks(range(len(modules)), modules, fontsize=7, rotation=30)
         ax.set_yticks(range(len(layers)), layers, fontsize=7)
-        for y, row in enumerate(grid):
-            for x, v in enumerate(row):
-                if not math.isnan(v) and len(layers) <= 40:
-                    ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=6)
+        if len(layers) <= 40:
+            _label_cells(ax, grid, 6)
         fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()
     return _png(fig)
+
+
+def _label_cells(ax: Any, grid: list[list[float]], fontsize: int) -> None:
+    """Each cell of a heatmap labelled with its value (two decimals), but NaN cells."""
+    for y, row in enumerate(grid):
+        for x, v in enumerate(row):
+            if not math.isnan(v):
+                ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=fontsize)
 
 
 def _matrix(report: dict[str, Any]) -> str:
@@ -244,10 +250,7 @@ def _matrix(report: dict[str, Any]) -> str:
         ax.set_xticks(range(len(names)), names, fontsize=8, rotation=30)
         ax.set_yticks(range(len(names)), names, fontsize=8)
         ax.set_title(title, fontsize=10)
-        for y, row in enumerate(grid):
-            for x, v in enumerate(row):
-                if not math.isnan(v):
-                    ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=8)
+        _label_cells(ax, grid, 8)
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     return _png(fig)
