@@ -480,14 +480,49 @@ def combine(
 ):
     """TaskArithmeticKernel._combine on CPU data in one compiled pass: the same float32 steps in the same
     order. ``scales`` (one per task vector, default 1) multiply each task vector first (DARE's rescale)."""
-    total = float(sum(weights))
-    divide = np.float32(total if normalize and abs(total) >= 1e-8 else 0.0)
     out = np.empty(base.shape[0], dtype=np.float32)
     flat = tuple(d.reshape(-1) for d in deltas)
-    w = np.asarray(weights, dtype=np.float32)
-    positive = all(x > 0 for x in weights)
     sc = np.ones(len(deltas), dtype=np.float32) if scales is None else np.asarray(scales, dtype=np.float32)
-    combine_kernel(flat, sc, w, consensus, normalize, positive, divide, np.float32(lam), base, out)
+    combine_kernel(flat, sc, *_combine_args(weights, consensus, normalize, lam), base, out)
+    return out
+
+
+def _combine_args(weights, consensus: bool, normalize: bool, lam: float) -> tuple:
+    """combine_kernel's arguments after the scales: weights, consensus, normalize, whether every weight is
+    positive, the divisor of a plain sum (0: none), lambda."""
+    total = float(sum(weights))
+    divide = np.float32(total if normalize and abs(total) >= 1e-8 else 0.0)
+    positive = all(x > 0 for x in weights)
+    return np.asarray(weights, dtype=np.float32), consensus, normalize, positive, divide, np.float32(lam)
+
+
+def dare_combine(
+    base: np.ndarray,
+    models: list[np.ndarray],
+    rng,
+    keep,
+    start: int,
+    scales,
+    weights,
+    consensus: bool,
+    normalize: bool,
+    lam: float,
+) -> np.ndarray:
+    """DARE's output for stored inputs in one pass (dare_combine_kernel): each model's task vector masked
+    by its random stream ``rng[i]`` (a RandomStream) with keep threshold ``keep[i]`` (rng.threshold_of),
+    scaled by ``scales[i]``, then combine's steps."""
+    out = np.empty(base.shape[0], dtype=np.float32)
+    dare_combine_kernel(
+        base,
+        tuple(models),
+        np.asarray([r.k0 for r in rng], dtype=np.uint32),
+        np.asarray([r.k1 for r in rng], dtype=np.uint32),
+        np.asarray(keep, dtype=np.uint64),
+        np.uint64(start),
+        np.asarray(scales, dtype=np.float32),
+        *_combine_args(weights, consensus, normalize, lam),
+        out,
+    )
     return out
 
 
@@ -599,7 +634,7 @@ def combine_kernel(ds, sc, w, consensus, normalize, positive, divide, lam, base,
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def dare_combine(
+def dare_combine_kernel(
     base, models, k0, k1, keep, start, sc, w, consensus, normalize, positive, divide, lam, out
 ):  # pragma: no cover - compiled
     """DARE's output in one pass, block by block, no task vector stored whole: for each model i,

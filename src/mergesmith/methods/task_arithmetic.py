@@ -164,29 +164,18 @@ class TaskArithmeticKernel(Kernel):
         """DARE's apply on stored CPU inputs in one compiled pass (loops.dare_combine): each task vector
         made, masked and combined block by block, none stored whole (the L1 norms of the rescale come
         from the statistics pass)."""
-        weights = self.p["weight"]
-        total = float(sum(weights))
-        normalize = bool(self.p["normalize"])
-        out = np.empty(base.shape[0], dtype=np.float32)
-        loops.dare_combine(
+        return loops.dare_combine(
             base,
-            tuple(models),
-            np.asarray([r.k0 for r in chunk.rng], dtype=np.uint32),
-            np.asarray([r.k1 for r in chunk.rng], dtype=np.uint32),
-            np.asarray(
-                [threshold_of(d) for d in self.p["density"]], dtype=np.uint64
-            ),  # >= 1: 2**32, all kept
-            np.uint64(chunk.start),
-            np.asarray([self._scale(i) for i in range(len(models))], dtype=np.float32),
-            np.asarray(weights, dtype=np.float32),
+            models,
+            chunk.rng,
+            [threshold_of(d) for d in self.p["density"]],  # density >= 1: 2**32, all kept
+            chunk.start,
+            [self._scale(i) for i in range(len(models))],
+            self.p["weight"],
             self.consensus,
-            normalize,
-            all(w > 0 for w in weights),
-            np.float32(total if normalize and abs(total) >= 1e-8 else 0.0),
-            np.float32(self.p["lambda"]),
-            out,
+            bool(self.p["normalize"]),
+            self.p["lambda"],
         )
-        return out
 
     def _host_counts(self, pass_index: int, chunk: Chunk) -> bool:
         """A threshold pass on stored CPU inputs: each task vector counted as it is made (compiled, not
