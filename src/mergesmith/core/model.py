@@ -13,6 +13,7 @@ import os
 import stat
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mergesmith.core import dtypes
+from mergesmith.core.diskread import FileReader, pread_into
 from mergesmith.core.errors import MergeError
 
 if TYPE_CHECKING:
@@ -259,15 +261,6 @@ def read_safetensors_header(path: Path, ref: str | None = None, kind: str = "mod
     return {name: TensorInfo(name, i.code, i.shape, path, data_start + i.offset) for name, i in infos.items()}
 
 
-def _pread_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise MergeError(f"{path}: unexpected end of file while reading tensor data")
-        done += n
-
-
 # numpy dtype that holds each code's bytes (bf16 and float8 as raw unsigned integers)
 NUMPY_STORAGE = {
     "F64": "<f8",
@@ -285,7 +278,9 @@ NUMPY_STORAGE = {
 }
 
 
-def read_tensor(info: TensorInfo, rows: tuple[int, int] | None = None, fd: int | None = None) -> torch.Tensor:
+def read_tensor(
+    info: TensorInfo, rows: tuple[int, int] | None = None, fd: int | FileReader | None = None
+) -> torch.Tensor:
     """Read a tensor (or rows [r0, r1) of it) in its stored dtype into memory we own."""
     import torch
 
@@ -301,25 +296,35 @@ def _shape(info: TensorInfo, rows: tuple[int, int] | None) -> tuple[int, ...]:
 
 
 def read_array(
-    info: TensorInfo, rows: tuple[int, int] | None = None, fd: int | None = None, storage: bool = True
+    info: TensorInfo,
+    rows: tuple[int, int] | None = None,
+    fd: int | FileReader | None = None,
+    storage: bool = True,
+    shared: bool = False,
 ) -> np.ndarray:
-    """Read a tensor (or rows [r0, r1) of it) into a numpy array we own: with ``storage``, in the numpy
-    dtype that holds its bytes (NUMPY_STORAGE: bf16 as uint16) and its shape; otherwise flat bytes."""
+    """Read a tensor (or rows [r0, r1) of it) into a numpy array: with ``storage``, in the numpy dtype
+    that holds its bytes (NUMPY_STORAGE: bf16 as uint16) and its shape; otherwise flat bytes. ``fd``: the
+    file open (a plain descriptor, or a :class:`FileReader`, which picks the page cache or a direct read
+    and serves held ranges); opened and closed here when None. The array is ours to change, except with
+    ``shared``, where bytes held by the reader may come as a view that must not be written to."""
     if rows is None:
         offset, nbytes = info.offset, info.nbytes
     else:
         offset = info.offset + rows[0] * info.row_bytes
         nbytes = (rows[1] - rows[0]) * info.row_bytes
-    buf = np.empty(nbytes, dtype=np.uint8)
-    if nbytes:
-        own = fd is None
-        if own:
-            fd = os.open(info.file, os.O_RDONLY)
-        try:
-            _pread_into(fd, memoryview(buf), offset, info.file)
-        finally:
+    if isinstance(fd, FileReader):
+        buf = fd.read(offset, nbytes, copy=not shared)
+    else:
+        buf = np.empty(nbytes, dtype=np.uint8)
+        if nbytes:
+            own = fd is None
             if own:
-                os.close(fd)
+                fd = os.open(info.file, os.O_RDONLY)
+            try:
+                pread_into(fd, memoryview(buf), offset, info.file)
+            finally:
+                if own:
+                    os.close(fd)
     return buf.view(NUMPY_STORAGE[info.code]).reshape(_shape(info, rows)) if storage else buf
 
 
@@ -387,7 +392,7 @@ class ModelSource:
         self.ref = ref
         self.path = path
         self._lock = threading.Lock()
-        self._fds: dict[Path, int] = {}
+        self._fds: dict[Path, FileReader] = {}
 
     @classmethod
     def open(cls, ref: str) -> ModelSource:
@@ -466,12 +471,12 @@ class ModelSource:
                 )
         return out
 
-    def _fd(self, file: Path) -> int:
+    def _fd(self, file: Path) -> FileReader:
         with self._lock:
-            fd = self._fds.get(file)
-            if fd is None:
-                fd = self._fds[file] = os.open(file, os.O_RDONLY)
-            return fd
+            reader = self._fds.get(file)
+            if reader is None:
+                reader = self._fds[file] = FileReader(file)
+            return reader
 
     def _info(self, name: str) -> TensorInfo:
         try:
@@ -485,28 +490,46 @@ class ModelSource:
         return read_tensor(info, rows, self._fd(info.file))
 
     def read_array(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
-        """Tensor ``name`` (rows [r0, r1) if given) as a numpy array of its stored bytes (NUMPY_STORAGE)."""
+        """Tensor ``name`` (rows [r0, r1) if given) as a numpy array of its stored bytes (NUMPY_STORAGE).
+        Read-only: while the tensor is held (:meth:`hold`) this is a view of the held bytes."""
         info = self._info(name)
-        return read_array(info, rows, self._fd(info.file))
+        return read_array(info, rows, self._fd(info.file), shared=True)
 
-    def prefetch(self, name: str) -> int:
-        """Ask the kernel to start reading tensor ``name``'s bytes into the page cache
-        (``posix_fadvise(WILLNEED)``: it returns once the reads are queued; nothing is held by this
-        process). Returns the bytes asked for; 0 where there is nothing to ask (no such tensor, no
-        fadvise on this platform)."""
+    def hold(self, name: str) -> Callable[[], None] | None:
+        """Reserve tensor ``name``'s bytes to be held in memory for the reads to come, until
+        :meth:`release`: returns the function that reads them (run it on a read-ahead thread; reads that
+        come before it finishes wait for it). None where there is nothing to hold, or nothing to gain:
+        bytes in the page cache are read from there, as often as needed, at memory speed."""
+        cls = type(self)
+        if cls.read is not ModelSource.read or cls.read_array is not ModelSource.read_array:
+            return None  # a source that derives its tensors (LoRA, packed, remapped) reads its own way
         info = self.tensors.get(name)
-        if info is None or not info.nbytes or not hasattr(os, "posix_fadvise"):
-            return 0
+        if info is None or not info.nbytes:
+            return None
         try:
-            os.posix_fadvise(self._fd(info.file), info.offset, info.nbytes, os.POSIX_FADV_WILLNEED)
+            reader = self._fd(info.file)
+            if info.offset + info.nbytes > reader.size:
+                return None  # not bytes of this file as they are (a derived source): its reads say why
+            if reader.cached(info.offset, info.nbytes):
+                return None
         except OSError:
-            return 0  # a hint only: the read itself reports any real problem
-        return info.nbytes
+            return None  # the read itself reports any real problem
+        held = reader.reserve(info.offset, info.nbytes)
+        return lambda: reader.fill(held)
+
+    def release(self, name: str) -> None:
+        """Drop the hold that :meth:`hold` took on tensor ``name``."""
+        info = self.tensors.get(name)
+        if info is not None and info.nbytes:
+            with self._lock:
+                reader = self._fds.get(info.file)
+            if reader is not None:
+                reader.release(info.offset, info.nbytes)
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
+            for reader in self._fds.values():
+                reader.close()
             self._fds.clear()
 
     def tokenizer_text(self) -> str | None:

@@ -44,9 +44,10 @@ TORCH_IMPORT_RSS = 240 * 2**20
 # models at several --memory-limit values: temporaries inside the kernels and allocator fragmentation.
 ALLOCATOR_OVERHEAD = 2.0
 MIN_CHUNK_ELEMS = 1 << 16
-# Input bytes the prefetcher asks the kernel to read ahead of the tensors the workers have started: page
-# cache, not this process's memory. Enough for the next few tensors of a large model, little against RAM.
-PREFETCH_BYTES = 1 << 30
+# Input bytes the read-ahead thread may hold in memory for tensors not finished yet (ReadAhead): the
+# inputs of a few layer tensors of a 3B-8B model. Counted in the peak estimate, and taken out of the
+# budget under --memory-limit.
+READ_AHEAD_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,9 @@ class ExecOptions:
     seed: int = 0
     check_finite: bool = True
     backend: str = "auto"  # auto | native | torch
-    # read-ahead hints for inputs on disk; off where the backend serves inputs from memory (search)
+    # the read-ahead thread (ReadAhead); off where the backend serves inputs from memory (search)
     prefetch: bool = True
+    ahead: int = READ_AHEAD_BYTES  # bytes it may hold
 
 
 def bytes_per_element(t: OutputTensor, method: Method) -> int:
@@ -111,7 +113,29 @@ def estimate_peak(plan: MergePlan, options: ExecOptions, backend: str | None = N
     """Peak memory estimate: baseline (with ``backend``'s engine) + the largest tasks in flight at once."""
     share = options.budget // max(1, options.workers)
     sizes = sorted((task_bytes(t, share) for t in merge_units(plan.tensors)), reverse=True)
-    return baseline_rss(backend) + sum(sizes[: options.workers])
+    return baseline_rss(backend) + sum(sizes[: options.workers]) + read_ahead_peak(plan, options)
+
+
+def read_ahead_peak(plan: MergePlan, options: ExecOptions) -> int:
+    """The most input bytes the read-ahead can hold at once: its window, or all it would ever hold."""
+    if not options.prefetch or options.ahead <= 0:
+        return 0
+    sizes = (input_bytes(plan, t) for t in merge_units(plan.tensors))
+    return min(sum(size for size in sizes if size <= options.ahead), options.ahead)
+
+
+def unit_sources(t: OutputTensor) -> list[TensorSource]:
+    """The inputs that producing ``t`` reads: a group's (experts merged as one tensor) for every member."""
+    return [s for part in t.parts or (t,) for s in part.sources]
+
+
+def input_bytes(plan: MergePlan, t: OutputTensor) -> int:
+    """Stored bytes of the inputs that producing ``t`` reads."""
+    total = 0
+    for s in unit_sources(t):
+        info = getattr(plan.models[s.model], "tensors", {}).get(s.tensor)
+        total += info.nbytes if info is not None else 0
+    return total
 
 
 def settle_budget(plan: MergePlan, options: ExecOptions, baseline: int, backend: str) -> ExecOptions:
@@ -119,7 +143,8 @@ def settle_budget(plan: MergePlan, options: ExecOptions, baseline: int, backend:
     once the backend is chosen and its engine loaded: torch alone is a quarter GiB, so a budget taken
     before it was imported let merges overshoot the limit by that much); then :func:`fit_budget`. A limit
     below the baseline plus one row chunk of the largest tensor is refused up front with the smallest
-    limit that works."""
+    limit that works. The read-ahead gets a quarter of what the limit leaves (at most its own default),
+    where the rest still holds one row chunk of the largest tensor; none otherwise."""
     if options.limit is None:
         return fit_budget(plan, options)
     need = max((task_bytes(t, 0) for t in merge_units(plan.tensors)), default=0)
@@ -131,7 +156,11 @@ def settle_budget(plan: MergePlan, options: ExecOptions, baseline: int, backend:
             f"{human_size(need)} for the largest tensor in flight; the smallest limit that works is "
             f"--memory-limit {math.ceil(smallest / 2**20)}MiB"
         )
-    return fit_budget(plan, replace(options, budget=options.limit - baseline))
+    room = options.limit - baseline
+    ahead = min(options.ahead, room // 4) if options.prefetch else 0
+    if room - ahead < need:
+        ahead = 0
+    return fit_budget(plan, replace(options, budget=room - ahead, ahead=ahead))
 
 
 def fit_budget(plan: MergePlan, options: ExecOptions) -> ExecOptions:
@@ -190,13 +219,14 @@ class Executor:
 
     def _run(self, progress) -> None:
         tensors = merge_units(self.plan.tensors)
-        prefetch = Prefetcher(self.plan, tensors, PREFETCH_BYTES) if self.options.prefetch else NoPrefetch()
+        ahead = self.options.ahead if self.options.prefetch else 0
+        prefetch = ReadAhead(self.plan, tensors, ahead) if ahead > 0 else NoReadAhead()
         try:
             self._run_all(tensors, progress, prefetch)
         finally:
             prefetch.stop()
 
-    def _run_all(self, tensors: list[OutputTensor], progress, prefetch: Prefetcher | NoPrefetch) -> None:
+    def _run_all(self, tensors: list[OutputTensor], progress, prefetch: ReadAhead | NoReadAhead) -> None:
         def report(t: OutputTensor) -> None:
             if progress:
                 for part in t.parts or (t,):  # the bar counts the tensors written
@@ -205,7 +235,10 @@ class Executor:
         if self.options.workers <= 1:
             for i, t in enumerate(tensors):
                 prefetch.started(i)
-                self.produce(t)
+                try:
+                    self.produce(t)
+                finally:
+                    prefetch.finished(i)
                 report(t)
             return
         pool = ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="mergesmith")
@@ -225,10 +258,13 @@ class Executor:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _guarded(self, t: OutputTensor, index: int, prefetch: Prefetcher | NoPrefetch) -> None:
+    def _guarded(self, t: OutputTensor, index: int, prefetch: ReadAhead | NoReadAhead) -> None:
         if not self._cancel.is_set():
             prefetch.started(index)
-            self.produce(t)
+            try:
+                self.produce(t)
+            finally:
+                prefetch.finished(index)
 
     # --- one output tensor ------------------------------------------------------------------------
     def produce(self, t: OutputTensor) -> None:
@@ -325,73 +361,111 @@ def _split(t: OutputTensor, data, span) -> Iterator[tuple[OutputTensor, Any, Any
         yield part, rows[first + lo - start : first + hi - start], (lo, hi)
 
 
-class NoPrefetch:
-    """The executor's prefetcher when it is off: no thread, no hints."""
+class NoReadAhead:
+    """The executor's read-ahead when it is off: no thread, nothing held."""
 
     def started(self, index: int) -> None:
+        pass
+
+    def finished(self, index: int) -> None:
         pass
 
     def stop(self) -> None:
         pass
 
 
-class Prefetcher:
-    """Keeps the disk reading ahead of the workers: a thread asks the kernel to read the inputs of the
-    next tensors in plan order (``ModelSource.prefetch``: posix_fadvise WILLNEED), up to ``ahead``
-    bytes past the last tensor a worker started. With inputs that are not in the page cache (models
-    larger than memory), each worker otherwise waited for its own reads while the disk waited for the
-    workers; the hints cost nothing when the inputs are already cached. Memory is the page cache's."""
+class ReadAhead:
+    """Keeps the disk reading ahead of the workers: a thread reads the inputs of the next tensors in plan
+    order into memory (``ModelSource.hold``), while the bytes held for tensors not yet finished stay
+    within ``ahead``. The workers' reads of a held tensor are served from memory, so the disk reads while
+    the workers compute, and a tensor processed in row chunks over several passes (a TIES threshold, then
+    the output) is read from disk once, not once per pass. A tensor whose inputs alone are larger than
+    ``ahead`` (an embedding) is left to the workers' own reads, and so are inputs already in the page cache
+    (they are read from there at memory speed, as often as needed, without this process's memory). The
+    thread never reads a tensor a worker has already started."""
 
     def __init__(self, plan: MergePlan, units: Sequence[OutputTensor], ahead: int):
         self._models = plan.models
-        # a group (experts merged as one tensor) reads every member's inputs
-        self._sources = [[s for part in t.parts or (t,) for s in part.sources] for t in units]
-        self._sizes = [self._input_bytes(sources) for sources in self._sources]
+        self._sources = [[(s.model, s.tensor) for s in unit_sources(t)] for t in units]
+        self._sizes = [input_bytes(plan, t) for t in units]
         self._ahead = ahead
-        self._started = 0  # tensors that workers have started
+        self._started = 0  # tensors before this index have been started by a worker
+        # tensor index -> the sources held for it and their bytes (inputs in the page cache are not held)
+        self._held: dict[int, tuple[list[tuple[str, str]], int]] = {}
+        self._bytes = 0  # input bytes held for tensors not finished yet
         self._stopped = False
         self._cond = threading.Condition()
-        self.asked: list[int] = []  # tensors whose inputs were announced, in order (for tests)
-        self._thread = threading.Thread(target=self._run, name="mergesmith-prefetch", daemon=True)
+        self.asked: list[int] = []  # tensors whose inputs were held, in order (for tests)
+        self._thread = threading.Thread(target=self._run, name="mergesmith-readahead", daemon=True)
         self._thread.start()
 
-    def _input_bytes(self, sources) -> int:
-        total = 0
-        for s in sources:
-            info = getattr(self._models[s.model], "tensors", {}).get(s.tensor)
-            total += info.nbytes if info is not None else 0
-        return total
-
     def started(self, index: int) -> None:
-        """A worker started tensor ``index``: the window moves on."""
+        """A worker started tensor ``index``. If the thread has not got to it and the window has room, the
+        worker holds its inputs itself (read now, in its own thread), so that every pass over them is
+        served from that one read."""
+        fills: list[Callable[[], None]] = []
         with self._cond:
             if index + 1 > self._started:
                 self._started = index + 1
                 self._cond.notify()
+            size = self._sizes[index]
+            if index not in self._held and self._bytes + size <= self._ahead:
+                fills = self._reserve(index)
+        for fill in fills:
+            fill()
+
+    def finished(self, index: int) -> None:
+        """A worker finished tensor ``index``: what was held for it is let go."""
+        with self._cond:
+            held, nbytes = self._held.pop(index, ([], 0))
+            self._bytes -= nbytes
+            self._cond.notify()
+        self._release(held)
 
     def stop(self) -> None:
         with self._cond:
             self._stopped = True
             self._cond.notify()
         self._thread.join()
+        with self._cond:
+            rest = [s for held, _ in self._held.values() for s in held]
+            self._held.clear()
+        self._release(rest)
+
+    def _release(self, held: list[tuple[str, str]]) -> None:
+        for model, tensor in held:
+            self._models[model].release(tensor)
 
     def _run(self) -> None:
-        for i, sources in enumerate(self._sources):
+        for i, size in enumerate(self._sizes):
+            if size > self._ahead:
+                continue
             with self._cond:
-                # the next tensor to start is always announced; later ones while they fit the window
-                while (
-                    not self._stopped
-                    and i > self._started
-                    and sum(self._sizes[self._started : i + 1]) > self._ahead
-                ):
+                while not self._stopped and i >= self._started and self._bytes + size > self._ahead:
                     self._cond.wait()
                 if self._stopped:
                     return
-            for s in sources:
-                fetch = getattr(self._models[s.model], "prefetch", None)
-                if fetch is not None:
-                    fetch(s.tensor)
+                if i < self._started:
+                    continue  # a worker got there first (and held what fitted itself)
+                fills = self._reserve(i)
             self.asked.append(i)
+            for fill in fills:  # outside the lock: a worker that wants these bytes waits for them
+                fill()
+
+    def _reserve(self, index: int) -> list[Callable[[], None]]:
+        """Reserve tensor ``index``'s inputs (under the lock); returns the functions that read them."""
+        fills, held, nbytes = [], [], 0
+        for model, tensor in self._sources[index]:
+            source = self._models[model]
+            hold = getattr(source, "hold", None)
+            fill = hold(tensor) if hold is not None else None
+            if fill is not None:
+                fills.append(fill)
+                held.append((model, tensor))
+                nbytes += source.tensors[tensor].nbytes
+        self._held[index] = (held, nbytes)
+        self._bytes += nbytes
+        return fills
 
 
 _allocator_tuned = False
