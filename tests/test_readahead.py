@@ -23,8 +23,8 @@ from mergesmith.methods import get_method
 from mergesmith.pipeline.api import make_plan
 from mergesmith.pipeline.backends.native import NativeBackend
 from mergesmith.pipeline.backends.torch import TorchBackend
-from mergesmith.pipeline.execute import ExecOptions, Executor, ReadAhead
-from mergesmith.pipeline.plan import TensorSource
+from mergesmith.pipeline.execute import ExecOptions, Executor, ReadAhead, input_bytes, work_order
+from mergesmith.pipeline.plan import TensorSource, merge_units
 from tiny_models import build, make_finetune, save, tiny_config
 
 # --- the read-ahead thread, on fake models -------------------------------------------------------------
@@ -401,3 +401,19 @@ def test_a_merge_written_past_the_page_cache_gives_the_same_bytes(
     assert (out / "model.safetensors").read_bytes() == buffered
     tensors = len(load_file(out / "model.safetensors"))
     assert len(pieces) == tensors if limit is None else len(pieces) > 2 * tensors
+
+
+def test_tensors_too_big_for_the_window_are_started_first(llama_trio):
+    cfg = _config(llama_trio, "ties")
+    plan = make_plan(cfg)
+    try:
+        units = merge_units(plan.tensors)
+        sizes = {t.name: input_bytes(plan, t) for t in units}
+        ahead = sorted(sizes.values())[-3]  # the two largest do not fit
+        order = [t.name for t in work_order(plan, ahead)]
+        big = [t.name for t in units if sizes[t.name] > ahead]
+        assert len(big) == 2 and order[:2] == big
+        assert order[2:] == [t.name for t in units if t.name not in big]  # the rest in plan order
+        assert [t.name for t in work_order(plan, 0)] == [t.name for t in units]  # no read-ahead: plan order
+    finally:
+        plan.close()

@@ -124,6 +124,18 @@ def read_ahead_peak(plan: MergePlan, options: ExecOptions) -> int:
     return min(sum(size for size in sizes if size <= options.ahead), options.ahead)
 
 
+def work_order(plan: MergePlan, ahead: int) -> list[OutputTensor]:
+    """The order the workers take the tensors in: plan order (the order of the input files), except that
+    with a read-ahead, tensors whose inputs do not fit its window go first. Those are read by the workers
+    themselves, chunk by chunk and on some methods twice; started last (an untied lm_head is the last
+    tensor of a Llama), one of them was a tail of several seconds with the other worker idle, where early
+    they overlap with the rest. Every tensor lands at its own place in the output whatever the order."""
+    units = merge_units(plan.tensors)
+    if ahead <= 0:
+        return units
+    return sorted(units, key=lambda t: input_bytes(plan, t) <= ahead)  # stable: plan order otherwise
+
+
 def unit_sources(t: OutputTensor) -> list[TensorSource]:
     """The inputs that producing ``t`` reads: a group's (experts merged as one tensor) for every member."""
     return [s for part in t.parts or (t,) for s in part.sources]
@@ -218,8 +230,8 @@ class Executor:
             self._run(progress)
 
     def _run(self, progress) -> None:
-        tensors = merge_units(self.plan.tensors)
         ahead = self.options.ahead if self.options.prefetch else 0
+        tensors = work_order(self.plan, ahead)
         prefetch = ReadAhead(self.plan, tensors, ahead) if ahead > 0 else NoReadAhead()
         try:
             self._run_all(tensors, progress, prefetch)
