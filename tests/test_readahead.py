@@ -253,6 +253,41 @@ def test_held_bytes_are_read_once_and_served_until_released(data_file):
         reader.close()
 
 
+def test_a_range_held_twice_is_read_once(data_file, monkeypatch):
+    """Two tensors of a plan that read the same input (a layer repeated by a passthrough merge) share one
+    held range; filling it twice at the same time reads it once."""
+    path, data = data_file
+    reader = FileReader(path)
+    reads = []
+    gate = threading.Event()
+    real = FileReader._read
+
+    def slow_read(self, offset, nbytes):
+        reads.append(offset)
+        gate.wait(5)
+        return real(self, offset, nbytes)
+
+    monkeypatch.setattr(FileReader, "_read", slow_read)
+    try:
+        first, second = reader.reserve(0, 100), reader.reserve(0, 100)
+        assert first is second and first.refs == 2
+        threads = [threading.Thread(target=reader.fill, args=(h,)) for h in (first, second)]
+        for t in threads:
+            t.start()
+        time.sleep(0.05)
+        gate.set()
+        for t in threads:
+            t.join(5)
+        assert reads == [0] and reader.read(10, 5).tobytes() == data[10:15]
+        reader.release(0, 100)
+        assert reader.read(10, 5).tobytes() == data[10:15] and reads == [0]  # one reference left: held
+        reader.release(0, 100)
+        reader.read(10, 5)
+        assert reads == [0, 10]  # released: read from the file
+    finally:
+        reader.close()
+
+
 def test_what_a_source_holds(llama_trio):
     """Only a plain model folder's reads are served from held bytes: a source that makes its tensors
     (LoRA applied, packed weights unpacked, rows remapped) reads its own way. Bytes in the page cache are

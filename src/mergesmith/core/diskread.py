@@ -122,13 +122,14 @@ class _Held:
     """Bytes [start, end) of a file held in memory for reads to come; ``ready`` is set once they are read
     (``data`` None if that read failed: readers then read for themselves and report the error)."""
 
-    __slots__ = ("start", "end", "data", "refs", "ready")
+    __slots__ = ("start", "end", "data", "refs", "ready", "claimed")
 
     def __init__(self, start: int, end: int):
         self.start, self.end = start, end
         self.data: np.ndarray | None = None
         self.refs = 1
         self.ready = threading.Event()
+        self.claimed = False  # a fill has started
 
 
 class FileReader:
@@ -169,8 +170,11 @@ class FileReader:
             return h
 
     def fill(self, h: _Held) -> None:
-        """Read a reserved range (once; later calls return at once)."""
-        if h.ready.is_set():
+        """Read a reserved range, once: a call while another one reads it waits for that read."""
+        with self._lock:
+            claimed, h.claimed = h.claimed, True
+        if claimed:
+            h.ready.wait()
             return
         try:
             h.data = self._read(h.start, h.end - h.start)
