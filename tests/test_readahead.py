@@ -288,6 +288,22 @@ def test_a_range_held_twice_is_read_once(data_file, monkeypatch):
         reader.close()
 
 
+def test_a_failed_read_ahead_leaves_the_error_to_the_read_that_needs_it(data_file):
+    """A held range that could not be read (the file shrank, a disk error) wakes its waiters, which read
+    for themselves and report what is wrong in one line."""
+    path, data = data_file
+    reader = FileReader(path)
+    try:
+        held = reader.reserve(len(data) - 10, 100)  # past the end of the file
+        reader.fill(held)
+        assert held.ready.is_set() and held.data is None
+        with pytest.raises(mergesmith.MergeError, match="unexpected end of file"):
+            reader.read(len(data) - 10, 100)
+        assert reader.read(len(data) - 10, 10).tobytes() == data[-10:]
+    finally:
+        reader.close()
+
+
 def test_what_a_source_holds(llama_trio):
     """Only a plain model folder's reads are served from held bytes: a source that makes its tensors
     (LoRA applied, packed weights unpacked, rows remapped) reads its own way. Bytes in the page cache are

@@ -178,8 +178,8 @@ class FileReader:
             return
         try:
             h.data = self._read(h.start, h.end - h.start)
-        except (OSError, MergeError):
-            h.data = None  # the reads that wanted it read for themselves and report the error
+        except Exception:  # noqa: BLE001 - a read ahead of need: the reads that wanted it report the error
+            h.data = None  # (they read for themselves), and nothing is left waiting
         finally:
             h.ready.set()
 

@@ -470,7 +470,10 @@ class ReadAhead:
         for model, tensor in self._sources[index]:
             source = self._models[model]
             hold = getattr(source, "hold", None)
-            fill = hold(tensor) if hold is not None else None
+            try:
+                fill = hold(tensor) if hold is not None else None
+            except Exception:  # noqa: BLE001 - holding is an optimisation: the worker's own read reports it
+                fill = None
             if fill is not None:
                 fills.append(fill)
                 held.append((model, tensor))
