@@ -390,6 +390,35 @@ def test_held_inputs_give_the_bytes_of_reads_from_disk(llama_trio, tmp_path, mon
         np.testing.assert_array_equal(on[name], off[name], err_msg=name)
 
 
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
+def test_an_input_that_two_tensors_read_is_not_changed_by_the_first(
+    llama_trio, tmp_path, monkeypatch, method
+):
+    """Layer 1 merged into output layers 1 and 2 (repeated layer ranges): both output tensors read views of
+    one held range of each input. The float32 task-vector path used to subtract in place into its model's
+    buffer, which changed what the second tensor then read (a silently wrong merge); held views are
+    read-only, and the kernels make a new array for them."""
+    base, ft1, ft2 = llama_trio
+
+    def sources(layers):
+        return [
+            {"model": str(m), "layer_range": layers, "parameters": METHODS[method]} for m in (base, ft1, ft2)
+        ]
+
+    cfg = {
+        "merge_method": method,
+        "base_model": str(base),
+        "slices": [{"sources": sources([0, 2])}, {"sources": sources([1, 3])}],
+    }
+    monkeypatch.setattr(FileReader, "cached", lambda self, offset, nbytes: False)  # as if cold
+    off, _ = _run(cfg, tmp_path / "off", NativeBackend, ExecOptions(workers=1, prefetch=False))
+    on, served = _run(cfg, tmp_path / "on", NativeBackend, ExecOptions(workers=1, ahead=1 << 20))
+    assert served > 0
+    assert np.array_equal(off["model.layers.1.mlp.up_proj.weight"], off["model.layers.2.mlp.up_proj.weight"])
+    for name in off:
+        np.testing.assert_array_equal(on[name], off[name], err_msg=name)
+
+
 def test_a_merge_read_past_the_page_cache_gives_the_same_bytes(llama_trio, tmp_path, monkeypatch):
     cfg = _config(llama_trio, "ties")
     buffered, _ = _run(cfg, tmp_path / "buffered", NativeBackend, ExecOptions(workers=2, budget=6000))

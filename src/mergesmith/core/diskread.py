@@ -217,7 +217,10 @@ class FileReader:
             if h.data is not None:
                 view = h.data[offset - h.start : offset - h.start + nbytes]
                 self.held_bytes += nbytes
-                return view.copy() if copy else view
+                if copy:
+                    return view.copy()
+                view.flags.writeable = False  # shared by every read of these bytes: a write is an error
+                return view
         return self._read(offset, nbytes)
 
     def _read(self, offset: int, nbytes: int) -> np.ndarray:

@@ -23,6 +23,12 @@ def is_numpy(x: Array) -> bool:
     return isinstance(x, np.ndarray)
 
 
+def writable(x: Array) -> bool:
+    """Whether ``x`` may be changed in place: a numpy input can be a read-only view of input bytes that
+    other reads share (core/diskread.FileReader's held ranges)."""
+    return not is_numpy(x) or bool(x.flags.writeable)
+
+
 def like(out: np.ndarray, ref: Array) -> Array:
     """A numpy result shaped as ``ref``: a numpy array, or a CPU tensor sharing its memory when ``ref``
     is a tensor."""

@@ -114,7 +114,8 @@ class Kernel:
     ``passes`` statistic passes run first: for each pass p, ``observe(p, chunk)`` sees every chunk, then
     ``end_pass(p)``; ``end_pass`` may lower ``passes`` when a statistic is settled early (TIES's threshold
     in its first pass). Then ``apply(chunk)`` returns each output chunk. Kernels must not keep references to
-    chunk tensors between calls, and may modify chunk tensors in place inside ``apply``.
+    chunk tensors between calls, and may modify chunk tensors in place inside ``apply``, except read-only
+    numpy inputs (``arrays.writable``: views of input bytes that other reads share).
     """
 
     passes: int = 0

@@ -296,10 +296,11 @@ def _delta_copy(model, base):
 
 def _delta(chunk: Chunk, i: int):
     """theta_i - theta_base in the compute dtype, reusing model i's buffer when it already has that dtype
-    (else a new array, converted as read: _delta_copy; torch's mixed-dtype sub is several times slower)."""
+    and is ours to change (else a new array, converted as read: _delta_copy; torch's mixed-dtype sub is
+    several times slower)."""
     model = chunk.models[i]
     compute = np.float32 if arrays.is_numpy(model) else chunk.dtype
-    if model.dtype == compute:
+    if model.dtype == compute and arrays.writable(model):
         return arrays.sub(model, chunk.base)
     return _delta_copy(model, chunk.base)
 
