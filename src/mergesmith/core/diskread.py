@@ -91,10 +91,12 @@ def aligned_empty(nbytes: int) -> np.ndarray:
     return raw[skew : skew + nbytes]
 
 
-def pread_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
-    """Fill ``view`` with the file's bytes from ``offset`` (buffered)."""
+def pread_into(fd: int, view: memoryview, offset: int, path: Path, need: int | None = None) -> None:
+    """Fill ``view`` with the file's bytes from ``offset``; with ``need``, stop once that many are read (a
+    direct read asks for whole blocks, and the last block of a file may be short)."""
+    need = len(view) if need is None else need
     done = 0
-    while done < len(view):
+    while done < need:
         n = os.preadv(fd, [view[done:]], offset + done)
         if n <= 0:
             raise MergeError(f"{path}: unexpected end of file while reading tensor data")
@@ -108,14 +110,20 @@ def pread_direct(fd: int, offset: int, nbytes: int, path: Path) -> np.ndarray:
     start = offset - offset % ALIGN
     end = -(-(offset + nbytes) // ALIGN) * ALIGN
     buf = aligned_empty(end - start)
-    view = memoryview(buf)
-    done, want = 0, offset + nbytes - start
-    while done < want:
-        n = os.preadv(fd, [view[done:]], start + done)
-        if n <= 0:
-            raise MergeError(f"{path}: unexpected end of file while reading tensor data")
-        done += n
+    pread_into(fd, memoryview(buf), start, path, need=offset + nbytes - start)
     return buf[offset - start : offset - start + nbytes]
+
+
+def open_direct(path: Path, flags: int) -> int | None:
+    """``path`` opened with ``flags`` | O_DIRECT, or None where the platform or file system does not allow
+    it (no O_DIRECT; tmpfs on older kernels)."""
+    direct = getattr(os, "O_DIRECT", 0)
+    if not direct:
+        return None
+    try:
+        return os.open(path, flags | direct)
+    except OSError:
+        return None
 
 
 class _Held:
@@ -144,13 +152,8 @@ class FileReader:
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
         self.size = os.fstat(self.fd).st_size
-        self._direct: int | None = None
-        flag = getattr(os, "O_DIRECT", 0)
-        if flag and _mincore_lib() is not None:
-            try:
-                self._direct = os.open(path, os.O_RDONLY | flag)
-            except OSError:  # e.g. tmpfs on older kernels
-                self._direct = None
+        # direct reads only where mincore can tell which ranges are not in the page cache
+        self._direct = open_direct(path, os.O_RDONLY) if _mincore_lib() is not None else None
         self._direct_ok = True
         self._lock = threading.Lock()
         self._held: list[_Held] = []

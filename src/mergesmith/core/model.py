@@ -279,7 +279,7 @@ NUMPY_STORAGE = {
 
 
 def read_tensor(
-    info: TensorInfo, rows: tuple[int, int] | None = None, fd: int | FileReader | None = None
+    info: TensorInfo, rows: tuple[int, int] | None = None, fd: FileReader | None = None
 ) -> torch.Tensor:
     """Read a tensor (or rows [r0, r1) of it) in its stored dtype into memory we own."""
     import torch
@@ -298,33 +298,30 @@ def _shape(info: TensorInfo, rows: tuple[int, int] | None) -> tuple[int, ...]:
 def read_array(
     info: TensorInfo,
     rows: tuple[int, int] | None = None,
-    fd: int | FileReader | None = None,
+    fd: FileReader | None = None,
     storage: bool = True,
     shared: bool = False,
 ) -> np.ndarray:
     """Read a tensor (or rows [r0, r1) of it) into a numpy array: with ``storage``, in the numpy dtype
     that holds its bytes (NUMPY_STORAGE: bf16 as uint16) and its shape; otherwise flat bytes. ``fd``: the
-    file open (a plain descriptor, or a :class:`FileReader`, which picks the page cache or a direct read
-    and serves held ranges); opened and closed here when None. The array is ours to change, except with
-    ``shared``, where bytes held by the reader may come as a view that must not be written to."""
+    file's :class:`FileReader` (it picks the page cache or a direct read, and serves held ranges); without
+    one, the file is opened for this read. The array is ours to change, except with ``shared``, where
+    bytes held by the reader may come as a read-only view."""
     if rows is None:
         offset, nbytes = info.offset, info.nbytes
     else:
         offset = info.offset + rows[0] * info.row_bytes
         nbytes = (rows[1] - rows[0]) * info.row_bytes
-    if isinstance(fd, FileReader):
+    if fd is not None:
         buf = fd.read(offset, nbytes, copy=not shared)
     else:
         buf = np.empty(nbytes, dtype=np.uint8)
         if nbytes:
-            own = fd is None
-            if own:
-                fd = os.open(info.file, os.O_RDONLY)
+            raw = os.open(info.file, os.O_RDONLY)
             try:
-                pread_into(fd, memoryview(buf), offset, info.file)
+                pread_into(raw, memoryview(buf), offset, info.file)
             finally:
-                if own:
-                    os.close(fd)
+                os.close(raw)
     return buf.view(NUMPY_STORAGE[info.code]).reshape(_shape(info, rows)) if storage else buf
 
 
@@ -491,7 +488,7 @@ class ModelSource:
 
     def read_array(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         """Tensor ``name`` (rows [r0, r1) if given) as a numpy array of its stored bytes (NUMPY_STORAGE).
-        Read-only: while the tensor is held (:meth:`hold`) this is a view of the held bytes."""
+        While the tensor is held (:meth:`hold`) this is a read-only view of the held bytes."""
         info = self._info(name)
         return read_array(info, rows, self._fd(info.file), shared=True)
 

@@ -120,7 +120,7 @@ class ShardedWriter:
             for fi, (fname, group, (raw, data_bytes)) in enumerate(zip(self.files, groups, layouts)):
                 fd = os.open(folder / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
                 self.fds.append(fd)
-                self.direct_fds.append(_open_direct(folder / fname))
+                self.direct_fds.append(diskread.open_direct(folder / fname, os.O_WRONLY | os.O_CLOEXEC))
                 _pwrite_all(fd, raw, 0)
                 _preallocate(fd, len(raw) + data_bytes, folder, self.planned_bytes)
                 offset = len(raw)
@@ -181,7 +181,7 @@ class ShardedWriter:
         ways: blocks that hold the end of one tensor and the start of the next are always buffered, the
         rest always direct, and a direct write drops any cached copy of its blocks, so reads of the file
         (by a later stage, or anyone) see the bytes written."""
-        direct = self.direct_fds[fi] if fi < len(self.direct_fds) else None
+        direct = self.direct_fds[fi]
         first = -(-pos // diskread.ALIGN) * diskread.ALIGN
         last = (pos + data.nbytes) // diskread.ALIGN * diskread.ALIGN
         if direct is not None and last - first >= diskread.DIRECT_MIN_BYTES:
@@ -219,17 +219,6 @@ class ShardedWriter:
         refused, self._refused = self._refused, []
         for fd in [*fds, *(d for d in direct if d is not None), *refused]:
             os.close(fd)
-
-
-def _open_direct(path: Path) -> int | None:
-    """``path`` open for writing with O_DIRECT, or None where the platform or file system does not allow it."""
-    flag = getattr(os, "O_DIRECT", 0)
-    if not flag:
-        return None
-    try:
-        return os.open(path, os.O_WRONLY | os.O_CLOEXEC | flag)
-    except OSError:
-        return None
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, pos: int) -> None:

@@ -246,11 +246,7 @@ class Executor:
 
         if self.options.workers <= 1:
             for i, t in enumerate(tensors):
-                prefetch.started(i)
-                try:
-                    self.produce(t)
-                finally:
-                    prefetch.finished(i)
+                self._guarded(t, i, prefetch)
                 report(t)
             return
         pool = ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="mergesmith")
