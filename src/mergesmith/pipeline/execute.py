@@ -37,6 +37,8 @@ BASELINE_RSS = 400 * 2**20  # Python, torch and the rest, when it cannot be meas
 # torch ops a merge touches first (~50 MiB), numba loading or compiling its kernels (~80 MiB without a
 # cache), threads, the index and the progress bar. Measured on TIES and linear merges of tiny models.
 BASELINE_SLACK = 96 * 2**20
+# headroom in the limit a refusal suggests, for the run-to-run jitter of the measured baseline
+LIMIT_MARGIN = 8 * 2**20
 # Resident memory that importing torch adds (measured: 225 MiB with torch 2.x on Linux); counted in the
 # baseline of a merge that will run on torch before torch is imported (`mergesmith plan`)
 TORCH_IMPORT_RSS = 240 * 2**20
@@ -161,18 +163,25 @@ def settle_budget(plan: MergePlan, options: ExecOptions, baseline: int, backend:
         return fit_budget(plan, options)
     need = max((task_bytes(t, 0) for t in merge_units(plan.tensors)), default=0)
     if options.limit < baseline + need:
-        smallest = baseline + need
         raise MergeError(
             f"--memory-limit {human_size(options.limit)} is too small for this merge: the process needs "
             f"{human_size(baseline)} with the {backend} backend before any tensor is read, and "
-            f"{human_size(need)} for the largest tensor in flight; the smallest limit that works is "
-            f"--memory-limit {math.ceil(smallest / 2**20)}MiB"
+            f"{human_size(need)} for the largest tensor in flight; a limit that works is "
+            f"--memory-limit {suggested_limit(baseline + need)}MiB"
         )
     room = options.limit - baseline
     ahead = min(options.ahead, room // 4) if options.prefetch else 0
     if room - ahead < need:
         ahead = 0
     return fit_budget(plan, replace(options, budget=room - ahead, ahead=ahead))
+
+
+def suggested_limit(smallest: int) -> int:
+    """The limit (MiB) to suggest when ``smallest`` bytes are refused: the baseline is this process's
+    resident memory, which differs by a little from one run to the next (a limit of exactly the
+    measured need was refused on the rerun it suggested), so the suggestion has a margin of
+    ``LIMIT_MARGIN`` and is rounded up to whole 16 MiB."""
+    return math.ceil((smallest + LIMIT_MARGIN) / (16 * 2**20)) * 16
 
 
 def fit_budget(plan: MergePlan, options: ExecOptions) -> ExecOptions:
