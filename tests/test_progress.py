@@ -8,8 +8,9 @@ import time
 import pytest
 
 from mergesmith.core.errors import MergeError
+from mergesmith.methods import get_method
 from mergesmith.pipeline.api import make_plan
-from mergesmith.pipeline.execute import ExecOptions, Executor
+from mergesmith.pipeline.execute import ExecOptions, Executor, rows_per_chunk
 
 
 def _plan(llama_trio):
@@ -69,3 +70,41 @@ def test_a_failure_stops_the_merge_before_the_remaining_tensors(llama_trio, monk
     finally:
         plan.close()
     assert len(produced) < len(plan.tensors) // 2
+
+
+def test_a_failure_stops_a_tensor_in_flight_at_its_next_chunk(llama_trio, monkeypatch):
+    """The other worker stops within the row-chunked tensor it is making, not at its end (Ctrl-C took 5-8
+    s to end a 3B-shaped merge while both workers finished their tensors)."""
+    plan = _plan(llama_trio)
+    big = plan.tensors[0]
+    options = ExecOptions(workers=2, budget=2000, prefetch=False)  # the first tensor in many row chunks
+    loads: list[int] = []
+    started = threading.Event()
+    load = Executor._load
+
+    def counted(self, t, span, rng):
+        if t is big:
+            loads.append(1)
+            started.set()
+            time.sleep(0.005)
+        return load(self, t, span, rng)
+
+    def produce(self, t):
+        if t is plan.tensors[1]:
+            started.wait(timeout=10)
+            raise MergeError("boom")
+        original(self, t)
+
+    original = Executor.produce
+    monkeypatch.setattr(Executor, "_load", counted)
+    monkeypatch.setattr(Executor, "_write", lambda self, t, data, span: None)
+    monkeypatch.setattr(Executor, "produce", produce)
+    executor = Executor(plan, None, options)
+    chunks = -(-big.shape[0] // rows_per_chunk(big, get_method(big.method), executor.share))
+    try:
+        with pytest.raises(MergeError, match="boom"):
+            executor.run(lambda t: None)
+    finally:
+        plan.close()
+    assert chunks >= 20
+    assert 1 <= len(loads) < chunks // 2, (len(loads), chunks)

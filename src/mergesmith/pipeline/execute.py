@@ -202,6 +202,11 @@ def fit_budget(plan: MergePlan, options: ExecOptions) -> ExecOptions:
     return replace(options, workers=workers)
 
 
+class Cancelled(Exception):
+    """Raised in a worker that sees the run cancelled between two chunks; the run's own error (the first
+    failure, or KeyboardInterrupt) is what reaches the caller."""
+
+
 class OutputHook(Protocol):
     """Receives every produced chunk instead of the writer, to transform it on its way (the ternary
     output of ``--out-format bitnet``). One tensor's chunks come from one thread, in row order."""
@@ -316,6 +321,10 @@ class Executor:
         return lambda: ((span, self._finish(t, kernel.apply(self._load(t, span, rng)))) for span in spans)
 
     def _load(self, t: OutputTensor, span, rng) -> Chunk:
+        if (
+            self._cancel.is_set()
+        ):  # another tensor failed, or Ctrl-C: stop at the next chunk, not the tensor's end
+            raise Cancelled
         raw = get_method(t.method).raw_inputs
         read = self._read_group if t.parts else self.backend.read
         base = read(t, t.base, span, raw) if t.base is not None else None
