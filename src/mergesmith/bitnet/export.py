@@ -320,6 +320,7 @@ def export(args: BitnetOptions, out: TextIO | None = None, err: TextIO | None = 
     """Export as ``args`` say; the report goes to ``out``, notes and warnings to ``err`` (default: the
     standard streams). Returns the path written. Expected failures raise MergeError."""
     from mergesmith.bitnet.io import dir_size
+    from mergesmith.core.model import check_unchanged
     from mergesmith.core.sizes import size_change
     from mergesmith.core.sources import open_source
     from mergesmith.core.write import OutputFolder, check_relations, input_paths, output_lock
@@ -340,6 +341,7 @@ def export(args: BitnetOptions, out: TextIO | None = None, err: TextIO | None = 
                 _warn_about_input(source, args, selector, err)
                 data = _heal_source(source, args, selector, out, err) if args.heal else source
                 stats, kept, summary = _write_gguf(data, source, selector, args, path, err)
+                check_unchanged([source])
                 before = _bytes_on_disk(source)
             finally:
                 source.close()
@@ -356,6 +358,7 @@ def export(args: BitnetOptions, out: TextIO | None = None, err: TextIO | None = 
                     gguf_path = folder.path / "model.gguf"
                     stats, kept, summary = _write_gguf(data, source, selector, args, gguf_path, err)
                 size_after = dir_size(folder.path)
+                check_unchanged([source])
                 folder.commit()
                 before = _bytes_on_disk(source)
             finally:

@@ -114,6 +114,14 @@ def pread_direct(fd: int, offset: int, nbytes: int, path: Path) -> np.ndarray:
     return buf[offset - start : offset - start + nbytes]
 
 
+FileStamp = tuple[int, int, int, int]
+
+
+def file_stamp(st: os.stat_result) -> FileStamp:
+    """What tells whether a file changed: its device and inode, size and modification time."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def open_direct(path: Path, flags: int) -> int | None:
     """``path`` opened with ``flags`` | O_DIRECT, or None where the platform or file system does not allow
     it (no O_DIRECT; tmpfs on older kernels)."""
@@ -159,6 +167,10 @@ class FileReader:
         self._held: list[_Held] = []
         self.direct_bytes = 0  # bytes read past the page cache (for tests and benchmarks)
         self.held_bytes = 0  # bytes served from held ranges (for tests and benchmarks)
+
+    def stamp(self) -> FileStamp:
+        """The open file's :func:`file_stamp` now."""
+        return file_stamp(os.fstat(self.fd))
 
     # --- held ranges --------------------------------------------------------------------------------
     def reserve(self, offset: int, nbytes: int) -> _Held:

@@ -13,7 +13,7 @@ import os
 import stat
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mergesmith.core import dtypes
-from mergesmith.core.diskread import FileReader, pread_into
+from mergesmith.core.diskread import FileReader, FileStamp, file_stamp, pread_into
 from mergesmith.core.errors import MergeError
 
 if TYPE_CHECKING:
@@ -382,6 +382,18 @@ def resolve_model_dir(ref: str) -> Path:
         ) from None
 
 
+def check_unchanged(sources: Iterable[ModelSource]) -> None:
+    """Refuse to commit an output made from an input file that changed while it was read (another
+    program wrote to it, or replaced it): the bytes read may mix two versions, a silently wrong result."""
+    for source in sources:
+        changed = source.changed_files()
+        if changed:
+            raise MergeError(
+                f"model {source.ref!r}: {changed[0].name} changed while it was being read; nothing was "
+                "written. Run again once nothing writes to the input models"
+            )
+
+
 class ModelSource:
     """One input model: its config.json and an index from tensor name to where its bytes are."""
 
@@ -390,6 +402,7 @@ class ModelSource:
         self.path = path
         self._lock = threading.Lock()
         self._fds: dict[Path, FileReader] = {}
+        self._stamps: dict[Path, FileStamp] = {}  # each weights file as its header was read
 
     @classmethod
     def open(cls, ref: str) -> ModelSource:
@@ -457,6 +470,7 @@ class ModelSource:
             fpath = self.file(fname)  # checked before it is opened: an index may name any path
             if not regular_file(fpath):
                 raise MergeError(f"model {self.ref!r}: shard {fname} named in the index is missing")
+            self._stamps[fpath] = file_stamp(os.stat(fpath))  # before the header: a later change shows
             for name, info in read_safetensors_header(fpath, self.ref).items():
                 if weight_map is None or weight_map.get(name) == fname:
                     out[name] = info
@@ -522,6 +536,21 @@ class ModelSource:
                 reader = self._fds.get(info.file)
             if reader is not None:
                 reader.release(info.offset, info.nbytes)
+
+    def wrapped(self) -> list[ModelSource]:
+        """The sources whose files this one reads through (a LoRA adapter's base, a remapped model)."""
+        return []
+
+    def changed_files(self) -> list[Path]:
+        """Weights files read since their header was read whose open file is no longer that file as it
+        was then: written to in place (size or modification time differ), or replaced before it was
+        opened (another inode). Their bytes may not be what the header described."""
+        with self._lock:
+            readers = list(self._fds.items())
+        changed = [
+            file for file, reader in readers if file in self._stamps and reader.stamp() != self._stamps[file]
+        ]
+        return changed + [f for inner in self.wrapped() for f in inner.changed_files()]
 
     def close(self) -> None:
         with self._lock:

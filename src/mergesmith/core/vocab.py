@@ -423,6 +423,9 @@ class RemappedSource(ModelSource):
     def __repr__(self) -> str:
         return f"RemappedSource({self.ref!r})"
 
+    def wrapped(self) -> list[ModelSource]:
+        return [self.inner]
+
     @cached_property
     def tensors(self) -> dict[str, TensorInfo]:  # type: ignore[override]
         n = len(self.map)

@@ -136,6 +136,9 @@ class LoraModelSource(ModelSource):
         ]
         return torch.stack(parts)
 
+    def wrapped(self) -> list[ModelSource]:
+        return [self.base]
+
     def close(self) -> None:
         super().close()
         self.base.close()
