@@ -497,3 +497,34 @@ def test_tensors_too_big_for_the_window_are_started_first(llama_trio):
         assert [t.name for t in work_order(plan, 0)] == [t.name for t in units]  # no read-ahead: plan order
     finally:
         plan.close()
+
+
+@pytest.mark.parametrize(
+    ("available", "window"),
+    [(None, 512 * 2**20), (64 * 2**30, 512 * 2**20), (2**30, 128 * 2**20), (256 * 2**20, 32 * 2**20)],
+)
+def test_the_window_without_a_limit_is_at_most_an_eighth_of_the_free_memory(
+    llama_trio, monkeypatch, available, window
+):
+    from mergesmith.pipeline import execute
+
+    monkeypatch.setattr(execute, "available_memory", lambda: available)
+    plan = make_plan(_config(llama_trio, "ties"))
+    try:
+        settled = execute.settle_budget(plan, ExecOptions(), 0, "native")
+        assert settled.ahead == window
+        # under --memory-limit the limit decides, not the free memory
+        limited = execute.settle_budget(plan, ExecOptions(limit=2**30), 0, "native")
+        assert limited.ahead == min(execute.READ_AHEAD_BYTES, 2**30 // 4)
+    finally:
+        plan.close()
+
+
+def test_available_memory_is_read_from_meminfo():
+    from mergesmith.core.sizes import available_memory
+
+    found = available_memory()
+    if Path("/proc/meminfo").is_file():
+        assert found is not None and 0 < found
+    else:
+        assert found is None

@@ -5,6 +5,19 @@ from __future__ import annotations
 from mergesmith.core.errors import MergeError
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the system can give without swapping (Linux's MemAvailable), or None where it is
+    not known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def parse_size(text: str | int) -> int:
     """'5G', '500M', '2.5GB', '1024' -> bytes (K/M/G/T are powers of 1000, KiB/MiB/GiB of 1024)."""
     if isinstance(text, int):

@@ -24,7 +24,7 @@ from mergesmith.core import dtypes
 from mergesmith.core._torch import torch
 from mergesmith.core.errors import MergeError
 from mergesmith.core.rng import RandomStream
-from mergesmith.core.sizes import human_size
+from mergesmith.core.sizes import available_memory, human_size
 from mergesmith.core.write import ShardedWriter
 from mergesmith.methods import Chunk, Method, get_method
 from mergesmith.pipeline.backends import Backend, Span
@@ -50,6 +50,8 @@ MIN_CHUNK_ELEMS = 1 << 16
 # inputs of a few layer tensors of a 3B-8B model. Counted in the peak estimate, and taken out of the
 # budget under --memory-limit.
 READ_AHEAD_BYTES = 512 * 2**20
+# without --memory-limit, the read-ahead takes at most 1/READ_AHEAD_SHARE of the available memory
+READ_AHEAD_SHARE = 8
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,7 @@ def settle_budget(plan: MergePlan, options: ExecOptions, baseline: int, backend:
     limit that works. The read-ahead gets a quarter of what the limit leaves (at most its own default),
     where the rest still holds one row chunk of the largest tensor; none otherwise."""
     if options.limit is None:
-        return fit_budget(plan, options)
+        return fit_budget(plan, replace(options, ahead=free_read_ahead(options.ahead)))
     need = max((task_bytes(t, 0) for t in merge_units(plan.tensors)), default=0)
     if options.limit < baseline + need:
         raise MergeError(
@@ -174,6 +176,13 @@ def settle_budget(plan: MergePlan, options: ExecOptions, baseline: int, backend:
     if room - ahead < need:
         ahead = 0
     return fit_budget(plan, replace(options, budget=room - ahead, ahead=ahead))
+
+
+def free_read_ahead(ahead: int) -> int:
+    """The read-ahead window without --memory-limit: ``ahead``, or an eighth of the memory the system has
+    available if that is less (a 512 MiB window on a machine with 1 GiB free would push it into swap)."""
+    available = available_memory()
+    return ahead if available is None else min(ahead, available // READ_AHEAD_SHARE)
 
 
 def suggested_limit(smallest: int) -> int:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from mergesmith.core.errors import MergeError
+from mergesmith.core.sizes import available_memory
 from mergesmith.core.sources import open_source
 from mergesmith.pipeline.backends import choose_backend, make_backend
 from mergesmith.pipeline.config import load_config
@@ -81,14 +82,8 @@ class CachingBackend:
 def cache_limit() -> int:
     """Bytes of input tensors kept in memory: half of what the machine has available (the merged model
     and the model being scored need the rest); inputs beyond it are read from disk per candidate."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // 2
-    except (OSError, ValueError, IndexError):
-        pass
-    return 4 * 2**30
+    available = available_memory()
+    return available // 2 if available is not None else 4 * 2**30
 
 
 def _nbytes(x: Any) -> int:
