@@ -158,8 +158,8 @@ def settle_budget(plan: MergePlan, options: ExecOptions, baseline: int, backend:
     """Under ``--memory-limit``: the tensor budget is what the limit leaves besides ``baseline`` (measured
     once the backend is chosen and its engine loaded: torch alone is a quarter GiB, so a budget taken
     before it was imported let merges overshoot the limit by that much); then :func:`fit_budget`. A limit
-    below the baseline plus one row chunk of the largest tensor is refused up front with the smallest
-    limit that works. The read-ahead gets a quarter of what the limit leaves (at most its own default),
+    below the baseline plus one row chunk of the largest tensor is refused up front with a limit that
+    works (:func:`suggested_limit`). Without a limit, the read-ahead window is :func:`free_read_ahead`. The read-ahead gets a quarter of what the limit leaves (at most its own default),
     where the rest still holds one row chunk of the largest tensor; none otherwise."""
     if options.limit is None:
         return fit_budget(plan, replace(options, ahead=free_read_ahead(options.ahead)))
@@ -330,9 +330,8 @@ class Executor:
         return lambda: ((span, self._finish(t, kernel.apply(self._load(t, span, rng)))) for span in spans)
 
     def _load(self, t: OutputTensor, span, rng) -> Chunk:
-        if (
-            self._cancel.is_set()
-        ):  # another tensor failed, or Ctrl-C: stop at the next chunk, not the tensor's end
+        # another tensor failed, or Ctrl-C: stop at the next chunk, not at the end of the tensor
+        if self._cancel.is_set():
             raise Cancelled
         raw = get_method(t.method).raw_inputs
         read = self._read_group if t.parts else self.backend.read
