@@ -56,6 +56,7 @@ def search_config(
     init: dict[str, float],
     baseline: Path,
     normalize: bool,
+    metric: str = "exact_match",
 ) -> dict:
     genome: dict = {
         "models": [str(SKILLS / "models" / s) for s in NAMES],
@@ -70,7 +71,9 @@ def search_config(
         init = {k: v for k, v in init.items() if k != "density"}
     return {
         "genome": genome,
-        "tasks": [{"name": s, "tasks_file": str(SKILLS / "data" / s / "val.jsonl")} for s in NAMES],
+        "tasks": [
+            {"name": s, "tasks_file": str(SKILLS / "data" / s / "val.jsonl"), "metric": metric} for s in NAMES
+        ],
         "held_out": [str(SKILLS / "data" / s / "test.jsonl") for s in NAMES],
         "limit": limit,
         "baseline": str(baseline),
@@ -92,11 +95,26 @@ def normalized(scores: dict[str, float], experts: dict[str, float]) -> float:
     return sum(by_skill[s] / experts[s] for s in NAMES) / len(NAMES)
 
 
-def curve(result, cfg, experts_test: dict[str, float], experts_val: dict[str, float]) -> list[dict]:
-    """Test (and val) normalized accuracy of the running best, at every evaluation that improved it."""
+def exact_match_scorer(split: str, limit: int | None = None) -> Scorer:
+    """Greedy exact match on the first ``limit`` prompts of each skill's ``split``."""
+    terms = []
+    for s in NAMES:
+        task = load_tasks(SKILLS / "data" / s / f"{split}.jsonl", s)
+        if limit is not None:
+            task = type(task)(task.name, task.path, task.prompts[:limit], task.answers[:limit])
+        terms.append(FitnessTerm(s, "tasks", 1.0, task))
+    return Scorer(terms, str(SKILLS / "models" / "base"), str(SKILLS / "models" / "base"))
+
+
+def curve(
+    result, cfg, experts_test: dict[str, float], experts_val: dict[str, float], val: Scorer | None
+) -> list[dict]:
+    """Test (and val) normalized accuracy of the running best, at every evaluation that improved it.
+
+    ``val``: where the fitness is not exact match (``metric: answer_prob``), the exact-match scorer of
+    the search's val prompts; otherwise the candidates' own scores are that already."""
     merger = Merger()
-    terms = [FitnessTerm(s, "tasks", 1.0, load_tasks(SKILLS / "data" / s / "test.jsonl", s)) for s in NAMES]
-    scorer = Scorer(terms, str(SKILLS / "models" / "base"), str(SKILLS / "models" / "base"))
+    scorer = exact_match_scorer("test")
     rows, best = [], -1e9
     space = SearchSpace(cfg, 3)  # the skill models' 3 layers
     for c in result.candidates:
@@ -105,10 +123,12 @@ def curve(result, cfg, experts_test: dict[str, float], experts_val: dict[str, fl
         best = c.fitness
         plan, tensors = merger.merge(space.to_config(c.x))
         test = scorer.score(plan, tensors)
+        val_scores = val.score(plan, tensors) if val is not None else c.scores
         rows.append(
             {
                 "evaluation": c.evaluation,
-                "val_normalized": normalized(c.scores, experts_val),
+                "fitness": c.fitness,
+                "val_normalized": normalized(val_scores, experts_val),
                 "test_normalized": normalized(test, experts_test),
                 "test": test,
             }
@@ -144,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         "--ray-evals", type=int, default=0, help="also compare Ray (2 workers) with serial on this many"
     )
     p.add_argument("--skip-search", action="store_true", help="only the Ray comparison")
+    p.add_argument(
+        "--metric",
+        choices=("exact_match", "answer_prob"),
+        default="exact_match",
+        help="what the search scores on val (answer_prob: teacher-forced probability of the answer)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -160,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         init,
         hand_tuned(args.out),
         not args.no_normalize,
+        args.metric,
     )
     cfg = parse_search_config(raw)
     if not args.skip_search:
@@ -167,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         result = search(cfg, args.out / "search", max_evals=args.max_evals, seed=args.seed, write_model=False)
         figures["search_wall_s"] = round(time.perf_counter() - t0, 1)
         experts_test, experts_val = expert_scores("test"), expert_scores("val")
-        rows = curve(result, cfg, experts_test, experts_val)
+        val = exact_match_scorer("val", args.limit) if args.metric != "exact_match" else None
+        rows = curve(result, cfg, experts_test, experts_val, val)
         summary = json.loads((args.out / "search" / "summary.json").read_text())
         fresh = [c for c in result.candidates if not c.cached]
         figures.update(
@@ -175,11 +203,15 @@ def main(argv: list[str] | None = None) -> int:
             experts_val=experts_val,
             evaluations=len(result.candidates),
             best_evaluation=result.best.evaluation,
-            best_val_normalized=normalized(result.best.scores, experts_val),
+            best_val_normalized=rows[-1]["val_normalized"],
+            best_fitness=result.best.fitness,
             best_test=result.held_out["best"],
             best_test_normalized=normalized(result.held_out["best"], experts_test),
             baseline_test_normalized=normalized(result.held_out["baseline"], experts_test),
-            baseline_val_normalized=normalized(result.baseline_scores, experts_val),
+            baseline_val_normalized=normalized(
+                val.score(*Merger().merge(result.baseline_config)) if val else result.baseline_scores,
+                experts_val,
+            ),
             evals_to_test={str(v): first_reaching(rows, "test_normalized", v) for v in (0.5, 0.6, 0.65)},
             evals_to_val={str(v): first_reaching(rows, "val_normalized", v) for v in (0.5, 0.6, 0.65)},
             seconds_per_eval=summary["seconds_per_evaluation"],

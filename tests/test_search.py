@@ -178,6 +178,10 @@ def test_searched_parameters_follow_the_method(models, method, normalize, params
         (lambda c: c["genome"].update(merge_method="passthrough"), "none of the searched parameters"),
         (lambda c: c.update(held_out=["/nonexistent/test.jsonl"]), "held_out"),
         (lambda c: c["genome"].update(models=[]), "genome.models"),
+        (
+            lambda c: c["tasks"][0].update(metric="acc,none"),
+            "a tasks_file's metric is one of exact_match, answer_prob",
+        ),
     ],
 )
 def test_config_errors_are_one_line_and_write_nothing(models, tmp_path, capsys, change, message):
@@ -454,3 +458,36 @@ def test_a_hand_edited_journal_is_refused_or_reevaluated(models, distance, tmp_p
     (out / "journal" / "header.json").write_text("[]")
     with pytest.raises(MergeError, match="not a journal header"):
         run_search(models, out, distance, max_evals=16)
+
+
+def test_answer_prob_fitness_is_the_written_models_answer_probability(tmp_path):
+    """`metric: answer_prob` scores a tasks_file by the teacher-forced probability of its answers: the
+    journalled score of the best recipe is that of the model the search writes."""
+    from mergesmith.eval.loading import load_model
+    from mergesmith.eval.tasks import TaskSet, load_tasks, score_answer_prob
+
+    data = {s: SKILLS / "data" / s / "val.jsonl" for s in ("rev", "sort")}
+    cfg = {
+        "genome": {
+            "models": [str(SKILLS / "models" / s) for s in data],
+            "base_model": str(SKILLS / "models" / "base"),
+            "merge_method": "task_arithmetic",
+            "layer_granularity": 3,
+        },
+        "tasks": [{"name": s, "tasks_file": str(p), "metric": "answer_prob"} for s, p in data.items()],
+        "limit": 8,
+        "optimizer": {"population": 4, "init": {"weight": 1.0}},
+    }
+    path = tmp_path / "search.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    assert main(["search", str(path), str(out), "--max-evals", "4", "--quiet"]) == 0
+    best = json.loads((out / "summary.json").read_text())["best"]["scores"]
+    model, tokenizer = load_model(out / "model")
+    for skill, p in data.items():
+        task = load_tasks(p)
+        task = TaskSet(task.name, task.path, task.prompts[:8], task.answers[:8])
+        assert best[skill] == pytest.approx(score_answer_prob(model, tokenizer, task), rel=1e-5)
+        assert 0 < best[skill] < 1 and best[skill] not in {
+            k / 8 for k in range(9)
+        }  # not an exact-match share

@@ -148,3 +148,47 @@ def test_folder_without_config(tmp_path: Path) -> None:
     tasks = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "a", "answer": "b"}])
     with pytest.raises(MergeError, match="no config.json"):
         evaluate_tasks(tmp_path / "empty", tasks)
+
+
+# --- answer_prob: the teacher-forced probability of the whole answer ---------------------------------------
+
+
+def answer_prob_by_hand(model, tokenizer, prompt: str, answer: str) -> float:
+    """One prompt at a time, no padding: the product of the answer's and the end token's probabilities,
+    each read from the model's distribution after the tokens before it."""
+    import torch
+
+    ids = list(tokenizer(prompt)["input_ids"])
+    prob = 1.0
+    for token in [*tokenizer.encode(answer, add_special_tokens=False), tokenizer.eos_token_id]:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+        prob *= float(torch.softmax(logits, -1)[token])
+        ids.append(token)
+    return prob
+
+
+def test_answer_prob_equals_the_product_of_next_token_probabilities(tiny_llama: Path) -> None:
+    from mergesmith.eval.tasks import score_answer_prob
+
+    model, tokenizer = load_model(tiny_llama)
+    answers = own_answers(tiny_llama, PROMPTS, 4)
+    answers[1] = "xyz"  # not the model's own: a small probability, still counted
+    task = TaskSet("t", Path("t.jsonl"), tuple(PROMPTS), tuple(answers))
+    expected = [answer_prob_by_hand(model, tokenizer, p, a) for p, a in zip(PROMPTS, answers, strict=True)]
+    assert 0 < min(expected) and max(expected) < 1
+    # batches of mixed lengths (right padding) give the unpadded values
+    for batch in (1, 4, len(PROMPTS)):
+        assert score_answer_prob(model, tokenizer, task, batch_size=batch) == pytest.approx(
+            sum(expected) / len(expected), rel=1e-5
+        )
+
+
+def test_answer_prob_tells_an_expert_from_the_base(models_dir: Path, data_dir: Path) -> None:
+    from mergesmith.eval.tasks import score_answer_prob
+
+    task = load_tasks(data_dir / "rev" / "val.jsonl")
+    task = TaskSet(task.name, task.path, task.prompts[:64], task.answers[:64])
+    expert = score_answer_prob(*load_model(models_dir / "rev"), task)
+    base = score_answer_prob(*load_model(models_dir / "base"), task)
+    assert expert > 0.95 and base < 0.01

@@ -162,6 +162,50 @@ def score_task(
     return TaskScore(task.name, correct, len(task))
 
 
+@torch.no_grad()
+def _answer_logprobs(model: Any, rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
+    """log p(answer | prompt) of each (prompt ids, answer ids) row, teacher-forced, right-padded."""
+    full = [p + a for p, a in rows]
+    width = max(len(r) for r in full)
+    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in full])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in full])
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), dim=-1)
+    picked = logp.gather(-1, ids[:, 1:, None])[..., 0]  # [B, width - 1]: log p(token t+1 | up to t)
+    scored = torch.zeros_like(picked, dtype=torch.bool)
+    for b, (p, a) in enumerate(rows):
+        scored[b, len(p) - 1 : len(p) - 1 + len(a)] = True
+    return (picked * scored).sum(-1)
+
+
+def score_answer_prob(model: Any, tokenizer: Any, task: TaskSet, batch_size: int = 64) -> float:
+    """The mean probability the model gives each whole reference answer, followed by its end token.
+
+    Teacher-forced: one forward pass per batch, no generation. It is the expected exact-match accuracy
+    of sampling at temperature 1 (a prompt counts p(answer) instead of 0 or 1), so it moves smoothly
+    with the weights, where greedy exact match moves in steps of one prompt: ``metric: answer_prob`` in
+    a search's tasks. The answer is tokenized on its own (as generation would produce it after the
+    prompt); the end token is counted when the tokenizer has one, since exact match needs the answer to
+    stop there.
+    """
+    from mergesmith.core.threads import threads_for
+
+    end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    rows = [
+        (list(tokenizer(p)["input_ids"]), list(tokenizer.encode(a.strip(), add_special_tokens=False)) + end)
+        for p, a in zip(task.prompts, task.answers, strict=True)
+    ]
+    if any(not p or not a for p, a in rows):
+        raise MergeError(
+            f"tasks file {task.path}: a prompt or answer encodes to no tokens; answer_prob needs both"
+        )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total = 0.0
+    with threads_for(model):
+        for start in range(0, len(rows), batch_size):
+            total += float(_answer_logprobs(model, rows[start : start + batch_size], pad_id).exp().sum())
+    return total / len(rows) if rows else 0.0
+
+
 def evaluate_tasks(
     model_or_path: ModelLike,
     tasks: str | Path | TaskSet | Sequence[str | Path | TaskSet],

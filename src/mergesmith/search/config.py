@@ -54,12 +54,18 @@ class Genome(_Strict):
     dtype: str | None = None  # ours: the merge's dtype (default: the models' own)
 
 
+#: What a tasks_file term scores: greedy exact match, or the mean teacher-forced probability of the
+#: whole answer (eval.tasks.score_answer_prob: smooth in the weights, and no generation).
+TASK_METRICS = ("exact_match", "answer_prob")
+
+
 class Task(_Strict):
     """One fitness term: an lm-eval task (``name`` + ``metric``), a tasks file or a text file."""
 
     name: str
     weight: float = 1.0
-    metric: str | None = None  # lm-eval tasks only
+    # lm-eval: the metric it reports; tasks_file: exact_match (default) or answer_prob (see TASK_METRICS)
+    metric: str | None = None
     tasks_file: str | None = None  # ours: exact-match accuracy on {"prompt", "answer"} lines
     ppl_file: str | None = None  # ours: -weight * ln(perplexity) on a text file
     limit: Count | None = Field(default=None, ge=1)  # prompts / lines scored per evaluation (the first N)
@@ -68,15 +74,21 @@ class Task(_Strict):
     def _one_source(self):
         if self.tasks_file is not None and self.ppl_file is not None:
             raise ValueError(f"task {self.name!r}: give 'tasks_file' or 'ppl_file', not both")
-        if self.metric is not None and (self.tasks_file or self.ppl_file):
+        if self.metric is not None and self.ppl_file:
             raise ValueError(
-                f"task {self.name!r}: 'metric' is for lm-eval tasks, not for tasks_file/ppl_file"
+                f"task {self.name!r}: 'metric' is for lm-eval tasks and tasks_file, not for ppl_file"
+            )
+        if self.tasks_file and self.metric not in (None, *TASK_METRICS):
+            raise ValueError(
+                f"task {self.name!r}: a tasks_file's metric is one of {', '.join(TASK_METRICS)}, not {self.metric!r}"
             )
         return self
 
     @property
-    def kind(self) -> Literal["tasks", "ppl", "lm_eval"]:
-        return "tasks" if self.tasks_file else "ppl" if self.ppl_file else "lm_eval"
+    def kind(self) -> Literal["tasks", "answer_prob", "ppl", "lm_eval"]:
+        if self.tasks_file:
+            return "answer_prob" if self.metric == "answer_prob" else "tasks"
+        return "ppl" if self.ppl_file else "lm_eval"
 
 
 class Optimizer(_Strict):

@@ -15,7 +15,7 @@ class FitnessTerm:
     """One task of SEARCH.yml, with its data loaded (picklable: workers get it once)."""
 
     name: str
-    kind: str  # tasks | ppl | lm_eval
+    kind: str  # tasks | answer_prob | ppl | lm_eval
     weight: float
     data: Any  # TaskSet, TextSet, or the lm-eval task's settings
 
@@ -24,6 +24,10 @@ class FitnessTerm:
             from mergesmith.eval.tasks import score_task
 
             return score_task(model, tokenizer, self.data).accuracy
+        if self.kind == "answer_prob":
+            from mergesmith.eval.tasks import score_answer_prob
+
+            return score_answer_prob(model, tokenizer, self.data)
         if self.kind == "ppl":
             from mergesmith.eval.ppl import score_text
 
@@ -43,13 +47,13 @@ def build_terms(config: SearchConfig) -> list[FitnessTerm]:
 def build_term(task: Task, limit: int | None, config: SearchConfig) -> FitnessTerm:
     from dataclasses import replace
 
-    if task.kind == "tasks":
+    if task.kind in ("tasks", "answer_prob"):
         from mergesmith.eval.tasks import load_tasks
 
         data = load_tasks(task.tasks_file, task.name)
         if limit is not None:
             data = replace(data, prompts=data.prompts[:limit], answers=data.answers[:limit])
-        return FitnessTerm(task.name, "tasks", task.weight, data)
+        return FitnessTerm(task.name, task.kind, task.weight, data)
     if task.kind == "ppl":
         from mergesmith.eval.ppl import load_text
 
