@@ -7,7 +7,9 @@ routing overridden by hooks on its Mixtral routers:
 * ``oracle layers L``: in layers L every token goes to its skill's expert (weight 1);
 * ``oracle layer 0, BOS only`` / ``other tokens only``: the same in layer 0 for the BOS (whose router
   input is the same in every prompt) or for every token but the BOS;
-* ``BOS to expert X``: the BOS goes to expert X in layer 0, whatever the skill.
+* ``BOS to expert X``: the BOS goes to expert X in layer 0, whatever the skill;
+* ``every token to X in layer 0``: every token of every skill goes to expert X in layer 0 (layers 1
+  and 2 as the routers say): which skill the model performs then.
 
     PYTHONPATH=src python bench/moe_layer0.py [--limit 200] [--work DIR]
 
@@ -124,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     score("oracle layer 0, other tokens only", lambda e: forced(model, [0], e, "other", bos))
     for x, s in enumerate(skills):
         score(f"BOS to expert {s} in layer 0", lambda _e, x=x: forced(model, [0], x, "bos", bos))
+    for x, s in enumerate(skills):
+        score(f"every token to {s} in layer 0", lambda _e, x=x: forced(model, [0], x, "all", bos))
     return 0
 
 
