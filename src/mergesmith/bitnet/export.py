@@ -358,8 +358,7 @@ def export(args: BitnetOptions, out: TextIO | None = None, err: TextIO | None = 
                     gguf_path = folder.path / "model.gguf"
                     stats, kept, summary = _write_gguf(data, source, selector, args, gguf_path, err)
                 size_after = dir_size(folder.path)
-                check_unchanged([source])
-                folder.commit()
+                folder.commit([source])
                 before = _bytes_on_disk(source)
             finally:
                 source.close()

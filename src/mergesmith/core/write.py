@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from mergesmith.core import diskread, dtypes
 from mergesmith.core.errors import MergeError
+from mergesmith.core.model import ModelSource, check_unchanged
 from mergesmith.core.sizes import human_size
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -591,7 +592,7 @@ def recover_leftovers(dest: Path, quiet: bool = False) -> None:
 
 class OutputFolder:
     """The one way every command writes OUT_DIR: ``with OutputFolder(dest, ...) as out:``, write into
-    ``out.path``, then ``out.commit()``. Without a commit (an error, an interrupt) nothing is left.
+    ``out.path``, then ``out.commit(sources)``. Without a commit (an error, an interrupt) nothing is left.
 
     The constructor takes the lock, refuses what must not be written or replaced
     (:func:`check_destination`; ``inputs`` are the run's model and adapter folders, see
@@ -659,8 +660,13 @@ class OutputFolder:
         if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
             raise disk_error(exc, self.dest, written or None, at_least=True) from None
 
-    def commit(self) -> Path:
-        """Put the finished folder in place of OUT in one step (the old OUT, if any, is removed after)."""
+    def commit(self, read_from: Iterable[ModelSource]) -> Path:
+        """Put the finished folder in place of OUT in one step (the old OUT, if any, is removed after).
+
+        ``read_from``: the open input models the output was made from. If a weights file of one of them
+        changed while it was read, the output may mix two versions of it: refused, nothing is put in
+        place (:func:`mergesmith.core.model.check_unchanged`). Required, so that no command forgets it."""
+        check_unchanged(read_from)
         try:
             if os.path.lexists(self.dest):
                 self._replace()

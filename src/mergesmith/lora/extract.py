@@ -33,7 +33,7 @@ from mergesmith.core.dtypes import dtype_name, parse_code
 from mergesmith.core.errors import MergeError
 from mergesmith.core.lora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 from mergesmith.core.lora.modules import ModuleKind, module_kinds
-from mergesmith.core.model import ModelSource, check_unchanged
+from mergesmith.core.model import ModelSource
 from mergesmith.core.sources import open_source
 from mergesmith.core.write import OutputFolder, ShardedWriter, TensorSpec, input_paths, write_json
 
@@ -125,8 +125,7 @@ def extract_lora(
             skipped = not_captured(src_base, src_model, in_adapter)
             report = _report(base, model, rank, out_code, reports, sorted(saved), skipped, unchanged)
             write_json(out.path / REPORT_NAME, report)
-            check_unchanged([src_base, src_model])
-            out.commit()
+            out.commit([src_base, src_model])
         finally:
             src_base.close()
             src_model.close()

@@ -29,7 +29,7 @@ from mergesmith.core.dtypes import dtype_name, parse_code
 from mergesmith.core.errors import MergeError
 from mergesmith.core.hf_load import drop_remote_code
 from mergesmith.core.lora.source import split_lora_ref
-from mergesmith.core.model import ModelSource, check_unchanged
+from mergesmith.core.model import ModelSource
 from mergesmith.core.rng import derive_seed
 from mergesmith.core.sizes import human_size, parse_size
 from mergesmith.core.sources import open_source
@@ -583,8 +583,7 @@ def build_moe(
                 _stream(plan, writer, routers, random_seed, workers, quiet)
                 writer.finish()
             _write_metadata(plan, out.path, text, copy_tokenizer, write_model_card, out.dest.name)
-            check_unchanged(plan.sources())
-            final = out.commit()
+            final = out.commit(plan.sources())
         finally:
             plan.close()
     if not quiet:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from mergesmith.core.cliargs import check_workers
 from mergesmith.core.devices import check_device, default_workers
 from mergesmith.core.errors import MergeError
-from mergesmith.core.model import check_unchanged, read_json_file
+from mergesmith.core.model import read_json_file
 from mergesmith.core.sizes import human_size, parse_size
 from mergesmith.core.vocab import write_union_tokenizer
 from mergesmith.core.write import (
@@ -174,8 +174,7 @@ def merge_one(
             )
             if before_commit is not None:
                 before_commit(out.path)
-            check_unchanged(plan.models.values())
-            final = out.commit()
+            final = out.commit(plan.models.values())
             log.info(
                 "finish: config, tokenizer and card written, output renamed in %.2f s",
                 time.perf_counter() - t0,
