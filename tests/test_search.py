@@ -14,6 +14,7 @@ import yaml
 from safetensors.numpy import load_file
 
 from mergesmith.cli import main
+from mergesmith.core.errors import MergeError
 from mergesmith.search import search
 from mergesmith.search.config import parse_search_config
 from mergesmith.search.engine import Merger
@@ -178,6 +179,26 @@ def test_searched_parameters_follow_the_method(models, method, normalize, params
         (lambda c: c["genome"].update(merge_method="passthrough"), "none of the searched parameters"),
         (lambda c: c.update(held_out=["/nonexistent/test.jsonl"]), "held_out"),
         (lambda c: c["genome"].update(models=[]), "genome.models"),
+        (
+            lambda c: c["tasks"][0].update(weight=float("nan")),
+            "'tasks.0.weight': Input should be a finite number",
+        ),
+        (
+            lambda c: c["optimizer"].update(sigma0=float("inf")),
+            "'optimizer.sigma0': Input should be a finite",
+        ),
+        (
+            lambda c: c["optimizer"].update(population=10**12),
+            "'optimizer.population': Input should be less than",
+        ),
+        (
+            lambda c: c["optimizer"].update(bounds={"weight": [0, float("inf")]}),
+            "Input should be a finite number",
+        ),
+        (
+            lambda c: c["tasks"].append({"name": "arc_easy", "metric": "answer_prob"}),
+            "metric answer_prob scores a tasks_file; this task has none",
+        ),
         (
             lambda c: c["tasks"][0].update(metric="acc,none"),
             "a tasks_file's metric is one of exact_match, answer_prob",
@@ -491,3 +512,20 @@ def test_answer_prob_fitness_is_the_written_models_answer_probability(tmp_path):
         assert 0 < best[skill] < 1 and best[skill] not in {
             k / 8 for k in range(9)
         }  # not an exact-match share
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296", "1e3"])
+def test_a_seed_the_optimisers_cannot_take_is_one_line(models, tmp_path, capsys, seed):
+    """numpy, cmaes and optuna take seeds from 0 to 2**32 - 1; others were a traceback after the
+    journal's header was written (so that a rerun with a good seed was refused too)."""
+    path = tmp_path / "search.yml"
+    path.write_text(yaml.safe_dump(genome_config(models)))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        main(["search", str(path), str(out), "--seed", seed, "-q"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "from 0 to 4294967295" in err and err.count("\n") == 1, err
+    assert not out.exists()
+    with pytest.raises(MergeError, match="--seed must be a whole number from 0"):
+        search(path, out, seed=-1, score_fn=lambda tensors: 0.0)
+    assert not out.exists()

@@ -23,6 +23,28 @@ def positive_int(text: str) -> int:
     return value
 
 
+#: Seeds the optimisers take (numpy's, cmaes', optuna's): 0 to 2**32 - 1.
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def check_seed(seed: object, flag: str = "--seed") -> int:
+    """A seed the optimisers accept, or one line naming the range."""
+    lo, hi = SEED_RANGE
+    if isinstance(seed, bool) or not isinstance(seed, int) or not lo <= seed <= hi:
+        raise MergeError(f"{flag} must be a whole number from {lo} to {hi}, got {seed!r}")
+    return seed
+
+
+def seed_int(text: str) -> int:
+    """argparse ``type=`` for ``--seed``: a whole number in SEED_RANGE."""
+    try:
+        return check_seed(int(text))
+    except (ValueError, MergeError):
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {text!r}"
+        ) from None
+
+
 def check_workers(workers: int | None) -> int | None:
     """The API side of ``--workers``: None means "choose for me"; anything else must be at least 1."""
     if workers is None:

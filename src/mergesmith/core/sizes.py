@@ -32,9 +32,9 @@ def parse_size(text: str | int) -> int:
         if s and s[-1] in units:
             return int(float(s[:-1]) * units[s[-1]])
         return int(float(s))
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: inf, or a number past float's range
         raise MergeError(
-            f"cannot read size {text!r}; use a number with an optional K, M or G suffix"
+            f"cannot read size {text!r}; use a finite number with an optional K, M or G suffix"
         ) from None
 
 

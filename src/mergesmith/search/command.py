@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from mergesmith.core.cliargs import add_verbosity, positive_int
+from mergesmith.core.cliargs import add_verbosity, positive_int, seed_int
 
 HELP = "search merge recipes (per-layer weights, densities) against a fitness, resumable, on Ray too"
 DESCRIPTION = """\
@@ -44,7 +44,7 @@ def register(subparsers: Any) -> None:
         metavar="N",
         help="candidates to evaluate (default: 100)",
     )
-    p.add_argument("--seed", type=int, default=0, metavar="N", help="optimiser seed (default: 0)")
+    p.add_argument("--seed", type=seed_int, default=0, metavar="N", help="optimiser seed (default: 0)")
     p.add_argument(
         "--workers",
         type=positive_int,

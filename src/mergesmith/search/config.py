@@ -8,13 +8,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, model_validator
 
 from mergesmith.core.errors import ConfigError
 from mergesmith.pipeline.config import Count, check_keys, did_you_mean, load_yaml_documents
 
 #: Parameters the search varies when the method has them; per-model ones get one value per model.
 SEARCHABLE = ("weight", "density", "t", "lambda")
+#: The largest optimizer.population: a generation is evaluated whole, and its candidates are held at once.
+MAX_POPULATION = 10_000
 
 
 def searched_params(method: Any, normalize: bool | None = None) -> list:
@@ -63,7 +65,7 @@ class Task(_Strict):
     """One fitness term: an lm-eval task (``name`` + ``metric``), a tasks file or a text file."""
 
     name: str
-    weight: float = 1.0
+    weight: FiniteFloat = 1.0
     # lm-eval: the metric it reports; tasks_file: exact_match (default) or answer_prob (see TASK_METRICS)
     metric: str | None = None
     tasks_file: str | None = None  # ours: exact-match accuracy on {"prompt", "answer"} lines
@@ -78,6 +80,8 @@ class Task(_Strict):
             raise ValueError(
                 f"task {self.name!r}: 'metric' is for lm-eval tasks and tasks_file, not for ppl_file"
             )
+        if self.metric == "answer_prob" and not self.tasks_file:
+            raise ValueError(f"task {self.name!r}: metric answer_prob scores a tasks_file; this task has none")
         if self.tasks_file and self.metric not in (None, *TASK_METRICS):
             raise ValueError(
                 f"task {self.name!r}: a tasks_file's metric is one of {', '.join(TASK_METRICS)}, not {self.metric!r}"
@@ -95,12 +99,14 @@ class Optimizer(_Strict):
     """Ours: which maintained optimiser proposes candidates, and how."""
 
     name: Literal["cmaes", "random", "tpe"] = "cmaes"
-    sigma0: float = Field(default=1 / 6, gt=0)  # CMA-ES step size, in units of each parameter's range
-    population: Count | None = Field(default=None, ge=2)  # candidates per generation (default: CMA-ES's)
+    # CMA-ES step size, in units of each parameter's range
+    sigma0: float = Field(default=1 / 6, gt=0, le=1, allow_inf_nan=False)
+    # candidates per generation (default: CMA-ES's)
+    population: Count | None = Field(default=None, ge=2, le=MAX_POPULATION)
     # starting point per parameter name (default: mergekit-evolve's: weight 1/len(models), density 1, t 0.5)
-    init: dict[str, float] | None = None
+    init: dict[str, FiniteFloat] | None = None
     # search range per parameter name (default: weight [0, 2] or [-2, 2], density and t [0, 1])
-    bounds: dict[str, tuple[float, float]] | None = None
+    bounds: dict[str, tuple[FiniteFloat, FiniteFloat]] | None = None
 
 
 class SearchConfig(_Strict):

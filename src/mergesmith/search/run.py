@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from mergesmith.core.cliargs import check_workers
+from mergesmith.core.cliargs import check_seed, check_workers
 from mergesmith.core.errors import MergeError
 from mergesmith.core.write import check_relations, input_paths, output_lock, write_atomic
 from mergesmith.pipeline.config import load_yaml_documents, parse_config
@@ -152,6 +152,7 @@ class Search:
         if o.max_evals < 1:
             raise MergeError(f"--max-evals must be at least 1, got {o.max_evals}")
         check_workers(o.workers)
+        check_seed(o.seed)
         if o.ray:
             need("ray", "--ray")
 
