@@ -224,3 +224,24 @@ def test_python_api_writes_what_the_command_writes(saved, tmp_path):
     assert path == tmp_path / "api" and "weights ternarised" in out.getvalue()
     for f in (tmp_path / "cli").iterdir():
         assert (tmp_path / "api" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--heal", "2", "--heal-lr", "nan"], "--heal-lr must be a positive number"),
+        (["--heal", "2", "--heal-lr", "-1"], "--heal-lr must be a positive number"),
+        (["--heal", "2", "--heal-seq", "0"], "--heal-seq must be at least 2"),  # was a reshape traceback
+        (["--heal", "2", "--heal-seq", "100000"], "longer than MODEL's context"),  # was a hang
+        (["--heal", "-1"], "--heal needs a number of steps of at least 0"),
+        (["--out-shard-size", "0"], "--out-shard-size must be at least 1 byte"),
+    ],
+)
+def test_bad_options_are_refused_before_any_warning(tmp_path, tiny, args, message):
+    path = _save(tmp_path, tiny)
+    args = _parser().parse_args(["bitnet", str(path), str(tmp_path / "out"), *args])
+    err = io.StringIO()
+    with pytest.raises(MergeError, match=re.escape(message)):
+        run_command(args, io.StringIO(), err)
+    assert err.getvalue() == ""  # the float-weights warning would come after
+    assert not (tmp_path / "out").exists()

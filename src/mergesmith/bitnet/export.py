@@ -135,6 +135,9 @@ def _heal_source(
     if isinstance(source, BitnetModelSource):
         raise MergeError("--heal needs float weights; MODEL is a packed BitNet checkpoint")
     teacher = load_causal_lm(source, torch.float32, "for --heal").eval()
+    context = getattr(teacher.config, "max_position_embeddings", None)
+    if context and args.heal_seq > context:
+        raise MergeError(f"--heal-seq {args.heal_seq} is longer than MODEL's context ({context} positions)")
     ids = _heal_ids(args, source.path, err)
     vocab = int(teacher.config.vocab_size)
     train = heal.token_batches(ids, vocab, seq_len=args.heal_seq, seed=0)
@@ -316,6 +319,22 @@ def _warn_about_input(
         print(f"mergesmith: warning: {remote}", file=err)
 
 
+def _check_options(args: BitnetOptions) -> None:
+    """What can be checked before MODEL is opened (so that no warning about it comes first)."""
+    import math
+
+    from mergesmith.core.sizes import parse_size
+
+    if args.format == "hf" and parse_size(args.out_shard_size) < 1:
+        raise MergeError(f"--out-shard-size must be at least 1 byte, got {args.out_shard_size!r}")
+    if args.heal < 0:
+        raise MergeError(f"--heal needs a number of steps of at least 0 (0: no healing), got {args.heal}")
+    if args.heal and not (math.isfinite(args.heal_lr) and args.heal_lr > 0):
+        raise MergeError(f"--heal-lr must be a positive number, got {args.heal_lr}")
+    if args.heal and args.heal_seq < 2:
+        raise MergeError(f"--heal-seq must be at least 2 tokens (one to predict from), got {args.heal_seq}")
+
+
 def export(args: BitnetOptions, out: TextIO | None = None, err: TextIO | None = None) -> Path:
     """Export as ``args`` say; the report goes to ``out``, notes and warnings to ``err`` (default: the
     standard streams). Returns the path written. Expected failures raise MergeError."""
@@ -328,6 +347,7 @@ def export(args: BitnetOptions, out: TextIO | None = None, err: TextIO | None = 
     out = out or sys.stdout
     err = err or sys.stderr
     selector = _selector(args)
+    _check_options(args)
     if args.out_dir.endswith(".gguf") and args.format != "gguf":
         raise MergeError(f"OUT {args.out_dir} ends in .gguf: add --format gguf, or name a folder")
     inputs = input_paths([args.model, args.heal_data])
