@@ -242,3 +242,25 @@ def test_an_error_stays_one_line_whatever_a_key_holds(tmp_path, capsys):
     assert main(["merge", str(cfg), str(tmp_path / "out"), "-q"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "'slices.\\r'" in err, err
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("num_hidden_layers", "three"),
+        ("hidden_size", 128.5),
+        ("vocab_size", "46"),
+        ("tie_word_embeddings", "no"),
+    ],
+)
+def test_a_config_json_transformers_cannot_build_is_refused_before_merging(
+    capsys, tmp_path, pair, key, value
+):
+    """It was merged and its config.json copied into the output, which then failed to load."""
+    base, ft = pair
+    config = json.loads((ft / "config.json").read_text())
+    config[key] = value
+    (ft / "config.json").write_text(json.dumps(config))
+    assert_fails(
+        capsys, tmp_path, ties_config(tmp_path, base, ft), f"config.json's {key} is {json.dumps(value)}"
+    )

@@ -133,3 +133,28 @@ def test_tokenizer_symlinked_out_of_the_model(tiny_llama, tmp_path, text, run_cl
     shutil.move(tiny_llama / "tokenizer.json", outside)
     (tiny_llama / "tokenizer.json").symlink_to(outside)
     assert "outside the model" in one_line_failure(run_cli, "eval", str(tiny_llama), "--ppl", str(text))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        (
+            "num_hidden_layers",
+            -3,
+            "num_hidden_layers is -3, not a whole number",
+        ),  # was a ValueError traceback
+        ("num_hidden_layers", "two", 'num_hidden_layers is "two", not a whole number'),
+        ("hidden_size", 64.5, "hidden_size is 64.5"),
+        ("tie_word_embeddings", "no", 'tie_word_embeddings is "no", not true or false'),
+        # the tiny Llama has 2 layers: transformers dropped the second, or built 3 more at random, and
+        # the model was scored silently
+        ("num_hidden_layers", 1, "config.json says num_hidden_layers=1 but no layer stack"),
+        ("num_hidden_layers", 5, "config.json says num_hidden_layers=5 but no layer stack"),
+        ("num_hidden_layers", 10**30, "no layer stack"),  # was a hang
+    ],
+)
+def test_config_json_that_does_not_describe_the_checkpoint(key, value, message, tiny_llama, text, run_cli):
+    config = json.loads((tiny_llama / "config.json").read_text())
+    config[key] = value
+    (tiny_llama / "config.json").write_text(json.dumps(config))
+    assert message in one_line_failure(run_cli, "eval", str(tiny_llama), "--ppl", str(text))

@@ -64,8 +64,12 @@ def check_folder(folder: Path, ref: str) -> None:
 def checked_source(source: ModelSource) -> ModelSource:
     """``source`` after the checks a transformers load needs: every folder entry inside the folder,
     config.json a JSON object, safetensors weights present (no pickles) with valid headers."""
+    from mergesmith.core.arch import Layout
+
     check_folder(source.path, source.ref)
-    _ = source.config, source.tensors
+    # the layer count config.json gives must match the checkpoint's (as a merge checks): transformers
+    # would drop the extra layers or build missing ones at random, and score that model silently
+    Layout.infer(source.ref, list(source.tensors), source.config)
     return source
 
 

@@ -382,6 +382,40 @@ def resolve_model_dir(ref: str) -> Path:
         ) from None
 
 
+#: config.json sizes every architecture reads as whole numbers of at least 1 (when present and not null)
+POSITIVE_INT_KEYS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "max_position_embeddings",
+)
+
+
+def check_config_values(config: dict, ref: str) -> None:
+    """Refuse a config.json whose basic sizes are not whole positive numbers or whose
+    ``tie_word_embeddings`` is not true/false (top level, and a multimodal model's ``text_config``):
+    transformers cannot build such a model, and a merge would copy the config into its output."""
+    for where, cfg in (("", config), ("text_config.", config.get("text_config"))):
+        if not isinstance(cfg, dict):
+            continue
+        for key in POSITIVE_INT_KEYS:
+            value = cfg.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise MergeError(
+                    f"model {ref!r}: config.json's {where}{key} is {json.dumps(value)}, not a whole number of "
+                    "at least 1; fix config.json"
+                )
+        tie = cfg.get("tie_word_embeddings")
+        if tie is not None and not isinstance(tie, bool):
+            raise MergeError(
+                f"model {ref!r}: config.json's {where}tie_word_embeddings is {json.dumps(tie)}, not true or "
+                "false; fix config.json"
+            )
+
+
 def check_unchanged(sources: Iterable[ModelSource]) -> None:
     """Refuse to commit an output made from an input file that changed while it was read (another
     program wrote to it, or replaced it): the bytes read may mix two versions, a silently wrong result."""
@@ -438,6 +472,7 @@ class ModelSource:
         cfg = read_json_file(cfg_path, f"model {self.ref!r}: config.json")
         if not isinstance(cfg, dict):
             raise MergeError(f"model {self.ref!r}: config.json is not a JSON object")
+        check_config_values(cfg, self.ref)
         return cfg
 
     def _weight_map(self, index: Path) -> dict[str, str]:
