@@ -79,6 +79,15 @@ def test_fused_layout_computes_the_same(llama_models, tmp_path):
     assert torch.equal(logits(tmp_path / "fused"), logits(tmp_path / "split"))
 
 
+def test_a_residual_scale_that_overflows_the_dtype_writes_nothing(llama_models, tmp_path):
+    """1e300 is finite, but the scaled down projection is not (it was written as inf, exit 0)."""
+    cfg = expert_config(llama_models["base"], [llama_models["e0"], llama_models["e1"]])
+    cfg["experts"][0]["residual_scale"] = 1e300
+    with pytest.raises(MergeError, match="not finite .* residual_scale 1e[+]300"):
+        build_moe(cfg, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
 def test_noise_and_residual_scale(llama_models, tmp_path):
     cfg = expert_config(llama_models["base"], [llama_models["e0"], llama_models["e1"]])
     cfg["experts"][0]["residual_scale"] = 0.5

@@ -168,6 +168,14 @@ def test_negative_noise_scale():
     assert "'experts.0.noise_scale'" in error_of(data)
 
 
+@pytest.mark.parametrize("key", ["noise_scale", "residual_scale"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_scales_must_be_finite(key, value):
+    data = cfg()
+    data["experts"][0][key] = value
+    assert f"'experts.0.{key}'" in error_of(data) and "finite" in error_of(data)
+
+
 def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
     path = tmp_path / "moe.yml"
     path.write_text("base_model: ./base\nexperts:\n  - source_model: ./a\n    positive_prompts: [x]\n")

@@ -497,7 +497,13 @@ def _piece_tensor(plan: MoEPlan, t: OutTensor, p: Piece, routers: Routers, seed:
         x = x + torch.randn(x.shape, generator=g) * p.noise_scale
     if p.scale != 1.0:
         x = x * p.scale
-    return x.to(t.dtype)
+    out = x.to(t.dtype)
+    if not bool(torch.isfinite(out).all()):  # a residual_scale or noise_scale too large for the dtype
+        raise MergeError(
+            f"{p.tensor} of {p.source} {p.index} is not finite in {t.dtype} after noise_scale "
+            f"{p.noise_scale} and residual_scale {p.scale}; use smaller values"
+        )
+    return out
 
 
 def _stream(

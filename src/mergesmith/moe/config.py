@@ -43,8 +43,8 @@ class Expert(_Strict):
     source_model: str
     positive_prompts: list[str] | None = None
     negative_prompts: list[str] | None = None
-    noise_scale: float | None = Field(default=None, ge=0)
-    residual_scale: float | None = None
+    noise_scale: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    residual_scale: float | None = Field(default=None, allow_inf_nan=False)
 
     def prompt_key(self) -> tuple[frozenset[str], frozenset[str]]:
         return frozenset(self.positive_prompts or ()), frozenset(self.negative_prompts or ())
