@@ -245,3 +245,19 @@ def test_bad_options_are_refused_before_any_warning(tmp_path, tiny, args, messag
         run_command(args, io.StringIO(), err)
     assert err.getvalue() == ""  # the float-weights warning would come after
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_a_nan_weight_is_refused(tmp_path, tiny, fmt):
+    """Its absmean scale was NaN, written with exit 0."""
+    from safetensors.torch import load_file, save_file
+
+    path = _save(tmp_path, tiny, hidden_size=256, intermediate_size=256)  # rows that TQ blocks fit
+    tensors = load_file(path / "model.safetensors")
+    name = next(n for n in tensors if n.endswith("mlp.down_proj.weight"))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    args = _parser().parse_args(["bitnet", str(path), str(tmp_path / "out"), "--format", fmt])
+    with pytest.raises(MergeError, match=re.escape(f"tensor {name!r} of MODEL holds NaN or Inf")):
+        run_command(args)
+    assert not (tmp_path / "out").exists()

@@ -69,6 +69,14 @@ class DictSource:
         return t if rows is None else t[rows[0] : rows[1]]
 
 
+def _finite(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, refused if it holds NaN or Inf: its absmean scale would be NaN, and so would every
+    output of the exported model."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise MergeError(f"tensor {name!r} of MODEL holds NaN or Inf; nothing was written")
+    return tensor
+
+
 @dataclass
 class LayerStat:
     """What happened to one ternarised weight."""
@@ -150,7 +158,7 @@ def iter_hf_tensors(
         module, _, leaf = name.rpartition(".")
         if module in plan.ternary and leaf == "bias":
             continue
-        tensor = source.read(name)
+        tensor = _finite(name, source.read(name))
         if module not in plan.ternary or leaf != "weight":
             yield {name: tensor}, None, _nbytes(tensor)
             continue
@@ -242,7 +250,7 @@ def iter_gguf_tensors(
     from mergesmith.bitnet import gguf_export
 
     for name, entry in source.tensors.items():
-        tensor = source.read(name)
+        tensor = _finite(name, source.read(name))
         try:
             if name not in plan.chosen:
                 out = gguf_export.gguf_tensor(name, tensor, None, source.config, plan.qtype)
