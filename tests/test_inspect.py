@@ -459,3 +459,25 @@ def test_progress_bar_counts_every_byte_read(llama_trio, tmp_path, monkeypatch):
     inspect_models([str(path)], merged=str(tmp_path / "out"))
     # each update rounds its chunk's share down by less than one byte
     assert 0 <= seen["total"] - seen["done"] < seen["calls"]
+
+
+@pytest.mark.parametrize("where", ["ft", "base"])
+def test_a_nan_weight_is_an_error_not_a_clean_bill(odd_models, tmp_path, where):
+    """A NaN made the tensor's group read as 'no model changes' and the verdict 'compatible'."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    m = odd_models
+    copy = {k: tmp_path / k for k in ("base", "ft")}
+    for k, dest in copy.items():
+        shutil.copytree(m[k], dest)
+    tensors = load_file(str(copy[where] / "model.safetensors"))
+    name = next(n for n in sorted(tensors) if n.endswith("mlp.down_proj.weight"))
+    tensors[name] = tensors[name].copy()
+    tensors[name].flat[0] = np.nan
+    save_file(tensors, str(copy[where] / "model.safetensors"))
+    report = inspect_models([str(copy["ft"])], base=str(copy["base"]))
+    c = report["compatibility"]
+    assert c["verdict"] == "incompatible"
+    assert any(p["check"] == "non_finite" and name in p["message"] for p in c["problems"]), c["problems"]

@@ -463,7 +463,7 @@ def build_report(
         groups.setdefault(key, Sums(m)).add(s)
         group_tensors[key] = group_tensors.get(key, 0) + 1
     totals = figures(total, method)
-    problems = list(spec.problems)
+    problems = list(spec.problems) + non_finite_problems(spec, per_tensor)
     shared = []
     for i, ref in enumerate(spec.models):
         d = base_distance(per_tensor, i)
@@ -513,6 +513,25 @@ def build_report(
     report["worst"] = worst_groups(group_rows, m)
     report["verdict"] = verdict_line(report)
     return report
+
+
+def non_finite_problems(spec: Inputs, per_tensor: list[tuple[Job, Sums]]) -> list[compat.Problem]:
+    """An error for each input with a tensor that holds NaN or Inf (its sums are not finite): every
+    figure of that tensor is meaningless, and a merge refuses it."""
+    first: dict[str, str] = {}
+    for job, s in per_tensor:
+        if not math.isfinite(s.bb):
+            first.setdefault(spec.base, job.name)
+            continue
+        for i, ref in enumerate(spec.models):
+            if not math.isfinite(float(s.gram[i, i])):
+                first.setdefault(ref, job.name)
+    return [
+        compat.Problem(
+            "error", "non_finite", ref, f"model {ref!r}: tensor {name!r} holds NaN or Inf; a merge refuses it"
+        )
+        for ref, name in first.items()
+    ]
 
 
 def base_distance(per_tensor: list[tuple[Job, Sums]], i: int) -> float | None:

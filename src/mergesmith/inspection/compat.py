@@ -36,7 +36,7 @@ SHOWN = 3  # examples named in one line
 class Problem:
     severity: str  # "error" or "warning"
     check: str  # architecture, layers, shapes, vocabulary, tokenizer, tied_embeddings, rope, dtypes, plan,
-    # shared_base
+    # shared_base, non_finite
     model: str | None
     message: str
 
