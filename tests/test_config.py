@@ -41,12 +41,27 @@ def test_good_config_parses():
         ("merge_method: linear\nmodels: [{model: a}]\ndtype: [1]\n", "dtype"),
         ("- just\n- a list\n", "must be a YAML mapping"),
         ("merge_method: linear\nmodels: [{model: a\n", "not valid YAML.*line"),
+        # PyYAML keeps the last of two equal keys: this merged with ties, silently
+        (
+            "merge_method: linear\nmerge_method: ties\nmodels: [{model: a}]\n",
+            "line 2.*'merge_method' is given twice",
+        ),
+        ("merge_method: linear\nmodels: [{model: a, model: b}]\n", "'model' is given twice"),
     ],
 )
 def test_bad_configs_give_one_line_errors(text, message):
     with pytest.raises(ConfigError, match=message) as exc:
         load_config(text)
     assert "\n" not in str(exc.value)
+
+
+def test_keys_brought_in_by_a_yaml_merge_may_be_overridden():
+    cfg = load_config(
+        "merge_method: ties\nbase_model: b\n"
+        "models:\n  - model: a\n    parameters: &p {weight: 1.0, density: 0.5}\n"
+        "  - model: c\n    parameters:\n      <<: *p\n      weight: 0.3\n"
+    )
+    assert cfg.models[1].parameters == {"weight": 0.3, "density": 0.5}
 
 
 def test_missing_file(tmp_path):

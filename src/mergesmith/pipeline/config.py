@@ -425,6 +425,30 @@ def _check_document_size(doc: Any, label: str) -> None:
             stack.extend((v, depth + 1) for v in value)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one
+    silently, so `merge_method: linear` then `merge_method: ties` merged with ties). Keys brought in by a
+    `<<:` merge may still be overridden, as YAML says."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: set = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice in one mapping", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml_documents(path_or_text: str | Path) -> tuple[list[Any], str]:
     """Read one or more YAML documents from a file path or a YAML string; returns (documents, label)."""
     text: str
@@ -451,7 +475,7 @@ def load_yaml_documents(path_or_text: str | Path) -> tuple[list[Any], str]:
     else:
         text, label = str(path_or_text), "config"
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [d for d in yaml.load_all(text, Loader=_StrictLoader) if d is not None]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
