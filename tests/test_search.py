@@ -529,3 +529,33 @@ def test_a_seed_the_optimisers_cannot_take_is_one_line(models, tmp_path, capsys,
     with pytest.raises(MergeError, match="--seed must be a whole number from 0"):
         search(path, out, seed=-1, score_fn=lambda tensors: 0.0)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("answer", ["二", "ab\ncd"])
+def test_an_answer_no_prediction_can_match_is_refused_before_anything_is_written(tmp_path, capsys, answer):
+    """answer_prob gave such answers a probability (of <unk>, or of a newline, where predictions are cut),
+    though exact match can never score them; a tokenizer problem surfaced only at the first evaluation,
+    after the journal was written."""
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text(
+        json.dumps({"prompt": "rev: abc=", "answer": "cba"})
+        + "\n"
+        + json.dumps({"prompt": "rev: xy=", "answer": answer})
+        + "\n"
+    )
+    cfg = {
+        "genome": {
+            "models": [str(SKILLS / "models" / s) for s in ("rev", "sort")],
+            "base_model": str(SKILLS / "models" / "base"),
+            "merge_method": "task_arithmetic",
+            "layer_granularity": 3,
+        },
+        "tasks": [{"name": "t", "tasks_file": str(tasks), "metric": "answer_prob"}],
+    }
+    path = tmp_path / "search.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    assert main(["search", str(path), str(out), "--max-evals", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tasks}, line 2" in err and "no answer can match it" in err, err
+    assert not out.exists()

@@ -177,6 +177,30 @@ def _answer_logprobs(model: Any, rows: Sequence[tuple[list[int], list[int]]], pa
     return (picked * scored).sum(-1)
 
 
+def answer_rows(tokenizer: Any, task: TaskSet) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids + end token) of every line of ``task``, for ``score_answer_prob``; an
+    answer that exact match could never score (one the tokenizer cannot spell, or with a newline, where
+    a prediction is cut), or a line that encodes to nothing, is an error naming its line."""
+    end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    unk = tokenizer.unk_token_id
+    rows = []
+    for line, (p, a) in enumerate(zip(task.prompts, task.answers, strict=True), start=1):
+        prompt = list(tokenizer(p)["input_ids"])
+        answer = list(tokenizer.encode(a.strip(), add_special_tokens=False)) + end
+        where = f"tasks file {task.path}, line {line}"
+        if not prompt or not answer:
+            raise MergeError(
+                f"{where}: the prompt or the answer encodes to no tokens; answer_prob needs both"
+            )
+        if "\n" in a.strip() or (unk is not None and unk in answer):
+            raise MergeError(
+                f"{where}: the answer {a!r} holds a newline or characters the tokenizer does not know, so "
+                "no answer can match it; fix the tasks file"
+            )
+        rows.append((prompt, answer))
+    return rows
+
+
 def score_answer_prob(model: Any, tokenizer: Any, task: TaskSet, batch_size: int = 64) -> float:
     """The mean probability the model gives each whole reference answer, followed by its end token.
 
@@ -189,15 +213,7 @@ def score_answer_prob(model: Any, tokenizer: Any, task: TaskSet, batch_size: int
     """
     from mergesmith.core.threads import threads_for
 
-    end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    rows = [
-        (list(tokenizer(p)["input_ids"]), list(tokenizer.encode(a.strip(), add_special_tokens=False)) + end)
-        for p, a in zip(task.prompts, task.answers, strict=True)
-    ]
-    if any(not p or not a for p, a in rows):
-        raise MergeError(
-            f"tasks file {task.path}: a prompt or answer encodes to no tokens; answer_prob needs both"
-        )
+    rows = answer_rows(tokenizer, task)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total = 0.0
     with threads_for(model):

@@ -81,7 +81,9 @@ class Task(_Strict):
                 f"task {self.name!r}: 'metric' is for lm-eval tasks and tasks_file, not for ppl_file"
             )
         if self.metric == "answer_prob" and not self.tasks_file:
-            raise ValueError(f"task {self.name!r}: metric answer_prob scores a tasks_file; this task has none")
+            raise ValueError(
+                f"task {self.name!r}: metric answer_prob scores a tasks_file; this task has none"
+            )
         if self.tasks_file and self.metric not in (None, *TASK_METRICS):
             raise ValueError(
                 f"task {self.name!r}: a tasks_file's metric is one of {', '.join(TASK_METRICS)}, not {self.metric!r}"

@@ -136,6 +136,7 @@ class Search:
         self.tokenizer_ref = plan.tokenizer_model
         self.evaluator.scorer.model_ref = self.model_ref
         self.evaluator.scorer.tokenizer_ref = self.tokenizer_ref
+        self._check_answers()
         self.baseline_config = self._baseline_config()
         self.evaluator.merger.plan(
             self.baseline_config
@@ -147,6 +148,18 @@ class Search:
         self._check_out_dir()
 
     # --- checks, before anything is written ------------------------------------------------------------
+    def _check_answers(self) -> None:
+        """answer_prob terms: every answer encodes with the tokenizer the candidates are scored with."""
+        wanted = [t for t in self.terms if t.kind == "answer_prob"]
+        if wanted:
+            from mergesmith.core.sources import open_source
+            from mergesmith.eval.loading import load_tokenizer
+            from mergesmith.eval.tasks import answer_rows
+
+            tokenizer = load_tokenizer(open_source(self.tokenizer_ref).path)
+            for term in wanted:
+                answer_rows(tokenizer, term.data)
+
     def _check_options(self) -> None:
         o = self.options
         if o.max_evals < 1:
