@@ -423,13 +423,20 @@ def test_output_file_mistakes_and_an_unrelated_merged_model_exit_2(odd_models, t
     capsys.readouterr()  # save()'s progress bar
     for extra, words in [
         (["--report", "-"], "--report -"),
-        (["--json", str(cfg), "--overwrite"], "is an input of this run"),
+        (["--json", str(cfg), "--overwrite"], f"is the input {cfg} of this run"),
+        # a file inside a model the config names: it replaced the model's own config.json
+        (["--json", str(m["ft"] / "config.json"), "--overwrite"], f"is inside the input {m['ft']}"),
+        (["--report", str(m["base"] / "r.html")], f"is inside the input {m['base']}"),
         (["--merged", str(wide)], "none of its tensors"),
     ]:
         assert main(["inspect", str(cfg), "-q", *extra]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and words in err, err
     assert cfg.read_text() == text and sorted(p.name for p in tmp_path.iterdir()) == ["merge.yml", "wide"]
+    assert (
+        json.loads((m["ft"] / "config.json").read_text())["model_type"]
+        and not (m["base"] / "r.html").exists()
+    )
 
 
 def test_progress_bar_counts_every_byte_read(llama_trio, tmp_path, monkeypatch):

@@ -102,7 +102,7 @@ class Inputs:
     problems: list[compat.Problem] = field(default_factory=list)
 
 
-def _config_refs(config: Any) -> list[str]:
+def config_refs(config: Any) -> list[str]:
     if config.models is not None:
         refs = [m.model for m in config.models]
     else:
@@ -125,7 +125,7 @@ def open_inputs(
             raise MergeError(
                 f"{inputs[0]}: the config has no base_model, and task vectors need one; pass --base MODEL"
             )
-        models = [r for r in _config_refs(config) if r != base_ref]
+        models = [r for r in config_refs(config) if r != base_ref]
         spec = Inputs(base_ref, models, merged, config.merge_method, config_text(inputs[0]))
     else:
         if base is None:

@@ -7,6 +7,7 @@ A report, not a merge: incompatible models give a verdict and exit code 0; only 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,24 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
+def _input_paths(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """(as given, real path) of everything this run reads: the inputs, --base, --merged and the models a
+    config names (its errors are left to the inspection, which reports them)."""
+    from mergesmith.core.write import input_paths
+    from mergesmith.inspection.analyse import config_refs
+
+    refs = [*args.inputs, args.base, args.merged]
+    if len(args.inputs) == 1 and Path(args.inputs[0]).is_file():
+        from mergesmith.pipeline.config import load_config
+
+        try:
+            config = load_config(args.inputs[0])
+            refs += [*config_refs(config), config.base_model]
+        except MergeError:
+            pass
+    return [(str(p), Path(os.path.realpath(p))) for p in input_paths(refs)]
+
+
 def run(args: argparse.Namespace) -> int:
     """Check the outputs, inspect, print; 2 if --report was asked for and matplotlib is missing."""
     from mergesmith.inspection import report as out
@@ -70,9 +89,15 @@ def run(args: argparse.Namespace) -> int:
         raise MergeError(
             "--report -: the HTML report is written to a file; give a file name (--json - prints)"
         )
+    inputs = _input_paths(args)
     for flag, name in (("--report", args.report), ("--json", args.json)):
-        if name and name != "-" and any(Path(name).resolve() == Path(i).resolve() for i in args.inputs):
-            raise MergeError(f"{flag} {name} is an input of this run; give another file name")
+        if not name or name == "-":
+            continue
+        real = Path(os.path.realpath(name))
+        for given, path in inputs:
+            if real == path or path in real.parents:
+                how = "is" if real == path else "is inside"
+                raise MergeError(f"{flag} {name} {how} the input {given} of this run; give another file name")
     report_path = out.check_output_file(args.report, args.overwrite, "--report") if args.report else None
     json_path = (
         out.check_output_file(args.json, args.overwrite, "--json") if args.json and args.json != "-" else None
