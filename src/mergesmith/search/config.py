@@ -17,6 +17,7 @@ from mergesmith.pipeline.config import Count, check_keys, did_you_mean, load_yam
 SEARCHABLE = ("weight", "density", "t", "lambda")
 #: The largest optimizer.population: a generation is evaluated whole, and its candidates are held at once.
 MAX_POPULATION = 10_000
+CMAES_MIN_POPULATION = 4
 
 
 def searched_params(method: Any, normalize: bool | None = None) -> list:
@@ -64,7 +65,7 @@ TASK_METRICS = ("exact_match", "answer_prob")
 class Task(_Strict):
     """One fitness term: an lm-eval task (``name`` + ``metric``), a tasks file or a text file."""
 
-    name: str
+    name: str = Field(min_length=1)
     weight: FiniteFloat = 1.0
     # lm-eval: the metric it reports; tasks_file: exact_match (default) or answer_prob (see TASK_METRICS)
     metric: str | None = None
@@ -110,6 +111,16 @@ class Optimizer(_Strict):
     # search range per parameter name (default: weight [0, 2] or [-2, 2], density and t [0, 1])
     bounds: dict[str, tuple[FiniteFloat, FiniteFloat]] | None = None
 
+    @model_validator(mode="after")
+    def _cmaes_population(self):
+        # with fewer than 4 candidates CMA-ES has one parent, and its covariance update divides by zero
+        if self.name == "cmaes" and self.population is not None and self.population < CMAES_MIN_POPULATION:
+            raise ValueError(
+                f"CMA-ES needs a population of at least {CMAES_MIN_POPULATION}, got {self.population}; "
+                "raise it, or use name: random"
+            )
+        return self
+
 
 class SearchConfig(_Strict):
     genome: Genome
@@ -119,7 +130,7 @@ class SearchConfig(_Strict):
     baseline: str | None = None  # ours: a hand-set merge config, the reference in the closing table
     # mergekit-evolve's top-level keys: `limit` is every task's default; the others go to lm-eval
     limit: Count | None = Field(default=None, ge=1)
-    num_fewshot: Count | None = None
+    num_fewshot: Count | None = Field(default=None, ge=0)
     shuffle: bool = False
     random_init: bool = False  # start from a random point instead of init (seeded by --seed)
     apply_chat_template: bool = True
