@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 from moe_helpers import expert_config
@@ -40,3 +41,31 @@ def test_base_auto_map_is_dropped_with_a_warning(llama_models, tmp_path, caplog)
     assert any("auto_map" in r.getMessage() for r in caplog.records)
     assert "auto_map" not in json.loads((tmp_path / "out" / "config.json").read_text())
     assert not (tmp_path / "MARKER").exists()
+
+
+def test_a_prompt_past_the_context_is_one_line_from_the_shell(tmp_path):
+    """transformers printed its own 'Token indices sequence length ...' line before mergesmith's error
+    (the skill models' tokenizer knows the context; a subprocess sees what a user sees on stderr)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    models = Path(__file__).resolve().parents[2] / "examples" / "skills" / "models"
+    cfg = {
+        "base_model": str(models / "base"),
+        "gate_mode": "calibrated",
+        "experts": [
+            {"source_model": str(models / "rev"), "positive_prompts": ["rev: " + "x" * 80 + "="]},
+            {"source_model": str(models / "sort"), "positive_prompts": ["sort: abc="]},
+        ],
+    }
+    (tmp_path / "moe.yml").write_text(yaml.safe_dump(cfg))
+    run = subprocess.run(
+        [sys.executable, "-m", "mergesmith.cli", "moe", str(tmp_path / "moe.yml"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert "more than the base model's context of 64" in run.stderr and not (tmp_path / "out").exists()

@@ -98,7 +98,8 @@ class BaseRunner:
         return cls(None, load_tokenizer(path, ref))
 
     def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
-        return [list(self.tokenizer(p)["input_ids"]) for p in prompts]
+        with hf_load.quiet_transformers():  # a prompt past the context is refused in one line (check_lengths)
+            return [list(self.tokenizer(p)["input_ids"]) for p in prompts]
 
     def ordinary_mask(self, ids: list[int]) -> torch.Tensor:
         """True at the tokens that are not special (BOS, ...); all of them if every token is special."""
