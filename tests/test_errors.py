@@ -264,3 +264,16 @@ def test_a_config_json_transformers_cannot_build_is_refused_before_merging(
     assert_fails(
         capsys, tmp_path, ties_config(tmp_path, base, ft), f"config.json's {key} is {json.dumps(value)}"
     )
+
+
+def test_a_weight_that_overflows_is_one_line_without_numpy_warnings(capsys, tmp_path, pair):
+    """numpy printed its overflow and invalid-value warnings (5 lines) before the finite check's error."""
+    import warnings
+
+    base, ft = pair
+    models = [{"model": str(ft), "parameters": {"weight": 1e300}}]
+    cfg = ties_config(tmp_path, base, ft, merge_method="task_arithmetic", models=models)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert_fails(capsys, tmp_path, cfg, "the merged values contain NaN or Inf")
+    assert not [w for w in seen if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in seen]

@@ -293,7 +293,10 @@ class Executor:
         if not self._cancel.is_set():
             prefetch.started(index)
             try:
-                self.produce(t)
+                # numpy's overflow and invalid-value warnings would print lines before the one error
+                # that the finite check (_finish) gives for the same tensor
+                with np.errstate(all="ignore"):
+                    self.produce(t)
             finally:
                 prefetch.finished(index)
 
