@@ -47,6 +47,8 @@ def test_good_config_parses():
             "line 2.*'merge_method' is given twice",
         ),
         ("merge_method: linear\nmodels: [{model: a, model: b}]\n", "'model' is given twice"),
+        # an empty reference named the current folder: 'output folder ... is inside the input .'
+        ("merge_method: linear\nmodels: [{model: ''}]\n", "'models.0.model'.*at least 1 character"),
     ],
 )
 def test_bad_configs_give_one_line_errors(text, message):

@@ -125,6 +125,11 @@ def test_bad_tasks_files_raise_one_line(tmp_path: Path, content: str, expected: 
     assert "\n" not in str(info.value)
 
 
+def test_a_folder_given_as_a_tasks_file_is_called_a_folder(tmp_path: Path) -> None:
+    with pytest.raises(MergeError, match="is a folder; pass a .jsonl file"):
+        load_tasks(tmp_path)
+
+
 def test_missing_tasks_file(tmp_path: Path) -> None:
     with pytest.raises(MergeError, match="does not exist"):
         load_tasks(tmp_path / "nope.jsonl")

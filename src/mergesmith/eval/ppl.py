@@ -46,7 +46,8 @@ def load_text(path: str | Path, name: str | None = None) -> TextSet:
     """Read a UTF-8 text file; one with no non-empty line is an error, since nothing could be scored."""
     path = Path(path)
     if not path.is_file():
-        raise MergeError(f"text file {path} does not exist; pass a plain UTF-8 .txt file for --ppl")
+        how = "is a folder" if path.is_dir() else "does not exist"
+        raise MergeError(f"text file {path} {how}; pass a plain UTF-8 .txt file for --ppl")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

@@ -76,7 +76,8 @@ def load_tasks(path: str | Path, name: str | None = None) -> TaskSet:
     """Read and check a tasks file; blank lines are skipped, anything else malformed is an error."""
     path = Path(path)
     if not path.is_file():
-        raise MergeError(f"tasks file {path} does not exist; pass a .jsonl file of prompt/answer lines")
+        how = "is a folder" if path.is_dir() else "does not exist"
+        raise MergeError(f"tasks file {path} {how}; pass a .jsonl file of prompt/answer lines")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mergesmith.core.errors import ConfigError
-from mergesmith.pipeline.config import Count, _format_validation_error, load_yaml_documents
+from mergesmith.pipeline.config import Count, ModelRef, _format_validation_error, load_yaml_documents
 
 GateMode = Literal[
     "hidden",
@@ -40,7 +40,7 @@ class _Strict(BaseModel):
 class Expert(_Strict):
     """One dense model whose feed-forward blocks become one expert (or the shared expert)."""
 
-    source_model: str
+    source_model: ModelRef
     positive_prompts: list[str] | None = None
     negative_prompts: list[str] | None = None
     noise_scale: float | None = Field(default=None, ge=0, allow_inf_nan=False)
@@ -70,7 +70,7 @@ class Calibration(_Strict):
 
 
 class MoEConfig(_Strict):
-    base_model: str
+    base_model: ModelRef
     experts: list[Expert] = Field(min_length=1)
     gate_mode: GateMode = "hidden"
     dtype: str | None = None

@@ -37,6 +37,8 @@ def _not_bool(value: Any) -> Any:
 
 #: A count in a config of ours (``max_new_tokens``, ``limit``): a whole number; ``true`` is an error, not 1.
 Count = Annotated[int, BeforeValidator(_not_bool)]
+#: A model reference (a folder, org/name, MODEL+ADAPTER): never empty, which would name the current folder
+ModelRef = Annotated[str, Field(min_length=1)]
 Gradient = list[int | float]
 
 
@@ -57,12 +59,12 @@ class _Strict(BaseModel):
 
 
 class InputModel(_Strict):
-    model: str
+    model: ModelRef
     parameters: Parameters | None = None
 
 
 class SliceSource(_Strict):
-    model: str
+    model: ModelRef
     layer_range: tuple[int, int] | None = None
     parameters: Parameters | None = None
 
@@ -76,7 +78,7 @@ class SliceSource(_Strict):
 
 class Slice(_Strict):
     sources: list[SliceSource] = Field(min_length=1)
-    base_model: str | None = None
+    base_model: ModelRef | None = None
     parameters: Parameters | None = None
 
 
@@ -106,7 +108,7 @@ class ModelTokenSource(_Strict):
     """A token's row taken from a model's row of a token (``token`` or ``token_id``), mergekit's."""
 
     kind: Literal["model_token"]
-    model: str
+    model: ModelRef
     token: str | None = None
     token_id: int | None = None
 
@@ -174,7 +176,7 @@ class MergeConfig(_Strict):
     merge_method: str
     models: list[InputModel] | None = None
     slices: list[Slice] | None = None
-    base_model: str | None = None
+    base_model: ModelRef | None = None
     parameters: Parameters | None = None
     dtype: str | None = None
     out_dtype: str | None = None

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, model_validator
 
 from mergesmith.core.errors import ConfigError
-from mergesmith.pipeline.config import Count, check_keys, did_you_mean, load_yaml_documents
+from mergesmith.pipeline.config import Count, ModelRef, check_keys, did_you_mean, load_yaml_documents
 
 #: Parameters the search varies when the method has them; per-model ones get one value per model.
 SEARCHABLE = ("weight", "density", "t", "lambda")
@@ -43,9 +43,9 @@ class _Strict(BaseModel):
 class Genome(_Strict):
     """What is searched: mergekit-evolve's ``genome`` keys, same meaning."""
 
-    models: list[str] = Field(min_length=1)
+    models: list[ModelRef] = Field(min_length=1)
     merge_method: str
-    base_model: str | None = None
+    base_model: ModelRef | None = None
     tokenizer_source: str | None = None
     layer_granularity: Count = Field(default=0, ge=0)  # 0: one value per model for the whole model
     normalize: bool | None = (
