@@ -193,6 +193,7 @@ def test_searched_parameters_follow_the_method(models, method, normalize, params
         ),
         (lambda c: c["optimizer"].update(population=3), "CMA-ES needs a population of at least 4, got 3"),
         (lambda c: c["tasks"][0].update(name=""), "'tasks.0.name'"),
+        (lambda c: c["genome"].update(filters=["mpl"]), "genome.filters: 'mpl' matches no tensor"),
         (lambda c: c.update(num_fewshot=-1), "'num_fewshot'"),
         (
             lambda c: c["optimizer"].update(bounds={"weight": [0, float("inf")]}),

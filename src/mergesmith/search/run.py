@@ -108,6 +108,17 @@ def search(
     return Search(config, out_dir, options, score_fn, on_generation).run()
 
 
+def _check_filters(filters: list[str], names: list[str]) -> None:
+    """A filter that matches no tensor is a typo: its values would be searched and never used."""
+    for f in filters:
+        if not any(f in name for name in names):
+            example = next((n for n in names if ".layers." in n), names[0] if names else "")
+            raise MergeError(
+                f"genome.filters: {f!r} matches no tensor of the models (a filter is part of a tensor's "
+                f"name, such as {example!r})"
+            )
+
+
 class Search:
     def __init__(self, config, out_dir, options: RunOptions, score_fn: ScoreFn | None, on_generation):
         self.options = options
@@ -131,6 +142,7 @@ class Search:
         self.evaluator = Evaluator(self.terms, "", "", score_fn=score_fn)
         probe = SearchSpace(self.config, 0)
         plan = self.evaluator.merger.plan(probe.to_config(probe.clip(probe.x0)))
+        _check_filters(self.config.genome.filters or [], [t.name for t in plan.tensors])
         self.space = SearchSpace(self.config, plan.num_layers)
         self.model_ref = plan.config_model
         self.tokenizer_ref = plan.tokenizer_model
