@@ -55,6 +55,17 @@ def genome_config(models: dict[str, Path], **extra) -> dict:
     return cfg
 
 
+def skills_genome(method: str, granularity: int, **extra) -> dict:
+    """The genome of a search over the shipped rev and sort experts."""
+    return {
+        "models": [str(SKILLS / "models" / s) for s in ("rev", "sort")],
+        "base_model": str(SKILLS / "models" / "base"),
+        "merge_method": method,
+        "layer_granularity": granularity,
+        **extra,
+    }
+
+
 class Distance:
     """Fitness: minus the mean squared distance of the merged tensors to a target model's (picklable, so
     that worker processes get it)."""
@@ -382,13 +393,7 @@ def test_best_yml_remerges_to_the_scored_bytes_and_score(tmp_path):
 
     data = {s: SKILLS / "data" / s / "val.jsonl" for s in ("rev", "sort")}
     cfg = {
-        "genome": {
-            "models": [str(SKILLS / "models" / s) for s in data],
-            "base_model": str(SKILLS / "models" / "base"),
-            "merge_method": "ties",
-            "layer_granularity": 1,
-            "filters": ["mlp"],
-        },
+        "genome": skills_genome("ties", 1, filters=["mlp"]),
         "tasks": [{"name": s, "tasks_file": str(p)} for s, p in data.items()],
         "limit": 6,
         "optimizer": {"population": 4, "init": {"weight": 1.0, "density": 0.5}},
@@ -493,12 +498,7 @@ def test_answer_prob_fitness_is_the_written_models_answer_probability(tmp_path):
 
     data = {s: SKILLS / "data" / s / "val.jsonl" for s in ("rev", "sort")}
     cfg = {
-        "genome": {
-            "models": [str(SKILLS / "models" / s) for s in data],
-            "base_model": str(SKILLS / "models" / "base"),
-            "merge_method": "task_arithmetic",
-            "layer_granularity": 3,
-        },
+        "genome": skills_genome("task_arithmetic", 3),
         "tasks": [{"name": s, "tasks_file": str(p), "metric": "answer_prob"} for s, p in data.items()],
         "limit": 8,
         "optimizer": {"population": 4, "init": {"weight": 1.0}},
@@ -548,12 +548,7 @@ def test_an_answer_no_prediction_can_match_is_refused_before_anything_is_written
         + "\n"
     )
     cfg = {
-        "genome": {
-            "models": [str(SKILLS / "models" / s) for s in ("rev", "sort")],
-            "base_model": str(SKILLS / "models" / "base"),
-            "merge_method": "task_arithmetic",
-            "layer_granularity": 3,
-        },
+        "genome": skills_genome("task_arithmetic", 3),
         "tasks": [{"name": "t", "tasks_file": str(tasks), "metric": "answer_prob"}],
     }
     path = tmp_path / "search.yml"
