@@ -277,3 +277,27 @@ def test_a_weight_that_overflows_is_one_line_without_numpy_warnings(capsys, tmp_
         warnings.simplefilter("always")
         assert_fails(capsys, tmp_path, cfg, "the merged values contain NaN or Inf")
     assert not [w for w in seen if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in seen]
+
+
+@pytest.mark.parametrize(
+    ("config", "ok"),
+    [
+        ({"hidden_size": 64, "num_key_value_heads": None, "tie_word_embeddings": False}, True),
+        ({"intermediate_size": [128, 256]}, True),  # one per layer (Gemma 3n)
+        ({"text_config": {"hidden_size": 64}}, True),
+        ({"hidden_size": True}, False),
+        ({"intermediate_size": [128, 0]}, False),
+        ({"intermediate_size": []}, False),
+        ({"text_config": {"vocab_size": "46"}}, False),
+        ({"tie_word_embeddings": 1}, False),
+    ],
+)
+def test_config_values_that_describe_a_model(config, ok):
+    from mergesmith.core.errors import MergeError
+    from mergesmith.core.model import check_config_values
+
+    if ok:
+        check_config_values(config, "m")
+    else:
+        with pytest.raises(MergeError, match="config.json's "):
+            check_config_values(config, "m")

@@ -394,16 +394,22 @@ POSITIVE_INT_KEYS = (
 )
 
 
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def check_config_values(config: dict, ref: str) -> None:
     """Refuse a config.json whose basic sizes are not whole positive numbers or whose
     ``tie_word_embeddings`` is not true/false (top level, and a multimodal model's ``text_config``):
-    transformers cannot build such a model, and a merge would copy the config into its output."""
+    transformers cannot build such a model, and a merge would copy the config into its output. A list
+    of them (one per layer, as Gemma 3n's intermediate_size) is a size too."""
     for where, cfg in (("", config), ("text_config.", config.get("text_config"))):
         if not isinstance(cfg, dict):
             continue
         for key in POSITIVE_INT_KEYS:
             value = cfg.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            per_layer = isinstance(value, list) and bool(value) and all(_positive_int(v) for v in value)
+            if value is not None and not _positive_int(value) and not per_layer:
                 raise MergeError(
                     f"model {ref!r}: config.json's {where}{key} is {json.dumps(value)}, not a whole number of "
                     "at least 1; fix config.json"
