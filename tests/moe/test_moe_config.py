@@ -197,3 +197,13 @@ def test_command_module_imports_without_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(float("nan"), "Input should be a finite number"), (2.0, "less than or equal to 1")],
+)
+def test_shrinkage_errors_name_the_key_not_pydantics_union_member(value, message):
+    """The location read 'calibration.shrinkage.constrained-float'."""
+    data = cfg(gate_mode="calibrated", calibration={"shrinkage": value})
+    assert f"at 'calibration.shrinkage': {message}" in error_of(data)

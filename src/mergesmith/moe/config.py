@@ -59,7 +59,9 @@ class Calibration(_Strict):
     tokens: Literal["all", "last"] = "all"
     #: Covariance shrinkage in [0, 1] for the whitening; null picks it by cross-validation over the
     #: calibration prompts, ``ledoit_wolf`` by the Ledoit-Wolf formula (the choice before answer tokens).
-    shrinkage: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["ledoit_wolf"] | None = None
+    shrinkage: (
+        Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | Literal["ledoit_wolf"] | None
+    ) = None
     #: Whose feed-forward blocks the prompt pass runs: each expert's own prompts through the base with
     #: that expert's MLPs (``expert``: what the MoE computes when its routing is right), or the base only.
     trunk: Literal["expert", "base"] = "expert"

@@ -210,7 +210,9 @@ def _format_validation_error(
 ) -> str:
     err = exc.errors()[0]
     err["loc"] = (*prefix, *err["loc"])
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "tagged-")))
+    # pydantic's names for the member of a union it tried (constrained-float, literal[...]) are not keys
+    internal = ("function-", "tagged-", "constrained-", "literal[")
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(internal))
     loc = loc.replace(".list[FilterEntry]", "").replace(".list[union[int,float]]", "")
     msg = err["msg"]
     parts = [str(p) for p in err["loc"]]
