@@ -488,3 +488,18 @@ def test_a_nan_weight_is_an_error_not_a_clean_bill(odd_models, tmp_path, where):
     c = report["compatibility"]
     assert c["verdict"] == "incompatible"
     assert any(p["check"] == "non_finite" and name in p["message"] for p in c["problems"]), c["problems"]
+
+
+def test_a_config_json_layer_count_the_weights_do_not_have_is_an_error(odd_models, tmp_path):
+    """It read as 'compatible', though merge refuses the model."""
+    import shutil
+
+    ft = tmp_path / "ft"
+    shutil.copytree(odd_models["ft"], ft)
+    config = json.loads((ft / "config.json").read_text())
+    config["num_hidden_layers"] += 1
+    (ft / "config.json").write_text(json.dumps(config))
+    report = inspect_models([str(ft)], base=str(odd_models["base"]))
+    c = report["compatibility"]
+    assert c["verdict"] == "incompatible"
+    assert any(p["check"] == "layers" and "no layer stack" in p["message"] for p in c["problems"]), c

@@ -16,6 +16,7 @@ from typing import Any
 
 from mergesmith.core.arch import TEXT_CONFIG_KEYS, Layout, is_embedding, tie_word_embeddings
 from mergesmith.core.dtypes import FLOAT_CODES, dtype_name
+from mergesmith.core.errors import MergeError
 from mergesmith.core.model import ModelSource, read_json_file, regular_file
 
 # A model's distance to the base: the median over its changed weight matrices of ||tau|| / ||base||
@@ -65,7 +66,8 @@ def text_value(config: dict, key: str) -> Any:
 
 def check_headers(base: ModelSource, models: Sequence[ModelSource]) -> list[Problem]:
     """Every difference between each model and the base that headers and config.json show."""
-    out: list[Problem] = []
+    # a checkpoint whose config.json gives another layer count than its weights: merge refuses it
+    out: list[Problem] = [p for src in (base, *models) if (p := _layout_problem(src)) is not None]
     # the base's side of every comparison, read once for all models
     base_layers, base_vocab = _num_layers(base), _vocab_of(base)
     for m in models:
@@ -93,6 +95,14 @@ def _architecture(base: ModelSource, m: ModelSource) -> list[Problem]:
             "other architectures mean other things; merge models of the base's architecture",
         )
     ]
+
+
+def _layout_problem(src: ModelSource) -> Problem | None:
+    try:
+        Layout.infer(src.ref, list(src.tensors), src.config)
+    except MergeError as exc:
+        return Problem("error", "layers", src.ref, str(exc))
+    return None
 
 
 def _num_layers(src: ModelSource) -> int | None:
