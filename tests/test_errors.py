@@ -301,3 +301,13 @@ def test_config_values_that_describe_a_model(config, ok):
     else:
         with pytest.raises(MergeError, match="config.json's "):
             check_config_values(config, "m")
+
+
+def test_a_weights_file_that_is_a_folder_is_called_one(capsys, tmp_path, pair):
+    """It was reported as a shard 'named in the index' that is missing, for a model without an index."""
+    base, ft = pair
+    (ft / "model.safetensors").unlink()
+    (ft / "model.safetensors").mkdir()
+    assert_fails(
+        capsys, tmp_path, ties_config(tmp_path, base, ft), "weights file model.safetensors is a folder"
+    )
