@@ -66,12 +66,12 @@ def text_value(config: dict, key: str) -> Any:
 
 def check_headers(base: ModelSource, models: Sequence[ModelSource]) -> list[Problem]:
     """Every difference between each model and the base that headers and config.json show."""
-    # a checkpoint whose config.json gives another layer count than its weights: merge refuses it
-    out: list[Problem] = [p for src in (base, *models) if (p := _layout_problem(src)) is not None]
+    layouts = [_layout(src) for src in (base, *models)]  # each source's layout, read once
+    out: list[Problem] = [p for _, p in layouts if p is not None]
     # the base's side of every comparison, read once for all models
-    base_layers, base_vocab = _num_layers(base), _vocab_of(base)
-    for m in models:
-        out += _architecture(base, m) + _layers(base, m, base_layers) + _shapes(base, m)
+    base_layers, base_vocab = layouts[0][0], _vocab_of(base)
+    for m, (m_layers, _) in zip(models, layouts[1:], strict=True):
+        out += _architecture(base, m) + _layers(base, m, base_layers, m_layers) + _shapes(base, m)
         out += _vocabulary(base, m, base_vocab)
         out += _tied(base, m) + _rope(base, m)
     out += _dtypes(base, models)
@@ -97,24 +97,19 @@ def _architecture(base: ModelSource, m: ModelSource) -> list[Problem]:
     ]
 
 
-def _layout_problem(src: ModelSource) -> Problem | None:
+def _layout(src: ModelSource) -> tuple[int | None, Problem | None]:
+    """``src``'s decoder depth, and an error where config.json gives a layer count its weights do not
+    have (merge refuses such a model); None for the depth where the layout cannot be read."""
     try:
-        Layout.infer(src.ref, list(src.tensors), src.config)
+        return Layout.infer(src.ref, list(src.tensors), src.config).num_layers, None
     except MergeError as exc:
-        return Problem("error", "layers", src.ref, str(exc))
-    return None
-
-
-def _num_layers(src: ModelSource) -> int | None:
-    try:
-        return Layout.infer(src.ref, list(src.tensors), src.config).num_layers
+        return None, Problem("error", "layers", src.ref, str(exc))
     except Exception:  # noqa: BLE001 - a layout that cannot be read shows as a shape difference below
-        return None
+        return None, None
 
 
-def _layers(base: ModelSource, m: ModelSource, nb: int | None) -> list[Problem]:
-    nm = _num_layers(m) if nb is not None else None
-    if nm is None or nb == nm:
+def _layers(base: ModelSource, m: ModelSource, nb: int | None, nm: int | None) -> list[Problem]:
+    if nb is None or nm is None or nb == nm:
         return []
     return [
         Problem(
