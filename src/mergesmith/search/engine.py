@@ -181,12 +181,19 @@ class Scorer:
     _tokenizer: Any = None
     _codes: dict[str, str] = field(default_factory=dict)
 
-    def load(self) -> None:
-        if self._model is None:
-            from mergesmith.eval.loading import load_model, load_tokenizer
+    def tokenizer(self) -> Any:
+        """The tokenizer the terms are scored with, loaded once."""
+        if self._tokenizer is None:
+            from mergesmith.eval.loading import load_tokenizer
 
             self._tokenizer = load_tokenizer(open_source(self.tokenizer_ref).path)
-            self._model, _ = load_model(self.model_ref, self._tokenizer)
+        return self._tokenizer
+
+    def load(self) -> None:
+        if self._model is None:
+            from mergesmith.eval.loading import load_model
+
+            self._model, _ = load_model(self.model_ref, self.tokenizer())
 
     def set_weights(self, plan: MergePlan, tensors: dict[str, Any]) -> Any:
         self.load()

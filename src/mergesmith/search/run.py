@@ -164,11 +164,9 @@ class Search:
         """answer_prob terms: every answer encodes with the tokenizer the candidates are scored with."""
         wanted = [t for t in self.terms if t.kind == "answer_prob"]
         if wanted:
-            from mergesmith.core.sources import open_source
-            from mergesmith.eval.loading import load_tokenizer
             from mergesmith.eval.tasks import answer_rows
 
-            tokenizer = load_tokenizer(open_source(self.tokenizer_ref).path)
+            tokenizer = self.evaluator.scorer.tokenizer()
             for term in wanted:
                 answer_rows(tokenizer, term.data)
 
