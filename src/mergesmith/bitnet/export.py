@@ -130,8 +130,6 @@ def _heal_source(
     from mergesmith.core.hf_load import load_causal_lm
     from mergesmith.core.threads import threads_for
 
-    if args.heal < 1:
-        raise MergeError("--heal needs a positive number of steps")
     if isinstance(source, BitnetModelSource):
         raise MergeError("--heal needs float weights; MODEL is a packed BitNet checkpoint")
     teacher = load_causal_lm(source, torch.float32, "for --heal").eval()
