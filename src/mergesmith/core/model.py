@@ -510,15 +510,13 @@ class ModelSource:
         for fname in files:
             fpath = self.file(fname)  # checked before it is opened: an index may name any path
             if not regular_file(fpath):
-                what = (
-                    "is a folder, not a file"
-                    if fpath.is_dir()
-                    else "is missing"
-                    if weight_map is not None
-                    else "is not a readable file (a dangling or looping link?)"
-                )
-                named = " named in the index" if weight_map is not None else ""
-                raise MergeError(f"model {self.ref!r}: weights file {fname}{named} {what}")
+                if fpath.is_dir():
+                    what = "is a folder, not a file"
+                elif weight_map is not None:
+                    what = "named in the index is missing"
+                else:
+                    what = "is not a readable file (a dangling or looping link?)"
+                raise MergeError(f"model {self.ref!r}: weights file {fname} {what}")
             self._stamps[fpath] = file_stamp(os.stat(fpath))  # before the header: a later change shows
             for name, info in read_safetensors_header(fpath, self.ref).items():
                 if weight_map is None or weight_map.get(name) == fname:

@@ -159,8 +159,9 @@ def settle_budget(plan: MergePlan, options: ExecOptions, baseline: int, backend:
     once the backend is chosen and its engine loaded: torch alone is a quarter GiB, so a budget taken
     before it was imported let merges overshoot the limit by that much); then :func:`fit_budget`. A limit
     below the baseline plus one row chunk of the largest tensor is refused up front with a limit that
-    works (:func:`suggested_limit`). Without a limit, the read-ahead window is :func:`free_read_ahead`. The read-ahead gets a quarter of what the limit leaves (at most its own default),
-    where the rest still holds one row chunk of the largest tensor; none otherwise."""
+    works (:func:`suggested_limit`). Under a limit the read-ahead gets a quarter of what the limit leaves
+    (at most its own default) where the rest still holds one row chunk of the largest tensor, and
+    nothing otherwise; without a limit its window is :func:`free_read_ahead`."""
     if options.limit is None:
         return fit_budget(plan, replace(options, ahead=free_read_ahead(options.ahead)))
     need = max((task_bytes(t, 0) for t in merge_units(plan.tensors)), default=0)
